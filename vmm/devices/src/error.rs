@@ -1,0 +1,104 @@
+//! The crate's error type: every variant names the thing that failed (the
+//! socket, the file, the device, the protocol step) so that a one-line
+//! message tells the user what to fix.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+/// Errors from building and running devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A device option on the command line is malformed (a usage error).
+    #[error("invalid --{option} value {value:?}: {reason}")]
+    InvalidOption {
+        /// The command-line option, without dashes (`blk`).
+        option: &'static str,
+        /// The whole value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Connecting to a backend's socket failed.
+    #[error("vhost-user socket {socket}: cannot connect: {source}")]
+    Connect { socket: PathBuf, source: io::Error },
+    /// Configuring the connection to a backend failed.
+    #[error("vhost-user socket {socket}: {what}: {source}")]
+    Socket {
+        socket: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    /// One step of the vhost-user conversation failed.
+    #[error("vhost-user backend {socket}: {step} failed: {source}")]
+    VhostUser {
+        socket: PathBuf,
+        /// The request that failed (`GET_FEATURES`, `SET_MEM_TABLE`, ...).
+        step: &'static str,
+        source: vhost::Error,
+    },
+    /// The backend answered, but cannot serve this device as asked.
+    #[error("vhost-user backend {socket}: {reason}")]
+    Incompatible { socket: PathBuf, reason: String },
+    /// Creating an eventfd failed.
+    #[error("cannot create the eventfd for {what}: {source}")]
+    EventFd { what: String, source: io::Error },
+    /// Binding a queue's notify register to its ioeventfd failed.
+    #[error("cannot register the ioeventfd of queue {queue} at MMIO {addr:#x}: {source}")]
+    IoEvent {
+        queue: u16,
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
+    /// Binding the device's interrupt eventfd to its GSI failed.
+    #[error("cannot register the irqfd for GSI {gsi}: {source}")]
+    IrqFd { gsi: u32, source: kvm_ioctls::Error },
+    /// A guest memory region is not backed by a file descriptor, so a
+    /// backend process cannot map it.
+    #[error("guest memory region at {addr:#x} has no file descriptor to share with a backend")]
+    MemoryNotShareable { addr: u64 },
+    /// The driver programmed a queue the device cannot use.
+    #[error("queue {queue}: {reason}")]
+    InvalidQueue { queue: u16, reason: String },
+    /// A disk image cannot be used.
+    #[error("image {path}: {source}")]
+    Image { path: PathBuf, source: io::Error },
+    /// The backend program is neither next to pvstack nor on PATH.
+    #[error("{program} not found next to {exe_dir} or on PATH")]
+    ProgramNotFound { program: String, exe_dir: PathBuf },
+    /// Creating the private directory for a child backend's socket failed.
+    #[error("cannot create the socket directory {dir}: {source}")]
+    SocketDir { dir: PathBuf, source: io::Error },
+    /// Starting or watching a child backend failed.
+    #[error("{program}: {what}: {source}")]
+    Child {
+        program: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    /// A child backend exited before it accepted our connection.
+    #[error("{program} exited ({status}) before accepting connections on {socket}")]
+    ChildExited {
+        program: PathBuf,
+        status: ExitStatus,
+        socket: PathBuf,
+    },
+    /// A child backend never opened its socket.
+    #[error("{program} did not accept connections on {socket} within {seconds} s")]
+    ChildTimeout {
+        program: PathBuf,
+        socket: PathBuf,
+        seconds: u64,
+    },
+}
+
+impl Error {
+    /// Whether the error is the user's command line (exit status 2) rather
+    /// than a runtime failure (exit status 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::InvalidOption { .. })
+    }
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,203 @@
+//! Virtio devices as the transport sees them: what a device offers
+//! ([`VirtioDevice`]), what the driver programmed ([`QueueConfig`]) and the
+//! eventfds that carry notifications past the VMM ([`DeviceEvents`]).
+
+pub mod mmio;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::error::{Error, Result};
+
+/// One virtqueue as the driver programmed it through the transport.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Largest size the device accepts (QueueNumMax).
+    pub max_size: u16,
+    /// Size the driver chose (QueueNum).
+    pub size: u16,
+    /// The driver enabled the queue (QueueReady).
+    pub ready: bool,
+    /// Guest physical address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest physical address of the driver (available) ring.
+    pub avail_ring: u64,
+    /// Guest physical address of the device (used) ring.
+    pub used_ring: u64,
+}
+
+impl QueueConfig {
+    /// A queue that is not set up yet and accepts up to `max_size` entries.
+    pub fn new(max_size: u16) -> Self {
+        QueueConfig {
+            max_size,
+            size: max_size,
+            ..Default::default()
+        }
+    }
+
+    /// Checks what the split-ring layout requires of a ready queue: a size
+    /// that is a power of two within the maximum, and aligned rings.
+    pub fn validate(&self, index: u16) -> Result<()> {
+        let invalid = |reason: String| {
+            Err(Error::InvalidQueue {
+                queue: index,
+                reason,
+            })
+        };
+        if self.size == 0 || self.size > self.max_size || !self.size.is_power_of_two() {
+            return invalid(format!(
+                "size {} is not a power of two in 1..={}",
+                self.size, self.max_size
+            ));
+        }
+        for (name, addr, align) in [
+            ("descriptor table", self.desc_table, 16),
+            ("available ring", self.avail_ring, 2),
+            ("used ring", self.used_ring, 4),
+        ] {
+            if addr % align != 0 {
+                return invalid(format!("{name} at {addr:#x} is not {align}-byte aligned"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the descriptor table, available ring and used ring
+    /// (including the event index fields, which are harmless to count).
+    pub fn ring_sizes(&self) -> [u64; 3] {
+        let size = u64::from(self.size);
+        [16 * size, 6 + 2 * size, 6 + 8 * size]
+    }
+}
+
+/// The eventfds of one device: one kick per queue, bound by KVM to writes
+/// of the queue index to QueueNotify, and one call, bound by KVM to the
+/// device's interrupt line. Whoever serves the queues (a backend process or
+/// a thread of the VMM) waits on the kicks and writes the call.
+#[derive(Debug)]
+pub struct DeviceEvents {
+    /// Signalled when the driver notifies queue `i`.
+    pub kicks: Vec<EventFd>,
+    /// Writing it raises the device's interrupt.
+    pub call: EventFd,
+}
+
+impl DeviceEvents {
+    /// Eventfds that nothing is bound to yet.
+    pub fn new(queues: u16) -> Result<Self> {
+        let eventfd = |what: String| {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { what, source })
+        };
+        let kicks = (0..queues)
+            .map(|queue| eventfd(format!("queue {queue} notifications")))
+            .collect::<Result<_>>()?;
+        let call = eventfd("device interrupts".to_string())?;
+        Ok(DeviceEvents { kicks, call })
+    }
+
+    /// Eventfds bound in KVM: kick `i` to a 32-bit write of `i` to
+    /// QueueNotify of the window at `mmio_base` (so a notification never
+    /// exits to the VMM), the call to interrupt line `gsi` through an irqfd.
+    pub fn register(vm: &VmFd, mmio_base: u64, gsi: u32, queues: u16) -> Result<Self> {
+        let events = Self::new(queues)?;
+        let addr = mmio_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+        for (queue, kick) in (0u16..).zip(&events.kicks) {
+            vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), u32::from(queue))
+                .map_err(|source| Error::IoEvent {
+                    queue,
+                    addr,
+                    source,
+                })?;
+        }
+        vm.register_irqfd(&events.call, gsi)
+            .map_err(|source| Error::IrqFd { gsi, source })?;
+        Ok(events)
+    }
+}
+
+/// What the transport hands a device when the driver sets DRIVER_OK.
+pub struct Activation<'a> {
+    /// Features the driver accepted.
+    pub features: u64,
+    /// Every queue of the device, by index; only ready ones are to be served.
+    pub queues: &'a [QueueConfig],
+    /// The device's kick and call eventfds.
+    pub events: &'a DeviceEvents,
+}
+
+/// A virtio device behind a transport. The transport handles the feature,
+/// status and queue registers; the device says what it offers, serves its
+/// configuration space and runs its queues once activated.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (1 net, 2 block, 3 console).
+    fn device_id(&self) -> u32;
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads `data.len()` bytes of the configuration space at `offset`;
+    /// bytes beyond its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Starts serving the queues; an error leaves the device inactive.
+    fn activate(&mut self, activation: Activation<'_>) -> Result<()>;
+    /// Stops serving the queues (the driver reset the device).
+    fn reset(&mut self);
+    /// The InterruptStatus register's value.
+    fn interrupt_status(&self) -> u32;
+}
+
+/// Copies the part of `config` at `offset` into `data`, zero beyond its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = config.get(start..) {
+        let len = available.len().min(data.len());
+        data[..len].copy_from_slice(&available[..len]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_validation() {
+        let mut queue = QueueConfig::new(256);
+        queue.desc_table = 0x1000;
+        queue.avail_ring = 0x2002;
+        queue.used_ring = 0x3004;
+        queue.validate(0).unwrap();
+        queue.size = 100;
+        assert!(queue.validate(0).is_err());
+        queue.size = 512;
+        assert!(queue.validate(0).is_err());
+        queue.size = 0;
+        assert!(queue.validate(0).is_err());
+        queue.size = 8;
+        queue.desc_table = 0x1008;
+        assert!(queue.validate(0).is_err());
+        queue.desc_table = 0x1000;
+        queue.used_ring = 0x3002;
+        let err = queue.validate(3).unwrap_err().to_string();
+        assert!(
+            err.contains("queue 3") && err.contains("used ring"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1, 2, 3, 4];
+        let mut data = [0xff; 4];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&config, 9, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+}
