@@ -1,1 +1,111 @@
-fn main() {}
+//! pvstack-blk: a vhost-user block device backend serving a raw image file.
+
+mod backend;
+mod config;
+mod error;
+mod execute;
+mod image;
+mod request;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use pvstack_backend_common::{exit_status, init_logging, serve, SocketArgs};
+
+use crate::backend::{BlkBackend, BlkSettings};
+use crate::config::ID_BYTES;
+use crate::error::Error;
+use crate::image::DiskImage;
+
+const DEVICE: &str = "pvstack-blk";
+
+/// Serve a raw disk image to a VMM (pvstack, QEMU, ...) as a virtio-blk device
+/// over vhost-user: the VMM shares guest memory, and this process reads and
+/// writes the guest's buffers directly.
+#[derive(Debug, Parser)]
+#[command(name = DEVICE, version)]
+struct Args {
+    #[command(flatten)]
+    socket: SocketArgs,
+
+    /// Raw image file (or block device) holding the disk's contents.
+    #[arg(long, value_name = "FILE")]
+    image: PathBuf,
+
+    /// Open the image read-only and offer a read-only disk (VIRTIO_BLK_F_RO);
+    /// writes, discards and write-zeroes are answered with an I/O error.
+    #[arg(long)]
+    readonly: bool,
+
+    /// Number of request queues (1-64), each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    num_queues: u16,
+
+    /// Largest queue size the frontend may set (a power of two, 2-32768).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    queue_size: u16,
+
+    /// Open the image with O_DIRECT, bypassing the host page cache (the disk
+    /// then reports a 4096-byte block size so the guest issues aligned I/O).
+    #[arg(long)]
+    direct: bool,
+
+    /// Device serial returned by GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "STRING", default_value = DEVICE, value_parser = parse_serial)]
+    serial: String,
+}
+
+fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let size: u16 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number from 2 to 32768"))?;
+    if size < 2 || !size.is_power_of_two() {
+        return Err(format!("{size} is not a power of two from 2 to 32768"));
+    }
+    Ok(size)
+}
+
+fn parse_serial(text: &str) -> Result<String, String> {
+    if text.len() > ID_BYTES {
+        return Err(format!("{} bytes, at most {ID_BYTES} fit", text.len()));
+    }
+    Ok(text.to_owned())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(DEVICE, &args.socket.socket);
+    exit_status(DEVICE, run(&args))
+}
+
+fn run(args: &Args) -> Result<(), Error> {
+    let image = Arc::new(DiskImage::open(&args.image, args.readonly, args.direct)?);
+    let mut serial = [0u8; ID_BYTES];
+    serial[..args.serial.len()].copy_from_slice(args.serial.as_bytes());
+    let settings = BlkSettings {
+        num_queues: args.num_queues,
+        queue_size: args.queue_size,
+        serial,
+    };
+    log::info!(
+        "serving {} ({} sectors{}{}) with {} queue(s) of up to {} entries",
+        image.path().display(),
+        image.capacity_sectors(),
+        if image.is_readonly() {
+            ", read-only"
+        } else {
+            ""
+        },
+        if image.is_direct() { ", O_DIRECT" } else { "" },
+        settings.num_queues,
+        settings.queue_size
+    );
+    serve(DEVICE, &args.socket, || {
+        BlkBackend::new(Arc::clone(&image), &settings)
+    })?;
+    log::info!("stopped");
+    Ok(())
+}

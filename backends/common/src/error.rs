@@ -1,0 +1,31 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can stop a backend's serving loop. Each variant names the
+/// socket (or other resource) it concerns so the one-line message is enough.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("socket path {path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("socket {path} is in use: another process is listening on it")]
+    SocketInUse { path: PathBuf },
+    #[error("cannot inspect socket path {path}: {source}")]
+    InspectSocket { path: PathBuf, source: io::Error },
+    #[error("cannot remove stale socket {path}: {source}")]
+    RemoveStaleSocket { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot wait for a frontend on {path}: {source}")]
+    Poll { path: PathBuf, source: io::Error },
+    #[error("cannot set up SIGTERM/SIGINT handling: {0}")]
+    Signals(io::Error),
+    #[error("cannot create the backend for {path}: {source}")]
+    NewBackend { path: PathBuf, source: io::Error },
+    // vhost_user_backend::Error implements Display but not std::error::Error,
+    // so it is carried as text.
+    #[error("vhost-user daemon on {path}: {message}")]
+    Daemon { path: PathBuf, message: String },
+}

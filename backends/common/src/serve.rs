@@ -1,0 +1,122 @@
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::{prepare_socket_path, Error, SocketArgs, StopSignal};
+
+/// Serves vhost-user frontends on `args.socket`, one at a time, until
+/// SIGTERM/SIGINT (returns Ok) or, with `--exit-on-disconnect`, until the first
+/// frontend goes away (Ok after a clean disconnect, Err after a protocol
+/// error). A frontend that breaks the protocol loses its connection; the next
+/// one is served by a fresh backend from `new_backend`, because a
+/// `VhostUserDaemon` keeps per-connection state (owner, features, vrings) that
+/// must not leak into the next connection.
+///
+/// Must be called before the process starts any thread (see `StopSignal`).
+/// The socket file is removed when this returns.
+pub fn serve<B, F>(device: &str, args: &SocketArgs, mut new_backend: F) -> Result<(), Error>
+where
+    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+    F: FnMut() -> io::Result<B>,
+{
+    let path = args.socket.as_path();
+    let stop = StopSignal::install()?;
+    prepare_socket_path(path)?;
+    // `Listener` removes the socket file when dropped, i.e. on every return.
+    let mut listener = Listener::new(path, false).map_err(|source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    })?;
+    log::info!("listening for a vhost-user frontend");
+
+    loop {
+        if !wait_for_frontend(&listener, &stop, path)? {
+            return Ok(());
+        }
+        let backend = new_backend().map_err(|source| Error::NewBackend {
+            path: path.to_owned(),
+            source,
+        })?;
+        let daemon_error = |e: vhost_user_backend::Error| Error::Daemon {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon =
+            VhostUserDaemon::new(device.to_owned(), backend, memory).map_err(daemon_error)?;
+        daemon.start(&mut listener).map_err(daemon_error)?;
+        log::info!("frontend connected");
+        stop.set_connection(daemon.shutdown_handle());
+        if stop.requested() {
+            daemon.request_shutdown();
+        }
+        let outcome = match daemon.wait() {
+            // The frontend closing its end is the normal way a session ends.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => Ok(()),
+            other => other,
+        };
+        stop.set_connection(None);
+        // Dropping the daemon stops and joins the backend's queue workers.
+        drop(daemon);
+
+        match &outcome {
+            Ok(()) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("dropped the frontend connection: {e}"),
+        }
+        if stop.requested() {
+            return Ok(());
+        }
+        if args.exit_on_disconnect {
+            return outcome.map_err(daemon_error);
+        }
+        log::info!("listening for the next vhost-user frontend");
+    }
+}
+
+/// Blocks until a frontend is waiting to be accepted (true) or a stop was
+/// requested (false).
+fn wait_for_frontend(listener: &Listener, stop: &StopSignal, path: &Path) -> Result<bool, Error> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.wake_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        if stop.requested() {
+            return Ok(false);
+        }
+        // SAFETY: `fds` is a valid array of two initialised pollfd structs
+        // whose file descriptors outlive the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Poll {
+                path: path.to_owned(),
+                source: e,
+            });
+        }
+        if stop.requested() {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+use std::io::ErrorKind;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::Error;
+
+/// Makes `path` free for a new listening socket: nothing there is fine; a
+/// socket nobody listens on (left by a crashed run) is removed; a socket
+/// someone still listens on, or any other kind of file, is refused.
+pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::InspectSocket {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(Error::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(Error::SocketInUse {
+            path: path.to_owned(),
+        });
+    }
+    log::info!("removing stale socket file");
+    std::fs::remove_file(path).map_err(|source| Error::RemoveStaleSocket {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    fn scratch_dir(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("pvstack-common-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        dir
+    }
+
+    #[test]
+    fn absent_path_is_free() {
+        let dir = scratch_dir("absent");
+        prepare_socket_path(&dir.join("sock")).expect("absent path accepted");
+    }
+
+    #[test]
+    fn stale_socket_is_removed() {
+        let dir = scratch_dir("stale");
+        let path = dir.join("sock");
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "UnixListener leaves its file behind");
+        prepare_socket_path(&path).expect("stale socket replaced");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn live_socket_is_refused() {
+        let dir = scratch_dir("live");
+        let path = dir.join("sock");
+        let _listener = UnixListener::bind(&path).expect("bind");
+        let err = prepare_socket_path(&path).expect_err("live socket refused");
+        assert!(matches!(err, Error::SocketInUse { .. }), "{err}");
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn regular_file_is_refused_and_kept() {
+        let dir = scratch_dir("regular");
+        let path = dir.join("sock");
+        std::fs::write(&path, b"precious").expect("write file");
+        let err = prepare_socket_path(&path).expect_err("regular file refused");
+        assert!(matches!(err, Error::NotASocket { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).expect("read back"), b"precious");
+    }
+}
