@@ -1,1 +1,78 @@
-fn main() {}
+//! The `pvstack` command. Exit status: see `cli::EXIT_STATUS_HELP`.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use pvstack::check::{check_host, Verdict};
+use pvstack::cli::{Cli, Command};
+use pvstack::lifecycle::VmEnd;
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    // Before any thread exists, so every thread inherits the mask.
+    if let Err(e) = pvstack::signals::block_termination() {
+        eprintln!("pvstack: error: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    match cli.command {
+        Command::Run(args) => match pvstack::run::run(&args) {
+            Ok(end) => exit_status(end),
+            Err(e) => {
+                eprintln!("pvstack: error: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Check(args) => {
+            let items = check_host(&args.kvm_device);
+            for item in &items {
+                println!("{item}");
+            }
+            if items.iter().any(|i| i.verdict == Verdict::Fail) {
+                println!("pvstack cannot run on this host");
+                ExitCode::from(EXIT_FAILURE)
+            } else {
+                println!("pvstack can run on this host");
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
+/// Help and version go out as clap prints them; real usage errors become
+/// one line and exit status 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("bad usage");
+            eprintln!("pvstack: {}", first.trim());
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn exit_status(end: VmEnd) -> ExitCode {
+    match end {
+        VmEnd::GuestExit(code) => ExitCode::from(code),
+        VmEnd::Crash(report) => {
+            eprint!("{report}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        VmEnd::Signal(signal) => ExitCode::from(128u8.saturating_add(signal as u8)),
+        VmEnd::Failed(e) => {
+            eprintln!("pvstack: error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `pvstack check`: what this host offers pvstack, one line per item, in
+//! the spirit of libvirt's virt-host-validate.
+
+use std::fmt;
+use std::path::Path;
+
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::flavour::Flavour;
+use crate::vm::{open_kvm, KVM_API_VERSION};
+
+/// How one item came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// Missing, but pvstack still runs (some feature is unavailable).
+    Warn,
+    /// Missing, and pvstack cannot run.
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug)]
+pub struct Item {
+    pub verdict: Verdict,
+    pub what: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.verdict {
+            Verdict::Ok => "ok     ",
+            Verdict::Warn => "WARN   ",
+            Verdict::Fail => "MISSING",
+        };
+        write!(f, "{tag} {:<28} {}", self.what, self.detail)
+    }
+}
+
+fn item(verdict: Verdict, what: impl Into<String>, detail: impl Into<String>) -> Item {
+    Item {
+        verdict,
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Checks the host; pvstack can run if no item is [`Verdict::Fail`].
+pub fn check_host(kvm_device: &Path) -> Vec<Item> {
+    let mut items = Vec::new();
+    let flavour = Flavour::detect();
+    items.push(match flavour {
+        Flavour::Unknown => item(
+            Verdict::Warn,
+            "KVM flavour",
+            "unknown (no vmx/svm flag, no kvm_intel/kvm_amd/kvm_pvm module); guest runs at CPL3",
+        ),
+        _ => item(
+            Verdict::Ok,
+            "KVM flavour",
+            format!(
+                "{flavour} (guest runs at CPL{} by default)",
+                flavour.default_privilege().cpl()
+            ),
+        ),
+    });
+    match open_kvm(kvm_device) {
+        Ok(kvm) => {
+            items.push(item(
+                Verdict::Ok,
+                format!("KVM device {}", kvm_device.display()),
+                format!("opened read-write, API version {KVM_API_VERSION}"),
+            ));
+            items.extend(kvm_capabilities(&kvm));
+        }
+        Err(e) => items.push(item(
+            Verdict::Fail,
+            format!("KVM device {}", kvm_device.display()),
+            format!("{e}: pvstack cannot create VMs"),
+        )),
+    }
+    items.push(memfd());
+    items.push(io_uring());
+    items.push(tun());
+    items
+}
+
+fn kvm_capabilities(kvm: &Kvm) -> Vec<Item> {
+    let needed = [
+        (Cap::UserMemory, "user memory", "guest RAM cannot be mapped"),
+        (
+            Cap::Irqchip,
+            "in-kernel irqchip",
+            "no interrupt controller for devices",
+        ),
+        (
+            Cap::Ioeventfd,
+            "ioeventfd",
+            "device doorbells cannot reach backends without an exit",
+        ),
+        (Cap::Irqfd, "irqfd", "backends cannot interrupt the guest"),
+    ];
+    let mut items: Vec<Item> = needed
+        .into_iter()
+        .map(|(cap, name, consequence)| {
+            if kvm.check_extension(cap) {
+                item(Verdict::Ok, format!("KVM {name}"), "present")
+            } else {
+                item(
+                    Verdict::Fail,
+                    format!("KVM {name}"),
+                    format!("absent: {consequence}"),
+                )
+            }
+        })
+        .collect();
+    items.push(item(
+        Verdict::Ok,
+        "KVM max vCPUs",
+        format!(
+            "{} (pvstack uses at most {})",
+            kvm.get_max_vcpus(),
+            pvstack_protocols::layout::MAX_VCPUS
+        ),
+    ));
+    items
+}
+
+fn memfd() -> Item {
+    match crate::memory::create(pvstack_protocols::layout::MIN_MEMORY) {
+        Ok(_) => item(
+            Verdict::Ok,
+            "memfd",
+            "guest RAM can be shared with backend processes",
+        ),
+        Err(e) => item(
+            Verdict::Fail,
+            "memfd",
+            format!("{e}: guest RAM cannot be created"),
+        ),
+    }
+}
+
+fn io_uring() -> Item {
+    let knob = "/proc/sys/kernel/io_uring_disabled";
+    match std::fs::read_to_string(knob).map(|s| s.trim().to_string()) {
+        Ok(value) if value == "0" => item(Verdict::Ok, "io_uring", format!("enabled ({knob} = 0)")),
+        Ok(value) => item(
+            Verdict::Warn,
+            "io_uring",
+            format!("{knob} = {value}: backends fall back to plain reads and writes"),
+        ),
+        Err(_) => item(
+            Verdict::Warn,
+            "io_uring",
+            format!("{knob} not found (kernel before 6.6?): backends fall back if io_uring fails"),
+        ),
+    }
+}
+
+fn tun() -> Item {
+    let path = "/dev/net/tun";
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => item(Verdict::Ok, path, "net backend can create tap devices"),
+        Err(e) => item(
+            Verdict::Warn,
+            path,
+            format!("{e}: the net backend cannot run"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unopenable_device_fails_the_check() {
+        let items = check_host(Path::new("/nonexistent/kvm"));
+        let kvm = items
+            .iter()
+            .find(|i| i.what.starts_with("KVM device"))
+            .unwrap();
+        assert_eq!(kvm.verdict, Verdict::Fail);
+        assert!(kvm
+            .to_string()
+            .starts_with("MISSING KVM device /nonexistent/kvm"));
+    }
+}

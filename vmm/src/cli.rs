@@ -1,0 +1,189 @@
+//! The command line: `pvstack run ...` and `pvstack check`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use pvstack_protocols::boot::CMDLINE_MAX;
+use pvstack_protocols::layout;
+
+use crate::flavour::Privilege;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status of `pvstack run`: the guest's EXIT code (0..=255); 1 if pvstack
+failed or the guest crashed (the crash report with the exit reason and the
+vCPU registers goes to stderr); 2 for bad usage; 128+N when stopped by
+signal N (143 for SIGTERM, 130 for SIGINT), like a shell.
+`pvstack check`: 0 if pvstack can run on this host, 1 if not.
+Logging goes to stderr at level info (flavour, boot time); set RUST_LOG to
+change it, e.g. RUST_LOG=warn.";
+
+/// pvstack: a thin KVM VMM with a paravirtual hypercall ABI, running its
+/// own no_std guest (or another ELF) at native speed.
+#[derive(Debug, Parser)]
+#[command(name = "pvstack", version, after_help = EXIT_STATUS_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM and run the guest until it exits.
+    Run(RunArgs),
+    /// Report whether this host can run pvstack (like virt-host-validate).
+    Check(CheckArgs),
+}
+
+/// Options of `pvstack run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Guest ELF image (static x86-64, loaded at or above 0x200000).
+    /// Without it, the built-in pvstack-guest runs.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Guest RAM: bytes, or with a suffix K, M, G (powers of 1024), e.g.
+    /// 256M, 1G, 4096K; a multiple of 4K between 4M and 63G, and no more
+    /// than the host's RAM.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory_size)]
+    pub memory: u64,
+
+    /// Number of vCPUs; vCPU 0 boots, the guest starts the others.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(layout::MAX_VCPUS)))]
+    pub cpus: u32,
+
+    /// The guest command line: a workload and its arguments, e.g.
+    /// "hello", "exit 7", "selftest", "compute", "fault".
+    #[arg(long, value_name = "WORKLOAD ARGS", default_value = "hello", value_parser = parse_guest_args)]
+    pub guest_args: String,
+
+    /// Privilege level of the guest's code. Default: user (CPL3) on PVM
+    /// hosts, where only CPL3 runs natively; kernel (CPL0) on VMX/SVM.
+    #[arg(long, value_name = "LEVEL")]
+    pub guest_privilege: Option<Privilege>,
+
+    /// Write the guest console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+
+    /// The KVM device node.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+}
+
+/// Options of `pvstack check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The KVM device node to check.
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
+    pub kvm_device: PathBuf,
+}
+
+/// Parses a memory size such as `256M`, `1G`, `4096K` or plain bytes, and
+/// checks it against the layout's limits.
+pub fn parse_memory_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&text[..i], 10),
+        Some((i, 'm' | 'M')) => (&text[..i], 20),
+        Some((i, 'g' | 'G')) => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 256M, 1G, 4096K or a byte count"))?;
+    let bytes = number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes == 0 {
+        return Err("guest memory cannot be 0".into());
+    }
+    if bytes < layout::MIN_MEMORY {
+        return Err(format!(
+            "'{text}' is below the minimum of {}M",
+            layout::MIN_MEMORY >> 20
+        ));
+    }
+    if bytes > layout::MAX_MEMORY {
+        return Err(format!(
+            "'{text}' is above the maximum of {}G",
+            layout::MAX_MEMORY >> 30
+        ));
+    }
+    if bytes % 4096 != 0 {
+        return Err(format!("'{text}' is not a multiple of 4K"));
+    }
+    Ok(bytes)
+}
+
+fn parse_guest_args(text: &str) -> Result<String, String> {
+    if text.len() > CMDLINE_MAX {
+        return Err(format!(
+            "{} bytes is longer than the guest command line limit of {CMDLINE_MAX}",
+            text.len()
+        ));
+    }
+    Ok(text.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes_with_suffixes() {
+        assert_eq!(parse_memory_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_memory_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_memory_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_memory_size("4096K"), Ok(4 << 20));
+        assert_eq!(parse_memory_size("8388608"), Ok(8 << 20));
+    }
+
+    #[test]
+    fn sizes_out_of_range_or_malformed() {
+        assert!(parse_memory_size("0").unwrap_err().contains("cannot be 0"));
+        assert!(parse_memory_size("0M").unwrap_err().contains("cannot be 0"));
+        assert!(parse_memory_size("1M").unwrap_err().contains("minimum"));
+        assert!(parse_memory_size("64G").unwrap_err().contains("maximum"));
+        assert!(parse_memory_size("99999999999999999G")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_memory_size("4194305")
+            .unwrap_err()
+            .contains("multiple of 4K"));
+        for bad in ["", "M", "12X", "-1M", "1.5G", "1 G"] {
+            assert!(
+                parse_memory_size(bad).unwrap_err().contains("not a size"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_args_are_bounded() {
+        assert!(parse_guest_args(&"a".repeat(CMDLINE_MAX)).is_ok());
+        assert!(parse_guest_args(&"a".repeat(CMDLINE_MAX + 1)).is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "pvstack",
+            "run",
+            "--cpus",
+            "2",
+            "--guest-privilege",
+            "kernel",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!((args.cpus, args.memory), (2, 256 << 20));
+        assert_eq!(args.guest_privilege, Some(Privilege::Kernel));
+        assert!(Cli::try_parse_from(["pvstack", "run", "--cpus", "0"]).is_err());
+        assert!(Cli::try_parse_from(["pvstack", "run", "--cpus", "65"]).is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! The crate's one error type. Every variant says what pvstack was doing
+//! and on which file or device, so that `main` can print it as one line.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in pvstack.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The KVM device could not be opened.
+    #[error("cannot open KVM device {path}: {source}")]
+    KvmOpen {
+        path: PathBuf,
+        source: kvm_ioctls::Error,
+    },
+    /// The KVM device speaks another API version.
+    #[error("KVM device {path} has API version {found}, pvstack needs {expected}")]
+    KvmApiVersion {
+        path: PathBuf,
+        found: i32,
+        expected: i32,
+    },
+    /// A KVM capability pvstack relies on is missing.
+    #[error("KVM lacks the {0} capability")]
+    KvmCapability(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM: cannot {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// The guest memory size is unusable on this host.
+    #[error("guest memory of {requested} bytes is more than this host has ({available} bytes in /proc/meminfo)")]
+    MemoryTooLarge { requested: u64, available: u64 },
+    /// More vCPUs than KVM offers.
+    #[error("{requested} vCPUs requested, KVM allows at most {max}")]
+    TooManyVcpus { requested: u32, max: usize },
+    /// Creating or mapping guest memory failed.
+    #[error("cannot create guest memory of {size} bytes: {source}")]
+    Memory { size: u64, source: std::io::Error },
+    /// vm-memory refused the region layout.
+    #[error("cannot map guest memory: {0}")]
+    MemoryMap(#[from] vm_memory::mmap::FromRangesError),
+    /// Writing the VMM's structures (page tables, GDT) into guest memory failed.
+    #[error("cannot write {what} into guest memory: {source}")]
+    GuestWrite {
+        what: &'static str,
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Reading a file failed.
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The guest image is not a usable ELF.
+    #[error("{image}: {reason}")]
+    BadImage { image: String, reason: String },
+    /// A device could not be attached.
+    #[error("cannot add device at slot {slot}: {reason}")]
+    Device { slot: u32, reason: String },
+    /// A thread or signal could not be set up.
+    #[error("cannot {what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Short for results with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// A KVM ioctl failure with what pvstack was trying to do.
+    pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::Kvm { what, source }
+    }
+
+    /// A failed write of a VMM structure into guest memory.
+    pub fn guest_write(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
+        move |source| Error::GuestWrite { what, source }
+    }
+}

@@ -1,0 +1,24 @@
+//! pvstack's VMM core: a KVM VM with memfd-backed guest memory, an ELF
+//! loader, 64-bit long-mode vCPU threads, the paravirtual hypercalls of
+//! `pvstack_protocols`, the MMIO bus devices attach to, and the host
+//! check. The `pvstack` binary is a thin CLI over [`run`] and [`check`].
+
+pub mod check;
+pub mod cli;
+pub mod console;
+pub mod counters;
+pub mod crash_report;
+pub mod error;
+pub mod flavour;
+pub mod hypercall;
+pub mod lifecycle;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod run;
+pub mod signals;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use error::{Error, Result};

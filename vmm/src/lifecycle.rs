@@ -1,0 +1,178 @@
+//! How a VM ends, and how secondary vCPUs wait for CPU_START: the state the
+//! vCPU threads and the main thread coordinate on.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use pvstack_protocols::hypercall::status;
+
+use crate::error::Error;
+
+/// Why the VM stopped.
+#[derive(Debug)]
+pub enum VmEnd {
+    /// The guest called EXIT with this code (already masked to 8 bits).
+    GuestExit(u8),
+    /// A vCPU died: triple fault, internal error, unhandled exit. The text
+    /// is the multi-line report with the exit reason and registers.
+    Crash(String),
+    /// pvstack got SIGTERM or SIGINT (the signal number).
+    Signal(i32),
+    /// The VMM itself failed while the VM ran.
+    Failed(Error),
+}
+
+/// Where a secondary vCPU starts once CPU_START asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuStart {
+    pub entry: u64,
+    pub stack_top: u64,
+    pub arg: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CpuState {
+    Waiting,
+    StartRequested(CpuStart),
+    Running,
+}
+
+struct State {
+    end: Option<VmEnd>,
+    ended: bool,
+    cpus: Vec<CpuState>,
+}
+
+/// The end of the VM (first reason wins) and the vCPU start requests.
+pub struct Lifecycle {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// Mirrors `state.ended` for the vCPU loop's lock-free check.
+    stopping: AtomicBool,
+}
+
+impl Lifecycle {
+    /// A VM of `cpus` vCPUs where vCPU 0 runs and the others wait.
+    pub fn new(cpus: u32) -> Lifecycle {
+        let mut states = vec![CpuState::Waiting; cpus as usize];
+        if let Some(boot_cpu) = states.first_mut() {
+            *boot_cpu = CpuState::Running;
+        }
+        Lifecycle {
+            state: Mutex::new(State {
+                end: None,
+                ended: false,
+                cpus: states,
+            }),
+            changed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the VM for `reason`, unless it has ended already.
+    pub fn end(&self, reason: VmEnd) {
+        let mut state = self.lock();
+        if state.ended {
+            log::debug!("VM already ending; also: {reason:?}");
+            return;
+        }
+        state.ended = true;
+        state.end = Some(reason);
+        self.stopping.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// True once the VM is ending: vCPUs must leave their run loops.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until the VM ends and returns why.
+    pub fn wait_for_end(&self) -> VmEnd {
+        let mut state = self.lock();
+        loop {
+            if let Some(end) = state.end.take() {
+                return end;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// CPU_START: asks vCPU `index` to start. Returns a hypercall status.
+    pub fn start_cpu(&self, index: u64, start: CpuStart) -> i64 {
+        let mut state = self.lock();
+        let Some(cpu) = usize::try_from(index)
+            .ok()
+            .filter(|&i| i != 0)
+            .and_then(|i| state.cpus.get_mut(i))
+        else {
+            return status::INVALID_ARGUMENT;
+        };
+        if *cpu != CpuState::Waiting {
+            return status::BUSY;
+        }
+        *cpu = CpuState::StartRequested(start);
+        self.changed.notify_all();
+        status::OK
+    }
+
+    /// Blocks a secondary vCPU's thread until CPU_START asks for it
+    /// (`Some`) or the VM ends first (`None`).
+    pub fn wait_for_start(&self, index: u32) -> Option<CpuStart> {
+        let mut state = self.lock();
+        loop {
+            if state.ended {
+                return None;
+            }
+            if let Some(cpu) = state.cpus.get_mut(index as usize) {
+                if let CpuState::StartRequested(start) = *cpu {
+                    *cpu = CpuState::Running;
+                    return Some(start);
+                }
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const START: CpuStart = CpuStart {
+        entry: 0x20_0000,
+        stack_top: 0x1f_c000,
+        arg: 1,
+    };
+
+    #[test]
+    fn cpu_start_checks_index_and_busy() {
+        let life = Lifecycle::new(2);
+        assert_eq!(life.start_cpu(0, START), status::INVALID_ARGUMENT);
+        assert_eq!(life.start_cpu(2, START), status::INVALID_ARGUMENT);
+        assert_eq!(life.start_cpu(u64::MAX, START), status::INVALID_ARGUMENT);
+        assert_eq!(life.start_cpu(1, START), status::OK);
+        assert_eq!(life.start_cpu(1, START), status::BUSY);
+        assert_eq!(life.wait_for_start(1), Some(START));
+        assert_eq!(life.start_cpu(1, START), status::BUSY);
+    }
+
+    #[test]
+    fn first_end_wins_and_releases_waiting_cpus() {
+        let life = Arc::new(Lifecycle::new(2));
+        let waiter = {
+            let life = life.clone();
+            std::thread::spawn(move || life.wait_for_start(1))
+        };
+        life.end(VmEnd::GuestExit(7));
+        life.end(VmEnd::Signal(15));
+        assert!(life.is_stopping());
+        assert_eq!(waiter.join().unwrap(), None);
+        assert!(matches!(life.wait_for_end(), VmEnd::GuestExit(7)));
+    }
+}

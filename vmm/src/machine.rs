@@ -1,0 +1,25 @@
+//! What the vCPU threads of one running VM share.
+
+use std::time::Instant;
+
+use pvstack_devices::bus::Bus;
+use pvstack_protocols::boot::BootInfo;
+
+use crate::console::Console;
+use crate::counters::ExitCounters;
+use crate::lifecycle::Lifecycle;
+use crate::memory::GuestMemory;
+
+/// The running VM as its vCPU threads see it.
+pub struct Machine {
+    pub memory: GuestMemory,
+    /// Device register windows; fixed once the VM runs.
+    pub bus: Bus,
+    /// What BOOT_INFO hands the guest.
+    pub boot_info: BootInfo,
+    pub console: Console,
+    pub counters: ExitCounters,
+    pub lifecycle: Lifecycle,
+    /// When VM creation began; TIME_NS counts from here.
+    pub created: Instant,
+}

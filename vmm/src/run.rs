@@ -1,0 +1,38 @@
+//! `pvstack run`: from command-line options to a finished VM.
+
+use crate::cli::RunArgs;
+use crate::console::Console;
+use crate::error::{Error, Result};
+use crate::lifecycle::VmEnd;
+use crate::vm::{Vm, VmConfig};
+
+/// Builds the VM `args` describe, runs it and returns how it ended.
+pub fn run(args: &RunArgs) -> Result<VmEnd> {
+    // Read the image first: a bad path should fail before any VM exists.
+    let kernel = match &args.kernel {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|source| Error::File {
+                action: "open kernel",
+                path: path.clone(),
+                source,
+            })?;
+            Some((bytes, path.display().to_string()))
+        }
+        None => None,
+    };
+    let console = match &args.console_log {
+        Some(path) => Console::file(path)?,
+        None => Console::stdout(),
+    };
+    let mut vm = Vm::new(&VmConfig {
+        kvm_device: args.kvm_device.clone(),
+        memory_size: args.memory,
+        cpus: args.cpus,
+        privilege: args.guest_privilege,
+        cmdline: args.guest_args.clone(),
+    })?;
+    if let Some((image, name)) = &kernel {
+        vm.load_kernel(image, name)?;
+    }
+    vm.run(console)
+}

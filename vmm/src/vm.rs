@@ -1,0 +1,332 @@
+//! Building and running a VM: KVM, guest memory, devices, the guest image,
+//! then one thread per vCPU until the VM ends.
+//!
+//! ```text
+//! let mut vm = Vm::new(&config)?;          // KVM VM, memory, irqchip
+//! vm.add_device(slot, device, info)?;      // as many as needed
+//! vm.load_kernel(image, "name")?;
+//! let end = vm.run(console)?;              // blocks until the VM ends
+//! ```
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use pvstack_devices::bus::{Bus, SharedDevice};
+use pvstack_protocols::boot::{BootInfo, DeviceInfo, BOOT_INFO_MAGIC, CMDLINE_MAX};
+use pvstack_protocols::hypercall::ABI_VERSION;
+use pvstack_protocols::layout;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::signal::Killable;
+
+use crate::console::Console;
+use crate::counters::ExitCounters;
+use crate::error::{Error, Result};
+use crate::flavour::{Flavour, Privilege};
+use crate::lifecycle::{CpuStart, Lifecycle, VmEnd};
+use crate::machine::Machine;
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::{self, Vcpu};
+use crate::{loader, signals, x86};
+
+/// The KVM API version every KVM since Linux 2.6.22 reports.
+pub const KVM_API_VERSION: i32 = 12;
+
+/// Where VMX wants its TSS and identity-map pages: just below the
+/// in-kernel IOAPIC/LAPIC, inside the MMIO hole, out of the guest's RAM.
+const VMX_TSS_ADDR: usize = 0xfffb_d000;
+const VMX_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The KVM device node, normally /dev/kvm.
+    pub kvm_device: PathBuf,
+    /// Bytes of guest RAM.
+    pub memory_size: u64,
+    /// vCPU count.
+    pub cpus: u32,
+    /// Guest privilege; `None` picks the flavour's default.
+    pub privilege: Option<Privilege>,
+    /// The guest command line (at most [`CMDLINE_MAX`] bytes).
+    pub cmdline: String,
+}
+
+/// A VM being set up.
+pub struct Vm {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    bus: Bus,
+    devices: BTreeMap<u32, DeviceInfo>,
+    flavour: Flavour,
+    privilege: Privilege,
+    cpus: u32,
+    cmdline: String,
+    entry: Option<u64>,
+    created: Instant,
+}
+
+/// Opens the KVM device and checks its API version.
+pub fn open_kvm(path: &Path) -> Result<Kvm> {
+    let open_error = |source| Error::KvmOpen {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A path from the command line cannot hold a NUL byte; refuse it anyway.
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(open_error)?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(Error::KvmApiVersion {
+            path: path.to_path_buf(),
+            found: version,
+            expected: KVM_API_VERSION,
+        });
+    }
+    Ok(kvm)
+}
+
+impl Vm {
+    /// Creates the KVM VM with its memory and in-kernel irqchip.
+    pub fn new(config: &VmConfig) -> Result<Vm> {
+        let created = Instant::now();
+        check_host_memory(config.memory_size)?;
+        let kvm = open_kvm(&config.kvm_device)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if config.cpus as usize > max_vcpus {
+            return Err(Error::TooManyVcpus {
+                requested: config.cpus,
+                max: max_vcpus,
+            });
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::UserMemory, "user memory"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::KvmCapability(name));
+            }
+        }
+        let flavour = Flavour::detect();
+        let privilege = config.privilege.unwrap_or(flavour.default_privilege());
+        log::info!(
+            "KVM flavour {flavour}; guest runs at CPL{} ({privilege:?})",
+            privilege.cpl()
+        );
+
+        let vm_fd = kvm.create_vm().map_err(Error::kvm("create a VM"))?;
+        if flavour == Flavour::Vmx {
+            vm_fd
+                .set_identity_map_address(VMX_IDENTITY_MAP_ADDR)
+                .map_err(Error::kvm("set the identity map address"))?;
+            vm_fd
+                .set_tss_address(VMX_TSS_ADDR)
+                .map_err(Error::kvm("set the TSS address"))?;
+        }
+        vm_fd
+            .create_irq_chip()
+            .map_err(Error::kvm("create the in-kernel irqchip"))?;
+
+        let memory = memory::create(config.memory_size)?;
+        register_memory(&vm_fd, &memory)?;
+        x86::write_tables(&memory, privilege)?;
+
+        Ok(Vm {
+            kvm,
+            vm_fd: Arc::new(vm_fd),
+            memory,
+            bus: Bus::new(),
+            devices: BTreeMap::new(),
+            flavour,
+            privilege,
+            cpus: config.cpus,
+            cmdline: config.cmdline.clone(),
+            entry: None,
+            created,
+        })
+    }
+
+    /// The KVM VM, for devices that register ioeventfds and irqfds.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+
+    /// Guest RAM; every region's `file_offset()` is the shared memfd.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The KVM flavour the host runs.
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    /// The privilege level the guest runs at.
+    pub fn privilege(&self) -> Privilege {
+        self.privilege
+    }
+
+    /// Attaches `device` at device slot `slot`: its register window goes on
+    /// the bus at [`layout::device_mmio_addr`]`(slot)` and `info` joins the
+    /// boot info's device list with the slot's address, size and interrupt
+    /// line filled in (`kind`, `subtype` and `index` are the caller's).
+    pub fn add_device(&mut self, slot: u32, device: SharedDevice, info: DeviceInfo) -> Result<()> {
+        let device_error = |reason: String| Error::Device { slot, reason };
+        if slot >= layout::MAX_DEVICES {
+            return Err(device_error(format!(
+                "slots go up to {}",
+                layout::MAX_DEVICES - 1
+            )));
+        }
+        if self.devices.contains_key(&slot) {
+            return Err(device_error("slot already taken".into()));
+        }
+        let mmio_addr = layout::device_mmio_addr(slot);
+        self.bus
+            .insert(mmio_addr, layout::DEVICE_MMIO_SIZE, device)
+            .map_err(|e| device_error(e.to_string()))?;
+        let info = DeviceInfo {
+            mmio_addr,
+            mmio_size: layout::DEVICE_MMIO_SIZE,
+            irq: layout::device_irq(slot),
+            ..info
+        };
+        self.devices.insert(slot, info);
+        Ok(())
+    }
+
+    /// Loads the guest ELF `image` (`name` says which, in errors).
+    pub fn load_kernel(&mut self, image: &[u8], name: &str) -> Result<()> {
+        self.entry = Some(loader::load(&self.memory, image, name)?);
+        Ok(())
+    }
+
+    /// Runs the VM until it ends; console output goes to `console`.
+    /// Blocks SIGTERM and SIGINT in the calling process and turns them into
+    /// [`VmEnd::Signal`]. Loads the built-in guest if no image was loaded.
+    pub fn run(mut self, console: Console) -> Result<VmEnd> {
+        let entry = match self.entry {
+            Some(entry) => entry,
+            None => loader::load(&self.memory, loader::BUILTIN_GUEST, "built-in guest")?,
+        };
+        let supported_cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("get the supported CPUID"))?;
+        let vcpus = (0..self.cpus)
+            .map(|index| self.create_vcpu(index, &supported_cpuid))
+            .collect::<Result<Vec<_>>>()?;
+        let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
+
+        let machine = Arc::new(Machine {
+            boot_info: self.boot_info(tsc_khz),
+            memory: self.memory,
+            bus: std::mem::take(&mut self.bus),
+            console,
+            counters: ExitCounters::default(),
+            lifecycle: Lifecycle::new(self.cpus),
+            created: self.created,
+        });
+        signals::forward_termination(machine.clone())?;
+        vcpu::install_kick_handler()?;
+
+        let boot = CpuStart {
+            entry,
+            stack_top: layout::stack_top(0),
+            arg: 0,
+        };
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            let start = (vcpu.index == 0).then_some(boot);
+            match vcpu::spawn(vcpu, machine.clone(), start) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    machine.lifecycle.end(VmEnd::Failed(e));
+                    break;
+                }
+            }
+        }
+        let end = machine.lifecycle.wait_for_end();
+        for thread in &threads {
+            if let Err(e) = thread.kill(vcpu::kick_signal()) {
+                log::debug!("cannot kick a vCPU thread: {e}");
+            }
+        }
+        for thread in threads {
+            if thread.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        Ok(end)
+    }
+
+    fn create_vcpu(&self, index: u32, supported_cpuid: &CpuId) -> Result<Vcpu> {
+        let fd = self
+            .vm_fd
+            .create_vcpu(u64::from(index))
+            .map_err(Error::kvm("create a vCPU"))?;
+        x86::cpu::set_cpuid(&fd, supported_cpuid, index)?;
+        x86::cpu::set_long_mode(&fd, self.privilege.cpl())?;
+        Ok(Vcpu { index, fd })
+    }
+
+    fn boot_info(&self, tsc_khz: u32) -> BootInfo {
+        let mut info = BootInfo {
+            magic: BOOT_INFO_MAGIC,
+            abi_version: ABI_VERSION,
+            cpu_count: self.cpus,
+            mem_size: self.memory.iter().map(|r| r.len()).sum(),
+            tsc_khz: u64::from(tsc_khz),
+            flavour: self.flavour.abi_value(),
+            privilege: u32::from(self.privilege.cpl()),
+            device_count: self.devices.len() as u32,
+            ..BootInfo::EMPTY
+        };
+        for (entry, device) in info.devices.iter_mut().zip(self.devices.values()) {
+            *entry = *device;
+        }
+        // The CLI limits the command line; cut here too rather than fail.
+        let cmdline = &self.cmdline.as_bytes()[..self.cmdline.len().min(CMDLINE_MAX)];
+        info.cmdline[..cmdline.len()].copy_from_slice(cmdline);
+        info.cmdline_len = cmdline.len() as u32;
+        info
+    }
+}
+
+/// Refuses more guest RAM than the host has at all.
+fn check_host_memory(size: u64) -> Result<()> {
+    let available = memory::host_mem_total(Path::new("/proc/meminfo"))?;
+    if size > available {
+        return Err(Error::MemoryTooLarge {
+            requested: size,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// One KVM memory slot per guest RAM region.
+fn register_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<()> {
+    for (slot, region) in memory.iter().enumerate() {
+        let slot_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the mapping belongs to `memory`, which outlives the VM:
+        // the VM's Machine owns it until every vCPU thread has been joined,
+        // and devices hold clones that keep the mapping alive.
+        unsafe { vm_fd.set_user_memory_region(slot_region) }
+            .map_err(Error::kvm("register guest memory"))?;
+    }
+    Ok(())
+}

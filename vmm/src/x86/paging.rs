@@ -1,0 +1,120 @@
+//! Identity page tables: one PML4 entry, one PDPT entry per GiB and 2 MiB
+//! pages covering [`layout::MAPPED_GIB`] GiB of guest physical space, RAM
+//! and MMIO hole alike. A CPL3 guest needs the U bit at every level; the
+//! MMIO hole is mapped uncached so device register accesses are not
+//! combined or reordered.
+
+use pvstack_protocols::layout;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::error::{Error, Result};
+use crate::memory::GuestMemory;
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const WRITE_THROUGH: u64 = 1 << 3;
+const CACHE_DISABLE: u64 = 1 << 4;
+const HUGE_PAGE: u64 = 1 << 7;
+
+const ENTRIES_PER_TABLE: u64 = 512;
+const TABLE_SIZE: u64 = 0x1000;
+const PAGE_SIZE_2M: u64 = 2 << 20;
+
+/// Flags every entry carries for a guest at the given privilege.
+fn base_flags(user: bool) -> u64 {
+    PRESENT | WRITABLE | if user { USER } else { 0 }
+}
+
+/// The page-directory entry that maps the 2 MiB page at `addr`.
+fn pd_entry(addr: u64, user: bool) -> u64 {
+    let in_hole = (layout::MMIO_HOLE_START..layout::MMIO_HOLE_END).contains(&addr);
+    let caching = if in_hole {
+        CACHE_DISABLE | WRITE_THROUGH
+    } else {
+        0
+    };
+    addr | base_flags(user) | HUGE_PAGE | caching
+}
+
+/// The bytes of all page directories, one 4 KiB table per GiB.
+fn page_directories(user: bool) -> Vec<u8> {
+    (0..layout::MAPPED_GIB * ENTRIES_PER_TABLE)
+        .flat_map(|page| pd_entry(page * PAGE_SIZE_2M, user).to_le_bytes())
+        .collect()
+}
+
+/// The PDPT's bytes: entry `i` points at page directory `i`.
+fn pdpt(user: bool) -> Vec<u8> {
+    (0..layout::MAPPED_GIB)
+        .flat_map(|gib| ((layout::PD_ADDR + gib * TABLE_SIZE) | base_flags(user)).to_le_bytes())
+        .collect()
+}
+
+/// Writes the page tables; CR3 is then [`layout::PML4_ADDR`].
+pub fn write(mem: &GuestMemory, user: bool) -> Result<()> {
+    let write_error = Error::guest_write;
+    mem.write_obj(
+        layout::PDPT_ADDR | base_flags(user),
+        GuestAddress(layout::PML4_ADDR),
+    )
+    .map_err(write_error("the PML4"))?;
+    mem.write_slice(&pdpt(user), GuestAddress(layout::PDPT_ADDR))
+        .map_err(write_error("the PDPT"))?;
+    mem.write_slice(&page_directories(user), GuestAddress(layout::PD_ADDR))
+        .map_err(write_error("the page directories"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Walks the tables in guest memory like the MMU does for `addr`,
+    /// returning the physical address and the flags seen at every level.
+    fn walk(mem: &GuestMemory, addr: u64) -> (u64, [u64; 3]) {
+        let entry = |table: u64, index: u64| -> u64 {
+            mem.read_obj(GuestAddress((table & !0xfff) + index * 8))
+                .unwrap()
+        };
+        let pml4e = entry(layout::PML4_ADDR, (addr >> 39) & 511);
+        let pdpte = entry(pml4e & !0xfff & ((1 << 52) - 1), (addr >> 30) & 511);
+        let pde = entry(pdpte & !0xfff & ((1 << 52) - 1), (addr >> 21) & 511);
+        assert_ne!(pde & HUGE_PAGE, 0);
+        let phys = (pde & !(PAGE_SIZE_2M - 1) & ((1 << 52) - 1)) | (addr & (PAGE_SIZE_2M - 1));
+        (phys, [pml4e & 0xfff, pdpte & 0xfff, pde & 0xfff])
+    }
+
+    #[test]
+    fn identity_maps_ram_and_the_hole() {
+        let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
+        write(&mem, true).unwrap();
+        for addr in [
+            0x20_1234,
+            layout::HYPERCALL_ADDR + 8,
+            layout::HIGH_RAM_START + 0x1000,
+            (layout::MAPPED_GIB << 30) - 8,
+        ] {
+            let (phys, flags) = walk(&mem, addr);
+            assert_eq!(phys, addr);
+            for level in flags {
+                assert_eq!(
+                    level & (PRESENT | WRITABLE | USER),
+                    PRESENT | WRITABLE | USER
+                );
+            }
+        }
+        let (_, ram) = walk(&mem, 0x20_0000);
+        assert_eq!(ram[2] & CACHE_DISABLE, 0);
+        let (_, hole) = walk(&mem, layout::HYPERCALL_ADDR);
+        assert_ne!(hole[2] & CACHE_DISABLE, 0);
+    }
+
+    #[test]
+    fn kernel_tables_lack_the_user_bit() {
+        let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
+        write(&mem, false).unwrap();
+        let (phys, flags) = walk(&mem, 0x30_0000);
+        assert_eq!(phys, 0x30_0000);
+        assert!(flags.iter().all(|f| f & USER == 0));
+    }
+}
