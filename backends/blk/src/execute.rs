@@ -91,3 +91,114 @@ where
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use vm_memory::GuestAddress;
+
+    fn scratch_image(name: &str, len: usize) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("pvstack-blk-{name}-{}.img", std::process::id()));
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 7 + i / 512) as u8).collect();
+        std::fs::write(&path, pattern).expect("write scratch image");
+        path
+    }
+
+    fn segment(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    fn round_trip(direct: bool) {
+        let path = scratch_image(if direct { "direct" } else { "buffered" }, 64 * 1024);
+        let image = match DiskImage::open(&path, false, direct) {
+            Ok(image) => image,
+            Err(crate::Error::DirectUnsupported { .. }) => {
+                panic!("the temp dir's filesystem lacks O_DIRECT; cannot test --direct")
+            }
+            Err(e) => panic!("open: {e}"),
+        };
+        // Two guest regions so one buffer crosses a region boundary.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .expect("guest memory");
+        let serial = [0u8; ID_BYTES];
+        let read = Operation::Read {
+            sector: 4,
+            buffers: vec![segment(0xfe00, 1024), segment(0x2000, 512)],
+        };
+        assert_eq!(execute(&read, &image, &mem, &serial).expect("read"), 1536);
+        let file = std::fs::read(&path).expect("read back image");
+        let mut guest = vec![0u8; 1536];
+        mem.read_slice(&mut guest[..1024], GuestAddress(0xfe00))
+            .expect("guest read");
+        mem.read_slice(&mut guest[1024..], GuestAddress(0x2000))
+            .expect("guest read");
+        assert_eq!(guest, file[2048..2048 + 1536]);
+
+        mem.write_slice(&[0xa5; 512], GuestAddress(0x4000))
+            .expect("guest write");
+        let write = Operation::Write {
+            sector: 100,
+            buffers: vec![segment(0x4000, 512)],
+        };
+        assert_eq!(execute(&write, &image, &mem, &serial).expect("write"), 0);
+        let zero = Operation::WriteZeroes(vec![crate::request::SectorRange {
+            sector: 10,
+            count: 2,
+            unmap: true,
+        }]);
+        execute(&zero, &image, &mem, &serial).expect("write zeroes");
+        execute(&Operation::Flush, &image, &mem, &serial).expect("flush");
+        let after = std::fs::read(&path).expect("read back image");
+        assert_eq!(&after[100 * 512..101 * 512], &[0xa5; 512][..]);
+        assert!(after[10 * 512..12 * 512].iter().all(|&b| b == 0));
+        assert_eq!(
+            &after[..10 * 512],
+            &file[..10 * 512],
+            "bytes before the zeroed range untouched"
+        );
+        assert_eq!(&after[12 * 512..100 * 512], &file[12 * 512..100 * 512]);
+        std::fs::remove_file(&path).expect("remove scratch image");
+    }
+
+    #[test]
+    fn buffered_read_write_zeroes_round_trip() {
+        round_trip(false);
+    }
+
+    #[test]
+    fn direct_read_write_zeroes_round_trip() {
+        round_trip(true);
+    }
+
+    #[test]
+    fn get_id_writes_the_serial_across_buffers() {
+        let path = scratch_image("getid", 4096);
+        let image = DiskImage::open(&path, true, false).expect("open");
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("guest memory");
+        let mut serial = [0u8; ID_BYTES];
+        serial[..11].copy_from_slice(b"disk-serial");
+        let op = Operation::GetId {
+            buffers: vec![segment(0x100, 4), segment(0x200, 64)],
+        };
+        assert_eq!(
+            execute(&op, &image, &mem, &serial).expect("get id"),
+            ID_BYTES as u32
+        );
+        let mut got = [0u8; ID_BYTES];
+        mem.read_slice(&mut got[..4], GuestAddress(0x100))
+            .expect("read");
+        mem.read_slice(&mut got[4..], GuestAddress(0x200))
+            .expect("read");
+        assert_eq!(got, serial);
+        std::fs::remove_file(&path).expect("remove scratch image");
+    }
+}

@@ -389,3 +389,406 @@ fn read_ranges(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const MEM_SIZE: u64 = 0x10_0000;
+    const QUEUE_SIZE: u16 = 16;
+    const HEADER: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+
+    fn limits(readonly: bool) -> DiskLimits {
+        DiskLimits {
+            capacity_sectors: 1024,
+            readonly,
+            max_segments: u32::from(QUEUE_SIZE) - 2,
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
+    }
+
+    fn readable(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+    }
+
+    fn writable(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))
+    }
+
+    fn write_header(mem: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
+        let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&request_type.to_le_bytes());
+        raw[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(addr))
+            .expect("write header");
+    }
+
+    /// Builds the chain in a real split queue in guest memory, pops it the way
+    /// the backend does, and parses it.
+    fn parse_chain(mem: &GuestMemoryMmap, descs: &[RawDescriptor], limits: &DiskLimits) -> Parsed {
+        let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+        let chain = queue.build_desc_chain(descs).expect("build chain");
+        parse(chain, mem, limits, usize::from(QUEUE_SIZE))
+    }
+
+    fn rejection(parsed: Parsed) -> Rejection {
+        match parsed {
+            Parsed::Rejected { rejection, status } => {
+                assert_eq!(status, GuestAddress(STATUS));
+                rejection
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_request_is_accepted() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 8);
+        let parsed = parse_chain(
+            &mem,
+            &[
+                readable(HEADER, 16),
+                writable(DATA, 1024),
+                writable(STATUS, 1),
+            ],
+            &limits(false),
+        );
+        assert_eq!(
+            parsed,
+            Parsed::Request {
+                operation: Operation::Read {
+                    sector: 8,
+                    buffers: vec![Segment {
+                        addr: GuestAddress(DATA),
+                        len: 1024
+                    }],
+                },
+                status: GuestAddress(STATUS),
+            }
+        );
+    }
+
+    #[test]
+    fn merged_layout_splits_header_tail_and_status_head_into_data() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_OUT, 0);
+        let parsed = parse_chain(
+            &mem,
+            &[readable(HEADER, 16 + 512), writable(STATUS, 1)],
+            &limits(false),
+        );
+        assert_eq!(
+            parsed,
+            Parsed::Request {
+                operation: Operation::Write {
+                    sector: 0,
+                    buffers: vec![Segment {
+                        addr: GuestAddress(HEADER + 16),
+                        len: 512
+                    }],
+                },
+                status: GuestAddress(STATUS),
+            }
+        );
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let parsed = parse_chain(
+            &mem,
+            &[readable(HEADER, 16), writable(DATA, 513)],
+            &limits(false),
+        );
+        assert_eq!(
+            parsed,
+            Parsed::Request {
+                operation: Operation::Read {
+                    sector: 0,
+                    buffers: vec![Segment {
+                        addr: GuestAddress(DATA),
+                        len: 512
+                    }],
+                },
+                status: GuestAddress(DATA + 512),
+            }
+        );
+    }
+
+    #[test]
+    fn write_to_readonly_disk_is_an_io_error() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_OUT, 0);
+        let r = rejection(parse_chain(
+            &mem,
+            &[
+                readable(HEADER, 16),
+                readable(DATA, 512),
+                writable(STATUS, 1),
+            ],
+            &limits(true),
+        ));
+        assert_eq!(r, Rejection::ReadOnly);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn data_outside_guest_memory_is_an_io_error() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let r = rejection(parse_chain(
+            &mem,
+            &[
+                readable(HEADER, 16),
+                writable(MEM_SIZE - 256, 512),
+                writable(STATUS, 1),
+            ],
+            &limits(false),
+        ));
+        assert_eq!(
+            r,
+            Rejection::OutsideMemory {
+                addr: MEM_SIZE - 256,
+                len: 512
+            }
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn partial_sectors_and_empty_data_are_io_errors() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let r = rejection(parse_chain(
+            &mem,
+            &[
+                readable(HEADER, 16),
+                writable(DATA, 500),
+                writable(STATUS, 1),
+            ],
+            &limits(false),
+        ));
+        assert_eq!(r, Rejection::BadDataLength(500));
+        let r = rejection(parse_chain(
+            &mem,
+            &[readable(HEADER, 16), writable(STATUS, 1)],
+            &limits(false),
+        ));
+        assert_eq!(r, Rejection::BadDataLength(0));
+    }
+
+    #[test]
+    fn sectors_past_the_end_are_io_errors_even_when_the_sum_overflows() {
+        let mem = memory();
+        for sector in [1023, u64::MAX] {
+            write_header(&mem, HEADER, VIRTIO_BLK_T_IN, sector);
+            let r = rejection(parse_chain(
+                &mem,
+                &[
+                    readable(HEADER, 16),
+                    writable(DATA, 1024),
+                    writable(STATUS, 1),
+                ],
+                &limits(false),
+            ));
+            assert!(matches!(r, Rejection::OutOfRange { .. }), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_direction_and_writable_header_are_io_errors() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let r = rejection(parse_chain(
+            &mem,
+            &[
+                readable(HEADER, 16),
+                readable(DATA, 512),
+                writable(STATUS, 1),
+            ],
+            &limits(false),
+        ));
+        assert_eq!(r, Rejection::WrongDirection);
+        let r = rejection(parse_chain(
+            &mem,
+            &[writable(HEADER, 16), writable(STATUS, 1)],
+            &limits(false),
+        ));
+        assert_eq!(r, Rejection::WritableHeader);
+        let r = rejection(parse_chain(
+            &mem,
+            &[readable(HEADER, 8), writable(STATUS, 1)],
+            &limits(false),
+        ));
+        assert_eq!(r, Rejection::ShortHeader(8));
+    }
+
+    #[test]
+    fn unknown_type_is_unsupported() {
+        let mem = memory();
+        write_header(&mem, HEADER, 99, 0);
+        let r = rejection(parse_chain(
+            &mem,
+            &[readable(HEADER, 16), writable(STATUS, 1)],
+            &limits(false),
+        ));
+        assert_eq!(r, Rejection::UnsupportedType(99));
+        assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn chain_without_usable_status_is_unanswerable() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(
+            parse_chain(
+                &mem,
+                &[readable(HEADER, 16), readable(DATA, 512)],
+                &limits(false)
+            ),
+            Parsed::Unanswerable(Malformed::NoStatus)
+        );
+        assert_eq!(
+            parse_chain(
+                &mem,
+                &[readable(HEADER, 16), writable(MEM_SIZE + 4096, 1)],
+                &limits(false)
+            ),
+            Parsed::Unanswerable(Malformed::StatusOutsideMemory(MEM_SIZE + 4096))
+        );
+    }
+
+    #[test]
+    fn chain_longer_than_allowed_is_unanswerable() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let queue = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let descs = [
+            readable(HEADER, 16),
+            writable(DATA, 512),
+            writable(DATA + 512, 512),
+            writable(STATUS, 1),
+        ];
+        let chain = queue.build_desc_chain(&descs).expect("build chain");
+        assert_eq!(
+            parse(chain, &mem, &limits(false), 3),
+            Parsed::Unanswerable(Malformed::TooLong(4))
+        );
+    }
+
+    #[test]
+    fn looping_chain_is_cut_at_the_queue_size() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        // Descriptor 0 is readable and points at itself forever.
+        let looping = RawDescriptor::from(SplitDescriptor::new(
+            HEADER,
+            16,
+            virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
+            0,
+        ));
+        let chain = queue
+            .build_multiple_desc_chains(&[looping])
+            .expect("build chain");
+        assert_eq!(
+            parse(chain, &mem, &limits(false), usize::from(QUEUE_SIZE)),
+            Parsed::Unanswerable(Malformed::NoStatus)
+        );
+    }
+
+    fn write_ranges(mem: &GuestMemoryMmap, ranges: &[(u64, u32, u32)]) {
+        for (i, (sector, count, flags)) in ranges.iter().enumerate() {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&sector.to_le_bytes());
+            raw[8..12].copy_from_slice(&count.to_le_bytes());
+            raw[12..16].copy_from_slice(&flags.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(DATA + 16 * i as u64))
+                .expect("write range");
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_ranges_are_checked() {
+        let mem = memory();
+        let descs = [
+            readable(HEADER, 16),
+            readable(DATA, 32),
+            writable(STATUS, 1),
+        ];
+        write_ranges(
+            &mem,
+            &[(0, 8, 0), (100, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)],
+        );
+        write_header(&mem, HEADER, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(
+            parse_chain(&mem, &descs, &limits(false)),
+            Parsed::Request {
+                operation: Operation::WriteZeroes(vec![
+                    SectorRange {
+                        sector: 0,
+                        count: 8,
+                        unmap: false
+                    },
+                    SectorRange {
+                        sector: 100,
+                        count: 4,
+                        unmap: true
+                    },
+                ]),
+                status: GuestAddress(STATUS),
+            }
+        );
+        // Discard must not carry the unmap flag.
+        write_header(&mem, HEADER, VIRTIO_BLK_T_DISCARD, 0);
+        let r = rejection(parse_chain(&mem, &descs, &limits(false)));
+        assert_eq!(
+            r,
+            Rejection::UnsupportedRangeFlags(VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        // A range past the end of the disk.
+        write_ranges(&mem, &[(1020, 8, 0), (0, 1, 0)]);
+        let r = rejection(parse_chain(&mem, &descs, &limits(false)));
+        assert!(matches!(r, Rejection::OutOfRange { .. }), "{r:?}");
+        assert_eq!(
+            rejection(parse_chain(&mem, &descs, &limits(true))),
+            Rejection::ReadOnly
+        );
+    }
+
+    #[test]
+    fn get_id_wants_device_writable_data() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(
+            parse_chain(
+                &mem,
+                &[
+                    readable(HEADER, 16),
+                    writable(DATA, 20),
+                    writable(STATUS, 1)
+                ],
+                &limits(true)
+            ),
+            Parsed::Request {
+                operation: Operation::GetId {
+                    buffers: vec![Segment {
+                        addr: GuestAddress(DATA),
+                        len: 20
+                    }],
+                },
+                status: GuestAddress(STATUS),
+            }
+        );
+    }
+}
