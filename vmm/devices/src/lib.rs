@@ -3,9 +3,18 @@
 //! exits are dispatched on ([`bus`]), the virtio-mmio transport
 //! ([`virtio`]), the vhost-user frontend ([`vhost_user`]) and the block
 //! device served by a backend process ([`blk`]).
+//!
+//! The VMM creates a device with what it lends it in a [`DeviceContext`]
+//! (e.g. [`blk::create_blk`]), maps the device's register window on its
+//! [`bus::Bus`] and lists it in the boot info.
 
+pub mod blk;
 pub mod bus;
+mod context;
 pub mod error;
+pub mod vhost_user;
 pub mod virtio;
 
+pub use blk::{create_blk, BlkDevice, BlkSpec};
+pub use context::DeviceContext;
 pub use error::{Error, Result};

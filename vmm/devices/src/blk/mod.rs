@@ -1,0 +1,281 @@
+//! Block devices served by a vhost-user backend: `--blk socket=...` (a
+//! backend that is already running) or `--blk image=...` (a pvstack-blk
+//! that pvstack starts for the image and stops with the VM).
+
+mod spec;
+
+pub use spec::{BlkSource, BlkSpec, DEFAULT_QUEUE_SIZE, MAX_QUEUES, MAX_QUEUE_SIZE};
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::mem::{offset_of, size_of};
+use std::sync::{Arc, Mutex};
+
+use log::info;
+use pvstack_protocols::boot::{device_kind, DeviceInfo};
+use pvstack_protocols::layout::DEVICE_MMIO_SIZE;
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use crate::bus::SharedDevice;
+use crate::context::DeviceContext;
+use crate::error::{Error, Result};
+use crate::vhost_user::{BackendProcess, DeviceShape, VhostUserDevice, VhostUserHandle};
+use crate::virtio::mmio::MmioTransport;
+use crate::virtio::DeviceEvents;
+
+/// The backend program `image=` starts.
+pub const BACKEND_PROGRAM: &str = "pvstack-blk";
+
+/// Features passed on to the driver when the backend offers them. Left
+/// out: a writable configuration space (CONFIG_WCE), zoned and
+/// secure-erase devices, and packed rings, which nothing here sets up.
+const FEATURES_PASSED_ON: &[u32] = &[
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_GEOMETRY,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+];
+
+/// Bytes of configuration space read from the backend and served to the
+/// driver: the whole `struct virtio_blk_config`.
+const CONFIG_LEN: usize = size_of::<virtio_blk_config>();
+
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
+/// The fields of the block configuration space pvstack looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlkConfig {
+    /// Disk size in 512-byte sectors.
+    pub capacity: u64,
+    /// Block size the backend advertises (meaningful with VIRTIO_BLK_F_BLK_SIZE).
+    pub blk_size: u32,
+    /// Queues the backend advertises (meaningful with VIRTIO_BLK_F_MQ).
+    pub num_queues: u16,
+}
+
+impl BlkConfig {
+    /// Reads the fields from configuration space bytes (little endian).
+    pub fn parse(config: &[u8]) -> Option<Self> {
+        let field = |offset: usize, len: usize| config.get(offset..offset + len);
+        let capacity = field(offset_of!(virtio_blk_config, capacity), 8)?;
+        let blk_size = field(offset_of!(virtio_blk_config, blk_size), 4)?;
+        let num_queues = field(offset_of!(virtio_blk_config, num_queues), 2)?;
+        Some(BlkConfig {
+            capacity: u64::from_le_bytes(capacity.try_into().ok()?),
+            blk_size: u32::from_le_bytes(blk_size.try_into().ok()?),
+            num_queues: u16::from_le_bytes(num_queues.try_into().ok()?),
+        })
+    }
+}
+
+/// A block device, created and ready to be put on the bus.
+pub struct BlkDevice {
+    id: String,
+    transport: Arc<Mutex<MmioTransport<VhostUserDevice>>>,
+    info: DeviceInfo,
+    config: BlkConfig,
+}
+
+impl BlkDevice {
+    /// The device's name (`id=`, or `blk<index>`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The register window to map at `info().mmio_addr` for
+    /// `info().mmio_size` bytes. The backend process, if pvstack started
+    /// one, lives as long as any clone of this does.
+    pub fn bus_device(&self) -> SharedDevice {
+        self.transport.clone()
+    }
+
+    /// The transport, for control operations on the running device.
+    pub fn transport(&self) -> &Arc<Mutex<MmioTransport<VhostUserDevice>>> {
+        &self.transport
+    }
+
+    /// The device's entry in the boot info.
+    pub fn info(&self) -> DeviceInfo {
+        self.info
+    }
+
+    /// The configuration the backend reported.
+    pub fn config(&self) -> BlkConfig {
+        self.config
+    }
+}
+
+/// Creates the block device `spec` describes in the slot `ctx` gives:
+/// connects to (or starts) its backend, negotiates, reads its
+/// configuration and binds its notifications in KVM.
+pub fn create_blk(spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
+    let id = spec
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("blk{}", ctx.index));
+    let (mut handle, process) = connect(spec)?;
+    let (shape, config) = negotiate_shape(spec, &mut handle)?;
+    let queues = shape.queue_max_sizes.len() as u16;
+    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, queues)?;
+    info!(
+        "{id}: {} sectors of {} bytes, {queues} queues of up to {}, {} on {}, MMIO {:#x} GSI {}",
+        config.capacity,
+        config.blk_size,
+        spec.queue_size,
+        if shape.features & bit(VIRTIO_BLK_F_RO) != 0 {
+            "read-only"
+        } else {
+            "writable"
+        },
+        handle.socket().display(),
+        ctx.mmio_base,
+        ctx.gsi
+    );
+    let device = VhostUserDevice::new(id.clone(), shape, ctx.memory.clone(), handle, process);
+    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
+    let info = DeviceInfo {
+        kind: device_kind::VIRTIO_MMIO,
+        subtype: VIRTIO_ID_BLOCK,
+        mmio_addr: ctx.mmio_base,
+        mmio_size: DEVICE_MMIO_SIZE,
+        irq: ctx.gsi,
+        index: ctx.index,
+    };
+    Ok(BlkDevice {
+        id,
+        transport,
+        info,
+        config,
+    })
+}
+
+/// Connects to the backend, starting it first for `image=`.
+fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
+    match &spec.source {
+        BlkSource::Socket(socket) => Ok((VhostUserHandle::connect(socket)?, None)),
+        BlkSource::Image(image) => {
+            // Checked here so that a missing or unwritable image is one
+            // clear error rather than a backend that exits at start.
+            OpenOptions::new()
+                .read(true)
+                .write(!spec.readonly)
+                .open(image)
+                .map_err(|source| Error::Image {
+                    path: image.clone(),
+                    source,
+                })?;
+            let mut args: Vec<OsString> = vec![
+                "--image".into(),
+                image.into(),
+                "--exit-on-disconnect".into(),
+            ];
+            if spec.readonly {
+                args.push("--readonly".into());
+            }
+            if let Some(n) = spec.num_queues {
+                args.extend(["--num-queues".into(), n.to_string().into()]);
+            }
+            let (process, stream) = BackendProcess::start(BACKEND_PROGRAM, &args)?;
+            let handle = VhostUserHandle::from_stream(stream, process.socket())?;
+            Ok((handle, Some(process)))
+        }
+    }
+}
+
+/// Works out what the driver sees from what the backend offers and what
+/// the spec asks for.
+fn negotiate_shape(
+    spec: &BlkSpec,
+    handle: &mut VhostUserHandle,
+) -> Result<(DeviceShape, BlkConfig)> {
+    let incompatible = |handle: &VhostUserHandle, reason: String| Error::Incompatible {
+        socket: handle.socket().to_path_buf(),
+        reason,
+    };
+    let backend = handle.backend_features();
+    if backend & bit(VIRTIO_F_VERSION_1) == 0 {
+        return Err(incompatible(
+            handle,
+            "it does not offer VIRTIO_F_VERSION_1".to_string(),
+        ));
+    }
+    if spec.readonly && backend & bit(VIRTIO_BLK_F_RO) == 0 {
+        return Err(incompatible(
+            handle,
+            "readonly was asked for, but the backend serves the disk writable (no VIRTIO_BLK_F_RO)"
+                .to_string(),
+        ));
+    }
+    let mut config_space = handle.get_config(CONFIG_LEN as u32)?;
+    let config = BlkConfig::parse(&config_space).ok_or_else(|| {
+        incompatible(
+            handle,
+            format!("its configuration space is {} bytes", config_space.len()),
+        )
+    })?;
+    let backend_queues = if backend & bit(VIRTIO_BLK_F_MQ) != 0 {
+        u64::from(config.num_queues).min(handle.queue_num())
+    } else {
+        1
+    };
+    let num_queues = spec.num_queues.map_or(backend_queues, u64::from);
+    if num_queues == 0 || num_queues > backend_queues {
+        return Err(incompatible(
+            handle,
+            format!("{num_queues} queues wanted, but it serves {backend_queues}"),
+        ));
+    }
+    // At most MAX_QUEUES (spec values are already within it), so it fits.
+    let num_queues = num_queues.min(u64::from(MAX_QUEUES)) as u16;
+    let offset = offset_of!(virtio_blk_config, num_queues);
+    config_space[offset..offset + 2].copy_from_slice(&num_queues.to_le_bytes());
+    let passed_on = FEATURES_PASSED_ON.iter().fold(0, |acc, &f| acc | bit(f));
+    let shape = DeviceShape {
+        device_id: VIRTIO_ID_BLOCK,
+        features: backend & passed_on,
+        queue_max_sizes: vec![spec.queue_size; usize::from(num_queues)],
+        config: config_space,
+    };
+    let config = BlkConfig {
+        num_queues,
+        ..config
+    };
+    Ok((shape, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_fields_at_their_offsets() {
+        let mut space = vec![0u8; CONFIG_LEN];
+        space[0..8].copy_from_slice(&0x1234_5678_9abcu64.to_le_bytes());
+        space[20..24].copy_from_slice(&4096u32.to_le_bytes());
+        space[34..36].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(
+            BlkConfig::parse(&space),
+            Some(BlkConfig {
+                capacity: 0x1234_5678_9abc,
+                blk_size: 4096,
+                num_queues: 3,
+            })
+        );
+        assert_eq!(BlkConfig::parse(&space[..35]), None);
+        assert_eq!(CONFIG_LEN, 96);
+    }
+}

@@ -1,0 +1,225 @@
+//! [`BlkSpec`]: one `--blk` option value,
+//! `socket=PATH[,id=ID][,num-queues=N][,queue-size=N][,readonly]` or
+//! `image=PATH[,...the same options]`.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// Most queues a block device may have.
+pub const MAX_QUEUES: u16 = 64;
+/// Largest queue size virtio allows for split rings.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Queue size when `queue-size` is not given.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Where the disk comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlkSource {
+    /// A backend already listening on this vhost-user socket.
+    Socket(PathBuf),
+    /// This raw image, served by a pvstack-blk that pvstack starts.
+    Image(PathBuf),
+}
+
+/// One block device as the command line describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkSpec {
+    /// Where the disk comes from.
+    pub source: BlkSource,
+    /// Name in logs and the control API; `blk<index>` if not given.
+    pub id: Option<String>,
+    /// Queues; if not given, as many as the backend serves.
+    pub num_queues: Option<u16>,
+    /// Largest size of each queue the driver may choose.
+    pub queue_size: u16,
+    /// The guest may only read the disk.
+    pub readonly: bool,
+}
+
+impl FromStr for BlkSpec {
+    type Err = Error;
+
+    fn from_str(value: &str) -> Result<Self, Error> {
+        parse(value).map_err(|reason| Error::InvalidOption {
+            option: "blk",
+            value: value.to_string(),
+            reason,
+        })
+    }
+}
+
+fn parse(value: &str) -> Result<BlkSpec, String> {
+    let mut socket = None;
+    let mut image = None;
+    let mut id = None;
+    let mut num_queues = None;
+    let mut queue_size = None;
+    let mut readonly = false;
+    for item in value.split(',') {
+        let (key, val) = match item.split_once('=') {
+            Some((key, val)) => (key, Some(val)),
+            None => (item, None),
+        };
+        if key == "readonly" {
+            if val.is_some() {
+                return Err("readonly takes no value".to_string());
+            }
+            if readonly {
+                return Err("readonly given twice".to_string());
+            }
+            readonly = true;
+            continue;
+        }
+        let slot: &mut Option<String> = match key {
+            "socket" => &mut socket,
+            "image" => &mut image,
+            "id" => &mut id,
+            "num-queues" => &mut num_queues,
+            "queue-size" => &mut queue_size,
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?} (expected socket, image, id, num-queues, queue-size or readonly)"
+                ))
+            }
+        };
+        let val = val.filter(|val| !val.is_empty());
+        let Some(val) = val else {
+            return Err(format!("{key} needs a value ({key}=...)"));
+        };
+        if slot.replace(val.to_string()).is_some() {
+            return Err(format!("{key} given twice"));
+        }
+    }
+    let source = match (socket, image) {
+        (Some(socket), None) => BlkSource::Socket(socket.into()),
+        (None, Some(image)) => BlkSource::Image(image.into()),
+        (Some(_), Some(_)) => return Err("give socket= or image=, not both".to_string()),
+        (None, None) => return Err("missing socket=PATH or image=PATH".to_string()),
+    };
+    if let Some(id) = &id {
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if !id.chars().all(valid) {
+            return Err(format!(
+                "id {id:?} may only hold letters, digits, '-', '_' and '.'"
+            ));
+        }
+    }
+    let num_queues = num_queues
+        .map(|n| match n.parse::<u16>() {
+            Ok(n) if (1..=MAX_QUEUES).contains(&n) => Ok(n),
+            _ => Err(format!("num-queues must be 1..={MAX_QUEUES}, not {n:?}")),
+        })
+        .transpose()?;
+    let queue_size = match queue_size {
+        None => DEFAULT_QUEUE_SIZE,
+        Some(n) => match n.parse::<u16>() {
+            Ok(n) if n.is_power_of_two() && n <= MAX_QUEUE_SIZE => n,
+            _ => {
+                return Err(format!(
+                    "queue-size must be a power of two in 1..={MAX_QUEUE_SIZE}, not {n:?}"
+                ))
+            }
+        },
+    };
+    Ok(BlkSpec {
+        source,
+        id,
+        num_queues,
+        queue_size,
+        readonly,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(value: &str) -> String {
+        match value.parse::<BlkSpec>() {
+            Ok(spec) => panic!("{value:?} parsed as {spec:?}"),
+            Err(err) => {
+                assert!(err.is_usage());
+                let message = err.to_string();
+                assert!(!message.contains('\n'), "{message}");
+                message
+            }
+        }
+    }
+
+    #[test]
+    fn minimal_socket_and_image() {
+        assert_eq!(
+            "socket=/run/blk.sock".parse::<BlkSpec>().unwrap(),
+            BlkSpec {
+                source: BlkSource::Socket("/run/blk.sock".into()),
+                id: None,
+                num_queues: None,
+                queue_size: DEFAULT_QUEUE_SIZE,
+                readonly: false,
+            }
+        );
+        let spec: BlkSpec = "image=disk.img".parse().unwrap();
+        assert_eq!(spec.source, BlkSource::Image("disk.img".into()));
+    }
+
+    #[test]
+    fn every_option() {
+        let spec: BlkSpec =
+            "readonly,queue-size=32768,image=/a=b.img,num-queues=64,id=root-disk_1.0"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            spec,
+            BlkSpec {
+                source: BlkSource::Image("/a=b.img".into()),
+                id: Some("root-disk_1.0".into()),
+                num_queues: Some(64),
+                queue_size: 32768,
+                readonly: true,
+            }
+        );
+        let spec: BlkSpec = "socket=s,queue-size=1,num-queues=1".parse().unwrap();
+        assert_eq!((spec.queue_size, spec.num_queues), (1, Some(1)));
+    }
+
+    #[test]
+    fn malformed_values_are_usage_errors() {
+        let cases = [
+            ("socket=s,colour=red", "unknown key \"colour\""),
+            ("socket=s,", "unknown key \"\""),
+            ("", "unknown key \"\""),
+            ("id=x", "missing socket=PATH or image=PATH"),
+            ("readonly", "missing socket=PATH or image=PATH"),
+            ("socket=s,image=i", "not both"),
+            ("socket=", "socket needs a value"),
+            ("socket", "socket needs a value"),
+            ("socket=a,socket=b", "socket given twice"),
+            ("socket=s,readonly,readonly", "readonly given twice"),
+            ("socket=s,readonly=yes", "readonly takes no value"),
+            ("socket=s,num-queues=0", "num-queues must be 1..=64"),
+            ("socket=s,num-queues=65", "num-queues must be 1..=64"),
+            ("socket=s,num-queues=two", "num-queues must be"),
+            ("socket=s,queue-size=0", "queue-size must be a power of two"),
+            (
+                "socket=s,queue-size=100",
+                "queue-size must be a power of two",
+            ),
+            (
+                "socket=s,queue-size=65536",
+                "queue-size must be a power of two",
+            ),
+            (
+                "socket=s,queue-size=-8",
+                "queue-size must be a power of two",
+            ),
+            ("socket=s,id=a b", "id \"a b\" may only hold"),
+        ];
+        for (value, expected) in cases {
+            let message = reason(value);
+            assert!(message.contains(expected), "{value:?}: {message}");
+            assert!(message.starts_with("invalid --blk value"), "{message}");
+        }
+    }
+}

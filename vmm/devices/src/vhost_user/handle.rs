@@ -1,0 +1,362 @@
+//! [`VhostUserHandle`]: the whole conversation with one vhost-user backend.
+//!
+//! Two phases. [`VhostUserHandle::from_stream`] negotiates when the device
+//! is created (ownership, features, protocol features, queue count), and
+//! [`VhostUserHandle::start`] sets the backend up from a [`RingSetup`]
+//! recorded when the driver set DRIVER_OK. `start` is the one place that
+//! knows that sequence, so moving a device to a new or restarted backend is
+//! a new handle plus `start` with the same, recorded setup.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::{debug, info};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+use crate::virtio::QueueConfig;
+
+/// Protocol features the frontend uses when the backend offers them:
+/// MQ (GET_QUEUE_NUM), CONFIG (GET_CONFIG) and REPLY_ACK (every request
+/// is acknowledged, so a failure is seen at the request that caused it).
+const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::REPLY_ACK);
+
+/// How long to wait for any one reply. Generous: a reply normally takes
+/// microseconds; the limit only keeps a hung backend from hanging a vCPU.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One queue the backend serves.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// Size and ring addresses, as the driver programmed them.
+    pub config: QueueConfig,
+    /// Where the backend starts in the available ring: 0 at first; after
+    /// [`VhostUserHandle::stop`], where the stopped backend left off.
+    pub next_avail: u16,
+    /// Signalled by KVM when the driver notifies this queue.
+    pub kick: EventFd,
+}
+
+/// Everything a backend needs to serve the device's queues, recorded on
+/// DRIVER_OK so it can be replayed to another backend connection.
+#[derive(Debug)]
+pub struct RingSetup {
+    /// Virtio features the driver accepted.
+    pub features: u64,
+    /// Guest memory, whose regions' file descriptors the backend maps.
+    pub memory: GuestMemoryMmap,
+    /// The queues the driver made ready.
+    pub queues: Vec<ActiveQueue>,
+    /// Raises the device's interrupt (the irqfd), shared by all queues.
+    pub call: EventFd,
+}
+
+/// A negotiated connection to one vhost-user backend.
+pub struct VhostUserHandle {
+    socket: PathBuf,
+    frontend: Frontend,
+    backend_features: u64,
+    protocol_features: VhostUserProtocolFeatures,
+    queue_num: u64,
+}
+
+impl VhostUserHandle {
+    /// Connects to the backend listening on `socket` and negotiates.
+    pub fn connect(socket: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+        Self::from_stream(stream, socket)
+    }
+
+    /// Negotiates over an established connection to the backend at
+    /// `socket`: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES and,
+    /// with MQ, GET_QUEUE_NUM.
+    pub fn from_stream(stream: UnixStream, socket: &Path) -> Result<Self> {
+        let socket = socket.to_path_buf();
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|source| Error::Socket {
+                socket: socket.clone(),
+                what: "cannot set a reply timeout",
+                source,
+            })?;
+        let mut handle = VhostUserHandle {
+            socket,
+            frontend: Frontend::from_stream(stream, 1),
+            backend_features: 0,
+            protocol_features: VhostUserProtocolFeatures::empty(),
+            queue_num: 1,
+        };
+        handle.negotiate()?;
+        Ok(handle)
+    }
+
+    fn negotiate(&mut self) -> Result<()> {
+        self.step("SET_OWNER", |f| f.set_owner())?;
+        self.backend_features = self.step("GET_FEATURES", |f| f.get_features())?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.backend_features & protocol_bit == 0 {
+            return Err(
+                self.incompatible("it does not offer VHOST_USER_F_PROTOCOL_FEATURES".to_string())
+            );
+        }
+        let offered = self.step("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+        self.protocol_features = offered & WANTED_PROTOCOL_FEATURES;
+        let acked = self.protocol_features;
+        self.step("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(acked))?;
+        if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        if acked.contains(VhostUserProtocolFeatures::MQ) {
+            self.queue_num = self.step("GET_QUEUE_NUM", |f| f.get_queue_num())?;
+        }
+        info!(
+            "vhost-user backend {}: features {:#x}, protocol features {:#x}, {} queues",
+            self.socket.display(),
+            self.backend_features,
+            acked.bits(),
+            self.queue_num
+        );
+        Ok(())
+    }
+
+    /// The socket the backend listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Virtio features the backend offers (including
+    /// VHOST_USER_F_PROTOCOL_FEATURES, which is not for the driver).
+    pub fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    /// Most queues the backend serves.
+    pub fn queue_num(&self) -> u64 {
+        self.queue_num
+    }
+
+    /// The first `len` bytes of the device's configuration space (GET_CONFIG).
+    pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            return Err(self.incompatible(
+                "it does not offer the CONFIG protocol feature, so the device's configuration cannot be read".to_string(),
+            ));
+        }
+        let request = vec![0u8; len as usize];
+        let (_, config) = self.step("GET_CONFIG", |f| {
+            f.get_config(0, len, VhostUserConfigFlags::empty(), &request)
+        })?;
+        Ok(config)
+    }
+
+    /// Sets the backend up to serve `setup`'s queues: SET_FEATURES,
+    /// SET_MEM_TABLE, and per queue SET_VRING_NUM, _BASE, _ADDR, _CALL,
+    /// _KICK and _ENABLE. The call fd goes before the kick so that nothing
+    /// the backend completes on its first kick goes unsignalled.
+    pub fn start(&mut self, setup: &RingSetup) -> Result<()> {
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = setup.features | (self.backend_features & protocol_bit);
+        self.step("SET_FEATURES", |f| f.set_features(features))?;
+        let regions = memory_regions(&setup.memory)?;
+        self.step("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        for queue in &setup.queues {
+            let index = usize::from(queue.index);
+            let addresses = ring_addresses(&setup.memory, queue)?;
+            self.step("SET_VRING_NUM", |f| {
+                f.set_vring_num(index, queue.config.size)
+            })?;
+            self.step("SET_VRING_BASE", |f| {
+                f.set_vring_base(index, queue.next_avail)
+            })?;
+            self.step("SET_VRING_ADDR", |f| f.set_vring_addr(index, &addresses))?;
+            self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
+            self.step("SET_VRING_KICK", |f| f.set_vring_kick(index, &queue.kick))?;
+            self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
+        }
+        debug!(
+            "vhost-user backend {}: started {} queues with features {features:#x}",
+            self.socket.display(),
+            setup.queues.len()
+        );
+        Ok(())
+    }
+
+    /// Stops the backend's rings (SET_VRING_ENABLE 0, then GET_VRING_BASE,
+    /// which the backend answers once it has stopped the ring) and records
+    /// in `setup` where each queue left off, so `start` can resume there.
+    pub fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
+        for queue in &mut setup.queues {
+            let index = usize::from(queue.index);
+            self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
+            let base = self.step("GET_VRING_BASE", |f| f.get_vring_base(index))?;
+            // The ring index is 16 bits wide; the upper bits carry only
+            // packed-ring wrap state, which this frontend never negotiates.
+            queue.next_avail = base as u16;
+        }
+        debug!(
+            "vhost-user backend {}: stopped {} queues",
+            self.socket.display(),
+            setup.queues.len()
+        );
+        Ok(())
+    }
+
+    /// Runs one request, naming the socket and the request if it fails.
+    fn step<T>(
+        &mut self,
+        step: &'static str,
+        request: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T> {
+        request(&mut self.frontend).map_err(|source| Error::VhostUser {
+            socket: self.socket.clone(),
+            step,
+            source,
+        })
+    }
+
+    fn incompatible(&self, reason: String) -> Error {
+        Error::Incompatible {
+            socket: self.socket.clone(),
+            reason,
+        }
+    }
+}
+
+/// The memory table: every region with the file descriptor that backs it.
+fn memory_regions(memory: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>> {
+    memory
+        .iter()
+        .map(|region| {
+            VhostUserMemoryRegionInfo::from_guest_region(region).map_err(|_| {
+                Error::MemoryNotShareable {
+                    addr: vm_memory::GuestMemoryRegion::start_addr(region).0,
+                }
+            })
+        })
+        .collect()
+}
+
+/// The queue's rings as addresses in this process, which is what
+/// SET_VRING_ADDR carries (the backend translates them through the memory
+/// table's `userspace_addr`). Every ring must lie in guest RAM.
+fn ring_addresses(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<VringConfigData> {
+    let config = &queue.config;
+    let rings = [config.desc_table, config.avail_ring, config.used_ring];
+    let names = ["descriptor table", "available ring", "used ring"];
+    let mut host = [0u64; 3];
+    for (((&addr, len), name), host) in rings
+        .iter()
+        .zip(config.ring_sizes())
+        .zip(names)
+        .zip(&mut host)
+    {
+        let in_ram =
+            usize::try_from(len).is_ok_and(|len| memory.check_range(GuestAddress(addr), len));
+        let pointer = memory.get_host_address(GuestAddress(addr));
+        match pointer {
+            Ok(pointer) if in_ram => *host = pointer as u64,
+            _ => {
+                return Err(Error::InvalidQueue {
+                    queue: queue.index,
+                    reason: format!("{name} at {addr:#x} ({len} bytes) is not in guest RAM"),
+                })
+            }
+        }
+    }
+    Ok(VringConfigData {
+        queue_max_size: config.max_size,
+        queue_size: config.size,
+        flags: 0,
+        desc_table_addr: host[0],
+        used_ring_addr: host[2],
+        avail_ring_addr: host[1],
+        log_addr: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use vm_memory::FileOffset;
+
+    fn queue(desc: u64, avail: u64, used: u64) -> ActiveQueue {
+        ActiveQueue {
+            index: 1,
+            config: QueueConfig {
+                max_size: 256,
+                size: 16,
+                ready: true,
+                desc_table: desc,
+                avail_ring: avail,
+                used_ring: used,
+            },
+            next_avail: 0,
+            kick: EventFd::new(0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn ring_addresses_translate_and_refuse_outside_ram() {
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap();
+        let base = memory.get_host_address(GuestAddress(0x1000)).unwrap() as u64;
+        let data = ring_addresses(&memory, &queue(0x1000, 0x2000, 0x3000)).unwrap();
+        assert_eq!(data.desc_table_addr, base);
+        assert_eq!(data.avail_ring_addr, base + 0x1000);
+        assert_eq!(data.used_ring_addr, base + 0x2000);
+        assert_eq!(data.queue_size, 16);
+        // Not in RAM at all, and starting in RAM but running past its end.
+        let err = ring_addresses(&memory, &queue(0x1000, 0x2000, 0x9000))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("used ring at 0x9000"), "{err}");
+        let err = ring_addresses(&memory, &queue(0x4fc0, 0x2000, 0x3000))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("descriptor table"), "{err}");
+    }
+
+    #[test]
+    fn memory_table_needs_file_backed_regions() {
+        let anonymous = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        assert!(matches!(
+            memory_regions(&anonymous),
+            Err(Error::MemoryNotShareable { addr: 0 })
+        ));
+        // SAFETY: memfd_create with a valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"handle-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(0x1000).unwrap();
+        let backed = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0x2000),
+            0x1000,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .unwrap();
+        let regions = memory_regions(&backed).unwrap();
+        assert_eq!(regions.len(), 1);
+        assert_eq!(regions[0].guest_phys_addr, 0x2000);
+        assert_eq!(regions[0].memory_size, 0x1000);
+        assert!(regions[0].mmap_handle >= 0);
+    }
+}

@@ -1,0 +1,257 @@
+//! [`BackendProcess`]: a backend that pvstack starts itself (`--blk
+//! image=...`), listening on a socket in a private directory, and that
+//! never outlives pvstack.
+
+use std::ffi::OsString;
+use std::fs::DirBuilder;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// How long a started backend may take to accept connections. Generous:
+/// it normally takes milliseconds; this only bounds a backend that hangs.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a backend may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Interval between checks while waiting for a backend.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// A running backend process that pvstack started.
+#[derive(Debug)]
+pub struct BackendProcess {
+    program: PathBuf,
+    child: Child,
+    socket_dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts `program --socket SOCKET args...`, with SOCKET in a fresh
+    /// private directory, and returns it with a connection to SOCKET once
+    /// the backend accepts one. The backend gets SIGTERM when the thread
+    /// that called this ends (PR_SET_PDEATHSIG), so call it from a thread
+    /// that lives as long as the VM.
+    pub fn start(program_name: &str, args: &[OsString]) -> Result<(Self, UnixStream)> {
+        let program = find_program(program_name)?;
+        let socket_dir = create_socket_dir(program_name)?;
+        let socket = socket_dir.join("vhost-user.sock");
+        let mut command = Command::new(&program);
+        command
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null());
+        // SAFETY: getpid is async-signal-safe.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only makes async-signal-safe calls (prctl, getppid) and builds an
+        // io::Error from an errno, which does not allocate.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // pvstack may have died before the prctl took effect.
+                if libc::getppid() != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| Error::Child {
+            program: program.clone(),
+            what: "cannot start it",
+            source,
+        })?;
+        info!(
+            "started {} (pid {}) on {}",
+            program.display(),
+            child.id(),
+            socket.display()
+        );
+        let mut process = BackendProcess {
+            program,
+            child,
+            socket_dir,
+            socket,
+        };
+        let stream = process.wait_until_accepting()?;
+        Ok((process, stream))
+    }
+
+    /// The socket the backend listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The backend's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Connects to the backend's socket as soon as it accepts, or fails
+    /// if the backend exits first.
+    fn wait_until_accepting(&mut self) -> Result<UnixStream> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(stream) => return Ok(stream),
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(source) => {
+                    return Err(Error::Connect {
+                        socket: self.socket.clone(),
+                        source,
+                    })
+                }
+            }
+            let exited = self.child.try_wait().map_err(|source| Error::Child {
+                program: self.program.clone(),
+                what: "cannot check whether it is running",
+                source,
+            })?;
+            if let Some(status) = exited {
+                return Err(Error::ChildExited {
+                    program: self.program.clone(),
+                    status,
+                    socket: self.socket.clone(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::ChildTimeout {
+                    program: self.program.clone(),
+                    socket: self.socket.clone(),
+                    seconds: STARTUP_TIMEOUT.as_secs(),
+                });
+            }
+            sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// SIGTERM, a grace period, then SIGKILL; always reaps the child.
+    fn stop(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            debug!("{} had already exited ({status})", self.program.display());
+            return;
+        }
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child, which has not been reaped
+        // (try_wait above found it running), so the pid is still its own.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    info!("{} (pid {pid}) exited ({status})", self.program.display());
+                    return;
+                }
+                Ok(None) => sleep(POLL_INTERVAL),
+                Err(_) => break,
+            }
+        }
+        warn!(
+            "{} (pid {pid}) did not exit on SIGTERM; killing it",
+            self.program.display()
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        self.stop();
+        if let Err(err) = std::fs::remove_dir_all(&self.socket_dir) {
+            warn!("cannot remove {}: {err}", self.socket_dir.display());
+        }
+    }
+}
+
+/// `name` in the directory of the running executable, else on PATH.
+fn find_program(name: &str) -> Result<PathBuf> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let beside = exe_dir.join(name);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| Error::ProgramNotFound {
+            program: name.to_string(),
+            exe_dir,
+        })
+}
+
+/// A new directory only this user can enter, for one backend's socket.
+fn create_socket_dir(program_name: &str) -> Result<PathBuf> {
+    static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "pvstack-{}-{program_name}-{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
+    // Not recursive: fails if the directory exists, so nobody else's
+    // directory is ever reused.
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| Error::SocketDir {
+            dir: dir.clone(),
+            source,
+        })?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn socket_dirs_are_private_and_distinct() {
+        let a = create_socket_dir("unit-test").unwrap();
+        let b = create_socket_dir("unit-test").unwrap();
+        assert_ne!(a, b);
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_dir(a).unwrap();
+        std::fs::remove_dir(b).unwrap();
+    }
+
+    #[test]
+    fn missing_program_is_named() {
+        let err = find_program("pvstack-no-such-backend").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("pvstack-no-such-backend not found next to"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn program_that_exits_at_once_is_reported() {
+        // `false` ignores its arguments and exits with status 1.
+        let err = BackendProcess::start("false", &[]).unwrap_err();
+        assert!(matches!(err, Error::ChildExited { .. }), "{err}");
+        assert!(err.to_string().contains("exit status: 1"), "{err}");
+    }
+}
