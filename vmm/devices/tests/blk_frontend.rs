@@ -201,12 +201,14 @@ struct Driver<'a> {
     bus: Bus,
     base: u64,
     memory: &'a GuestMemoryMmap,
+    /// The queue the driver sets up and uses (the others stay unused).
+    queue: u16,
     /// Next free slot in the available ring (and requests submitted).
     avail_idx: u16,
 }
 
 impl<'a> Driver<'a> {
-    fn new(device: &BlkDevice, memory: &'a GuestMemoryMmap) -> Self {
+    fn new(device: &BlkDevice, memory: &'a GuestMemoryMmap, queue: u16) -> Self {
         let info = device.info();
         let mut bus = Bus::new();
         bus.insert(info.mmio_addr, info.mmio_size, device.bus_device())
@@ -215,6 +217,7 @@ impl<'a> Driver<'a> {
             bus,
             base: info.mmio_addr,
             memory,
+            queue,
             avail_idx: 0,
         }
     }
@@ -238,7 +241,7 @@ impl<'a> Driver<'a> {
         u64::from(self.read32(CONFIG)) | u64::from(self.read32(CONFIG + 4)) << 32
     }
 
-    /// Feature negotiation, queue 0 set up, DRIVER_OK: what a guest driver
+    /// Feature negotiation, the driver's queue set up, DRIVER_OK: what a guest driver
     /// does at probe time. Starts from a clean ring.
     fn bring_up(&mut self) {
         assert_eq!(self.read32(MAGIC), 0x7472_6976);
@@ -261,7 +264,7 @@ impl<'a> Driver<'a> {
             .write_slice(&zeros, GuestAddress(DESC_TABLE))
             .unwrap();
         self.avail_idx = 0;
-        self.write32(QUEUE_SEL, 0);
+        self.write32(QUEUE_SEL, u32::from(self.queue));
         assert_eq!(self.read32(QUEUE_READY), 0);
         assert!(self.read32(QUEUE_NUM_MAX) >= u32::from(QUEUE_SIZE));
         self.write32(QUEUE_NUM, u32::from(QUEUE_SIZE));
@@ -289,7 +292,7 @@ impl<'a> Driver<'a> {
     }
 
     /// Submits one request of `BLOCK` bytes at `sector` (header, data,
-    /// status in descriptors 0, 1, 2), kicks queue 0 and waits for it to
+    /// status in descriptors 0, 1, 2), kicks the queue and waits for it to
     /// be used; returns the status byte.
     fn request(&mut self, kind: u32, sector: u64) -> u8 {
         let header = REQUEST_HEADER;
@@ -318,7 +321,7 @@ impl<'a> Driver<'a> {
         fence(Ordering::SeqCst);
         // The write a guest makes; KVM would hand it to the queue's
         // ioeventfd, here the transport forwards it to the same eventfd.
-        self.write32(QUEUE_NOTIFY, 0);
+        self.write32(QUEUE_NOTIFY, u32::from(self.queue));
 
         let deadline = Instant::now() + HANG_GUARD;
         loop {
@@ -360,8 +363,8 @@ fn image_bytes(image: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 /// Writes and reads through the device, checking the image file; then
 /// resets the device and does it again on a fresh ring.
-fn exercise(device: &BlkDevice, memory: &GuestMemoryMmap, image: &Path) {
-    let mut driver = Driver::new(device, memory);
+fn exercise(device: &BlkDevice, memory: &GuestMemoryMmap, image: &Path, queue: u16) {
+    let mut driver = Driver::new(device, memory, queue);
     assert_eq!(driver.capacity(), IMAGE_SIZE / 512);
     assert_eq!(device.config().capacity, IMAGE_SIZE / 512);
     assert_eq!(device.info().subtype, 2);
@@ -416,7 +419,7 @@ fn qemu_storage_daemon_backend_end_to_end() {
         .unwrap();
     let device = create_blk(&spec, &DeviceContext::for_slot(&vm, &memory, 0, 0)).unwrap();
     assert_eq!(device.id(), "blk0");
-    exercise(&device, &memory, &image);
+    exercise(&device, &memory, &image, 0);
 }
 
 #[test]
@@ -442,13 +445,37 @@ fn pvstack_blk_started_for_an_image_end_to_end() {
             .expect("image= starts a backend");
         process.pid()
     };
-    exercise(&device, &memory, &image);
+    exercise(&device, &memory, &image, 0);
     // Dropping the device stops the backend it started.
     drop(device);
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "pvstack-blk (pid {pid}) outlived its device"
     );
+}
+
+#[test]
+fn second_queue_of_a_two_queue_pvstack_blk() {
+    init_logging();
+    put_pvstack_blk_on_path();
+    let dir = TempDir::new("two-queues");
+    let image = create_image(&dir.0);
+    let memory = guest_memory();
+    let vm = kvm_vm();
+    let spec: BlkSpec = format!("image={},num-queues=2,queue-size=16", image.display())
+        .parse()
+        .unwrap();
+    let device = create_blk(&spec, &DeviceContext::for_slot(&vm, &memory, 1, 0)).unwrap();
+    assert_eq!(device.config().num_queues, 2);
+    let driver = Driver::new(&device, &memory, 1);
+    let mut num_queues = [0u8; 2];
+    assert!(driver.bus.read(driver.base + CONFIG + 34, &mut num_queues));
+    assert_eq!(u16::from_le_bytes(num_queues), 2);
+    driver.write32(QUEUE_SEL, 1);
+    assert_eq!(driver.read32(QUEUE_NUM_MAX), 16);
+    driver.write32(QUEUE_SEL, 2);
+    assert_eq!(driver.read32(QUEUE_NUM_MAX), 0, "there is no third queue");
+    exercise(&device, &memory, &image, 1);
 }
 
 #[test]
