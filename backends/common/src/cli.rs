@@ -29,7 +29,8 @@ pub fn exit_status<E: Display>(program: &str, result: Result<(), E>) -> ExitCode
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            // Printed, not logged: the one line a user or test must see,
+            // whatever RUST_LOG says.
             eprintln!("{program}: error: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
