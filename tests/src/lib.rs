@@ -1,1 +1,214 @@
+//! Helpers for pvstack's integration tests: finding the binaries that
+//! `cargo build --workspace --bins` made for the same profile as the test,
+//! running them with a generous timeout (so a hang fails instead of
+//! blocking forever), and reading the guest's `RESULT` lines.
 
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Longest a pvstack run in a test may take before it counts as hung.
+/// Not a performance limit: every test run finishes in well under a second.
+pub const HANG_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// target/<profile>/, found from the running test executable
+/// (target/<profile>/deps/<test>-<hash>).
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A binary of the workspace, built for the test's profile. Panics with the
+/// build command if it is missing.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = target_profile_dir();
+    let path = dir.join(name);
+    if !path.is_file() {
+        let release = if dir.ends_with("release") {
+            " --release"
+        } else {
+            ""
+        };
+        panic!(
+            "{} is missing: build it first with `cargo build --workspace --bins{release}`",
+            path.display()
+        );
+    }
+    path
+}
+
+/// The pvstack VMM binary.
+pub fn pvstack() -> PathBuf {
+    binary("pvstack")
+}
+
+/// The guest image, as a standalone ELF (for `--kernel`).
+pub fn guest_image() -> PathBuf {
+    binary("pvstack-guest")
+}
+
+/// What a finished process left behind.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The exit code; panics (with the output) if a signal killed it.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {self:#?}"))
+    }
+
+    /// The `RESULT <workload> key=value ...` line's values, panicking with
+    /// the whole output if there is none.
+    pub fn result(&self, workload: &str) -> BTreeMap<String, String> {
+        parse_result(&self.stdout, workload)
+            .unwrap_or_else(|| panic!("no `RESULT {workload}` line in the output: {self:#?}"))
+    }
+
+    /// A numeric value of the `RESULT` line.
+    pub fn result_number(&self, workload: &str, key: &str) -> f64 {
+        let values = self.result(workload);
+        let text = values
+            .get(key)
+            .unwrap_or_else(|| panic!("RESULT {workload} has no {key}: {self:#?}"));
+        parse_number(text).unwrap_or_else(|| panic!("{key}={text} is not a number"))
+    }
+}
+
+/// Parses a RESULT value: decimal integer, decimal with a dot, or `0x` hex.
+pub fn parse_number(text: &str) -> Option<f64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok().map(|v| v as f64),
+        None => text.parse().ok(),
+    }
+}
+
+/// The values of the first `RESULT <workload> ...` line in `output`.
+pub fn parse_result(output: &str, workload: &str) -> Option<BTreeMap<String, String>> {
+    output.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("RESULT") || words.next() != Some(workload) {
+            return None;
+        }
+        Some(
+            words
+                .filter_map(|w| w.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    })
+}
+
+/// Runs `command` to completion, capturing its output; kills it and
+/// panics if it is still running after [`HANG_TIMEOUT`].
+pub fn run_to_end(command: &mut Command) -> Finished {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let stdout = drain(child.stdout.take().expect("stdout is piped"));
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let status = wait_or_kill(&mut child);
+    let stdout = stdout.join().expect("stdout reader");
+    let stderr = stderr.join().expect("stderr reader");
+    let Some(status) = status else {
+        panic!("{command:?} still ran after {HANG_TIMEOUT:?}; killed it. stdout: {stdout} stderr: {stderr}");
+    };
+    Finished {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Waits for `child`; kills it and returns `None` if it still runs after
+/// [`HANG_TIMEOUT`].
+pub fn wait_or_kill(child: &mut Child) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waitpid works") {
+            return Some(status);
+        }
+        if started.elapsed() > HANG_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// `pvstack ARGS...` with logging at `warn` (so stderr holds only what
+/// matters), run to completion.
+pub fn run_pvstack(args: &[&str]) -> Finished {
+    run_to_end(Command::new(pvstack()).args(args).env("RUST_LOG", "warn"))
+}
+
+/// A fresh directory for one test's files, removed on drop.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(test: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("pvstack-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("can create a scratch dir");
+        ScratchDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_are_parsed() {
+        let out = "hello\nRESULT blk-verify bytes=67108864 mismatches=0 fnv=0x00000000000000ff rate=1.5\n";
+        let values = parse_result(out, "blk-verify").unwrap();
+        assert_eq!(values["bytes"], "67108864");
+        assert_eq!(parse_number(&values["fnv"]), Some(255.0));
+        assert_eq!(parse_number(&values["rate"]), Some(1.5));
+        assert!(parse_result(out, "blk").is_none());
+    }
+
+    #[test]
+    fn output_and_status_are_captured() {
+        let finished =
+            run_to_end(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]));
+        assert_eq!(finished.code(), 3);
+        assert_eq!(
+            (finished.stdout.as_str(), finished.stderr.as_str()),
+            ("out\n", "err\n")
+        );
+    }
+}

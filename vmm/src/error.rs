@@ -12,6 +12,9 @@ pub enum Error {
         path: PathBuf,
         source: kvm_ioctls::Error,
     },
+    /// The file opened but does not answer KVM ioctls.
+    #[error("{path} is not a KVM device (KVM_GET_API_VERSION failed)")]
+    NotKvm { path: PathBuf },
     /// The KVM device speaks another API version.
     #[error("KVM device {path} has API version {found}, pvstack needs {expected}")]
     KvmApiVersion {

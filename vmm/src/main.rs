@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::Parser;
 use pvstack::check::{check_host, Verdict};
-use pvstack::cli::{Cli, Command};
+use pvstack::cli::{CheckArgs, Cli, Command, RunArgs};
 use pvstack::lifecycle::VmEnd;
 
 const EXIT_FAILURE: u8 = 1;
@@ -23,26 +23,36 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     match cli.command {
-        Command::Run(args) => match pvstack::run::run(&args) {
-            Ok(end) => exit_status(end),
-            Err(e) => {
-                eprintln!("pvstack: error: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
-        Command::Check(args) => {
-            let items = check_host(&args.kvm_device);
-            for item in &items {
-                println!("{item}");
-            }
-            if items.iter().any(|i| i.verdict == Verdict::Fail) {
-                println!("pvstack cannot run on this host");
-                ExitCode::from(EXIT_FAILURE)
-            } else {
-                println!("pvstack can run on this host");
-                ExitCode::SUCCESS
-            }
+        Command::Run(args) => run_command(&args),
+        Command::Check(args) => check_command(&args),
+    }
+}
+
+fn run_command(args: &RunArgs) -> ExitCode {
+    if let Err(usage) = args.validate() {
+        eprintln!("pvstack: error: {usage}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match pvstack::run::run(args) {
+        Ok(end) => exit_status(end),
+        Err(e) => {
+            eprintln!("pvstack: error: {e}");
+            ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+fn check_command(args: &CheckArgs) -> ExitCode {
+    let items = check_host(&args.kvm_device);
+    for item in &items {
+        println!("{item}");
+    }
+    if items.iter().any(|i| i.verdict == Verdict::Fail) {
+        println!("pvstack cannot run on this host");
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        println!("pvstack can run on this host");
+        ExitCode::SUCCESS
     }
 }
 

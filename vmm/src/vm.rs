@@ -83,6 +83,11 @@ pub fn open_kvm(path: &Path) -> Result<Kvm> {
         .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
     let kvm = Kvm::new_with_path(&c_path).map_err(open_error)?;
     let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(Error::NotKvm {
+            path: path.to_path_buf(),
+        });
+    }
     if version != KVM_API_VERSION {
         return Err(Error::KvmApiVersion {
             path: path.to_path_buf(),

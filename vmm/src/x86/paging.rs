@@ -1,8 +1,10 @@
 //! Identity page tables: one PML4 entry, one PDPT entry per GiB and 2 MiB
 //! pages covering [`layout::MAPPED_GIB`] GiB of guest physical space, RAM
-//! and MMIO hole alike. A CPL3 guest needs the U bit at every level; the
-//! MMIO hole is mapped uncached so device register accesses are not
-//! combined or reordered.
+//! and MMIO hole alike, except the first 2 MiB: they are mapped in 4 KiB
+//! pages so that page 0 can stay unmapped and catch null pointers, as the
+//! layout promises. A CPL3 guest needs the U bit at every level; the MMIO
+//! hole is mapped uncached so device register accesses are not combined or
+//! reordered.
 
 use pvstack_protocols::layout;
 use vm_memory::{Bytes, GuestAddress};
@@ -19,7 +21,13 @@ const HUGE_PAGE: u64 = 1 << 7;
 
 const ENTRIES_PER_TABLE: u64 = 512;
 const TABLE_SIZE: u64 = 0x1000;
+const PAGE_SIZE_4K: u64 = 0x1000;
 const PAGE_SIZE_2M: u64 = 2 << 20;
+
+/// The page table for the first 2 MiB, right after the page directories
+/// (the layout leaves the space up to the stacks to the VMM).
+pub const LOW_PT_ADDR: u64 = layout::PD_ADDR + layout::MAPPED_GIB * TABLE_SIZE;
+const _: () = assert!(LOW_PT_ADDR + TABLE_SIZE <= layout::STACK_AREA_START);
 
 /// Flags every entry carries for a guest at the given privilege.
 fn base_flags(user: bool) -> u64 {
@@ -37,10 +45,25 @@ fn pd_entry(addr: u64, user: bool) -> u64 {
     addr | base_flags(user) | HUGE_PAGE | caching
 }
 
-/// The bytes of all page directories, one 4 KiB table per GiB.
+/// The bytes of all page directories, one 4 KiB table per GiB. The first
+/// entry points at the low page table instead of mapping a 2 MiB page.
 fn page_directories(user: bool) -> Vec<u8> {
-    (0..layout::MAPPED_GIB * ENTRIES_PER_TABLE)
-        .flat_map(|page| pd_entry(page * PAGE_SIZE_2M, user).to_le_bytes())
+    let low = LOW_PT_ADDR | base_flags(user);
+    std::iter::once(low)
+        .chain(
+            (1..layout::MAPPED_GIB * ENTRIES_PER_TABLE)
+                .map(|page| pd_entry(page * PAGE_SIZE_2M, user)),
+        )
+        .flat_map(u64::to_le_bytes)
+        .collect()
+}
+
+/// The low page table's bytes: 4 KiB pages for the first 2 MiB, all but
+/// page 0.
+fn low_page_table(user: bool) -> Vec<u8> {
+    std::iter::once(0)
+        .chain((1..ENTRIES_PER_TABLE).map(|page| page * PAGE_SIZE_4K | base_flags(user)))
+        .flat_map(u64::to_le_bytes)
         .collect()
 }
 
@@ -62,7 +85,9 @@ pub fn write(mem: &GuestMemory, user: bool) -> Result<()> {
     mem.write_slice(&pdpt(user), GuestAddress(layout::PDPT_ADDR))
         .map_err(write_error("the PDPT"))?;
     mem.write_slice(&page_directories(user), GuestAddress(layout::PD_ADDR))
-        .map_err(write_error("the page directories"))
+        .map_err(write_error("the page directories"))?;
+    mem.write_slice(&low_page_table(user), GuestAddress(LOW_PT_ADDR))
+        .map_err(write_error("the low page table"))
 }
 
 #[cfg(test)]
@@ -70,18 +95,25 @@ mod tests {
     use super::*;
 
     /// Walks the tables in guest memory like the MMU does for `addr`,
-    /// returning the physical address and the flags seen at every level.
-    fn walk(mem: &GuestMemory, addr: u64) -> (u64, [u64; 3]) {
-        let entry = |table: u64, index: u64| -> u64 {
-            mem.read_obj(GuestAddress((table & !0xfff) + index * 8))
+    /// returning the physical address (None if not present) and the flags
+    /// seen at the PML4, PDPT and last level.
+    fn walk(mem: &GuestMemory, addr: u64) -> (Option<u64>, [u64; 3]) {
+        let entry = |table: u64, shift: u32| -> u64 {
+            let index = (addr >> shift) & 511;
+            mem.read_obj(GuestAddress((table & 0x000f_ffff_ffff_f000) + index * 8))
                 .unwrap()
         };
-        let pml4e = entry(layout::PML4_ADDR, (addr >> 39) & 511);
-        let pdpte = entry(pml4e & !0xfff & ((1 << 52) - 1), (addr >> 30) & 511);
-        let pde = entry(pdpte & !0xfff & ((1 << 52) - 1), (addr >> 21) & 511);
-        assert_ne!(pde & HUGE_PAGE, 0);
-        let phys = (pde & !(PAGE_SIZE_2M - 1) & ((1 << 52) - 1)) | (addr & (PAGE_SIZE_2M - 1));
-        (phys, [pml4e & 0xfff, pdpte & 0xfff, pde & 0xfff])
+        let pml4e = entry(layout::PML4_ADDR, 39);
+        let pdpte = entry(pml4e, 30);
+        let pde = entry(pdpte, 21);
+        let (leaf, page_size) = if pde & HUGE_PAGE != 0 {
+            (pde, PAGE_SIZE_2M)
+        } else {
+            (entry(pde, 12), PAGE_SIZE_4K)
+        };
+        let phys = (leaf & PRESENT != 0)
+            .then(|| (leaf & 0x000f_ffff_ffff_f000 & !(page_size - 1)) | (addr & (page_size - 1)));
+        (phys, [pml4e & 0xfff, pdpte & 0xfff, leaf & 0xfff])
     }
 
     #[test]
@@ -89,13 +121,15 @@ mod tests {
         let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
         write(&mem, true).unwrap();
         for addr in [
+            0x1000,
+            layout::STACK_AREA_END - 8,
             0x20_1234,
             layout::HYPERCALL_ADDR + 8,
             layout::HIGH_RAM_START + 0x1000,
             (layout::MAPPED_GIB << 30) - 8,
         ] {
             let (phys, flags) = walk(&mem, addr);
-            assert_eq!(phys, addr);
+            assert_eq!(phys, Some(addr));
             for level in flags {
                 assert_eq!(
                     level & (PRESENT | WRITABLE | USER),
@@ -110,11 +144,20 @@ mod tests {
     }
 
     #[test]
+    fn page_zero_is_unmapped() {
+        let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
+        write(&mem, true).unwrap();
+        assert_eq!(walk(&mem, 0x8).0, None);
+        assert_eq!(walk(&mem, 0xfff).0, None);
+        assert_eq!(walk(&mem, 0x1000).0, Some(0x1000));
+    }
+
+    #[test]
     fn kernel_tables_lack_the_user_bit() {
         let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
         write(&mem, false).unwrap();
         let (phys, flags) = walk(&mem, 0x30_0000);
-        assert_eq!(phys, 0x30_0000);
+        assert_eq!(phys, Some(0x30_0000));
         assert!(flags.iter().all(|f| f & USER == 0));
     }
 }

@@ -1,0 +1,162 @@
+//! The pvstack VMM boots the real guest under real KVM: the built-in guest
+//! and the same image given with --kernel, exit codes, the hypercall
+//! selftest on two vCPUs, crash reports, native-speed execution, console
+//! log files, SIGTERM, and `pvstack check`.
+
+use std::process::Command;
+use std::time::Instant;
+
+use pvstack_tests::{guest_image, pvstack, run_pvstack, wait_or_kill, ScratchDir};
+
+#[test]
+fn builtin_guest_says_hello_and_exits_0() {
+    let run = run_pvstack(&["run", "--guest-args", "hello"]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert!(
+        run.stdout.contains("Hello from the pvstack guest"),
+        "{run:#?}"
+    );
+    assert_eq!(run.result("hello")["ok"], "1");
+}
+
+#[test]
+fn guest_exit_code_becomes_pvstacks() {
+    let run = run_pvstack(&["run", "--guest-args", "exit 7"]);
+    assert_eq!(run.code(), 7, "{run:#?}");
+}
+
+#[test]
+fn selftest_passes_on_two_vcpus() {
+    let run = run_pvstack(&["run", "--cpus", "2", "--guest-args", "selftest"]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let result = run.result("selftest");
+    assert_eq!(result["failed"], "0", "{run:#?}");
+    assert!(run.result_number("selftest", "passed") > 0.0);
+}
+
+#[test]
+fn guest_elf_given_with_kernel_runs() {
+    let image = guest_image();
+    let image = image.to_str().expect("UTF-8 target path");
+    let run = run_pvstack(&[
+        "run",
+        "--kernel",
+        image,
+        "--guest-args",
+        "hello",
+        "--memory",
+        "64M",
+    ]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert!(
+        run.stdout.contains("64 MiB"),
+        "boot info reaches the guest: {run:#?}"
+    );
+    assert_eq!(run.result("hello")["ok"], "1");
+}
+
+#[test]
+fn fault_is_reported_with_registers() {
+    let run = run_pvstack(&["run", "--guest-args", "fault"]);
+    assert_eq!(run.code(), 1, "{run:#?}");
+    assert!(run.stderr.contains("triple fault"), "{run:#?}");
+    assert!(run.stderr.contains("RIP 0x"), "{run:#?}");
+    assert!(run.stderr.contains("CR3 0x2000"), "{run:#?}");
+}
+
+#[test]
+fn console_log_goes_to_the_file() {
+    let dir = ScratchDir::new("console-log");
+    let log = dir.path("console.txt");
+    let run = run_pvstack(&[
+        "run",
+        "--console-log",
+        log.to_str().expect("UTF-8 temp path"),
+        "--guest-args",
+        "hello",
+    ]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert!(!run.stdout.contains("RESULT"), "{run:#?}");
+    let text = std::fs::read_to_string(&log).expect("console log exists");
+    assert!(text.contains("RESULT hello ok=1"), "{text}");
+}
+
+/// The guest's compute loop runs at native speed: at least a tenth of the
+/// host's rate for the very same function (emulation is ~1000x slower).
+#[test]
+fn compute_runs_natively() {
+    let iterations: u64 = 50_000_000;
+    let args = format!("compute iterations={iterations}");
+    let run = run_pvstack(&["run", "--guest-args", &args]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let guest_rate = run.result_number("compute", "iter_per_us");
+
+    let started = Instant::now();
+    let value = pvstack_guest::compute::compute(iterations);
+    let host_us = started.elapsed().as_secs_f64() * 1e6;
+    let host_rate = iterations as f64 / host_us;
+    let guest_value = run.result("compute")["value"].clone();
+    assert_eq!(
+        guest_value,
+        format!("{value:#018x}"),
+        "same loop, same result"
+    );
+
+    let ratio = guest_rate / host_rate;
+    eprintln!(
+        "compute: guest {guest_rate:.1} iter/us, host {host_rate:.1} iter/us, ratio {ratio:.2}"
+    );
+    assert!(
+        ratio >= 0.1,
+        "guest runs emulated? ratio {ratio:.3}: {run:#?}"
+    );
+}
+
+#[test]
+fn sigterm_stops_a_running_vm_with_status_143() {
+    // A compute run long enough (seconds) to be interrupted.
+    let mut child = Command::new(pvstack())
+        .args([
+            "run",
+            "--cpus",
+            "2",
+            "--guest-args",
+            "compute iterations=100000000000",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("pvstack starts");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: sending a signal to our own child process.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = wait_or_kill(&mut child).expect("pvstack ends after SIGTERM");
+    assert_eq!(status.code(), Some(143), "128 + SIGTERM, like a shell");
+}
+
+#[test]
+fn check_reports_pvm_and_passes() {
+    let run = run_pvstack(&["check"]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert!(run.stdout.contains("KVM flavour"), "{run:#?}");
+    assert!(
+        run.stdout.contains("PVM"),
+        "this project's hosts are PVM: {run:#?}"
+    );
+    assert!(run.stdout.contains("KVM ioeventfd"), "{run:#?}");
+    assert!(
+        run.stdout.contains("pvstack can run on this host"),
+        "{run:#?}"
+    );
+}
+
+#[test]
+fn check_fails_without_kvm() {
+    let run = run_pvstack(&["check", "--kvm-device", "/nonexistent/kvm"]);
+    assert_eq!(run.code(), 1, "{run:#?}");
+    assert!(
+        run.stdout.contains("MISSING KVM device /nonexistent/kvm"),
+        "{run:#?}"
+    );
+}
