@@ -26,6 +26,9 @@ pub mod device_kind {
     /// A virtio-mmio (virtio 1.x) register window; `DeviceInfo::subtype` is
     /// the virtio device id (1 net, 2 block, 3 console).
     pub const VIRTIO_MMIO: u32 = 1;
+    /// The emulated register-level disk controller of
+    /// [`crate::legacy_blk`]; `DeviceInfo::subtype` is 0.
+    pub const LEGACY_BLOCK: u32 = 2;
 }
 
 /// One device the guest can use.
