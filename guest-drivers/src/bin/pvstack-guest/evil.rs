@@ -7,7 +7,7 @@ use crate::{Env, Failure, Outcome};
 use pvstack_guest::args::Args;
 use pvstack_guest::clock::rdtsc;
 use pvstack_guest::println;
-use pvstack_guest::virtio::blk::{request, status, BlkDevice, Malformation, SECTOR_SIZE};
+use pvstack_guest::virtio::blk::{request, status, BlkDevice, Malformation};
 use pvstack_guest::virtio::queue::Buffer;
 use pvstack_protocols::layout;
 
@@ -36,12 +36,11 @@ enum Answer {
 
 /// The first guest physical address past all RAM.
 fn end_of_ram(mem_size: u64) -> u64 {
-    match layout::ram_ranges(mem_size) {
-        [(_, low), (high_start, high)] if high > 0 => {
-            let _ = low;
-            high_start + high
-        }
-        [(_, low), _] => low,
+    let [(low_start, low_len), (high_start, high_len)] = layout::ram_ranges(mem_size);
+    if high_len > 0 {
+        high_start + high_len
+    } else {
+        low_start + low_len
     }
 }
 
@@ -193,6 +192,3 @@ fn wait<'a>(env: &Env, device: &mut BlkDevice<'_>, token: u16) -> Result<Answer,
     }
     Ok(Answer::TimedOut)
 }
-
-// Sector size is what `capacity` counts in; keep the link explicit.
-const _: () = assert!(SECTOR_SIZE == 512);
