@@ -1,6 +1,5 @@
-//! Running pvstack-blk (and other workspace binaries) as real processes from
-//! integration tests: finding the binary, scratch directories, waiting for the
-//! socket, stopping with SIGTERM and collecting the exit status and log.
+//! Running pvstack-blk as a real process in integration tests: start it,
+//! wait until it listens, stop it with SIGTERM, and read its log.
 
 use std::fs::File;
 use std::os::unix::fs::FileTypeExt;
@@ -8,34 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Upper bound on waits that only exist so a broken run cannot hang forever.
-pub const HANG_GUARD: Duration = Duration::from_secs(60);
-
-/// Path of a binary built in the same Cargo profile as the running test
-/// (target/<profile>/deps/<test> -> target/<profile>/<name>). Panics, naming
-/// the build command, if it is missing.
-pub fn target_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let path = profile_dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` (same profile as the tests) first",
-        path.display()
-    );
-    path
-}
-
-/// A fresh, empty directory for one test.
-pub fn scratch_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pvstack-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
+use crate::{binary, wait_or_kill, HANG_TIMEOUT};
 
 /// A running pvstack-blk whose stderr (its log) goes to a file.
 pub struct BlkProcess {
@@ -49,7 +21,7 @@ impl BlkProcess {
     pub fn start(socket: &Path, args: &[&str]) -> BlkProcess {
         let log = socket.with_extension("log");
         let stderr = File::create(&log).expect("create backend log");
-        let child = Command::new(target_binary("pvstack-blk"))
+        let child = Command::new(binary("pvstack-blk"))
             .arg("--socket")
             .arg(socket)
             .args(args)
@@ -68,13 +40,15 @@ impl BlkProcess {
         process
     }
 
+    /// Waits for the backend's "listening" log line (the socket file alone
+    /// proves nothing when a stale one was there before).
     fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + HANG_GUARD;
+        let deadline = Instant::now() + HANG_TIMEOUT;
         loop {
-            let listening = std::fs::symlink_metadata(&self.socket)
+            let socket_ready = std::fs::symlink_metadata(&self.socket)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false);
-            if listening {
+            if socket_ready && self.log().contains("listening for a vhost-user frontend") {
                 return;
             }
             if let Some(status) = self.child.try_wait().expect("poll pvstack-blk") {
@@ -85,8 +59,9 @@ impl BlkProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "pvstack-blk never created {}",
-                self.socket.display()
+                "pvstack-blk never listened on {}:\n{}",
+                self.socket.display(),
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -104,7 +79,12 @@ impl BlkProcess {
 
     /// Waits for it to exit by itself.
     pub fn wait(&mut self) -> ExitStatus {
-        wait_with_guard(&mut self.child, "pvstack-blk")
+        wait_or_kill(&mut self.child).unwrap_or_else(|| {
+            panic!(
+                "pvstack-blk still ran after {HANG_TIMEOUT:?}:\n{}",
+                self.log()
+            )
+        })
     }
 
     /// Sends SIGTERM and waits for the exit.
@@ -123,21 +103,5 @@ impl Drop for BlkProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-}
-
-/// Waits for `child`, killing it and panicking if it outlives `HANG_GUARD`.
-pub fn wait_with_guard(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + HANG_GUARD;
-    loop {
-        if let Some(status) = child.try_wait().expect("poll child") {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {HANG_GUARD:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -4,15 +4,14 @@
 //!
 //! The kernel and initramfs come from scripts/fetch-linux-guest (run here if
 //! they are missing). The guest runs a shell script passed base64-encoded on
-//! the kernel command line; its output is the serial console.
+//! the kernel command line; its output is the serial console. A run that
+//! hangs is killed after `crate::HANG_TIMEOUT`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-/// Upper bound for one guest run, only so a hung guest cannot hang the test.
-pub const GUEST_HANG_GUARD: Duration = Duration::from_secs(300);
+use crate::run_to_end;
+
 /// Guest RAM; shared with the backends through a memfd.
 const GUEST_MEMORY: &str = "256M";
 
@@ -124,50 +123,14 @@ pub fn run_linux_guest(
                 "vhost-user-blk-pci,chardev=blk{index},num-queues={num_queues}"
             ));
     }
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start qemu-system-x86_64 (install qemu-system-x86): {e}")
-        });
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stdout.read_to_end(&mut text);
-        text
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stderr.read_to_end(&mut text);
-        text
-    });
-
-    let deadline = Instant::now() + GUEST_HANG_GUARD;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll qemu") {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let console = String::from_utf8_lossy(&out_reader.join().expect("stdout reader")).into_owned();
-    let errors = String::from_utf8_lossy(&err_reader.join().expect("stderr reader")).into_owned();
-    match status {
-        None => panic!(
-            "QEMU still running after {GUEST_HANG_GUARD:?}; console:\n{console}\nstderr:\n{errors}"
-        ),
-        Some(status) if !status.success() => {
-            panic!("QEMU failed ({status}); console:\n{console}\nstderr:\n{errors}")
-        }
-        Some(_) => {}
-    }
+    let finished = run_to_end(&mut command);
+    let console = finished.stdout;
+    assert!(
+        finished.status.success(),
+        "QEMU failed ({}); console:\n{console}\nstderr:\n{}",
+        finished.status,
+        finished.stderr
+    );
     let script_status = console
         .lines()
         .find_map(|l| l.trim_end().strip_prefix("PVTEST-EXIT ")?.parse().ok());

@@ -4,14 +4,17 @@
 //! put in the image, and its writes must land in the image at the right
 //! offsets.
 
-// Included by path until tests/src/lib.rs exports them.
-#[allow(dead_code)]
+// These helper modules belong in pvstack-tests' lib; until tests/src/lib.rs
+// declares them they are included by path, reaching the lib's own helpers
+// through `crate::` via the imports below.
 #[path = "../src/blk_process.rs"]
 mod blk_process;
 #[path = "../src/qemu.rs"]
 mod qemu;
+use pvstack_tests::{binary, run_to_end, wait_or_kill, HANG_TIMEOUT};
 
-use blk_process::{scratch_dir, BlkProcess};
+use blk_process::BlkProcess;
+use pvstack_tests::ScratchDir;
 use qemu::{linux_guest_assets, run_linux_guest};
 
 const SECTOR: usize = 512;
@@ -60,13 +63,13 @@ echo "BEGIN done"; echo "END done"
 #[test]
 fn linux_guest_under_qemu_reads_and_writes_through_pvstack_blk() {
     let assets = linux_guest_assets();
-    let dir = scratch_dir("blk-qemu");
-    let image_path = dir.join("disk.img");
+    let dir = ScratchDir::new("blk-qemu");
+    let image_path = dir.path("disk.img");
     let mut image = pattern(IMAGE_SIZE);
     image[..HOST_MARK.len()].copy_from_slice(HOST_MARK);
     std::fs::write(&image_path, &image).expect("write image");
 
-    let socket = dir.join("blk.sock");
+    let socket = dir.path("blk.sock");
     let image_arg = image_path.to_str().expect("utf-8 path");
     let mut backend = BlkProcess::start(&socket, &["--image", image_arg, "--serial", SERIAL]);
 
@@ -135,5 +138,4 @@ fn linux_guest_under_qemu_reads_and_writes_through_pvstack_blk() {
         backend.log()
     );
     assert!(!socket.exists(), "socket file left behind");
-    std::fs::remove_dir_all(&dir).expect("remove scratch dir");
 }
