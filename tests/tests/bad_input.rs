@@ -84,7 +84,11 @@ fn kernel_for_another_machine() {
         const EM_AARCH64: u16 = 183;
         image[E_MACHINE..E_MACHINE + 2].copy_from_slice(&EM_AARCH64.to_le_bytes());
     });
-    assert_one_line_error(&run_kernel(&path, &[]), RUNTIME, "another machine (AArch64");
+    assert_one_line_error(
+        &run_kernel(&path, &[]),
+        RUNTIME,
+        "another machine (ARM 64-bit architecture (AARCH64), e_machine 183)",
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! identity page tables and GDT written by [`super::write_tables`],
 //! segments at the guest's privilege, SSE usable, interrupts off.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, CpuId};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, CpuId, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 use pvstack_protocols::layout;
 
@@ -80,7 +80,13 @@ pub fn set_long_mode(vcpu: &VcpuFd, cpl: u8) -> Result<()> {
 }
 
 /// Where the vCPU starts: `entry` with stack `stack_top` and `arg` in RDI.
+/// Also makes it runnable: with the in-kernel irqchip, every vCPU but the
+/// first begins in the "wait for INIT/SIPI" state, in which KVM_RUN blocks.
 pub fn set_entry(vcpu: &VcpuFd, entry: u64, stack_top: u64, arg: u64) -> Result<()> {
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(Error::kvm("make the vCPU runnable"))?;
     let regs = kvm_regs {
         rip: entry,
         rsp: stack_top,

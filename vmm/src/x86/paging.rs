@@ -62,7 +62,7 @@ fn page_directories(user: bool) -> Vec<u8> {
 /// page 0.
 fn low_page_table(user: bool) -> Vec<u8> {
     std::iter::once(0)
-        .chain((1..ENTRIES_PER_TABLE).map(|page| page * PAGE_SIZE_4K | base_flags(user)))
+        .chain((1..ENTRIES_PER_TABLE).map(|page| (page * PAGE_SIZE_4K) | base_flags(user)))
         .flat_map(u64::to_le_bytes)
         .collect()
 }
