@@ -139,3 +139,83 @@ fn linux_guest_under_qemu_reads_and_writes_through_pvstack_blk() {
     );
     assert!(!socket.exists(), "socket file left behind");
 }
+
+const TWO_DISKS_SCRIPT: &str = r#"echo "BEGIN ro"; cat /sys/block/vdb/ro; dd if=/dev/vdb bs=512 count=1 2>/dev/null | hexdump -v -e '32/1 "%02x" "\n"'; echo "END ro"
+if printf 'MUST-NOT-LAND' | dd of=/dev/vdb bs=512 conv=sync 2>/dev/null; then echo "BEGIN rowrite"; echo accepted; echo "END rowrite"; else echo "BEGIN rowrite"; echo refused; echo "END rowrite"; fi
+printf 'PVSTACK-GUEST-MARK' | dd of=/dev/vda bs=512 seek=7 conv=sync 2>/dev/null
+sync
+"#;
+
+#[test]
+fn linux_guest_sees_two_disks_one_readonly() {
+    let assets = linux_guest_assets();
+    let dir = ScratchDir::new("blk-qemu-two-disks");
+    let rw_path = dir.path("rw.img");
+    let ro_path = dir.path("ro.img");
+    let rw_image = vec![0u8; 1 << 20];
+    let ro_image = pattern(4 << 20);
+    std::fs::write(&rw_path, &rw_image).expect("write rw image");
+    std::fs::write(&ro_path, &ro_image).expect("write ro image");
+
+    let rw_socket = dir.path("rw.sock");
+    let ro_socket = dir.path("ro.sock");
+    let mut rw_backend = BlkProcess::start(
+        &rw_socket,
+        &[
+            "--image",
+            rw_path.to_str().expect("utf-8"),
+            "--num-queues",
+            "2",
+        ],
+    );
+    let mut ro_backend = BlkProcess::start(
+        &ro_socket,
+        &["--image", ro_path.to_str().expect("utf-8"), "--readonly"],
+    );
+
+    let run = run_linux_guest(
+        &assets,
+        &[(&rw_socket, 2), (&ro_socket, 1)],
+        TWO_DISKS_SCRIPT,
+    );
+    assert_eq!(
+        run.script_status,
+        Some(0),
+        "guest script failed; console:\n{}",
+        run.console
+    );
+
+    let ro_section = run.section("ro");
+    assert_eq!(
+        ro_section.first().copied(),
+        Some("1"),
+        "Linux must see vdb read-only"
+    );
+    assert_eq!(
+        ro_section[1..],
+        hex_lines(&ro_image[..SECTOR])[..],
+        "vdb's first sector"
+    );
+    assert_eq!(run.section("rowrite"), vec!["refused"]);
+    assert!(
+        std::fs::read(&ro_path).expect("read ro image") == ro_image,
+        "readonly image changed"
+    );
+
+    let rw_after = std::fs::read(&rw_path).expect("read rw image");
+    let mut expected = rw_image;
+    expected[7 * SECTOR..7 * SECTOR + GUEST_MARK.len()].copy_from_slice(GUEST_MARK);
+    assert!(
+        rw_after == expected,
+        "vda's write did not land exactly at sector 7"
+    );
+
+    for backend in [&mut rw_backend, &mut ro_backend] {
+        assert_eq!(
+            backend.terminate().code(),
+            Some(0),
+            "log:\n{}",
+            backend.log()
+        );
+    }
+}
