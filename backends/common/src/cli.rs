@@ -2,10 +2,9 @@ use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Exit status for a runtime failure (clap itself exits 2 on usage errors).
+/// Exit status for a runtime failure (clap itself exits 2 on usage errors,
+/// so backends put every argument check in a clap value parser).
 pub const EXIT_FAILURE: u8 = 1;
-/// Exit status for a usage error, for checks clap cannot express.
-pub const EXIT_USAGE: u8 = 2;
 
 /// The flags every pvstack backend takes; `#[command(flatten)]` them into
 /// the backend's own clap `Parser`.

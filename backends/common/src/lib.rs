@@ -18,7 +18,7 @@ mod serve;
 mod signals;
 mod socket_path;
 
-pub use cli::{exit_status, SocketArgs, EXIT_FAILURE, EXIT_USAGE};
+pub use cli::{exit_status, SocketArgs, EXIT_FAILURE};
 pub use error::Error;
 pub use logging::init_logging;
 pub use serve::serve;
