@@ -53,6 +53,7 @@ mod tests {
     fn absent_path_is_free() {
         let dir = scratch_dir("absent");
         prepare_socket_path(&dir.join("sock")).expect("absent path accepted");
+        std::fs::remove_dir_all(&dir).expect("remove scratch dir");
     }
 
     #[test]
@@ -63,6 +64,7 @@ mod tests {
         assert!(path.exists(), "UnixListener leaves its file behind");
         prepare_socket_path(&path).expect("stale socket replaced");
         assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).expect("remove scratch dir");
     }
 
     #[test]
@@ -73,6 +75,7 @@ mod tests {
         let err = prepare_socket_path(&path).expect_err("live socket refused");
         assert!(matches!(err, Error::SocketInUse { .. }), "{err}");
         assert!(path.exists());
+        std::fs::remove_dir_all(&dir).expect("remove scratch dir");
     }
 
     #[test]
@@ -83,5 +86,6 @@ mod tests {
         let err = prepare_socket_path(&path).expect_err("regular file refused");
         assert!(matches!(err, Error::NotASocket { .. }), "{err}");
         assert_eq!(std::fs::read(&path).expect("read back"), b"precious");
+        std::fs::remove_dir_all(&dir).expect("remove scratch dir");
     }
 }
