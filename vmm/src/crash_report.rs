@@ -16,8 +16,9 @@ pub fn report(index: u32, reason: &str, vcpu: &mut VcpuFd) -> String {
         let count = (internal.ndata as usize).min(internal.data.len());
         let _ = writeln!(
             text,
-            "  KVM internal error suberror {} data {:x?}",
+            "  KVM internal error suberror {} ({}) data {:x?}",
             internal.suberror,
+            internal_error_name(internal.suberror),
             &internal.data[..count]
         );
     }
@@ -28,6 +29,17 @@ pub fn report(index: u32, reason: &str, vcpu: &mut VcpuFd) -> String {
         }
     }
     text
+}
+
+/// The KVM_INTERNAL_ERROR_* suberrors of linux/kvm.h.
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        1 => "instruction emulation failed; at CPL0 on PVM every instruction is emulated",
+        2 => "exception while delivering an exception",
+        3 => "event delivery failed",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    }
 }
 
 fn format_registers(r: &kvm_regs, s: &kvm_sregs) -> String {

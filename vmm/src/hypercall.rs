@@ -7,6 +7,7 @@ use pvstack_protocols::boot::{BootInfo, Counters};
 use pvstack_protocols::hypercall::{nr, status, HypercallBlock, ABI_VERSION, CONSOLE_WRITE_MAX};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
+use crate::abi::Abi;
 use crate::lifecycle::{CpuStart, VmEnd};
 use crate::machine::Machine;
 
@@ -21,15 +22,15 @@ pub enum Outcome {
 /// Handles a doorbell write carrying the block address `block_addr`.
 pub fn handle_doorbell(machine: &Machine, block_addr: u64) -> Outcome {
     let addr = GuestAddress(block_addr);
-    let mut block: HypercallBlock = match machine.memory.read_obj(addr) {
-        Ok(block) => block,
+    let mut block = match machine.memory.read_obj::<Abi<HypercallBlock>>(addr) {
+        Ok(Abi(block)) => block,
         Err(e) => {
             log::warn!("hypercall block at {block_addr:#x} is not in guest RAM ({e}); ignored");
             return Outcome::Resume;
         }
     };
     let outcome = perform(machine, &mut block);
-    if let Err(e) = machine.memory.write_obj(block, addr) {
+    if let Err(e) = machine.memory.write_obj(Abi(block), addr) {
         log::warn!("cannot write hypercall results to {block_addr:#x}: {e}");
     }
     outcome
@@ -100,7 +101,7 @@ fn boot_info(machine: &Machine, addr: u64, len: u64, results: &mut [u64; 2]) -> 
     }
     match machine
         .memory
-        .write_obj(machine.boot_info, GuestAddress(addr))
+        .write_obj(Abi(machine.boot_info), GuestAddress(addr))
     {
         Ok(()) => status::OK,
         Err(_) => status::BAD_ADDRESS,
@@ -108,7 +109,7 @@ fn boot_info(machine: &Machine, addr: u64, len: u64, results: &mut [u64; 2]) -> 
 }
 
 fn counters(machine: &Machine, addr: u64, len: u64, results: &mut [u64; 2]) -> i64 {
-    let snapshot = machine.counters.snapshot();
+    let snapshot = Abi(machine.counters.snapshot());
     let count = (len as usize).min(std::mem::size_of::<Counters>());
     match machine
         .memory
@@ -177,12 +178,16 @@ mod tests {
         };
         machine
             .memory
-            .write_obj(block, GuestAddress(BLOCK))
+            .write_obj(Abi(block), GuestAddress(BLOCK))
             .unwrap();
         let outcome = handle_doorbell(machine, BLOCK);
         (
             outcome,
-            machine.memory.read_obj(GuestAddress(BLOCK)).unwrap(),
+            machine
+                .memory
+                .read_obj::<Abi<HypercallBlock>>(GuestAddress(BLOCK))
+                .unwrap()
+                .0,
         )
     }
 
@@ -229,7 +234,7 @@ mod tests {
         assert_eq!(b.status, status::BAD_ADDRESS);
         let (_, b) = call(&m, nr::BOOT_INFO, [BUFFER, size, 0, 0]);
         assert_eq!(b.status, status::OK);
-        let info: BootInfo = m.memory.read_obj(GuestAddress(BUFFER)).unwrap();
+        let Abi::<BootInfo>(info) = m.memory.read_obj(GuestAddress(BUFFER)).unwrap();
         assert_eq!(info, m.boot_info);
     }
 
@@ -241,7 +246,7 @@ mod tests {
         let (_, b) = call(&m, nr::COUNTERS, [BUFFER, 1000, 0, 0]);
         let size = std::mem::size_of::<Counters>() as u64;
         assert_eq!((b.status, b.results[0]), (status::OK, size));
-        let c: Counters = m.memory.read_obj(GuestAddress(BUFFER)).unwrap();
+        let Abi::<Counters>(c) = m.memory.read_obj(GuestAddress(BUFFER)).unwrap();
         assert_eq!((c.exits, c.hypercall_exits, c.mmio_exits), (2, 1, 1));
         m.memory.write_obj(0u64, GuestAddress(BUFFER + 8)).unwrap();
         let (_, b) = call(&m, nr::COUNTERS, [BUFFER, 8, 0, 0]);

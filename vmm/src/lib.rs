@@ -3,6 +3,7 @@
 //! `pvstack_protocols`, the MMIO bus devices attach to, and the host
 //! check. The `pvstack` binary is a thin CLI over [`run`] and [`check`].
 
+pub mod abi;
 pub mod check;
 pub mod cli;
 pub mod console;
