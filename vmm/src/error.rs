@@ -31,6 +31,9 @@ pub enum Error {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// The VM configuration is out of range.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
     /// The guest memory size is unusable on this host.
     #[error("guest memory of {requested} bytes is more than this host has ({available} bytes in /proc/meminfo)")]
     MemoryTooLarge { requested: u64, available: u64 },

@@ -57,6 +57,35 @@ pub struct VmConfig {
     pub cmdline: String,
 }
 
+impl VmConfig {
+    /// Checks the limits of the memory map (the CLI checks them too, as
+    /// usage errors; this guards other callers).
+    fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Config(what));
+        if !(1..=layout::MAX_VCPUS).contains(&self.cpus) {
+            return bad(format!(
+                "{} vCPUs, must be 1 to {}",
+                self.cpus,
+                layout::MAX_VCPUS
+            ));
+        }
+        if !(layout::MIN_MEMORY..=layout::MAX_MEMORY).contains(&self.memory_size)
+            || self.memory_size % 4096 != 0
+        {
+            return bad(format!(
+                "{} bytes of memory, must be a multiple of 4K from {} to {}",
+                self.memory_size,
+                layout::MIN_MEMORY,
+                layout::MAX_MEMORY
+            ));
+        }
+        if self.cmdline.len() > CMDLINE_MAX {
+            return bad(format!("command line longer than {CMDLINE_MAX} bytes"));
+        }
+        Ok(())
+    }
+}
+
 /// A VM being set up.
 pub struct Vm {
     kvm: Kvm,
@@ -102,6 +131,7 @@ impl Vm {
     /// Creates the KVM VM with its memory and in-kernel irqchip.
     pub fn new(config: &VmConfig) -> Result<Vm> {
         let created = Instant::now();
+        config.validate()?;
         check_host_memory(config.memory_size)?;
         let kvm = open_kvm(&config.kvm_device)?;
         let max_vcpus = kvm.get_max_vcpus();
@@ -297,8 +327,8 @@ impl Vm {
         for (entry, device) in info.devices.iter_mut().zip(self.devices.values()) {
             *entry = *device;
         }
-        // The CLI limits the command line; cut here too rather than fail.
-        let cmdline = &self.cmdline.as_bytes()[..self.cmdline.len().min(CMDLINE_MAX)];
+        // VmConfig::validate bounded its length.
+        let cmdline = self.cmdline.as_bytes();
         info.cmdline[..cmdline.len()].copy_from_slice(cmdline);
         info.cmdline_len = cmdline.len() as u32;
         info
@@ -334,4 +364,91 @@ fn register_memory(vm_fd: &VmFd, memory: &GuestMemory) -> Result<()> {
             .map_err(Error::kvm("register guest memory"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kvm_device: "/dev/kvm".into(),
+            memory_size: 64 << 20,
+            cpus: 2,
+            privilege: None,
+            cmdline: "hello".into(),
+        }
+    }
+
+    #[test]
+    fn config_limits() {
+        assert!(config().validate().is_ok());
+        let bad = [
+            VmConfig {
+                cpus: 0,
+                ..config()
+            },
+            VmConfig {
+                cpus: layout::MAX_VCPUS + 1,
+                ..config()
+            },
+            VmConfig {
+                memory_size: 0,
+                ..config()
+            },
+            VmConfig {
+                memory_size: layout::MAX_MEMORY + 4096,
+                ..config()
+            },
+            VmConfig {
+                memory_size: (64 << 20) + 1,
+                ..config()
+            },
+            VmConfig {
+                cmdline: "x".repeat(CMDLINE_MAX + 1),
+                ..config()
+            },
+        ];
+        for config in bad {
+            assert!(
+                matches!(config.validate(), Err(Error::Config(_))),
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn devices_take_their_slot_window_and_line() {
+        struct Inert;
+        impl pvstack_devices::bus::BusDevice for Inert {
+            fn read(&mut self, _: u64, _: &mut [u8]) {}
+            fn write(&mut self, _: u64, _: &[u8]) {}
+        }
+        let device = || -> SharedDevice { Arc::new(std::sync::Mutex::new(Inert)) };
+        let mut vm = Vm::new(&config()).expect("this host has KVM");
+        let info = DeviceInfo {
+            kind: 1,
+            subtype: 2,
+            ..Default::default()
+        };
+        vm.add_device(3, device(), info).unwrap();
+        assert!(vm.add_device(3, device(), info).is_err());
+        assert!(vm.add_device(layout::MAX_DEVICES, device(), info).is_err());
+        vm.add_device(0, device(), info).unwrap();
+        let boot = vm.boot_info(0);
+        let slots: Vec<(u64, u32)> = boot
+            .devices()
+            .iter()
+            .map(|d| (d.mmio_addr, d.irq))
+            .collect();
+        assert_eq!(
+            slots,
+            vec![
+                (layout::device_mmio_addr(0), layout::device_irq(0)),
+                (layout::device_mmio_addr(3), layout::device_irq(3))
+            ]
+        );
+        assert_eq!(boot.cmdline(), Some("hello"));
+        assert_eq!(boot.mem_size, 64 << 20);
+    }
 }
