@@ -205,10 +205,11 @@ impl<'a> BlkDevice<'a> {
             } else {
                 1
             },
-            size_max: if has(feature::SIZE_MAX) {
-                transport.config_u32(config::SIZE_MAX).max(1)
-            } else {
-                u32::MAX
+            size_max: match has(feature::SIZE_MAX).then(|| transport.config_u32(config::SIZE_MAX)) {
+                // qemu-storage-daemon offers SIZE_MAX with a size_max of 0:
+                // read that as no limit.
+                Some(0) | None => u32::MAX,
+                Some(size_max) => size_max,
             },
             seg_max: if has(feature::SEG_MAX) {
                 transport.config_u32(config::SEG_MAX).max(1)

@@ -64,7 +64,7 @@ pub fn open<'a>(
     let config = *device.config();
     println!(
         "disk {index}: {} sectors ({} MiB), blk_size {}, queues {} of {}, queue size {}, ro={}, \
-         event_idx={}, features {:#x}, id \"{}\"",
+         event_idx={}, size_max {}, seg_max {}, features {:#x}, id \"{}\"",
         config.capacity,
         config.capacity_bytes() >> 20,
         config.blk_size,
@@ -73,6 +73,8 @@ pub fn open<'a>(
         device.queue_size(0)?,
         u8::from(config.read_only()),
         u8::from(config.features & pvstack_guest::virtio::feature::RING_EVENT_IDX != 0),
+        config.size_max,
+        config.seg_max,
         config.features,
         id.as_ref().map_or("(GET_ID failed)", |id| id.as_str()),
     );
