@@ -7,18 +7,16 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::answer::{answer, Disk, Outcome};
 use crate::config::{self, DiskLimits, ID_BYTES};
-use crate::execute::execute;
 use crate::image::DiskImage;
-use crate::request::{self, Parsed};
 
 /// Settings from the command line that shape the device.
 #[derive(Debug, Clone)]
@@ -137,7 +135,7 @@ impl BlkBackend {
         }
     }
 
-    /// Parses, checks and runs one chain; returns the used length.
+    /// Answers one chain; returns the used length.
     fn serve_chain<I>(
         &self,
         chain: I,
@@ -149,32 +147,28 @@ impl BlkBackend {
         I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
     {
         let shared = &self.shared;
-        match request::parse(chain, mem, &shared.limits, max_chain_len) {
-            Parsed::Unanswerable(why) => {
+        let disk = Disk {
+            image: &shared.image,
+            limits: &shared.limits,
+            serial: &shared.settings.serial,
+        };
+        let answer = answer(chain, mem, disk, max_chain_len);
+        match answer.outcome {
+            Outcome::Done => {}
+            Outcome::Unanswerable(why) => {
                 let count = shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
                 log::warn!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
-                0
             }
-            Parsed::Rejected { rejection, status } => {
+            Outcome::Rejected(rejection) => {
                 let count = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
                 log::warn!("queue {queue}: rejected a request ({count} so far): {rejection}");
-                write_status(mem, status, rejection.status(), queue)
             }
-            Parsed::Request { operation, status } => {
-                match execute(&operation, &shared.image, mem, &shared.settings.serial) {
-                    Ok(written) => {
-                        written + write_status(mem, status, VIRTIO_BLK_S_OK as u8, queue)
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "queue {queue}: {operation:?} on {} failed: {e}",
-                            shared.image.path().display()
-                        );
-                        write_status(mem, status, VIRTIO_BLK_S_IOERR as u8, queue)
-                    }
-                }
-            }
+            Outcome::Failed { operation, error } => log::warn!(
+                "queue {queue}: {operation:?} on {} failed: {error}",
+                shared.image.path().display()
+            ),
         }
+        answer.used_len
     }
 
     fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
@@ -183,21 +177,6 @@ impl BlkBackend {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-    }
-}
-
-/// Writes the status byte (already checked to be inside guest memory);
-/// returns its contribution to the used length.
-fn write_status(mem: &GuestMemoryMmap, status: GuestAddress, value: u8, queue: usize) -> u32 {
-    match mem.write_obj(value, status) {
-        Ok(()) => 1,
-        Err(e) => {
-            log::warn!(
-                "queue {queue}: cannot write the status byte at {:#x}: {e}",
-                status.0
-            );
-            0
-        }
     }
 }
 

@@ -1,11 +1,10 @@
 //! pvstack-blk: a vhost-user block device backend serving a raw image file.
 
 mod backend;
-mod config;
-mod error;
-mod execute;
-mod image;
-mod request;
+
+// The request engine lives in the library; these make its modules reachable
+// as `crate::...` from the backend module.
+use pvstack_blk::{answer, config, error, image};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,17 @@
+//! pvstack-blk's block request engine as a library: checking a virtio-blk
+//! descriptor chain ([`request`]), carrying it out against a raw image
+//! ([`execute`], [`image`]) and answering it ([`answer`]).
+//!
+//! The `pvstack-blk` vhost-user backend serves queues with it in its own
+//! process; pvstack's in-VMM `emulated-virtio` block device serves them
+//! with the very same code inside the VMM, so the two differ only in where
+//! the queue is processed.
+
+pub mod answer;
+pub mod config;
+pub mod error;
+pub mod execute;
+pub mod image;
+pub mod request;
+
+pub use error::Error;
