@@ -132,18 +132,6 @@ pub struct Counters {
     pub other_exits: u64,
 }
 
-#[cfg(feature = "vm-memory")]
-// SAFETY: repr(C), integer fields and arrays of them; the field order
-// leaves no padding (checked by `boot_info_has_no_padding`); any bit
-// pattern is valid.
-unsafe impl vm_memory::ByteValued for BootInfo {}
-#[cfg(feature = "vm-memory")]
-// SAFETY: repr(C), only u32/u64 fields in an order without padding.
-unsafe impl vm_memory::ByteValued for DeviceInfo {}
-#[cfg(feature = "vm-memory")]
-// SAFETY: repr(C), only u64 fields.
-unsafe impl vm_memory::ByteValued for Counters {}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,10 +95,6 @@ pub mod status {
     pub const BUSY: i64 = -5;
 }
 
-#[cfg(feature = "vm-memory")]
-// SAFETY: repr(C), only integer fields, no padding; any bit pattern is valid.
-unsafe impl vm_memory::ByteValued for HypercallBlock {}
-
 #[cfg(test)]
 mod tests {
     use super::*;

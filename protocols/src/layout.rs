@@ -6,6 +6,7 @@
 //! 0x0000_2000 .. 0x0000_3000   PML4
 //! 0x0000_3000 .. 0x0000_4000   PDPT
 //! 0x0000_4000 .. 0x0004_4000   page directories (one per GiB, 2 MiB pages)
+//! 0x0004_4000 .. 0x0004_5000   page table for the first 2 MiB (4 KiB pages)
 //! 0x0010_0000 .. 0x0020_0000   vCPU stacks (STACK_SIZE each, vCPU 0 on top)
 //! 0x0020_0000 ..               the guest image (where its ELF says)
 //!          ..  LOW_RAM_END      RAM
@@ -30,6 +31,9 @@ pub const PDPT_ADDR: u64 = 0x3000;
 pub const PD_ADDR: u64 = 0x4000;
 /// How many GiB of guest physical address space the page tables map.
 pub const MAPPED_GIB: u64 = 64;
+/// The page table that maps the first 2 MiB with 4 KiB pages, so that
+/// page 0 can stay unmapped; it follows the page directories.
+pub const LOW_PT_ADDR: u64 = PD_ADDR + MAPPED_GIB * 0x1000;
 
 /// Bottom of the vCPU stack area.
 pub const STACK_AREA_START: u64 = 0x10_0000;
@@ -103,7 +107,7 @@ mod tests {
 
     #[test]
     fn vmm_area_fits_below_the_image() {
-        assert!(PD_ADDR + MAPPED_GIB * 0x1000 <= STACK_AREA_START);
+        assert!(LOW_PT_ADDR + 0x1000 <= STACK_AREA_START);
         assert!(STACK_AREA_END <= GUEST_IMAGE_MIN);
         assert!(TSS_ADDR > GDT_ADDR && TSS_ADDR + 0x68 < PML4_ADDR);
     }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use pvstack_devices::BlkSpec;
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
@@ -70,6 +71,16 @@ pub struct RunArgs {
     /// The KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+
+    /// A virtio block device served by a vhost-user backend; repeat for
+    /// several disks (disk 0, 1, ... in the guest). Either an already
+    /// running backend, `socket=PATH`, or `image=PATH` to start pvstack-blk
+    /// on the image for the life of the VM. Options, comma separated:
+    /// `id=ID` (default blkN), `num-queues=N` (default: all the backend
+    /// serves), `queue-size=N` (power of two), `readonly`.
+    /// Example: --blk image=disk.img,num-queues=2
+    #[arg(long = "blk", value_name = "SPEC")]
+    pub blk: Vec<BlkSpec>,
 }
 
 /// Options of `pvstack check`.

@@ -62,6 +62,12 @@ pub enum Error {
     /// The guest image is not a usable ELF.
     #[error("{image}: {reason}")]
     BadImage { image: String, reason: String },
+    /// A `--blk` device could not be created.
+    #[error("--blk number {index}: {source}")]
+    Blk {
+        index: u32,
+        source: pvstack_devices::Error,
+    },
     /// A device could not be attached.
     #[error("cannot add device at slot {slot}: {reason}")]
     Device { slot: u32, reason: String },

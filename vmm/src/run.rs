@@ -1,5 +1,7 @@
 //! `pvstack run`: from command-line options to a finished VM.
 
+use pvstack_devices::{create_blk, BlkDevice, BlkSpec, DeviceContext};
+
 use crate::cli::RunArgs;
 use crate::console::Console;
 use crate::error::{Error, Result};
@@ -34,5 +36,21 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     if let Some((image, name)) = &kernel {
         vm.load_kernel(image, name)?;
     }
+    // The devices own their backend connections (and any child backend
+    // process), so they must live until the VM has ended.
+    let _disks = attach_disks(&mut vm, &args.blk)?;
     vm.run(console)
+}
+
+/// Creates the `--blk` devices, in slots 0, 1, ... in command-line order.
+fn attach_disks(vm: &mut Vm, specs: &[BlkSpec]) -> Result<Vec<BlkDevice>> {
+    let mut disks = Vec::with_capacity(specs.len());
+    for (index, spec) in (0u32..).zip(specs) {
+        let slot = index;
+        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
+        let disk = create_blk(spec, &context).map_err(|source| Error::Blk { index, source })?;
+        vm.add_device(slot, disk.bus_device(), disk.info())?;
+        disks.push(disk);
+    }
+    Ok(disks)
 }

@@ -24,9 +24,7 @@ const TABLE_SIZE: u64 = 0x1000;
 const PAGE_SIZE_4K: u64 = 0x1000;
 const PAGE_SIZE_2M: u64 = 2 << 20;
 
-/// The page table for the first 2 MiB, right after the page directories
-/// (the layout leaves the space up to the stacks to the VMM).
-pub const LOW_PT_ADDR: u64 = layout::PD_ADDR + layout::MAPPED_GIB * TABLE_SIZE;
+use layout::LOW_PT_ADDR;
 const _: () = assert!(LOW_PT_ADDR + TABLE_SIZE <= layout::STACK_AREA_START);
 
 /// Flags every entry carries for a guest at the given privilege.
