@@ -101,24 +101,21 @@ pub const fn ram_ranges(mem_size: u64) -> [(u64, u64); 2] {
     }
 }
 
+// The layout's invariants, checked when the crate compiles.
+// The VMM's tables and the stacks fit below the guest image.
+const _: () = assert!(LOW_PT_ADDR + 0x1000 <= STACK_AREA_START);
+const _: () = assert!(STACK_AREA_END <= GUEST_IMAGE_MIN);
+const _: () = assert!(TSS_ADDR > GDT_ADDR && TSS_ADDR + 0x68 < PML4_ADDR);
+// Device windows fit in the hole below the in-kernel IOAPIC (0xFEC0_0000),
+// after the hypercall window.
+const _: () = assert!(device_mmio_addr(MAX_DEVICES) <= 0xFEC0_0000);
+const _: () = assert!(HYPERCALL_ADDR + HYPERCALL_SIZE <= DEVICE_MMIO_START);
+// GSIs 0..=23 exist on the in-kernel IOAPIC.
+const _: () = assert!(device_irq(MAX_DEVICES - 1) < 24);
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vmm_area_fits_below_the_image() {
-        assert!(LOW_PT_ADDR + 0x1000 <= STACK_AREA_START);
-        assert!(STACK_AREA_END <= GUEST_IMAGE_MIN);
-        assert!(TSS_ADDR > GDT_ADDR && TSS_ADDR + 0x68 < PML4_ADDR);
-    }
-
-    #[test]
-    fn devices_fit_in_the_hole_below_the_ioapic() {
-        assert!(device_mmio_addr(MAX_DEVICES) <= 0xFEC0_0000);
-        assert!(HYPERCALL_ADDR + HYPERCALL_SIZE <= DEVICE_MMIO_START);
-        // GSIs 0..=23 exist on the in-kernel IOAPIC.
-        assert!(device_irq(MAX_DEVICES - 1) < 24);
-    }
 
     #[test]
     fn ram_ranges_split_around_the_hole() {
