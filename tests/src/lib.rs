@@ -3,6 +3,9 @@
 //! running them with a generous timeout (so a hang fails instead of
 //! blocking forever), and reading the guest's `RESULT` lines.
 
+pub mod blk_process;
+pub mod qemu;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,20 +1,13 @@
 //! pvstack-blk as a process: clear errors for bad input, surviving frontends
 //! that break the vhost-user protocol, reconnects, and clean SIGTERM.
 
-// Belongs in pvstack-tests' lib; until tests/src/lib.rs declares it, it is
-// included by path and reaches the lib's helpers through `crate::` via the
-// import below.
-#[path = "../src/blk_process.rs"]
-mod blk_process;
-use pvstack_tests::{binary, wait_or_kill, HANG_TIMEOUT};
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
 
-use blk_process::BlkProcess;
-use pvstack_tests::{run_to_end, Finished, ScratchDir};
+use pvstack_tests::blk_process::BlkProcess;
+use pvstack_tests::{binary, run_to_end, Finished, ScratchDir};
 
 /// vhost-user GET_FEATURES request code.
 const GET_FEATURES: u32 = 1;

@@ -4,18 +4,9 @@
 //! put in the image, and its writes must land in the image at the right
 //! offsets.
 
-// These helper modules belong in pvstack-tests' lib; until tests/src/lib.rs
-// declares them they are included by path, reaching the lib's own helpers
-// through `crate::` via the imports below.
-#[path = "../src/blk_process.rs"]
-mod blk_process;
-#[path = "../src/qemu.rs"]
-mod qemu;
-use pvstack_tests::{binary, run_to_end, wait_or_kill, HANG_TIMEOUT};
-
-use blk_process::BlkProcess;
+use pvstack_tests::blk_process::BlkProcess;
+use pvstack_tests::qemu::{linux_guest_assets, run_linux_guest};
 use pvstack_tests::ScratchDir;
-use qemu::{linux_guest_assets, run_linux_guest};
 
 const SECTOR: usize = 512;
 const IMAGE_SIZE: usize = 16 << 20;
