@@ -29,6 +29,10 @@ pub mod device_kind {
     /// The emulated register-level disk controller of
     /// [`crate::legacy_blk`]; `DeviceInfo::subtype` is 0.
     pub const LEGACY_BLOCK: u32 = 2;
+    /// An emulated 16550 UART with its eight byte-wide registers at
+    /// offsets 0..8 of the MMIO window (register `i` at offset `i`), every
+    /// access trapped; `DeviceInfo::subtype` is 0.
+    pub const UART_16550: u32 = 3;
 }
 
 /// One device the guest can use.

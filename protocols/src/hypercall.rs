@@ -16,7 +16,7 @@
 /// ABI version: major in the upper 16 bits, minor in the lower 16. A new
 /// call or a field appended to a structure raises the minor; any other
 /// change raises the major.
-pub const ABI_VERSION: u32 = 1 << 16 | 1;
+pub const ABI_VERSION: u32 = 1 << 16 | 2;
 
 /// Major part of an ABI version.
 pub const fn abi_major(version: u32) -> u32 {
