@@ -90,6 +90,9 @@ pub enum Error {
         socket: PathBuf,
         seconds: u64,
     },
+    /// Starting a device's helper thread failed.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread { what: String, source: io::Error },
 }
 
 impl Error {

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
+use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{BackendProcess, DeviceShape, VhostUserDevice, VhostUserHandle};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -145,8 +146,22 @@ pub fn create_blk(spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> 
         ctx.mmio_base,
         ctx.gsi
     );
-    let device = VhostUserDevice::new(id.clone(), shape, ctx.memory.clone(), handle, process);
+    let reconnect_spec = spec.clone();
+    let reconnector = Box::new(move || connect(&reconnect_spec));
+    let device = VhostUserDevice::new(
+        id.clone(),
+        shape,
+        ctx.memory.clone(),
+        handle,
+        process,
+        reconnector,
+    );
     let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
+    let policy = ReconnectPolicy { window: None };
+    supervisor::spawn(&id, &transport, policy).map_err(|source| Error::Thread {
+        what: format!("{id} supervisor"),
+        source,
+    })?;
     let info = DeviceInfo {
         kind: device_kind::VIRTIO_MMIO,
         subtype: VIRTIO_ID_BLOCK,
@@ -249,12 +264,25 @@ fn negotiate_shape(
         features: backend & passed_on,
         queue_max_sizes: vec![spec.queue_size; usize::from(num_queues)],
         config: config_space,
+        takeover_check: same_capacity,
     };
     let config = BlkConfig {
         num_queues,
         ..config
     };
     Ok((shape, config))
+}
+
+/// A block backend can take over only a disk of the same capacity.
+fn same_capacity(old: &[u8], new: &[u8]) -> Option<String> {
+    let capacity = |config| BlkConfig::parse(config).map(|c| c.capacity);
+    match (capacity(old), capacity(new)) {
+        (Some(old), Some(new)) if old == new => None,
+        (Some(old), Some(new)) => {
+            Some(format!("its disk has {new} sectors, the guest's has {old}"))
+        }
+        _ => Some("its configuration space is too short".to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -277,5 +305,18 @@ mod tests {
         );
         assert_eq!(BlkConfig::parse(&space[..35]), None);
         assert_eq!(CONFIG_LEN, 96);
+    }
+
+    #[test]
+    fn takeover_needs_the_same_capacity() {
+        let space = |sectors: u64| {
+            let mut space = vec![0u8; CONFIG_LEN];
+            space[0..8].copy_from_slice(&sectors.to_le_bytes());
+            space
+        };
+        assert_eq!(same_capacity(&space(2048), &space(2048)), None);
+        let reason = same_capacity(&space(2048), &space(1024)).unwrap();
+        assert!(reason.contains("1024 sectors"), "{reason}");
+        assert!(same_capacity(&space(2048), &[0; 4]).is_some());
     }
 }

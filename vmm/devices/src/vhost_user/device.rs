@@ -4,18 +4,23 @@
 //! device-specific constructor (see `crate::blk`) and passed in a
 //! [`DeviceShape`].
 
-use log::{error, info};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::handle::{ActiveQueue, RingSetup, VhostUserHandle};
+use super::handle::{used_idx, ActiveQueue, RingSetup, VhostUserHandle};
 use super::process::BackendProcess;
+use super::stall::StallStats;
 use crate::error::{Error, Result};
 use crate::virtio::{read_config_bytes, Activation, VirtioDevice};
 
 /// What the driver sees of a device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct DeviceShape {
     /// Virtio device id.
     pub device_id: u32,
@@ -25,6 +30,51 @@ pub struct DeviceShape {
     pub queue_max_sizes: Vec<u16>,
     /// The configuration space.
     pub config: Vec<u8>,
+    /// Why a backend whose configuration space is the second argument
+    /// cannot take over from one whose space is the first (a different
+    /// disk capacity, say); `None` if it can.
+    pub takeover_check: fn(&[u8], &[u8]) -> Option<String>,
+}
+
+/// Connects to the device's backend again (starting a new child for a
+/// backend pvstack runs itself): what crash recovery and `reconnect` use.
+pub type Reconnector = Box<dyn FnMut() -> Result<(VhostUserHandle, Option<BackendProcess>)> + Send>;
+
+/// The connection to the backend as the control API reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// A backend is connected (and serving the queues if the driver runs the device).
+    Connected,
+    /// The backend hung up; the guest's requests wait while pvstack reconnects.
+    Reconnecting,
+    /// Reconnecting gave up after the configured window; requests wait forever.
+    Failed,
+}
+
+/// Swap and reconnect counts with the stall each caused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Swaps to another backend that succeeded.
+    pub swaps: StallStats,
+    /// Swaps that were refused (the device stayed on its backend).
+    pub refused_swaps: u64,
+    /// Reconnects after a hang-up or on request.
+    pub reconnects: StallStats,
+}
+
+/// What the control API shows of a vhost-user device.
+#[derive(Clone, Debug)]
+pub struct BackendStatus {
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// The backend process's id, if pvstack started it.
+    pub pid: Option<u32>,
+    /// The connection's state.
+    pub state: BackendState,
+    /// Whether the driver runs the device (its rings are set up).
+    pub active: bool,
+    /// Counters.
+    pub stats: BackendStats,
 }
 
 /// A virtio device served by a vhost-user backend.
@@ -39,6 +89,13 @@ pub struct VhostUserDevice {
     /// The backend process, if pvstack started it. Declared after the
     /// handle so the connection closes before the process is stopped.
     process: Option<BackendProcess>,
+    /// How to reach the backend again after it hangs up.
+    reconnector: Reconnector,
+    /// Counts the connections this device has had, so a watcher of an
+    /// old one knows its hang-up no longer matters.
+    connection: u64,
+    state: BackendState,
+    stats: BackendStats,
 }
 
 impl VhostUserDevice {
@@ -50,6 +107,7 @@ impl VhostUserDevice {
         memory: GuestMemoryMmap,
         handle: VhostUserHandle,
         process: Option<BackendProcess>,
+        reconnector: Reconnector,
     ) -> Self {
         VhostUserDevice {
             name: name.into(),
@@ -58,6 +116,10 @@ impl VhostUserDevice {
             handle,
             rings: None,
             process,
+            reconnector,
+            connection: 0,
+            state: BackendState::Connected,
+            stats: BackendStats::default(),
         }
     }
 
@@ -85,6 +147,211 @@ impl VhostUserDevice {
     pub fn is_active(&self) -> bool {
         self.rings.is_some()
     }
+
+    /// The device's backend, connection state and counters.
+    pub fn status(&self) -> BackendStatus {
+        BackendStatus {
+            socket: self.handle.socket().to_path_buf(),
+            pid: self.process.as_ref().map(BackendProcess::pid),
+            state: self.state,
+            active: self.rings.is_some(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    /// The current connection's number and a duplicate of its socket, to
+    /// watch for hang-up; `None` while no backend is connected.
+    pub fn watch(&self) -> Result<Option<(u64, OwnedFd)>> {
+        if self.state != BackendState::Connected {
+            return Ok(None);
+        }
+        Ok(Some((self.connection, self.handle.watch_fd()?)))
+    }
+
+    /// The current connection's number (see [`Self::watch`]).
+    pub fn connection(&self) -> u64 {
+        self.connection
+    }
+
+    /// Moves the device to the backend listening on `socket`: connects
+    /// and checks it first (a backend that cannot take over is refused and
+    /// the old one keeps serving), then stops the rings on the old backend
+    /// once the requests it took are complete, replays the ring setup to
+    /// the new one, and resumes. Returns the stall: how long no backend
+    /// served the rings.
+    pub fn swap(&mut self, socket: &Path) -> Result<Duration> {
+        let result = self.try_swap(socket);
+        match &result {
+            Ok(stall) => {
+                self.stats.swaps.record(*stall);
+                info!(
+                    "{}: swapped to {} (stall {} us)",
+                    self.name,
+                    socket.display(),
+                    stall.as_micros()
+                );
+            }
+            Err(err) => {
+                self.stats.refused_swaps += 1;
+                warn!("{}: swap to {} refused: {err}", self.name, socket.display());
+            }
+        }
+        result
+    }
+
+    fn try_swap(&mut self, socket: &Path) -> Result<Duration> {
+        if self.state != BackendState::Connected {
+            return Err(Error::Incompatible {
+                socket: self.handle.socket().to_path_buf(),
+                reason: "the device is reconnecting to its backend; swap once it is back".into(),
+            });
+        }
+        let mut new = VhostUserHandle::connect(socket)?;
+        self.check_config(&mut new)?;
+        let began = Instant::now();
+        if let Some(rings) = self.rings.as_mut() {
+            new.check_takeover(rings)?;
+            if let Err(err) = self.handle.stop(rings) {
+                // The old backend is gone or broken: continue as after a
+                // hang-up, from what the driver saw completed.
+                warn!(
+                    "{}: stopping the old backend failed ({err}); taking over from the used rings",
+                    self.name
+                );
+                rewind_to_used(rings)?;
+            }
+            if let Err(err) = new.start(rings) {
+                // Give the rings back to the old backend where it stopped.
+                if let Err(again) = self.handle.start(rings) {
+                    error!(
+                        "{}: the old backend cannot resume either: {again}",
+                        self.name
+                    );
+                }
+                return Err(err);
+            }
+        } else {
+            let missing = self.shape.features & !new.backend_features();
+            if missing != 0 {
+                return Err(Error::Incompatible {
+                    socket: socket.to_path_buf(),
+                    reason: format!("it lacks offered features (missing bits {missing:#x})"),
+                });
+            }
+        }
+        let stall = began.elapsed();
+        let socket = socket.to_path_buf();
+        self.replace_connection(new, None);
+        self.reconnector = Box::new(move || Ok((VhostUserHandle::connect(&socket)?, None)));
+        Ok(stall)
+    }
+
+    /// Refuses a backend whose configuration space (disk capacity, for
+    /// instance) differs from what the driver was shown.
+    fn check_config(&self, new: &mut VhostUserHandle) -> Result<()> {
+        let config = new.get_config(self.shape.config.len() as u32)?;
+        match (self.shape.takeover_check)(&self.shape.config, &config) {
+            None => Ok(()),
+            Some(reason) => Err(Error::Incompatible {
+                socket: new.socket().to_path_buf(),
+                reason,
+            }),
+        }
+    }
+
+    /// Makes `handle` the device's connection; the old one is shut down
+    /// so its backend (and any watcher) sees the hang-up.
+    fn replace_connection(&mut self, handle: VhostUserHandle, process: Option<BackendProcess>) {
+        let old = std::mem::replace(&mut self.handle, handle);
+        old.shut_down();
+        drop(old);
+        self.process = process;
+        self.connection += 1;
+        self.state = BackendState::Connected;
+    }
+
+    /// Marks the connection lost (the watcher saw a hang-up): the
+    /// guest's requests wait in the rings until [`Self::try_reconnect`]
+    /// succeeds.
+    pub fn mark_lost(&mut self) {
+        warn!(
+            "{}: backend {} hung up; holding the device's requests while reconnecting",
+            self.name,
+            self.handle.socket().display()
+        );
+        self.state = BackendState::Reconnecting;
+    }
+
+    /// Marks reconnecting as given up.
+    pub fn mark_failed(&mut self) {
+        error!(
+            "{}: gave up reconnecting to {}; the device's requests wait forever",
+            self.name,
+            self.handle.socket().display()
+        );
+        self.state = BackendState::Failed;
+    }
+
+    /// One attempt to reach the backend again after it hung up (`began`
+    /// is when), and to resume the rings where the driver last saw
+    /// completions. The previous backend cannot be asked where it
+    /// stopped, so every request at or after the used ring's index is
+    /// served again. That is exact for a backend that completes each
+    /// queue's requests in order (pvstack-blk: one worker per queue,
+    /// synchronous I/O): nothing completed is redone and nothing
+    /// unfinished is lost, and redoing a write writes the same bytes. A
+    /// backend that completes out of order would need inflight tracking
+    /// (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), which vhost-user-backend
+    /// does not implement.
+    pub fn try_reconnect(&mut self, began: Instant) -> Result<()> {
+        // A crashed child is reaped before a new one starts.
+        self.process = None;
+        let (mut new, process) = (self.reconnector)()?;
+        self.check_config(&mut new)?;
+        if let Some(rings) = self.rings.as_mut() {
+            rewind_to_used(rings)?;
+            new.check_takeover(rings)?;
+            new.start(rings)?;
+        }
+        self.replace_connection(new, process);
+        let stall = began.elapsed();
+        self.stats.reconnects.record(stall);
+        info!(
+            "{}: reconnected to {} (stall {} us)",
+            self.name,
+            self.handle.socket().display(),
+            stall.as_micros()
+        );
+        Ok(())
+    }
+
+    /// Ends the current connection on request and reconnects at once
+    /// (the `device reconnect` command): the rings are stopped cleanly
+    /// first, so nothing is served twice.
+    pub fn reconnect(&mut self) -> Result<Duration> {
+        let began = Instant::now();
+        if let Some(rings) = self.rings.as_mut() {
+            if let Err(err) = self.handle.stop(rings) {
+                warn!(
+                    "{}: cannot stop the rings before reconnecting: {err}",
+                    self.name
+                );
+            }
+        }
+        self.handle.shut_down();
+        self.state = BackendState::Reconnecting;
+        self.try_reconnect(began)?;
+        Ok(began.elapsed())
+    }
+}
+
+/// Sets every queue to resume at its used ring's index: the requests the
+/// driver has not seen completed are served again.
+fn rewind_to_used(rings: &mut RingSetup) -> Result<()> {
+    for queue in &mut rings.queues {
+        queue.next_avail = used_idx(&rings.memory, queue)?;
+    }
+    Ok(())
 }
 
 fn clone_eventfd(fd: &EventFd, what: String) -> Result<EventFd> {

@@ -7,9 +7,11 @@
 //! knows that sequence, so moving a device to a new or restarted backend is
 //! a new handle plus `start` with the same, recorded setup.
 
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use vhost::vhost_user::message::{
@@ -17,7 +19,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
@@ -33,6 +35,13 @@ const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFea
 /// How long to wait for any one reply. Generous: a reply normally takes
 /// microseconds; the limit only keeps a hung backend from hanging a vCPU.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stopped backend may take to complete the requests it had
+/// taken from the available ring before [`VhostUserHandle::stop`] gives up.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Offset of `idx` in the used ring (after the 16-bit flags).
+const USED_IDX_OFFSET: u64 = 2;
 
 /// One queue the backend serves.
 #[derive(Debug)]
@@ -189,6 +198,14 @@ impl VhostUserHandle {
             self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
             self.step("SET_VRING_KICK", |f| f.set_vring_kick(index, &queue.kick))?;
             self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
+            // A kick the driver sent while no backend watched this queue
+            // may have been consumed by the previous backend as it
+            // stopped; one more kick makes the new backend look at the
+            // ring, and costs an empty look if nothing is waiting.
+            queue.kick.write(1).map_err(|source| Error::EventFd {
+                what: format!("queue {index} kick"),
+                source,
+            })?;
         }
         debug!(
             "vhost-user backend {}: started {} queues with features {features:#x}",
@@ -199,8 +216,10 @@ impl VhostUserHandle {
     }
 
     /// Stops the backend's rings (SET_VRING_ENABLE 0, then GET_VRING_BASE,
-    /// which the backend answers once it has stopped the ring) and records
-    /// in `setup` where each queue left off, so `start` can resume there.
+    /// which the backend answers once it has stopped taking requests),
+    /// waits until every request it took is completed (the used ring's
+    /// index catches up with the returned base), and records in `setup`
+    /// where each queue left off, so `start` can resume there.
     pub fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
         for queue in &mut setup.queues {
             let index = usize::from(queue.index);
@@ -210,12 +229,88 @@ impl VhostUserHandle {
             // packed-ring wrap state, which this frontend never negotiates.
             queue.next_avail = base as u16;
         }
+        for queue in &setup.queues {
+            self.wait_for_completions(&setup.memory, queue)?;
+        }
         debug!(
             "vhost-user backend {}: stopped {} queues",
             self.socket.display(),
             setup.queues.len()
         );
         Ok(())
+    }
+
+    /// Waits until the backend has completed every request it took from
+    /// `queue` (a backend may answer GET_VRING_BASE while requests it has
+    /// taken are still being served; pvstack-blk does).
+    fn wait_for_completions(&self, memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let used = used_idx(memory, queue)?;
+            if used == queue.next_avail {
+                return Ok(());
+            }
+            if started.elapsed() > DRAIN_TIMEOUT {
+                return Err(self.incompatible(format!(
+                    "queue {}: requests up to {} were taken but only {used} completed after {} s",
+                    queue.index,
+                    queue.next_avail,
+                    DRAIN_TIMEOUT.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Checks that this (new) backend can take over the rings of `setup`
+    /// from another: it offers every feature the driver accepted and
+    /// serves enough queues.
+    pub fn check_takeover(&self, setup: &RingSetup) -> Result<()> {
+        let missing = setup.features & !self.backend_features;
+        if missing != 0 {
+            return Err(self.incompatible(format!(
+                "it lacks features the driver uses (missing bits {missing:#x})"
+            )));
+        }
+        let needed = setup
+            .queues
+            .iter()
+            .map(|q| u64::from(q.index) + 1)
+            .max()
+            .unwrap_or(0);
+        if self.queue_num < needed {
+            return Err(self.incompatible(format!(
+                "it serves {} queues, the driver uses {needed}",
+                self.queue_num
+            )));
+        }
+        Ok(())
+    }
+
+    /// A duplicate of the connection's socket, to watch for hang-up.
+    pub fn watch_fd(&self) -> Result<OwnedFd> {
+        // SAFETY: the frontend owns this descriptor and keeps it open for
+        // the duration of the borrow, which ends before this returns.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) };
+        fd.try_clone_to_owned().map_err(|source| Error::Socket {
+            socket: self.socket.clone(),
+            what: "cannot duplicate the socket to watch it",
+            source,
+        })
+    }
+
+    /// Ends the connection now, even while a duplicate of its socket
+    /// (a watcher's) is still open, so the backend sees the hang-up.
+    pub fn shut_down(&self) {
+        // SAFETY: shutdown(2) on a socket this handle owns; no memory is passed.
+        let rc = unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
+        if rc != 0 {
+            debug!(
+                "vhost-user backend {}: shutdown: {}",
+                self.socket.display(),
+                std::io::Error::last_os_error()
+            );
+        }
     }
 
     /// Runs one request, naming the socket and the request if it fails.
@@ -237,6 +332,21 @@ impl VhostUserHandle {
             reason,
         }
     }
+}
+
+/// The used ring's index of `queue`: how many requests the backend has
+/// completed (modulo 2^16), as the driver sees it.
+pub fn used_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<u16> {
+    let addr = GuestAddress(queue.config.used_ring + USED_IDX_OFFSET);
+    let idx: u16 = memory
+        .load(addr, Ordering::Acquire)
+        .map_err(|_| Error::InvalidQueue {
+            queue: queue.index,
+            reason: format!("used ring index at {:#x} is not in guest RAM", addr.0),
+        })?;
+    // Used elements are written before the index; read them only after.
+    fence(Ordering::Acquire);
+    Ok(u16::from_le(idx))
 }
 
 /// The memory table: every region with the file descriptor that backs it.

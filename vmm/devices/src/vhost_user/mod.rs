@@ -1,13 +1,20 @@
 //! The vhost-user side of devices: the conversation with a backend
 //! ([`handle`]), a virtio device whose queues a backend serves
-//! ([`device`]) and backend processes that pvstack starts itself
-//! ([`process`]). Every vhost-user device type (block now; net and console
-//! later) is a [`VhostUserDevice`] with its own [`DeviceShape`].
+//! ([`device`]), backend processes that pvstack starts itself
+//! ([`process`]), and the thread that reconnects a device whose backend
+//! hung up ([`supervisor`]). Every vhost-user device type (block now; net
+//! and console later) is a [`VhostUserDevice`] with its own [`DeviceShape`].
 
 pub mod device;
 pub mod handle;
 pub mod process;
+pub mod stall;
+pub mod supervisor;
 
-pub use device::{DeviceShape, VhostUserDevice};
+pub use device::{
+    BackendState, BackendStats, BackendStatus, DeviceShape, Reconnector, VhostUserDevice,
+};
 pub use handle::{ActiveQueue, RingSetup, VhostUserHandle};
 pub use process::BackendProcess;
+pub use stall::StallStats;
+pub use supervisor::{ReconnectPolicy, SharedVhostUserDevice};
