@@ -438,7 +438,11 @@ fn pvstack_blk_started_for_an_image_end_to_end() {
     assert_eq!(device.info().index, 1);
     assert_eq!(device.info().irq, pvstack_protocols::layout::device_irq(3));
     let pid = {
-        let transport = device.transport().lock().unwrap();
+        let transport = device
+            .transport()
+            .expect("a vhost-user device")
+            .lock()
+            .unwrap();
         let process = transport
             .device()
             .process()

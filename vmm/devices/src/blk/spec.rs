@@ -1,6 +1,6 @@
 //! [`BlkSpec`]: one `--blk` option value,
 //! `socket=PATH[,id=ID][,num-queues=N][,queue-size=N][,readonly]` or
-//! `image=PATH[,...the same options]`.
+//! `image=PATH[,mode=MODE][,...the same options]`.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -13,6 +13,71 @@ pub const MAX_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 /// Queue size when `queue-size` is not given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Where a disk's requests are served (`mode=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlkMode {
+    /// The register-level controller of `pvstack_protocols::legacy_blk`
+    /// in the VMM: every register access, data words included, traps.
+    EmulatedLegacy,
+    /// virtio-blk whose queue the VMM processes when a QueueNotify write
+    /// exits to it (no ioeventfd: every kick exits).
+    EmulatedVirtio,
+    /// virtio-blk served by a vhost-user backend, kicked by ioeventfd.
+    #[default]
+    VhostUser,
+    /// As `VhostUser`, with pvstack-blk busy-polling the available ring
+    /// after each batch (`--poll-us`), so the guest skips most kicks.
+    VhostUserPoll,
+}
+
+impl BlkMode {
+    /// Every mode, in the order benchmarks show them.
+    pub const ALL: [BlkMode; 4] = [
+        BlkMode::EmulatedLegacy,
+        BlkMode::EmulatedVirtio,
+        BlkMode::VhostUser,
+        BlkMode::VhostUserPoll,
+    ];
+
+    /// The name `mode=` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlkMode::EmulatedLegacy => "emulated-legacy",
+            BlkMode::EmulatedVirtio => "emulated-virtio",
+            BlkMode::VhostUser => "vhost-user",
+            BlkMode::VhostUserPoll => "vhost-user-poll",
+        }
+    }
+
+    /// Whether the VMM itself serves the disk from its image (so the disk
+    /// cannot come from someone else's `socket=`).
+    pub fn is_emulated(self) -> bool {
+        matches!(self, BlkMode::EmulatedLegacy | BlkMode::EmulatedVirtio)
+    }
+}
+
+impl std::fmt::Display for BlkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BlkMode {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        BlkMode::ALL
+            .into_iter()
+            .find(|mode| mode.name() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown mode {name:?} (expected emulated-legacy, emulated-virtio, \
+                     vhost-user or vhost-user-poll)"
+                )
+            })
+    }
+}
 
 /// Where the disk comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +101,8 @@ pub struct BlkSpec {
     pub queue_size: u16,
     /// The guest may only read the disk.
     pub readonly: bool,
+    /// Where requests are served.
+    pub mode: BlkMode,
 }
 
 impl FromStr for BlkSpec {
@@ -56,6 +123,7 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
     let mut id = None;
     let mut num_queues = None;
     let mut queue_size = None;
+    let mut mode = None;
     let mut readonly = false;
     for item in value.split(',') {
         let (key, val) = match item.split_once('=') {
@@ -78,9 +146,10 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
             "id" => &mut id,
             "num-queues" => &mut num_queues,
             "queue-size" => &mut queue_size,
+            "mode" => &mut mode,
             _ => {
                 return Err(format!(
-                    "unknown key {key:?} (expected socket, image, id, num-queues, queue-size or readonly)"
+                    "unknown key {key:?} (expected socket, image, mode, id, num-queues, queue-size or readonly)"
                 ))
             }
         };
@@ -98,6 +167,15 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
         (Some(_), Some(_)) => return Err("give socket= or image=, not both".to_string()),
         (None, None) => return Err("missing socket=PATH or image=PATH".to_string()),
     };
+    let mode = mode.map_or(Ok(BlkMode::default()), |m| m.parse())?;
+    if mode != BlkMode::VhostUser && matches!(source, BlkSource::Socket(_)) {
+        return Err(format!(
+            "mode={mode} needs image=PATH: pvstack serves or starts that disk itself"
+        ));
+    }
+    if mode == BlkMode::EmulatedLegacy && num_queues.is_some() {
+        return Err("mode=emulated-legacy has no queues (num-queues)".to_string());
+    }
     if let Some(id) = &id {
         let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if !id.chars().all(valid) {
@@ -129,6 +207,7 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
         num_queues,
         queue_size,
         readonly,
+        mode,
     })
 }
 
@@ -158,6 +237,7 @@ mod tests {
                 num_queues: None,
                 queue_size: DEFAULT_QUEUE_SIZE,
                 readonly: false,
+                mode: BlkMode::VhostUser,
             }
         );
         let spec: BlkSpec = "image=disk.img".parse().unwrap();
@@ -178,10 +258,21 @@ mod tests {
                 num_queues: Some(64),
                 queue_size: 32768,
                 readonly: true,
+                mode: BlkMode::VhostUser,
             }
         );
         let spec: BlkSpec = "socket=s,queue-size=1,num-queues=1".parse().unwrap();
         assert_eq!((spec.queue_size, spec.num_queues), (1, Some(1)));
+    }
+
+    #[test]
+    fn every_mode_by_name() {
+        for mode in BlkMode::ALL {
+            let spec: BlkSpec = format!("image=d.img,mode={mode}").parse().unwrap();
+            assert_eq!(spec.mode, mode);
+        }
+        let spec: BlkSpec = "socket=s,mode=vhost-user".parse().unwrap();
+        assert_eq!(spec.mode, BlkMode::VhostUser);
     }
 
     #[test]
@@ -215,6 +306,16 @@ mod tests {
                 "queue-size must be a power of two",
             ),
             ("socket=s,id=a b", "id \"a b\" may only hold"),
+            ("image=i,mode=fast", "unknown mode \"fast\""),
+            ("image=i,mode=", "mode needs a value"),
+            (
+                "image=i,mode=vhost-user,mode=vhost-user",
+                "mode given twice",
+            ),
+            ("socket=s,mode=emulated-legacy", "needs image=PATH"),
+            ("socket=s,mode=emulated-virtio", "needs image=PATH"),
+            ("socket=s,mode=vhost-user-poll", "needs image=PATH"),
+            ("image=i,mode=emulated-legacy,num-queues=2", "has no queues"),
         ];
         for (value, expected) in cases {
             let message = reason(value);

@@ -208,10 +208,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    /// A notification that reached the VMM instead of the queue's
-    /// ioeventfd (the KVM binding only matches aligned 32-bit writes of a
-    /// valid queue index): forward it, so the queue is kicked either way.
+    /// A notification that reached the VMM: the device processes it itself
+    /// (an in-VMM device, whose notifications are not bound to ioeventfds),
+    /// or it missed the queue's ioeventfd (the KVM binding only matches
+    /// aligned 32-bit writes of a valid queue index) and is forwarded, so
+    /// the queue is kicked either way.
     fn notify(&mut self, value: u32) {
+        if let Ok(queue) = u16::try_from(value) {
+            if usize::from(queue) < self.queues.len()
+                && self.is_live()
+                && self.device.process_notification(queue)
+            {
+                return;
+            }
+        }
         let kick = usize::try_from(value)
             .ok()
             .and_then(|queue| self.events.kicks.get(queue));

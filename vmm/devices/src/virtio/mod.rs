@@ -101,7 +101,7 @@ impl DeviceEvents {
     /// QueueNotify of the window at `mmio_base` (so a notification never
     /// exits to the VMM), the call to interrupt line `gsi` through an irqfd.
     pub fn register(vm: &VmFd, mmio_base: u64, gsi: u32, queues: u16) -> Result<Self> {
-        let events = Self::new(queues)?;
+        let events = Self::register_call(vm, gsi, queues)?;
         let addr = mmio_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
         for (queue, kick) in (0u16..).zip(&events.kicks) {
             vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), u32::from(queue))
@@ -111,6 +111,15 @@ impl DeviceEvents {
                     source,
                 })?;
         }
+        Ok(events)
+    }
+
+    /// Eventfds with only the call bound in KVM (to `gsi`, through an
+    /// irqfd): for a device the VMM serves itself, whose QueueNotify
+    /// writes must exit to the VMM (see
+    /// [`VirtioDevice::process_notification`]).
+    pub fn register_call(vm: &VmFd, gsi: u32, queues: u16) -> Result<Self> {
+        let events = Self::new(queues)?;
         vm.register_irqfd(&events.call, gsi)
             .map_err(|source| Error::IrqFd { gsi, source })?;
         Ok(events)
@@ -146,6 +155,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The InterruptStatus register's value.
     fn interrupt_status(&self) -> u32;
+    /// The driver's write of `queue` to QueueNotify exited to the VMM. A
+    /// device that serves its queues inside the VMM processes the queue
+    /// here and returns `true`; by default the notification is forwarded
+    /// to the queue's kick eventfd, where its server waits.
+    fn process_notification(&mut self, _queue: u16) -> bool {
+        false
+    }
 }
 
 /// Copies the part of `config` at `offset` into `data`, zero beyond its end.
