@@ -1,0 +1,212 @@
+//! The vhost-user virtio-console device (one port, no MULTIPORT): the
+//! transmit queue's buffers go to the [`Hub`]; host input fills the
+//! receive queue's buffers as they are posted. One worker thread serves
+//! both queues and the input event, so each queue has one user.
+
+use std::io;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::hub::Hub;
+
+/// The receive queue (host to guest).
+pub const RX_QUEUE: u16 = 0;
+/// The transmit queue (guest to host).
+pub const TX_QUEUE: u16 = 1;
+const NUM_QUEUES: usize = 2;
+/// Largest queue size offered.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// The epoll id of the input event: ids up to the queue count belong to
+/// the queues and the exit event.
+pub const INPUT_EVENT: u64 = NUM_QUEUES as u64 + 1;
+/// `struct virtio_console_config` (cols, rows, max_nr_ports, emerg_wr):
+/// all zero, as no feature that gives them meaning is offered.
+const CONFIG_SPACE: [u8; 12] = [0; 12];
+
+/// One connection's console device. Cheap to clone; the hub outlives it.
+#[derive(Clone)]
+pub struct ConsoleBackend {
+    hub: Arc<Hub>,
+    memory: Arc<RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>>,
+}
+
+impl ConsoleBackend {
+    /// A device whose host side is `hub`.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        ConsoleBackend {
+            hub,
+            memory: Arc::new(RwLock::new(None)),
+        }
+    }
+
+    fn memory(&self) -> Option<GuestMemoryMmap> {
+        let memory = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+        memory.as_ref().map(|m| (*m.memory()).clone())
+    }
+
+    /// Sends every transmit buffer the guest posted to the hub.
+    fn transmit(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) {
+        let mut data = Vec::new();
+        loop {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            data.clear();
+            for desc in chain.readable() {
+                let start = data.len();
+                data.resize(start + desc.len() as usize, 0);
+                if let Err(e) = mem.read_slice(&mut data[start..], desc.addr()) {
+                    log::warn!("transmit buffer at {:#x}: {e}", desc.addr().0);
+                    data.truncate(start);
+                }
+            }
+            // Shown before it is returned: output the guest sees consumed
+            // has left this process (or is re-sent after a restart).
+            self.hub.output(&data);
+            if let Err(e) = vring.add_used(head, 0) {
+                log::warn!("cannot return transmit buffer {head}: {e}");
+            }
+        }
+        signal(vring, TX_QUEUE);
+    }
+
+    /// Fills receive buffers with waiting input, as long as both last.
+    fn receive(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) {
+        self.hub.input().clear_ready();
+        let mut filled = false;
+        while !self.hub.input().is_empty() {
+            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let mut written = 0u32;
+            for desc in chain.writable() {
+                let mut offset = 0u32;
+                while offset < desc.len() {
+                    let addr = desc.addr().unchecked_add(u64::from(offset));
+                    let room = (desc.len() - offset) as usize;
+                    let n = self.hub.input().drain_into(|bytes| {
+                        let n = bytes.len().min(room);
+                        match mem.write_slice(&bytes[..n], addr) {
+                            Ok(()) => n,
+                            Err(e) => {
+                                log::warn!("receive buffer at {:#x}: {e}", addr.0);
+                                0
+                            }
+                        }
+                    });
+                    if n == 0 {
+                        break;
+                    }
+                    offset += n as u32;
+                }
+                written += offset;
+                if offset < desc.len() {
+                    break;
+                }
+            }
+            if let Err(e) = vring.add_used(head, written) {
+                log::warn!("cannot return receive buffer {head}: {e}");
+            }
+            filled = true;
+        }
+        if filled {
+            signal(vring, RX_QUEUE);
+        }
+    }
+
+    fn serve(&self, vrings: &[VringRwLock], receive: bool, transmit: bool) {
+        let Some(mem) = self.memory() else {
+            log::warn!("queue event before the memory table was set");
+            return;
+        };
+        let ready = |queue: u16| {
+            vrings.get(usize::from(queue)).filter(|vring| {
+                let state = vring.get_ref();
+                state.is_enabled() && state.get_queue().ready()
+            })
+        };
+        if transmit {
+            if let Some(vring) = ready(TX_QUEUE) {
+                self.transmit(vring, &mem);
+            }
+        }
+        if receive {
+            // Input waits in the hub until the driver has set the queue up.
+            if let Some(vring) = ready(RX_QUEUE) {
+                self.receive(vring, &mem);
+            }
+        }
+    }
+}
+
+fn signal(vring: &VringRwLock, queue: u16) {
+    match vring.needs_notification() {
+        Ok(true) => {
+            if let Err(e) = vring.signal_used_queue() {
+                log::warn!("queue {queue}: cannot signal the driver: {e}");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => log::warn!("queue {queue}: cannot read the used event: {e}"),
+    }
+}
+
+impl VhostUserBackend for ConsoleBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // VIRTIO_RING_F_EVENT_IDX is not offered.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = (offset as usize).min(CONFIG_SPACE.len());
+        let end = start.saturating_add(size as usize).min(CONFIG_SPACE.len());
+        CONFIG_SPACE[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.memory.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match u64::from(device_event) {
+            // The driver posted receive buffers, or input arrived.
+            e if e == u64::from(RX_QUEUE) || e == INPUT_EVENT => self.serve(vrings, true, false),
+            e if e == u64::from(TX_QUEUE) => self.serve(vrings, false, true),
+            other => log::warn!("event for unknown source {other}"),
+        }
+        Ok(())
+    }
+}

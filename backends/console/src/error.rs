@@ -1,0 +1,10 @@
+use std::io;
+
+/// Why pvstack-console stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Serve(#[from] pvstack_backend_common::Error),
+}

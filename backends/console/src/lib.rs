@@ -1,0 +1,14 @@
+//! pvstack-console: a vhost-user virtio-console backend. The guest's
+//! output goes through a [`hub::Hub`] to stdio, a PTY or the clients of a
+//! Unix socket console server, with a bounded history for late clients
+//! and an optional log; host input is held (bounded) until the guest
+//! posts receive buffers. Lines the guest lost while this backend was
+//! down are reported ([`stamp`]).
+
+pub mod backend;
+pub mod error;
+pub mod history;
+pub mod host;
+pub mod hub;
+pub mod input;
+pub mod stamp;

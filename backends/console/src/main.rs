@@ -1,0 +1,131 @@
+//! pvstack-console: serve a virtio console to a VMM over vhost-user.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{ArgGroup, Parser};
+use pvstack_backend_common::{exit_status, init_logging, serve_with, SocketArgs};
+use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT};
+use pvstack_console::error::Error;
+use pvstack_console::host::{pty, server, stdio};
+use pvstack_console::hub::Hub;
+use vmm_sys_util::epoll::EventSet;
+
+const DEVICE: &str = "pvstack-console";
+
+/// Serve a virtio console to a VMM (pvstack, QEMU, ...) over vhost-user,
+/// with the host side on stdio, a PTY, or a Unix socket console server.
+/// Lines the pvstack guest lost while this backend was down are reported
+/// as `[pvstack-console: N lines lost]`.
+#[derive(Debug, Parser)]
+#[command(name = DEVICE, version)]
+#[command(group(ArgGroup::new("host").required(true).args(["stdio", "pty", "listen"])))]
+struct Args {
+    #[command(flatten)]
+    socket: SocketArgs,
+
+    /// Guest output to stdout, stdin to the guest.
+    #[arg(long)]
+    stdio: bool,
+
+    /// Open a pseudo-terminal and print `pvstack-console: pty PATH` on
+    /// stdout; open PATH with a terminal program to talk to the guest.
+    #[arg(long)]
+    pty: bool,
+
+    /// Serve the console on a Unix socket at PATH: any number of clients
+    /// attach and detach (e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`);
+    /// each first sees the last 64 KiB of output.
+    #[arg(long, value_name = "PATH")]
+    listen: Option<PathBuf>,
+
+    /// Also append all guest output to FILE.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(DEVICE, &args.socket.socket);
+    exit_status(DEVICE, run(&args))
+}
+
+/// Blocks SIGTERM and SIGINT in this thread before the host side's
+/// threads start, so they inherit the mask and only the signal thread of
+/// `serve_with` receives them.
+fn block_stop_signals() -> Result<(), Error> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; the set
+    // pointer is valid for the call and the old-set pointer may be null.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(Error::Io {
+            what: "cannot block SIGTERM/SIGINT".into(),
+            source: io::Error::from_raw_os_error(rc),
+        });
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> Result<(), Error> {
+    block_stop_signals()?;
+    let log = match &args.log {
+        Some(path) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| Error::Io {
+                    what: format!("cannot open the log {}", path.display()),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let hub = Arc::new(Hub::new(log).map_err(|source| Error::Io {
+        what: "cannot create the input eventfd".into(),
+        source,
+    })?);
+    let host_error = |what: &str| {
+        let what = what.to_string();
+        move |source| Error::Io { what, source }
+    };
+    // Kept until the end so the listening socket's file is removed.
+    let mut _server = None;
+    if args.stdio {
+        stdio::start(&hub).map_err(host_error("cannot start stdio"))?;
+    } else if args.pty {
+        pty::start(&hub).map_err(host_error("cannot open a PTY"))?;
+    } else if let Some(path) = &args.listen {
+        _server = Some(server::start(&hub, path)?);
+    }
+    log::info!("serving a virtio console");
+    serve_with(
+        DEVICE,
+        &args.socket,
+        || Ok(ConsoleBackend::new(Arc::clone(&hub))),
+        |daemon| {
+            // One worker serves both queues; input wakes it too.
+            let handlers = daemon.get_epoll_handlers();
+            let worker = handlers
+                .first()
+                .ok_or_else(|| io::Error::other("the daemon has no worker"))?;
+            worker.register_listener(
+                hub.input().ready_fd().as_raw_fd(),
+                EventSet::IN,
+                INPUT_EVENT,
+            )
+        },
+    )?;
+    log::info!("stopped");
+    Ok(())
+}
