@@ -9,6 +9,7 @@ use pvstack_blk::{answer, config, error, image};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use pvstack_backend_common::{exit_status, init_logging, serve, SocketArgs};
@@ -52,6 +53,14 @@ struct Args {
     #[arg(long)]
     direct: bool,
 
+    /// After each batch of requests, busy-poll the queue for up to N
+    /// microseconds before waiting for the next kick, with kicks suppressed
+    /// meanwhile (VRING_USED_F_NO_NOTIFY / EVENT_IDX), so a busy guest
+    /// rarely kicks. 0 (the default) never polls.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    poll_us: u32,
+
     /// Device serial returned by GET_ID (at most 20 bytes).
     #[arg(long, value_name = "STRING", default_value = DEVICE, value_parser = parse_serial)]
     serial: String,
@@ -88,6 +97,7 @@ fn run(args: &Args) -> Result<(), Error> {
         num_queues: args.num_queues,
         queue_size: args.queue_size,
         serial,
+        poll: (args.poll_us > 0).then(|| Duration::from_micros(u64::from(args.poll_us))),
     };
     log::info!(
         "serving {} ({} sectors{}{}) with {} queue(s) of up to {} entries",
