@@ -12,12 +12,14 @@
 extern crate std;
 
 pub mod args;
+pub mod block;
 pub mod bump;
 pub mod checksum;
 pub mod clock;
 pub mod compute;
 pub mod console;
 pub mod hypercall;
+pub mod legacy_blk;
 pub mod pattern;
 pub mod rng;
 pub mod sync;

@@ -1,10 +1,11 @@
 //! `blk-bench`: block throughput and latency-bound IOPS, with the cost of
 //! the data path in doorbell kicks and VM exits per request.
 
-use crate::disk::{check_depth, open, DISK_KEYS};
+use crate::disk::{check_depth, open_disk, DISK_KEYS};
 use crate::pipeline::{Io, Job, Slots};
 use crate::{Env, Outcome, Rate};
 use pvstack_guest::args::{ArgError, Args};
+use pvstack_guest::block::BlockDevice;
 use pvstack_guest::clock::rdtsc;
 use pvstack_guest::println;
 use pvstack_guest::rng::Rng;
@@ -87,8 +88,8 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         (None, Some(_)) => u64::MAX,
         (None, None) => DEFAULT_BYTES,
     };
-    let mut device = open(env, &args, 1)?;
-    let capacity = device.config().capacity_bytes();
+    let mut device = open_disk(env, &args, 1)?;
+    let capacity = device.capacity_bytes();
     let offset = args.number_or("offset", 0)?;
     let span = args.number_or("span", capacity.saturating_sub(offset))?;
     if bs == 0 || bs % SECTOR_SIZE != 0 || bs > u64::from(device.max_request_bytes()) || bs > span {

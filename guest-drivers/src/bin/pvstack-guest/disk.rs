@@ -1,9 +1,13 @@
 //! Opening a disk, and the data workloads: blk-verify, blk-checksum, blk-zero.
+//! They run on any [`BlockDevice`]: a virtio-blk disk (whichever mode serves
+//! it) or the emulated legacy controller.
 
 use crate::pipeline::{Io, Job, Slots};
 use crate::{Env, Failure, Outcome};
 use pvstack_guest::args::{ArgError, Args};
+use pvstack_guest::block::{BlockDevice, Disk};
 use pvstack_guest::checksum::Fnv1a64;
+use pvstack_guest::legacy_blk::{self, LegacyBlk};
 use pvstack_guest::pattern;
 use pvstack_guest::println;
 use pvstack_guest::virtio::blk::{
@@ -11,7 +15,7 @@ use pvstack_guest::virtio::blk::{
 };
 use pvstack_guest::virtio::mmio::MmioTransport;
 use pvstack_guest::virtio::queue::Buffer;
-use pvstack_guest::virtio::{device_id, find_device};
+use pvstack_guest::virtio::{device_id, find_device, VirtioError};
 
 /// Arguments every disk workload takes.
 pub const DISK_KEYS: [&str; 3] = ["disk", "queues", "event_idx"];
@@ -19,8 +23,46 @@ pub const DISK_KEYS: [&str; 3] = ["disk", "queues", "event_idx"];
 /// Descriptors per queue the workloads ask for (capped by the device).
 const QUEUE_SIZE: u16 = 1024;
 
-/// Opens disk `disk=N` (default 0) with `queues=N` queues (default
-/// `default_queues`), printing what it found.
+/// Opens disk `disk=N` (default 0), a virtio-blk disk (as [`open`]) or a
+/// legacy controller (one queue only), printing what it found.
+pub fn open_disk<'a>(
+    env: &mut Env,
+    args: &Args<'a>,
+    default_queues: u16,
+) -> Result<Disk<'static>, Failure<'a>> {
+    let index = args.number_or("disk", 0)?;
+    let Some(base) = u32::try_from(index)
+        .ok()
+        .and_then(|index| legacy_blk::find(&env.boot, index))
+    else {
+        return Ok(Disk::Virtio(open(env, args, default_queues)?));
+    };
+    let queues = args.number_or("queues", u64::from(default_queues))?;
+    if queues != 1 {
+        println!("disk {index}: a legacy controller has one queue");
+        return Err(ArgError::OutOfRange {
+            name: "queues",
+            value: queues,
+        }
+        .into());
+    }
+    // SAFETY: the window comes from the VMM's boot info, and this is the
+    // only driver made for it.
+    let disk = unsafe { LegacyBlk::new(base) }.ok_or(Failure::Device(VirtioError::NotFound {
+        device_id: device_id::BLOCK,
+        index: index as u32,
+    }))?;
+    println!(
+        "disk {index}: legacy controller, {} sectors ({} MiB), ro={}",
+        disk.capacity(),
+        disk.capacity_bytes() >> 20,
+        u8::from(disk.read_only()),
+    );
+    Ok(Disk::Legacy(disk))
+}
+
+/// Opens virtio-blk disk `disk=N` (default 0) with `queues=N` queues
+/// (default `default_queues`), printing what it found.
 pub fn open<'a>(
     env: &mut Env,
     args: &Args<'a>,
@@ -108,8 +150,8 @@ fn read_id<'a>(env: &mut Env, device: &mut BlkDevice<'_>) -> Result<Option<Devic
 }
 
 /// A byte range of the disk from `offset=`/`len=` (or positional) arguments.
-fn range<'a>(device: &BlkDevice<'_>, offset: u64, len: u64) -> Result<(), Failure<'a>> {
-    let capacity = device.config().capacity_bytes();
+fn range<'a>(device: &Disk<'_>, offset: u64, len: u64) -> Result<(), Failure<'a>> {
+    let capacity = device.capacity_bytes();
     if offset.checked_add(len).is_none_or(|end| end > capacity) {
         return Err(ArgError::OutOfRange {
             name: "len",
@@ -191,8 +233,8 @@ impl Job for VerifyJob {
 /// `blk-verify`: writes the pattern over a range, reads it back, compares.
 pub fn verify<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     args.check(&[&DISK_KEYS, &["offset", "len", "depth", "seed"]], 0)?;
-    let mut device = open(env, &args, 1)?;
-    let capacity = device.config().capacity_bytes();
+    let mut device = open_disk(env, &args, 1)?;
+    let capacity = device.capacity_bytes();
     let offset = args.number_or("offset", 0)?;
     let len = args.number_or(
         "len",
@@ -209,7 +251,7 @@ pub fn verify<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
 
     let mut write = VerifyJob::new(request::OUT, seed, offset, len);
     slots.run(&mut device, &mut write)?;
-    let flush = if device.config().features & blk::feature::FLUSH != 0 {
+    let flush = if device.can_flush() {
         // SAFETY: FLUSH carries no data.
         unsafe { device.run(0, request::FLUSH, 0, None)? }
     } else {
@@ -231,14 +273,13 @@ pub fn verify<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
 
 /// Checks that `depth` requests of `max_len` bytes fit in each queue.
 pub fn check_depth<'a>(
-    device: &BlkDevice<'_>,
+    device: &impl BlockDevice,
     depth: u64,
     max_len: u32,
 ) -> Result<u16, Failure<'a>> {
-    let per_request = device.descriptors_per_request(max_len) as u64;
-    let queue_size = u64::from(device.queue_size(0)?);
-    if depth == 0 || depth * per_request > queue_size {
-        println!("depth: {per_request} descriptors per request, {queue_size} per queue");
+    let fit = u64::from(device.max_in_flight(max_len)?);
+    if depth == 0 || depth > fit {
+        println!("depth: at most {fit} requests of {max_len} bytes fit in a queue");
         return Err(ArgError::OutOfRange {
             name: "depth",
             value: depth,
@@ -256,7 +297,7 @@ const CHUNK: u32 = 1 << 20;
 /// stops it and is returned.
 fn read_range<'a>(
     env: &mut Env,
-    device: &mut BlkDevice<'_>,
+    device: &mut Disk<'_>,
     offset: u64,
     len: u64,
     mut f: impl FnMut(&[u8]),
@@ -294,7 +335,7 @@ pub fn checksum<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     args.check(&[&DISK_KEYS], 2)?;
     let offset = args.positional_number(0, "offset")?;
     let len = args.positional_number(1, "len")?;
-    let mut device = open(env, &args, 1)?;
+    let mut device = open_disk(env, &args, 1)?;
     range(&device, offset, len)?;
     let mut hasher = Fnv1a64::new();
     let answer = read_range(env, &mut device, offset, len, |bytes| hasher.update(bytes))?;
@@ -322,7 +363,7 @@ pub fn zero<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         name: "len",
         value: len,
     })?;
-    let mut device = open(env, &args, 1)?;
+    let mut device = open_disk(env, &args, 1)?;
     range(&device, offset, len)?;
     let (kind, name) = if discard {
         (request::DISCARD, "discard")

@@ -4,7 +4,8 @@
 //! sees each completion.
 
 use crate::{Env, Failure};
-use pvstack_guest::virtio::blk::{request, BlkDevice, SECTOR_SIZE};
+use pvstack_guest::block::BlockDevice;
+use pvstack_guest::virtio::blk::{request, SECTOR_SIZE};
 use pvstack_guest::virtio::queue::Buffer;
 use pvstack_guest::virtio::VirtioError;
 
@@ -46,7 +47,7 @@ impl Slots {
     /// `depth` slots per queue of `device`, each with a `buf_len`-byte buffer.
     pub fn new(
         env: &mut Env,
-        device: &BlkDevice<'_>,
+        device: &impl BlockDevice,
         depth: u16,
         buf_len: usize,
     ) -> Result<Self, Failure<'static>> {
@@ -76,7 +77,7 @@ impl Slots {
     /// completed.
     pub fn run(
         &mut self,
-        device: &mut BlkDevice<'_>,
+        device: &mut impl BlockDevice,
         job: &mut impl Job,
     ) -> Result<(), VirtioError> {
         let buf_len = self.buf_len;
