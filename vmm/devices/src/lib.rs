@@ -2,7 +2,8 @@
 //! that each can be built and tested on its own: the MMIO bus that vCPU
 //! exits are dispatched on ([`bus`]), the virtio-mmio transport
 //! ([`virtio`]), the vhost-user frontend ([`vhost_user`]) and the block
-//! device served by a backend process ([`blk`]).
+//! device served by a backend process ([`blk`]), the console devices
+//! ([`console`]: virtio-console over vhost-user, the emulated UART).
 //!
 //! The VMM creates a device with what it lends it in a [`DeviceContext`]
 //! (e.g. [`blk::create_blk`]), maps the device's register window on its
@@ -10,11 +11,13 @@
 
 pub mod blk;
 pub mod bus;
+pub mod console;
 mod context;
 pub mod error;
 pub mod vhost_user;
 pub mod virtio;
 
 pub use blk::{create_blk, BlkDevice, BlkSpec};
+pub use console::{create_console, create_uart, ConsoleDevice, ConsoleSpec, UartDevice};
 pub use context::DeviceContext;
 pub use error::{Error, Result};

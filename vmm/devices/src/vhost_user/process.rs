@@ -42,15 +42,21 @@ impl BackendProcess {
     /// that called this ends (PR_SET_PDEATHSIG), so call it from a thread
     /// that lives as long as the VM.
     pub fn start(program_name: &str, args: &[OsString]) -> Result<(Self, UnixStream)> {
+        Self::start_with_stdin(program_name, args, Stdio::null())
+    }
+
+    /// As [`Self::start`], with the child's stdin given (`Stdio::inherit()`
+    /// for a backend that reads pvstack's own stdin, such as a console).
+    pub fn start_with_stdin(
+        program_name: &str,
+        args: &[OsString],
+        stdin: Stdio,
+    ) -> Result<(Self, UnixStream)> {
         let program = find_program(program_name)?;
         let socket_dir = create_socket_dir(program_name)?;
         let socket = socket_dir.join("vhost-user.sock");
         let mut command = Command::new(&program);
-        command
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null());
+        command.arg("--socket").arg(&socket).args(args).stdin(stdin);
         // SAFETY: getpid is async-signal-safe.
         let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the child between fork and exec and
