@@ -33,6 +33,9 @@ pub enum Command {
     Run(RunArgs),
     /// Report whether this host can run pvstack (like virt-host-validate).
     Check(CheckArgs),
+    /// Send one request to a running VM's control API and print the JSON
+    /// response (exit status 0 if it succeeded, 1 if not).
+    Ctl(CtlArgs),
 }
 
 /// Options of `pvstack run`.
@@ -81,6 +84,58 @@ pub struct RunArgs {
     /// Example: --blk image=disk.img,num-queues=2
     #[arg(long = "blk", value_name = "SPEC")]
     pub blk: Vec<BlkSpec>,
+
+    /// Serve the control API (vmm/API.md) on a Unix socket at PATH, which
+    /// must not exist yet; `pvstack ctl --api-socket PATH` talks to it.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Options of `pvstack ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The socket `pvstack run --api-socket` serves.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// What to ask the running VM.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Print the VM's state, vCPUs, memory and devices with their backend
+    /// socket, state and swap/reconnect counters.
+    Info,
+    /// Stop running the vCPUs.
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// End the VM (pvstack run exits with status 0).
+    Shutdown,
+    /// Operate on one device.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// Device operations.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Move device ID to the vhost-user backend listening on --socket; a
+    /// backend that cannot take over is refused and the old one keeps serving.
+    Swap {
+        /// The device, e.g. blk0.
+        id: String,
+        /// The new backend's socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+    },
+    /// Disconnect device ID from its backend and connect again.
+    Reconnect {
+        /// The device, e.g. blk0.
+        id: String,
+    },
 }
 
 /// Options of `pvstack check`.

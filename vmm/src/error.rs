@@ -77,6 +77,9 @@ pub enum Error {
         what: &'static str,
         source: std::io::Error,
     },
+    /// The control API answered with something unreadable.
+    #[error("control API: {0}")]
+    Api(String),
 }
 
 /// Short for results with [`Error`].

@@ -18,6 +18,8 @@ pub enum VmEnd {
     Crash(String),
     /// pvstack got SIGTERM or SIGINT (the signal number).
     Signal(i32),
+    /// The control API asked the VM to shut down.
+    Shutdown,
     /// The VMM itself failed while the VM ran.
     Failed(Error),
 }
@@ -49,6 +51,8 @@ pub struct Lifecycle {
     changed: Condvar,
     /// Mirrors `state.ended` for the vCPU loop's lock-free check.
     stopping: AtomicBool,
+    /// The control API paused the vCPUs; they wait in [`Self::wait_while_paused`].
+    paused: AtomicBool,
 }
 
 impl Lifecycle {
@@ -66,6 +70,34 @@ impl Lifecycle {
             }),
             changed: Condvar::new(),
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    /// Asks the vCPUs to stop running the guest until [`Self::resume`]; a
+    /// vCPU inside `KVM_RUN` must also be kicked out of it.
+    pub fn pause(&self) {
+        let _state = self.lock();
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let _state = self.lock();
+        self.paused.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// True while the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Blocks a vCPU thread while the VM is paused and not ending.
+    pub fn wait_while_paused(&self) {
+        let mut state = self.lock();
+        while self.is_paused() && !state.ended {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -160,6 +192,23 @@ mod tests {
         assert_eq!(life.start_cpu(1, START), status::BUSY);
         assert_eq!(life.wait_for_start(1), Some(START));
         assert_eq!(life.start_cpu(1, START), status::BUSY);
+    }
+
+    #[test]
+    fn pause_holds_vcpus_until_resume_or_end() {
+        let life = Arc::new(Lifecycle::new(1));
+        life.pause();
+        let waiter = {
+            let life = life.clone();
+            std::thread::spawn(move || life.wait_while_paused())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished());
+        life.resume();
+        waiter.join().unwrap();
+        life.pause();
+        life.end(VmEnd::Shutdown);
+        life.wait_while_paused();
     }
 
     #[test]

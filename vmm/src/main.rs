@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
+use pvstack::api::{client, Request};
 use pvstack::check::{check_host, Verdict};
-use pvstack::cli::{CheckArgs, Cli, Command, RunArgs};
+use pvstack::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, DeviceCommand, RunArgs};
 use pvstack::lifecycle::VmEnd;
 
 const EXIT_FAILURE: u8 = 1;
@@ -25,6 +26,38 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run_command(&args),
         Command::Check(args) => check_command(&args),
+        Command::Ctl(args) => ctl_command(args),
+    }
+}
+
+fn ctl_command(args: CtlArgs) -> ExitCode {
+    let request = match args.command {
+        CtlCommand::Info => Request::Info {},
+        CtlCommand::Pause => Request::Pause {},
+        CtlCommand::Resume => Request::Resume {},
+        CtlCommand::Shutdown => Request::Shutdown {},
+        CtlCommand::Device(DeviceCommand::Swap { id, socket }) => Request::DeviceSwap {
+            id,
+            socket: socket.display().to_string(),
+        },
+        CtlCommand::Device(DeviceCommand::Reconnect { id }) => Request::DeviceReconnect { id },
+    };
+    match client::call(&args.api_socket, &request) {
+        Ok(response) => {
+            match serde_json::to_string(&response) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("pvstack: error: {e}"),
+            }
+            if response.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("pvstack: error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 
@@ -80,6 +113,7 @@ fn exit_status(end: VmEnd) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
         VmEnd::Signal(signal) => ExitCode::from(128u8.saturating_add(signal as u8)),
+        VmEnd::Shutdown => ExitCode::SUCCESS,
         VmEnd::Failed(e) => {
             eprintln!("pvstack: error: {e}");
             ExitCode::from(EXIT_FAILURE)

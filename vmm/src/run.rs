@@ -2,6 +2,7 @@
 
 use pvstack_devices::{create_blk, BlkDevice, BlkSpec, DeviceContext};
 
+use crate::api::{ApiDevice, ApiServer};
 use crate::cli::RunArgs;
 use crate::console::Console;
 use crate::error::{Error, Result};
@@ -38,8 +39,23 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     }
     // The devices own their backend connections (and any child backend
     // process), so they must live until the VM has ended.
-    let _disks = attach_disks(&mut vm, &args.blk)?;
-    vm.run(console)
+    let disks = attach_disks(&mut vm, &args.blk)?;
+    if let Some(path) = &args.api_socket {
+        // Disks the VMM emulates itself have no backend to swap.
+        let devices = disks
+            .iter()
+            .filter_map(|disk| {
+                Some(ApiDevice {
+                    id: disk.id().to_string(),
+                    device: disk.transport()?.clone(),
+                })
+            })
+            .collect();
+        vm.serve_api(ApiServer::bind(path, devices)?);
+    }
+    let end = vm.run(console);
+    drop(disks);
+    end
 }
 
 /// Creates the `--blk` devices, in slots 0, 1, ... in command-line order.

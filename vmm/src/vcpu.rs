@@ -110,6 +110,10 @@ fn run_loop(vcpu: &mut Vcpu, machine: &Machine) -> Option<VmEnd> {
         if machine.lifecycle.is_stopping() {
             return None;
         }
+        if machine.lifecycle.is_paused() {
+            machine.lifecycle.wait_while_paused();
+            continue;
+        }
         let step = handle_exit(vcpu.fd.run(), machine);
         if first_exit {
             first_exit = false;

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +25,7 @@ use pvstack_protocols::layout;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
 
+use crate::api::{ApiServer, VmControl};
 use crate::console::Console;
 use crate::counters::ExitCounters;
 use crate::error::{Error, Result};
@@ -99,6 +101,7 @@ pub struct Vm {
     cmdline: String,
     entry: Option<u64>,
     created: Instant,
+    api: Option<ApiServer>,
 }
 
 /// Opens the KVM device and checks its API version.
@@ -185,6 +188,7 @@ impl Vm {
             cmdline: config.cmdline.clone(),
             entry: None,
             created,
+            api: None,
         })
     }
 
@@ -235,6 +239,11 @@ impl Vm {
         };
         self.devices.insert(slot, info);
         Ok(())
+    }
+
+    /// Serves the control API while the VM runs.
+    pub fn serve_api(&mut self, server: ApiServer) {
+        self.api = Some(server);
     }
 
     /// Loads the guest ELF `image` (`name` says which, in errors).
@@ -288,7 +297,35 @@ impl Vm {
                 }
             }
         }
+        let api = match self.api.take() {
+            Some(server) => {
+                let pthreads: Vec<libc::pthread_t> =
+                    threads.iter().map(|t| t.as_pthread_t()).collect();
+                let signal = vcpu::kick_signal();
+                let control = VmControl {
+                    machine: machine.clone(),
+                    vcpus: self.cpus,
+                    kick_vcpus: Box::new(move || {
+                        for &thread in &pthreads {
+                            // SAFETY: the threads are joined only after the
+                            // API server (which owns this closure) stopped.
+                            unsafe { libc::pthread_kill(thread, signal) };
+                        }
+                    }),
+                };
+                match server.start(control) {
+                    Ok(api) => Some(api),
+                    Err(e) => {
+                        machine.lifecycle.end(VmEnd::Failed(e));
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let end = machine.lifecycle.wait_for_end();
+        // Stop the API before the vCPU threads it may kick are joined.
+        drop(api);
         for thread in &threads {
             if let Err(e) = thread.kill(vcpu::kick_signal()) {
                 log::debug!("cannot kick a vCPU thread: {e}");

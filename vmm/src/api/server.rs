@@ -1,0 +1,315 @@
+//! The control API server: a Unix socket served by one thread, one
+//! connection at a time, one JSON request per line (see vmm/API.md).
+//! Nothing a client sends can harm the VM: a bad line gets an error
+//! response, an overlong line or a silent client loses its connection.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use pvstack_devices::vhost_user::{
+    BackendState, SharedVhostUserDevice, StallStats, VhostUserDevice,
+};
+use pvstack_devices::virtio::mmio::MmioTransport;
+
+use super::protocol::{
+    DeviceInfo, Reply, Request, Response, StallCounters, VmInfo, VmState, MAX_REQUEST_BYTES,
+};
+use crate::error::{Error, Result};
+use crate::lifecycle::VmEnd;
+use crate::machine::Machine;
+
+/// How long a client may take to send a request line (or to take its
+/// response) before the server drops it and serves the next client.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the accept loop looks whether the VM is ending.
+const ACCEPT_POLL_MS: i32 = 100;
+
+/// A device the API can name.
+pub struct ApiDevice {
+    pub id: String,
+    pub device: SharedVhostUserDevice,
+}
+
+/// The API socket, bound before the VM starts so a bad path fails early.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    devices: Vec<ApiDevice>,
+}
+
+/// What the server needs of the running VM.
+pub struct VmControl {
+    pub machine: Arc<Machine>,
+    pub vcpus: u32,
+    /// Kicks every vCPU thread out of `KVM_RUN` (so a pause takes effect).
+    pub kick_vcpus: Box<dyn Fn() + Send>,
+}
+
+/// The running server; dropping it stops the thread and removes the socket.
+pub struct RunningApi {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Binds the API socket at `path` (which must not exist yet).
+    pub fn bind(path: &Path, devices: Vec<ApiDevice>) -> Result<Self> {
+        let listener = UnixListener::bind(path).map_err(|source| Error::File {
+            action: "bind the API socket",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        info!("control API on {}", path.display());
+        Ok(ApiServer {
+            listener,
+            path: path.to_path_buf(),
+            devices,
+        })
+    }
+
+    /// Serves the API from its own thread until the returned handle drops.
+    pub fn start(self, vm: VmControl) -> Result<RunningApi> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = self.path.clone();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || self.serve(&vm, &stop))
+                .map_err(|source| Error::Os {
+                    what: "spawn the control API thread",
+                    source,
+                })?
+        };
+        Ok(RunningApi {
+            stop,
+            thread: Some(thread),
+            path,
+        })
+    }
+
+    fn serve(&self, vm: &VmControl, stop: &AtomicBool) {
+        while !stop.load(Ordering::SeqCst) {
+            if !readable(&self.listener, ACCEPT_POLL_MS) {
+                continue;
+            }
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(err) = self.serve_client(stream, vm) {
+                        debug!("control API client: {err}");
+                    }
+                }
+                Err(err) => warn!("control API: accept failed: {err}"),
+            }
+        }
+    }
+
+    /// Answers each request line of one client until it hangs up, goes
+    /// silent for [`CLIENT_TIMEOUT`] or sends an overlong line.
+    fn serve_client(&self, stream: UnixStream, vm: &VmControl) -> std::io::Result<()> {
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut line = Vec::new();
+            let read = (&mut reader)
+                .take(MAX_REQUEST_BYTES as u64 + 1)
+                .read_until(b'\n', &mut line)?;
+            if read == 0 {
+                return Ok(());
+            }
+            if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
+                let response = Response::error(format!(
+                    "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
+                ));
+                write_response(&mut writer, &response)?;
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue;
+            }
+            let response = match serde_json::from_str::<Request>(&text) {
+                Ok(request) => self.handle(request, vm),
+                Err(err) => Response::error(format!("bad request: {err}")),
+            };
+            write_response(&mut writer, &response)?;
+            if matches!(
+                &response,
+                Response {
+                    ok: true,
+                    result: Some(Reply::State {
+                        state: VmState::ShuttingDown
+                    }),
+                    ..
+                }
+            ) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&self, request: Request, vm: &VmControl) -> Response {
+        let lifecycle = &vm.machine.lifecycle;
+        match request {
+            Request::Info {} => Response::ok(Reply::Info(self.info(vm))),
+            Request::Pause {} => {
+                lifecycle.pause();
+                (vm.kick_vcpus)();
+                info!("control API: VM paused");
+                state_reply(vm)
+            }
+            Request::Resume {} => {
+                lifecycle.resume();
+                info!("control API: VM resumed");
+                state_reply(vm)
+            }
+            Request::Shutdown {} => {
+                info!("control API: shutting the VM down");
+                lifecycle.end(VmEnd::Shutdown);
+                (vm.kick_vcpus)();
+                state_reply(vm)
+            }
+            Request::DeviceSwap { id, socket } => self.with_device(&id, |device| {
+                device
+                    .swap(Path::new(&socket))
+                    .map(|stall| stall_reply(&id, stall))
+            }),
+            Request::DeviceReconnect { id } => self.with_device(&id, |device| {
+                device.reconnect().map(|stall| stall_reply(&id, stall))
+            }),
+        }
+    }
+
+    fn with_device(
+        &self,
+        id: &str,
+        operation: impl FnOnce(&mut VhostUserDevice) -> pvstack_devices::Result<Reply>,
+    ) -> Response {
+        let Some(entry) = self.devices.iter().find(|d| d.id == id) else {
+            let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
+            return Response::error(format!("no device {id:?} (devices: {})", known.join(", ")));
+        };
+        match operation(lock(&entry.device).device_mut()) {
+            Ok(reply) => Response::ok(reply),
+            Err(err) => Response::error(format!("{id}: {err}")),
+        }
+    }
+
+    fn info(&self, vm: &VmControl) -> VmInfo {
+        let devices = self
+            .devices
+            .iter()
+            .map(|entry| {
+                let status = lock(&entry.device).device().status();
+                DeviceInfo {
+                    id: entry.id.clone(),
+                    kind: "vhost-user-blk".into(),
+                    socket: status.socket.display().to_string(),
+                    backend_pid: status.pid,
+                    backend_state: match status.state {
+                        BackendState::Connected => "connected",
+                        BackendState::Reconnecting => "reconnecting",
+                        BackendState::Failed => "failed",
+                    }
+                    .into(),
+                    active: status.active,
+                    swaps: counters(&status.stats.swaps),
+                    refused_swaps: status.stats.refused_swaps,
+                    reconnects: counters(&status.stats.reconnects),
+                }
+            })
+            .collect();
+        VmInfo {
+            state: vm_state(vm),
+            vcpus: vm.vcpus,
+            memory_bytes: vm.machine.boot_info.mem_size,
+            devices,
+        }
+    }
+}
+
+impl Drop for RunningApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("the control API thread panicked");
+            }
+        }
+        if let Err(err) = std::fs::remove_file(&self.path) {
+            debug!("cannot remove {}: {err}", self.path.display());
+        }
+    }
+}
+
+fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn vm_state(vm: &VmControl) -> VmState {
+    let lifecycle = &vm.machine.lifecycle;
+    if lifecycle.is_stopping() {
+        VmState::ShuttingDown
+    } else if lifecycle.is_paused() {
+        VmState::Paused
+    } else {
+        VmState::Running
+    }
+}
+
+fn state_reply(vm: &VmControl) -> Response {
+    Response::ok(Reply::State {
+        state: vm_state(vm),
+    })
+}
+
+fn stall_reply(id: &str, stall: Duration) -> Reply {
+    Reply::Stall {
+        device: id.to_string(),
+        stall_us: u64::try_from(stall.as_micros()).unwrap_or(u64::MAX),
+    }
+}
+
+fn counters(stats: &StallStats) -> StallCounters {
+    StallCounters {
+        count: stats.count,
+        last_stall_us: stats.last_us,
+        max_stall_us: stats.max_us,
+        p99_stall_us: stats.p99_us(),
+    }
+}
+
+fn write_response(writer: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line)
+}
+
+/// Whether `listener` has a connection to accept within `timeout_ms`.
+fn readable(listener: &UnixListener, timeout_ms: i32) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+    if ready < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() != ErrorKind::Interrupted {
+            warn!("control API: poll failed: {err}");
+            std::thread::sleep(Duration::from_millis(u64::from(timeout_ms.unsigned_abs())));
+        }
+    }
+    ready > 0
+}
