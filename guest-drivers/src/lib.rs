@@ -22,5 +22,6 @@ pub mod hypercall;
 pub mod legacy_blk;
 pub mod pattern;
 pub mod rng;
+pub mod seqblock;
 pub mod sync;
 pub mod virtio;

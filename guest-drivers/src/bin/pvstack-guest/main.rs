@@ -15,6 +15,7 @@ mod evil;
 mod mem;
 mod pipeline;
 mod selftest;
+mod swapverify;
 
 use core::fmt;
 use pvstack_guest::args::{self, ArgError, Args};
@@ -100,7 +101,7 @@ impl fmt::Display for Failure<'_> {
             Failure::UnknownWorkload(name) => write!(
                 f,
                 "unknown workload `{name}` (hello, exit, selftest, fault, compute, blk-verify, \
-                 blk-checksum, blk-zero, blk-bench, blk-evil)"
+                 blk-checksum, blk-zero, blk-bench, blk-evil, blk-swap-verify)"
             ),
             Failure::Device(error) => write!(f, "device: {error}"),
             Failure::Hypercall(error) => write!(f, "hypercall: {error}"),
@@ -183,6 +184,7 @@ fn run<'a>(env: &mut Env, workload: &'a str, args: Args<'a>) -> Outcome<'a> {
         "blk-zero" => disk::zero(env, args),
         "blk-bench" => bench::run(env, args),
         "blk-evil" => evil::run(env, args),
+        "blk-swap-verify" => swapverify::run(env, args),
         other => Err(Failure::UnknownWorkload(other)),
     }
 }

@@ -1,0 +1,210 @@
+//! `blk-swap-verify`: a continuous write-and-verify workload to run while
+//! the host swaps or kills the disk's backend. Every 4 KiB block holds its
+//! number, the sequence number of the write that put it there and a
+//! pattern from both (`pvstack_guest::seqblock`). Blocks are written with
+//! increasing sequence numbers and each write is read back and checked
+//! before the block is written again, so at the end the table of each
+//! block's last completed sequence number is exactly what the disk must
+//! hold; its checksum (`table_fnv`) lets the host compare the image.
+
+use crate::disk::{open, DISK_KEYS};
+use crate::pipeline::{Io, Job, Slots};
+use crate::{Env, Failure, Outcome};
+use pvstack_guest::args::{ArgError, Args};
+use pvstack_guest::clock::{rdtsc, Clock};
+use pvstack_guest::println;
+use pvstack_guest::seqblock::{self, BLOCK_SIZE};
+use pvstack_guest::virtio::blk::{request, status};
+
+/// Blocks used when `blocks=` is not given.
+const DEFAULT_BLOCKS: u64 = 256;
+/// Requests in flight per queue when `depth=` is not given.
+const DEFAULT_DEPTH: u64 = 8;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BlockState {
+    /// Written and checked (or never written): may be written again.
+    Idle,
+    Writing,
+    /// The write completed; read it back next.
+    Written,
+    Reading,
+}
+
+/// When to stop issuing writes.
+enum Limit {
+    Writes(u64),
+    Micros(u64),
+}
+
+struct SwapVerifyJob<'m> {
+    clock: Clock,
+    started: u64,
+    limit: Limit,
+    /// Last completed write of each block.
+    table: &'m mut [u64],
+    state: &'m mut [BlockState],
+    /// The write in flight (or last completed) on each block.
+    pending: &'m mut [u64],
+    /// TSC when each block's request was issued.
+    issued: &'m mut [u64],
+    cursor: usize,
+    next_seq: u64,
+    writes: u64,
+    reads: u64,
+    mismatches: u64,
+    errors: u64,
+    max_latency_us: u64,
+}
+
+impl SwapVerifyJob<'_> {
+    fn may_write(&self) -> bool {
+        match self.limit {
+            Limit::Writes(n) => self.next_seq <= n,
+            Limit::Micros(us) => self.clock.us_since(self.started) < us,
+        }
+    }
+}
+
+impl Job for SwapVerifyJob<'_> {
+    fn next(&mut self, buf: &mut [u8]) -> Option<Io> {
+        let blocks = self.table.len();
+        let writing = self.may_write();
+        for step in 0..blocks {
+            let block = (self.cursor + step) % blocks;
+            let kind = match self.state[block] {
+                BlockState::Written => request::IN,
+                BlockState::Idle if writing => request::OUT,
+                _ => continue,
+            };
+            self.cursor = (block + 1) % blocks;
+            if kind == request::OUT {
+                self.pending[block] = self.next_seq;
+                seqblock::fill(block as u64, self.next_seq, buf);
+                self.next_seq += 1;
+                self.state[block] = BlockState::Writing;
+            } else {
+                self.state[block] = BlockState::Reading;
+            }
+            self.issued[block] = rdtsc();
+            return Some(Io {
+                kind,
+                offset: (block * BLOCK_SIZE) as u64,
+                len: BLOCK_SIZE as u32,
+            });
+        }
+        // Nothing left to read back, and no more writes wanted. (With more
+        // blocks than slots there is always an idle or written block.)
+        None
+    }
+
+    fn done(&mut self, io: &Io, status: u8, buf: &[u8]) {
+        let block = (io.offset / BLOCK_SIZE as u64) as usize;
+        self.max_latency_us = self
+            .max_latency_us
+            .max(self.clock.us_since(self.issued[block]));
+        if status != status::OK {
+            self.errors += 1;
+            println!("blk-swap-verify: block {block}: request failed with status {status}");
+            // Whether the write landed is unknown; read it back to find out.
+            self.state[block] = BlockState::Written;
+            return;
+        }
+        if io.kind == request::OUT {
+            self.writes += 1;
+            self.table[block] = self.pending[block];
+            self.state[block] = BlockState::Written;
+        } else {
+            self.reads += 1;
+            let found = seqblock::check(block as u64, buf);
+            if found != Some(self.table[block]) {
+                self.mismatches += 1;
+                println!(
+                    "blk-swap-verify: block {block}: expected write {}, found {:?}",
+                    self.table[block], found
+                );
+                if let Some(seq) = found {
+                    self.table[block] = seq;
+                }
+            }
+            self.state[block] = BlockState::Idle;
+        }
+    }
+}
+
+/// `blk-swap-verify [disk=N] [blocks=N] [secs=N|rounds=N] [depth=N]`.
+pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
+    args.check(&[&DISK_KEYS, &["blocks", "secs", "rounds", "depth"]], 0)?;
+    let mut device = open(env, &args, 1)?;
+    let depth = args.number_or("depth", DEFAULT_DEPTH)?;
+    let slots = depth * u64::from(device.queue_count());
+    let blocks = args.number_or("blocks", DEFAULT_BLOCKS)?;
+    let capacity_blocks = device.config().capacity_bytes() / BLOCK_SIZE as u64;
+    if !(1..=256).contains(&depth) {
+        return Err(ArgError::OutOfRange {
+            name: "depth",
+            value: depth,
+        }
+        .into());
+    }
+    if blocks <= slots || blocks > capacity_blocks {
+        return Err(ArgError::OutOfRange {
+            name: "blocks",
+            value: blocks,
+        }
+        .into());
+    }
+    let limit = match (args.number("rounds")?, args.number("secs")?) {
+        (Some(rounds), None) => Limit::Writes(rounds),
+        (None, Some(secs)) => Limit::Micros(secs.saturating_mul(1_000_000)),
+        (None, None) => Limit::Micros(10_000_000),
+        (Some(rounds), Some(_)) => {
+            return Err(ArgError::OutOfRange {
+                name: "rounds",
+                value: rounds,
+            }
+            .into())
+        }
+    };
+    let count = blocks as usize;
+    let memory = &mut env.memory;
+    let mut job = SwapVerifyJob {
+        clock: env.clock,
+        started: rdtsc(),
+        limit,
+        table: memory
+            .alloc_slice(count, 0u64)
+            .ok_or(Failure::OutOfMemory)?,
+        state: memory
+            .alloc_slice(count, BlockState::Idle)
+            .ok_or(Failure::OutOfMemory)?,
+        pending: memory
+            .alloc_slice(count, 0u64)
+            .ok_or(Failure::OutOfMemory)?,
+        issued: memory
+            .alloc_slice(count, 0u64)
+            .ok_or(Failure::OutOfMemory)?,
+        cursor: 0,
+        next_seq: 1,
+        writes: 0,
+        reads: 0,
+        mismatches: 0,
+        errors: 0,
+        max_latency_us: 0,
+    };
+    let mut slots = Slots::new(env, &device, depth as u16, BLOCK_SIZE)?;
+    println!("blk-swap-verify: running on {blocks} blocks, depth {depth}");
+    slots.run(&mut device, &mut job)?;
+    let table_fnv = seqblock::table_fnv(job.table.iter().copied());
+    println!(
+        "RESULT blk-swap-verify writes={} reads={} mismatches={} errors={} blocks={blocks} \
+         last_seq={} max_latency_us={} table_fnv={table_fnv:#018x}",
+        job.writes,
+        job.reads,
+        job.mismatches,
+        job.errors,
+        job.next_seq - 1,
+        job.max_latency_us,
+    );
+    Ok(job.mismatches == 0 && job.errors == 0)
+}
