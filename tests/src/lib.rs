@@ -4,7 +4,9 @@
 //! blocking forever), and reading the guest's `RESULT` lines.
 
 pub mod blk_process;
+pub mod blk_vm;
 pub mod qemu;
+pub mod qsd;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -21,6 +21,6 @@ mod socket_path;
 pub use cli::{exit_status, SocketArgs, EXIT_FAILURE};
 pub use error::Error;
 pub use logging::init_logging;
-pub use serve::serve;
+pub use serve::{serve, serve_with};
 pub use signals::StopSignal;
 pub use socket_path::prepare_socket_path;

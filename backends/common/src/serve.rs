@@ -18,11 +18,30 @@ use crate::{prepare_socket_path, Error, SocketArgs, StopSignal};
 ///
 /// Must be called before the process starts any thread (see `StopSignal`).
 /// The socket file is removed when this returns.
-pub fn serve<B, F>(device: &str, args: &SocketArgs, mut new_backend: F) -> Result<(), Error>
+pub fn serve<B, F>(device: &str, args: &SocketArgs, new_backend: F) -> Result<(), Error>
 where
     B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     B::Vring: Clone + Send + Sync,
     F: FnMut() -> io::Result<B>,
+{
+    serve_with(device, args, new_backend, |_| Ok(()))
+}
+
+/// As [`serve`], and calls `attach` with each connection's daemon before
+/// it serves the frontend: a backend with event sources of its own (a TAP
+/// device, a peer socket) registers them there with its worker threads'
+/// epoll (`VhostUserDaemon::get_epoll_handlers`).
+pub fn serve_with<B, F, A>(
+    device: &str,
+    args: &SocketArgs,
+    mut new_backend: F,
+    mut attach: A,
+) -> Result<(), Error>
+where
+    B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
+    B::Vring: Clone + Send + Sync,
+    F: FnMut() -> io::Result<B>,
+    A: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
     let path = args.socket.as_path();
     let stop = StopSignal::install()?;
@@ -49,6 +68,10 @@ where
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
             VhostUserDaemon::new(device.to_owned(), backend, memory).map_err(daemon_error)?;
+        attach(&daemon).map_err(|source| Error::NewBackend {
+            path: path.to_owned(),
+            source,
+        })?;
         daemon.start(&mut listener).map_err(daemon_error)?;
         log::info!("frontend connected");
         stop.set_connection(daemon.shutdown_handle());

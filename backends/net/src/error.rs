@@ -1,0 +1,31 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Why pvstack-net cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid TAP name: {reason}")]
+    TapName { reason: String },
+    #[error("cannot open /dev/net/tun: {source}")]
+    TunDevice { source: io::Error },
+    #[error("no permission to create or attach TAP {name} (needs CAP_NET_ADMIN or a TAP owned by this user)")]
+    TapPermission { name: String },
+    #[error("TAP {name} is busy: another process has it open")]
+    TapBusy { name: String },
+    #[error("TAP {name}: {what}: {source}")]
+    Tap {
+        name: String,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("peer socket {path} exists and is not a socket; refusing to replace it")]
+    PeerNotASocket { path: PathBuf },
+    #[error("peer socket {path}: {what}: {source}")]
+    Peer {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] pvstack_backend_common::Error),
+}

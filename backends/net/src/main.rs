@@ -1,0 +1,128 @@
+//! pvstack-net: a vhost-user network device backend. The guest's frames go
+//! to a TAP device (or, in peer mode, to another pvstack-net over a Unix
+//! datagram socket) and frames from there land in the guest's receive
+//! buffers, read and written directly in the memory the VMM shares.
+
+mod backend;
+mod error;
+mod features;
+mod frame;
+mod link;
+mod peer;
+mod stats;
+mod tap;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use pvstack_backend_common::{
+    exit_status, init_logging, prepare_socket_path, serve_with, SocketArgs,
+};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{NetBackend, LINK_EVENT};
+use crate::error::Error;
+use crate::link::Link;
+use crate::peer::PeerSocket;
+use crate::stats::NetStats;
+use crate::tap::Tap;
+
+const DEVICE: &str = "pvstack-net";
+
+/// Serve a virtio-net device to a VMM (pvstack, QEMU, ...) over vhost-user.
+/// Exactly one of --tap or --peer-bind/--peer-connect picks the other end
+/// of the guest's wire.
+#[derive(Debug, Parser)]
+#[command(name = DEVICE, version)]
+struct Args {
+    #[command(flatten)]
+    socket: SocketArgs,
+
+    /// TAP device to attach to, created if it does not exist (needs
+    /// CAP_NET_ADMIN in the current network namespace); 1-15 bytes.
+    #[arg(long, value_name = "NAME", value_parser = parse_tap_name,
+          required_unless_present = "peer_bind", conflicts_with_all = ["peer_bind", "peer_connect"])]
+    tap: Option<String>,
+
+    /// Peer mode: bind this Unix datagram socket and exchange bare
+    /// Ethernet frames with the pvstack-net bound at --peer-connect (two
+    /// VMs back to back, no TAP).
+    #[arg(long, value_name = "PATH", requires = "peer_connect")]
+    peer_bind: Option<PathBuf>,
+
+    /// Peer mode: the other pvstack-net's --peer-bind path.
+    #[arg(long, value_name = "PATH", requires = "peer_bind")]
+    peer_connect: Option<PathBuf>,
+
+    /// Largest queue size the frontend may set (a power of two, 2-32768).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
+    queue_size: u16,
+}
+
+fn parse_tap_name(text: &str) -> Result<String, String> {
+    tap::validate_name(text)?;
+    Ok(text.to_string())
+}
+
+fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let size: u16 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number from 2 to 32768"))?;
+    if size < 2 || !size.is_power_of_two() {
+        return Err(format!("{size} is not a power of two from 2 to 32768"));
+    }
+    Ok(size)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(DEVICE, &args.socket.socket);
+    exit_status(DEVICE, run(&args))
+}
+
+fn open_link(args: &Args) -> Result<Link, Error> {
+    match (&args.tap, &args.peer_bind, &args.peer_connect) {
+        (Some(name), _, _) => Ok(Link::Tap(Tap::open(name)?)),
+        (None, Some(local), Some(remote)) => Ok(Link::Peer(PeerSocket::bind(local, remote)?)),
+        // clap's required_unless_present/requires rule the rest out.
+        _ => unreachable!("clap enforces --tap or both --peer-* flags"),
+    }
+}
+
+fn run(args: &Args) -> Result<(), Error> {
+    // Checked before the link exists, so a bad socket path creates no TAP.
+    prepare_socket_path(&args.socket.socket)?;
+    let link = Arc::new(open_link(args)?);
+    let stats = Arc::new(NetStats::default());
+    log::info!(
+        "serving {} ({} offloads), queues of up to {} entries",
+        link.describe(),
+        match link.offloads() {
+            o if o.host && o.guest => "checksum and TSO both ways",
+            o if o.host => "checksum and TSO from the guest only",
+            _ => "no",
+        },
+        args.queue_size
+    );
+    let link_fd = link.as_raw_fd();
+    serve_with(
+        DEVICE,
+        &args.socket,
+        || NetBackend::new(Arc::clone(&link), args.queue_size, Arc::clone(&stats)),
+        |daemon| {
+            // Edge-triggered: the worker reads the link until it is empty
+            // or the guest's buffers run out; in the latter case the
+            // driver's next receive-queue kick resumes it.
+            let handlers = daemon.get_epoll_handlers();
+            let worker = handlers
+                .first()
+                .ok_or_else(|| std::io::Error::other("the daemon has no worker thread"))?;
+            worker.register_listener(link_fd, EventSet::IN | EventSet::EDGE_TRIGGERED, LINK_EVENT)
+        },
+    )?;
+    log::info!("stopped; {}", stats.summary());
+    Ok(())
+}

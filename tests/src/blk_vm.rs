@@ -1,0 +1,191 @@
+//! Running the guest with `--blk` disks and checking what it left behind:
+//! image files made from the guest's data pattern, assertions on the bytes
+//! of an image, and a check that no backend process outlived its VM.
+
+use std::ops::Range;
+use std::path::Path;
+
+use pvstack_guest::pattern;
+
+use crate::{run_pvstack, Finished};
+
+/// The disk sector size every image is a multiple of.
+pub const SECTOR: usize = 512;
+
+/// `pvstack run --blk SPEC... --guest-args GUEST_ARGS`, run to completion.
+pub fn run_with_disks(specs: &[String], guest_args: &str) -> Finished {
+    let mut args = vec!["run"];
+    for spec in specs {
+        args.extend(["--blk", spec.as_str()]);
+    }
+    args.extend(["--guest-args", guest_args]);
+    run_pvstack(&args)
+}
+
+/// `image=PATH` plus `,OPTION` for each option: a disk served by a
+/// pvstack-blk that pvstack starts itself.
+pub fn image_spec(image: &Path, options: &[&str]) -> String {
+    spec("image", image, options)
+}
+
+/// `socket=PATH` plus `,OPTION` for each option: a disk served by a
+/// backend that is already running.
+pub fn socket_spec(socket: &Path, options: &[&str]) -> String {
+    spec("socket", socket, options)
+}
+
+fn spec(key: &str, path: &Path, options: &[&str]) -> String {
+    let mut spec = format!("{key}={}", utf8(path));
+    for option in options {
+        spec.push(',');
+        spec.push_str(option);
+    }
+    spec
+}
+
+/// The path as `&str`; test paths are always UTF-8.
+pub fn utf8(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+/// The `fnv=0x...` checksum of a `RESULT <workload>` line, exactly
+/// (`Finished::result_number` goes through f64, which keeps only 53 bits).
+pub fn result_fnv(run: &Finished, workload: &str) -> u64 {
+    let text = &run.result(workload)["fnv"];
+    text.strip_prefix("0x")
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("fnv={text} is not 0x hex: {run:#?}"))
+}
+
+/// Writes an image of `len` zero bytes.
+pub fn zeroed_image(path: &Path, len: usize) {
+    std::fs::write(path, vec![0u8; len])
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// Writes an image of `len` bytes holding the pattern of `seed` from disk
+/// offset 0, and returns its contents.
+pub fn pattern_image(path: &Path, seed: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    pattern::fill(seed, 0, &mut bytes);
+    std::fs::write(path, &bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    bytes
+}
+
+/// The whole image file.
+pub fn read_image(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Asserts that `image[range]` holds exactly the pattern of `seed` for
+/// those disk offsets.
+pub fn assert_pattern(image: &[u8], seed: u64, range: Range<usize>) {
+    let bytes = &image[range.clone()];
+    let wrong = pattern::mismatches(seed, range.start as u64, bytes);
+    if wrong == 0 {
+        return;
+    }
+    let first = bytes
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b != pattern::byte_at(seed, (range.start + i) as u64))
+        .map(|i| range.start + i);
+    panic!("{wrong} bytes of {range:?} differ from the pattern of seed {seed}; the first at offset {first:?}");
+}
+
+/// Asserts that every byte of `image[range]` is zero.
+pub fn assert_zeros(image: &[u8], range: Range<usize>) {
+    if let Some(i) = image[range.clone()].iter().position(|&b| b != 0) {
+        let nonzero = image[range.clone()].iter().filter(|&&b| b != 0).count();
+        panic!(
+            "{nonzero} bytes of {range:?} are not zero; the first at offset {}",
+            range.start + i
+        );
+    }
+}
+
+/// Pids of the processes (other than this one) whose command line
+/// contains `needle`, e.g. a test's scratch directory: a backend that
+/// still runs after its VM ended shows up here.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let entries = std::fs::read_dir("/proc").expect("/proc is readable");
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            // A process may end between read_dir and this read.
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Asserts that no process mentions `needle` in its command line.
+pub fn assert_no_process_mentions(needle: &str) {
+    let pids = processes_mentioning(needle);
+    assert!(
+        pids.is_empty(),
+        "processes left behind mentioning {needle}: {pids:?}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_join_options_with_commas() {
+        let path = Path::new("/tmp/d.img");
+        assert_eq!(image_spec(path, &[]), "image=/tmp/d.img");
+        assert_eq!(
+            socket_spec(path, &["num-queues=2", "readonly"]),
+            "socket=/tmp/d.img,num-queues=2,readonly"
+        );
+    }
+
+    #[test]
+    fn checksums_are_read_with_all_64_bits() {
+        let run = Finished {
+            status: std::os::unix::process::ExitStatusExt::from_raw(0),
+            stdout: "RESULT blk-checksum bytes=1 fnv=0xab6b6eb07c6b9f71\n".to_string(),
+            stderr: String::new(),
+        };
+        assert_eq!(result_fnv(&run, "blk-checksum"), 0xab6b_6eb0_7c6b_9f71);
+    }
+
+    #[test]
+    fn pattern_and_zero_checks_catch_one_wrong_byte() {
+        let mut image = vec![0u8; 4096];
+        pattern::fill(5, 1024, &mut image[1024..2048]);
+        assert_pattern(&image, 5, 1024..2048);
+        assert_zeros(&image, 0..1024);
+        assert_zeros(&image, 2048..4096);
+        image[1500] ^= 1;
+        image[3000] = 1;
+        let bad_pattern = std::panic::catch_unwind(|| assert_pattern(&image, 5, 1024..2048));
+        assert!(bad_pattern.is_err());
+        let bad_zeros = std::panic::catch_unwind(|| assert_zeros(&image, 2048..4096));
+        assert!(bad_zeros.is_err());
+    }
+
+    #[test]
+    fn this_process_is_never_reported() {
+        let me = std::fs::read(format!("/proc/{}/cmdline", std::process::id())).unwrap();
+        let my_name = String::from_utf8_lossy(&me)
+            .split('\0')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(!processes_mentioning(&my_name).contains(&std::process::id()));
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30.123456")
+            .spawn()
+            .unwrap();
+        assert_eq!(processes_mentioning("30.123456"), vec![sleeper.id()]);
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        assert!(processes_mentioning("30.123456").is_empty());
+    }
+}
