@@ -14,6 +14,7 @@ pub mod bus;
 pub mod console;
 mod context;
 pub mod error;
+pub mod net;
 pub mod vhost_user;
 pub mod virtio;
 
@@ -21,3 +22,4 @@ pub use blk::{create_blk, BlkDevice, BlkSpec};
 pub use console::{create_console, create_uart, ConsoleDevice, ConsoleSpec, UartDevice};
 pub use context::DeviceContext;
 pub use error::{Error, Result};
+pub use net::{create_net, NetDevice, NetSpec};
