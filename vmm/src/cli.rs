@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use pvstack_devices::BlkSpec;
+use pvstack_devices::{BlkSpec, NetSpec};
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
@@ -84,6 +84,17 @@ pub struct RunArgs {
     /// Example: --blk image=disk.img,num-queues=2
     #[arg(long = "blk", value_name = "SPEC")]
     pub blk: Vec<BlkSpec>,
+
+    /// A virtio-net device; repeat for several NICs (net 0, 1, ... in the
+    /// guest, in the slots after the disks). Either an already running
+    /// vhost-user backend, `socket=PATH` (e.g. pvstack-net in peer mode),
+    /// or `tap=NAME` to start pvstack-net on that TAP for the life of the
+    /// VM (`mode=emulated`: the VMM serves the queues and the TAP itself,
+    /// the baseline). Options: `id=ID` (default netN), `mac=MAC`,
+    /// `mtu=N` (default 1500), `queue-size=N`.
+    /// Example: --net tap=tap0,mac=52:54:00:12:34:56
+    #[arg(long = "net", value_name = "SPEC")]
+    pub net: Vec<NetSpec>,
 
     /// Serve the control API (vmm/API.md) on a Unix socket at PATH, which
     /// must not exist yet; `pvstack ctl --api-socket PATH` talks to it.

@@ -68,6 +68,12 @@ pub enum Error {
         index: u32,
         source: pvstack_devices::Error,
     },
+    /// A `--net` device could not be created.
+    #[error("--net number {index}: {source}")]
+    Net {
+        index: u32,
+        source: pvstack_devices::Error,
+    },
     /// A device could not be attached.
     #[error("cannot add device at slot {slot}: {reason}")]
     Device { slot: u32, reason: String },

@@ -1,6 +1,8 @@
 //! `pvstack run`: from command-line options to a finished VM.
 
-use pvstack_devices::{create_blk, BlkDevice, BlkSpec, DeviceContext};
+use pvstack_devices::{
+    create_blk, create_net, BlkDevice, BlkSpec, DeviceContext, NetDevice, NetSpec,
+};
 
 use crate::api::{ApiDevice, ApiServer};
 use crate::cli::RunArgs;
@@ -40,6 +42,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     // The devices own their backend connections (and any child backend
     // process), so they must live until the VM has ended.
     let disks = attach_disks(&mut vm, &args.blk)?;
+    let nics = attach_nics(&mut vm, &args.net, disks.len() as u32)?;
     if let Some(path) = &args.api_socket {
         // Disks the VMM emulates itself have no backend to swap.
         let devices = disks
@@ -50,11 +53,18 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
                     device: disk.transport()?.clone(),
                 })
             })
+            .chain(nics.iter().filter_map(|nic| {
+                Some(ApiDevice {
+                    id: nic.id().to_string(),
+                    device: nic.transport()?.clone(),
+                })
+            }))
             .collect();
         vm.serve_api(ApiServer::bind(path, devices)?);
     }
     let end = vm.run(console);
     drop(disks);
+    drop(nics);
     end
 }
 
@@ -69,4 +79,18 @@ fn attach_disks(vm: &mut Vm, specs: &[BlkSpec]) -> Result<Vec<BlkDevice>> {
         disks.push(disk);
     }
     Ok(disks)
+}
+
+/// Creates the `--net` devices in the slots from `first_slot` on, in
+/// command-line order.
+fn attach_nics(vm: &mut Vm, specs: &[NetSpec], first_slot: u32) -> Result<Vec<NetDevice>> {
+    let mut nics = Vec::with_capacity(specs.len());
+    for (index, spec) in (0u32..).zip(specs) {
+        let slot = first_slot + index;
+        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
+        let nic = create_net(spec, &context).map_err(|source| Error::Net { index, source })?;
+        vm.add_device(slot, nic.bus_device(), nic.info())?;
+        nics.push(nic);
+    }
+    Ok(nics)
 }
