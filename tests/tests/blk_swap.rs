@@ -1,0 +1,429 @@
+//! Swapping a running disk between backends and surviving backend crashes
+//! (issue 4), with real processes: pvstack with its control API, the guest
+//! running `blk-swap-verify`, pvstack-blk and qemu-storage-daemon. After
+//! each run the image must hold exactly the guest's completed writes: each
+//! block intact and carrying the sequence number of the last write the
+//! guest saw complete (compared through the guest's `table_fnv`).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pvstack_guest::seqblock::{self, BLOCK_SIZE};
+use pvstack_tests::qsd::QsdProcess;
+use pvstack_tests::{
+    binary, parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
+};
+
+/// Blocks the workload cycles over (1 MiB).
+const BLOCKS: usize = 256;
+/// Image size: room for the workload's blocks and then some.
+const IMAGE_LEN: usize = 4 << 20;
+/// How long the guest keeps writing: long enough for every swap or crash
+/// a test makes (they take a few seconds), never a pass/fail limit.
+const WORKLOAD_SECS: u32 = 20;
+
+/// A pvstack-blk process the test can SIGKILL.
+struct Backend {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Backend {
+    fn start(socket: &Path, image: &Path, extra: &[&str]) -> Backend {
+        let log = socket.with_extension(format!("{}.log", unique()));
+        let stderr = File::create(&log).expect("create backend log");
+        let child = Command::new(binary("pvstack-blk"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn pvstack-blk");
+        let mut backend = Backend { child, log };
+        wait_until("pvstack-blk listens", || {
+            assert!(
+                backend.child.try_wait().expect("poll").is_none(),
+                "pvstack-blk exited:\n{}",
+                backend.log()
+            );
+            is_socket(socket)
+                && backend
+                    .log()
+                    .contains("listening for a vhost-user frontend")
+        });
+        backend
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL pvstack-blk");
+        self.child.wait().expect("reap pvstack-blk");
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+/// Polls `ready` until it holds; panics after [`HANG_TIMEOUT`] (a hang,
+/// not a timing requirement).
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < HANG_TIMEOUT,
+            "{what}: still waiting after {HANG_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// pvstack running the guest workload in the background, with its API.
+struct Vm {
+    child: Child,
+    console: PathBuf,
+    stderr: PathBuf,
+    api: PathBuf,
+}
+
+impl Vm {
+    fn start(dir: &ScratchDir, blk: &str, guest_args: &str) -> Vm {
+        let console = dir.path("console.log");
+        let stderr = dir.path("pvstack.log");
+        let api = dir.path("api.sock");
+        let child = Command::new(pvstack())
+            .args(["run", "--blk", blk, "--api-socket"])
+            .arg(&api)
+            .arg("--console-log")
+            .arg(&console)
+            .args(["--guest-args", guest_args])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).expect("create pvstack log"))
+            .spawn()
+            .expect("spawn pvstack");
+        let mut vm = Vm {
+            child,
+            console,
+            stderr,
+            api,
+        };
+        wait_until("the guest starts its workload", || {
+            assert!(
+                vm.child.try_wait().expect("poll").is_none(),
+                "pvstack exited early:\n{}\n{}",
+                vm.console(),
+                vm.log()
+            );
+            vm.console().contains("blk-swap-verify: running")
+        });
+        vm
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// `pvstack ctl --api-socket API ARGS...`.
+    fn ctl(&self, args: &[&str]) -> Finished {
+        run_to_end(
+            Command::new(pvstack())
+                .arg("ctl")
+                .arg("--api-socket")
+                .arg(&self.api)
+                .args(args)
+                .env("RUST_LOG", "warn"),
+        )
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert_eq!(
+            out.code(),
+            0,
+            "pvstack ctl {args:?}: {out:#?}\npvstack log:\n{}",
+            self.log()
+        );
+        assert!(out.stdout.contains(r#""api_version":1"#), "{out:#?}");
+        out.stdout
+    }
+
+    /// Waits for the guest to finish; returns the RESULT values.
+    fn finish(mut self) -> std::collections::BTreeMap<String, String> {
+        let status = wait_or_kill(&mut self.child).expect("pvstack ends");
+        let console = self.console();
+        assert!(
+            status.success(),
+            "pvstack: {status}\nconsole:\n{console}\nlog:\n{}",
+            self.log()
+        );
+        parse_result(&console, "blk-swap-verify")
+            .unwrap_or_else(|| panic!("no RESULT line:\n{console}"))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends raw bytes to the API socket and returns the first response line.
+fn raw_request(api: &Path, bytes: &[u8]) -> String {
+    let mut stream = UnixStream::connect(api).expect("connect to the API");
+    stream
+        .set_read_timeout(Some(HANG_TIMEOUT))
+        .expect("read timeout");
+    stream.write_all(bytes).expect("send");
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).expect("read");
+    line
+}
+
+fn guest_args() -> String {
+    format!("blk-swap-verify blocks={BLOCKS} secs={WORKLOAD_SECS} depth=8")
+}
+
+/// Checks the workload's verdict and that the image holds exactly the
+/// writes the guest completed.
+fn assert_image_matches(image: &Path, result: &std::collections::BTreeMap<String, String>) {
+    assert_eq!(result["mismatches"], "0", "{result:?}");
+    assert_eq!(result["errors"], "0", "{result:?}");
+    let writes: u64 = result["writes"].parse().expect("writes");
+    assert!(
+        writes > BLOCKS as u64,
+        "the workload barely ran: {result:?}"
+    );
+    let mut bytes = Vec::new();
+    File::open(image)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .expect("read image");
+    let mut seqs = Vec::with_capacity(BLOCKS);
+    for block in 0..BLOCKS {
+        let data = &bytes[block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE];
+        let seq = seqblock::check(block as u64, data)
+            .unwrap_or_else(|| panic!("block {block} of the image is torn or foreign"));
+        seqs.push(seq);
+    }
+    let fnv = format!("{:#018x}", seqblock::table_fnv(seqs));
+    assert_eq!(
+        fnv, result["table_fnv"],
+        "the image's last writes differ from the guest's completed writes"
+    );
+}
+
+fn info(vm: &Vm) -> String {
+    vm.ctl_ok(&["info"])
+}
+
+#[test]
+fn swap_between_two_pvstack_blk_20_times() {
+    let dir = ScratchDir::new("swap-two-blk");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let sockets = [dir.path("a.sock"), dir.path("b.sock")];
+    let _a = Backend::start(&sockets[0], &image, &[]);
+    let _b = Backend::start(&sockets[1], &image, &[]);
+    let vm = Vm::start(
+        &dir,
+        &format!("socket={},id=blk0", sockets[0].display()),
+        &guest_args(),
+    );
+    for swap in 1..=20 {
+        let target = &sockets[swap % 2];
+        let out = vm.ctl_ok(&[
+            "device",
+            "swap",
+            "blk0",
+            "--socket",
+            target.to_str().unwrap(),
+        ]);
+        assert!(out.contains("stall_us"), "{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let info = info(&vm);
+    assert!(info.contains(r#""swaps":{"count":20"#), "{info}");
+    assert!(
+        info.contains(&format!(r#""socket":"{}""#, sockets[0].display())),
+        "{info}"
+    );
+    let result = vm.finish();
+    assert_image_matches(&image, &result);
+}
+
+#[test]
+fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
+    let dir = ScratchDir::new("swap-blk-qsd");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let sockets = [dir.path("blk.sock"), dir.path("qsd.sock")];
+    let _blk = Backend::start(&sockets[0], &image, &[]);
+    let _qsd = QsdProcess::start(&image, &sockets[1], 1);
+    let vm = Vm::start(
+        &dir,
+        &format!("socket={}", sockets[0].display()),
+        &guest_args(),
+    );
+    for swap in 1..=20 {
+        let target = &sockets[swap % 2];
+        vm.ctl_ok(&[
+            "device",
+            "swap",
+            "blk0",
+            "--socket",
+            target.to_str().unwrap(),
+        ]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(info(&vm).contains(r#""swaps":{"count":20"#));
+    let result = vm.finish();
+    assert_image_matches(&image, &result);
+}
+
+#[test]
+fn sigkill_pvstack_blk_20_times_during_writes() {
+    let dir = ScratchDir::new("swap-sigkill");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let socket = dir.path("blk.sock");
+    let mut backend = Backend::start(&socket, &image, &[]);
+    let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
+    for crash in 1..=20 {
+        std::thread::sleep(Duration::from_millis(150));
+        backend.kill();
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = std::fs::remove_file(&socket);
+        backend = Backend::start(&socket, &image, &[]);
+        let counted = format!(r#""reconnects":{{"count":{crash},"#);
+        wait_until("pvstack reconnects", || info(&vm).contains(&counted));
+    }
+    let result = vm.finish();
+    assert_image_matches(&image, &result);
+}
+
+#[test]
+fn refused_swaps_leave_the_old_backend_serving() {
+    let dir = ScratchDir::new("swap-refused");
+    let image = dir.path("disk.img");
+    let small = dir.path("small.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    std::fs::write(&small, vec![0u8; IMAGE_LEN / 2]).expect("small image");
+    let socket = dir.path("blk.sock");
+    let small_socket = dir.path("small.sock");
+    let one_queue = dir.path("one-queue.sock");
+    let _blk = Backend::start(&socket, &image, &["--num-queues", "2"]);
+    let _small = Backend::start(&small_socket, &small, &["--num-queues", "2"]);
+    let _one = Backend::start(&one_queue, &image, &["--num-queues", "1"]);
+    let vm = Vm::start(
+        &dir,
+        &format!("socket={}", socket.display()),
+        &format!("blk-swap-verify blocks={BLOCKS} secs=8 depth=4 queues=2"),
+    );
+    let missing = dir.path("missing.sock");
+    for (target, reason) in [
+        (&missing, "cannot connect"),
+        (&small_socket, "sectors"),
+        (&one_queue, "queues"),
+    ] {
+        let out = vm.ctl(&[
+            "device",
+            "swap",
+            "blk0",
+            "--socket",
+            target.to_str().unwrap(),
+        ]);
+        assert_eq!(out.code(), 1, "{out:#?}");
+        assert!(out.stdout.contains(r#""ok":false"#), "{out:#?}");
+        assert!(out.stdout.contains(reason), "`{reason}` missing: {out:#?}");
+    }
+    let info = info(&vm);
+    assert!(info.contains(r#""refused_swaps":3"#), "{info}");
+    assert!(info.contains(r#""swaps":{"count":0"#), "{info}");
+    assert!(
+        info.contains(&format!(r#""socket":"{}""#, socket.display())),
+        "{info}"
+    );
+    let result = vm.finish();
+    assert_image_matches(&image, &result);
+}
+
+#[test]
+fn api_survives_bad_requests_and_silent_clients() {
+    let dir = ScratchDir::new("swap-api");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let socket = dir.path("blk.sock");
+    let _blk = Backend::start(&socket, &image, &[]);
+    let vm = Vm::start(
+        &dir,
+        &format!("socket={}", socket.display()),
+        &format!("blk-swap-verify blocks={BLOCKS} secs=600 depth=4"),
+    );
+    // A silent client first: the server must drop it and serve the next.
+    let silent = UnixStream::connect(&vm.api).expect("connect");
+    for (request, needle) in [
+        (&b"{not json\n"[..], "bad request"),
+        (b"{\"command\":\"reboot\"}\n", "unknown variant"),
+        (
+            b"{\"command\":\"device-swap\",\"id\":\"blk9\",\"socket\":\"/x\"}\n",
+            "no device \\\"blk9\\\"",
+        ),
+        (b"{\"command\":\"device-reconnect\"}\n", "missing field"),
+        (b"[1,2,3]\n", "bad request"),
+    ] {
+        let response = raw_request(&vm.api, request);
+        assert!(
+            response.starts_with(r#"{"api_version":1,"ok":false"#),
+            "{response}"
+        );
+        assert!(response.contains(needle), "`{needle}` missing: {response}");
+    }
+    let long = vec![b'x'; 70 * 1024];
+    assert!(raw_request(&vm.api, &long).contains("longer than"));
+    drop(silent);
+    assert!(info(&vm).contains(r#""state":"running""#));
+    assert!(vm.ctl_ok(&["pause"]).contains(r#""state":"paused""#));
+    assert!(vm.ctl_ok(&["resume"]).contains(r#""state":"running""#));
+    let out = vm.ctl_ok(&["device", "reconnect", "blk0"]);
+    assert!(out.contains("stall_us"), "{out}");
+    assert!(info(&vm).contains(r#""reconnects":{"count":1"#));
+    vm.ctl_ok(&["shutdown"]);
+    let mut vm = vm;
+    let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
+    assert!(status.success(), "{status}\n{}", vm.log());
+}
