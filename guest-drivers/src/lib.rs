@@ -23,5 +23,7 @@ pub mod legacy_blk;
 pub mod pattern;
 pub mod rng;
 pub mod seqblock;
+pub mod stamp;
 pub mod sync;
+pub mod uart;
 pub mod virtio;

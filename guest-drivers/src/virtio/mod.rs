@@ -1,8 +1,9 @@
 //! Virtio 1.x drivers (modern only): discovery from the boot info, the
 //! virtio-mmio transport, the split virtqueue shared by every device, and
-//! the block device.
+//! the block and console devices.
 
 pub mod blk;
+pub mod console;
 pub mod mmio;
 pub mod queue;
 

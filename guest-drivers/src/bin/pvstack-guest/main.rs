@@ -10,12 +10,15 @@
 
 mod basic;
 mod bench;
+mod console_bench;
 mod disk;
 mod evil;
 mod mem;
 mod pipeline;
 mod selftest;
+mod shell;
 mod swapverify;
+mod term;
 
 use core::fmt;
 use pvstack_guest::args::{self, ArgError, Args};
@@ -101,7 +104,8 @@ impl fmt::Display for Failure<'_> {
             Failure::UnknownWorkload(name) => write!(
                 f,
                 "unknown workload `{name}` (hello, exit, selftest, fault, compute, blk-verify, \
-                 blk-checksum, blk-zero, blk-bench, blk-evil, blk-swap-verify)"
+                 blk-checksum, blk-zero, blk-bench, blk-evil, blk-swap-verify, \
+                 shell, console-bench)"
             ),
             Failure::Device(error) => write!(f, "device: {error}"),
             Failure::Hypercall(error) => write!(f, "hypercall: {error}"),
@@ -184,6 +188,8 @@ fn run<'a>(env: &mut Env, workload: &'a str, args: Args<'a>) -> Outcome<'a> {
         "blk-zero" => disk::zero(env, args),
         "blk-bench" => bench::run(env, args),
         "blk-evil" => evil::run(env, args),
+        "shell" => shell::run(env, args),
+        "console-bench" => console_bench::run(env, args),
         "blk-swap-verify" => swapverify::run(env, args),
         other => Err(Failure::UnknownWorkload(other)),
     }
