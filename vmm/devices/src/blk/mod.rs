@@ -201,7 +201,9 @@ fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         reconnector,
     );
     let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
-    let policy = ReconnectPolicy { window: None };
+    let policy = ReconnectPolicy {
+        window: spec.reconnect_timeout,
+    };
     supervisor::spawn(&id, &transport, policy).map_err(|source| Error::Thread {
         what: format!("{id} supervisor"),
         source,

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::error::Error;
 
@@ -103,6 +104,9 @@ pub struct BlkSpec {
     pub readonly: bool,
     /// Where requests are served.
     pub mode: BlkMode,
+    /// How long to keep reconnecting after the backend hangs up; `None`
+    /// (the default): for ever.
+    pub reconnect_timeout: Option<Duration>,
 }
 
 impl FromStr for BlkSpec {
@@ -124,6 +128,7 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
     let mut num_queues = None;
     let mut queue_size = None;
     let mut mode = None;
+    let mut reconnect_timeout = None;
     let mut readonly = false;
     for item in value.split(',') {
         let (key, val) = match item.split_once('=') {
@@ -147,9 +152,10 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
             "num-queues" => &mut num_queues,
             "queue-size" => &mut queue_size,
             "mode" => &mut mode,
+            "reconnect-timeout" => &mut reconnect_timeout,
             _ => {
                 return Err(format!(
-                    "unknown key {key:?} (expected socket, image, mode, id, num-queues, queue-size or readonly)"
+                    "unknown key {key:?} (expected socket, image, mode, id, num-queues, queue-size, reconnect-timeout or readonly)"
                 ))
             }
         };
@@ -201,6 +207,14 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
             }
         },
     };
+    let reconnect_timeout = reconnect_timeout
+        .map(|secs| match secs.parse::<u64>() {
+            Ok(secs) => Ok(Duration::from_secs(secs)),
+            _ => Err(format!(
+                "reconnect-timeout must be whole seconds, not {secs:?}"
+            )),
+        })
+        .transpose()?;
     Ok(BlkSpec {
         source,
         id,
@@ -208,6 +222,7 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
         queue_size,
         readonly,
         mode,
+        reconnect_timeout,
     })
 }
 
@@ -238,6 +253,7 @@ mod tests {
                 queue_size: DEFAULT_QUEUE_SIZE,
                 readonly: false,
                 mode: BlkMode::VhostUser,
+                reconnect_timeout: None,
             }
         );
         let spec: BlkSpec = "image=disk.img".parse().unwrap();
@@ -247,7 +263,7 @@ mod tests {
     #[test]
     fn every_option() {
         let spec: BlkSpec =
-            "readonly,queue-size=32768,image=/a=b.img,num-queues=64,id=root-disk_1.0"
+            "readonly,queue-size=32768,image=/a=b.img,num-queues=64,id=root-disk_1.0,reconnect-timeout=30"
                 .parse()
                 .unwrap();
         assert_eq!(
@@ -259,6 +275,7 @@ mod tests {
                 queue_size: 32768,
                 readonly: true,
                 mode: BlkMode::VhostUser,
+                reconnect_timeout: Some(Duration::from_secs(30)),
             }
         );
         let spec: BlkSpec = "socket=s,queue-size=1,num-queues=1".parse().unwrap();
@@ -284,6 +301,8 @@ mod tests {
             ("id=x", "missing socket=PATH or image=PATH"),
             ("readonly", "missing socket=PATH or image=PATH"),
             ("socket=s,image=i", "not both"),
+            ("socket=s,reconnect-timeout=1.5", "whole seconds"),
+            ("socket=s,reconnect-timeout=-1", "whole seconds"),
             ("socket=", "socket needs a value"),
             ("socket", "socket needs a value"),
             ("socket=a,socket=b", "socket given twice"),
