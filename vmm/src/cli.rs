@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use pvstack_devices::{BlkSpec, NetSpec};
+use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
@@ -95,6 +95,21 @@ pub struct RunArgs {
     /// Example: --net tap=tap0,mac=52:54:00:12:34:56
     #[arg(long = "net", value_name = "SPEC")]
     pub net: Vec<NetSpec>,
+
+    /// The guest's interactive console, besides the hypercall console
+    /// (which keeps early and crash output): a virtio-console served by
+    /// pvstack-console over vhost-user, either already running,
+    /// `socket=PATH`, or started for the life of the VM on `stdio`, a new
+    /// `pty` (its path is printed), or `unix=PATH` (a console server that
+    /// clients attach to, e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`);
+    /// or `uart`, the same as --serial.
+    #[arg(long, value_name = "SPEC")]
+    pub console: Option<ConsoleSpec>,
+
+    /// An emulated 16550 UART (every register access traps to the VMM,
+    /// the console baseline); what the guest sends it goes to stdout.
+    #[arg(long)]
+    pub serial: bool,
 
     /// Serve the control API (vmm/API.md) on a Unix socket at PATH, which
     /// must not exist yet; `pvstack ctl --api-socket PATH` talks to it.

@@ -68,6 +68,12 @@ pub enum Error {
         index: u32,
         source: pvstack_devices::Error,
     },
+    /// The `--console` or `--serial` device could not be created.
+    #[error("--{option}: {source}")]
+    Console {
+        option: &'static str,
+        source: pvstack_devices::Error,
+    },
     /// A `--net` device could not be created.
     #[error("--net number {index}: {source}")]
     Net {

@@ -1,7 +1,8 @@
 //! `pvstack run`: from command-line options to a finished VM.
 
 use pvstack_devices::{
-    create_blk, create_net, BlkDevice, BlkSpec, DeviceContext, NetDevice, NetSpec,
+    create_blk, create_console, create_net, create_uart, BlkDevice, BlkSpec, ConsoleDevice,
+    ConsoleSpec, DeviceContext, NetDevice, NetSpec, UartDevice,
 };
 
 use crate::api::{ApiDevice, ApiServer};
@@ -43,6 +44,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     // process), so they must live until the VM has ended.
     let disks = attach_disks(&mut vm, &args.blk)?;
     let nics = attach_nics(&mut vm, &args.net, disks.len() as u32)?;
+    let consoles = attach_consoles(&mut vm, args, (disks.len() + nics.len()) as u32)?;
     if let Some(path) = &args.api_socket {
         // Disks the VMM emulates itself have no backend to swap.
         let devices = disks
@@ -65,6 +67,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     let end = vm.run(console);
     drop(disks);
     drop(nics);
+    drop(consoles);
     end
 }
 
@@ -93,4 +96,43 @@ fn attach_nics(vm: &mut Vm, specs: &[NetSpec], first_slot: u32) -> Result<Vec<Ne
         nics.push(nic);
     }
     Ok(nics)
+}
+
+/// The console devices of a VM, kept alive while it runs.
+struct Consoles {
+    _virtio: Option<ConsoleDevice>,
+    _uart: Option<UartDevice>,
+}
+
+/// Creates the `--console` device and the `--serial` UART in the slots
+/// from `first_slot` on (virtio console first).
+fn attach_consoles(vm: &mut Vm, args: &RunArgs, first_slot: u32) -> Result<Consoles> {
+    let mut slot = first_slot;
+    let mut virtio = None;
+    if let Some(spec) = args.console.as_ref().filter(|spec| spec.is_virtio()) {
+        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, 0);
+        let console = create_console(spec, &context).map_err(|source| Error::Console {
+            option: "console",
+            source,
+        })?;
+        vm.add_device(slot, console.bus_device(), console.info())?;
+        virtio = Some(console);
+        slot += 1;
+    }
+    let mut uart = None;
+    if args.serial || args.console == Some(ConsoleSpec::Uart) {
+        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, 0);
+        let device = create_uart(&context, Box::new(std::io::stdout())).map_err(|source| {
+            Error::Console {
+                option: "serial",
+                source,
+            }
+        })?;
+        vm.add_device(slot, device.bus_device(), device.info())?;
+        uart = Some(device);
+    }
+    Ok(Consoles {
+        _virtio: virtio,
+        _uart: uart,
+    })
 }

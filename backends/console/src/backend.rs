@@ -6,12 +6,15 @@
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::hub::Hub;
 
@@ -34,15 +37,18 @@ const CONFIG_SPACE: [u8; 12] = [0; 12];
 pub struct ConsoleBackend {
     hub: Arc<Hub>,
     memory: Arc<RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>>,
+    /// Ends the worker thread when the connection's daemon is dropped.
+    exit: Arc<(EventConsumer, EventNotifier)>,
 }
 
 impl ConsoleBackend {
     /// A device whose host side is `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        ConsoleBackend {
+    pub fn new(hub: Arc<Hub>) -> io::Result<Self> {
+        Ok(ConsoleBackend {
             hub,
             memory: Arc::new(RwLock::new(None)),
-        }
+            exit: Arc::new(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?),
+        })
     }
 
     fn memory(&self) -> Option<GuestMemoryMmap> {
@@ -170,7 +176,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+        1 << VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -192,6 +198,17 @@ impl VhostUserBackend for ConsoleBackend {
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         *self.memory.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
         Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = &*self.exit;
+        match (consumer.try_clone(), notifier.try_clone()) {
+            (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("cannot clone the worker's exit event: {e}");
+                None
+            }
+        }
     }
 
     fn handle_event(

@@ -112,7 +112,7 @@ fn run(args: &Args) -> Result<(), Error> {
     serve_with(
         DEVICE,
         &args.socket,
-        || Ok(ConsoleBackend::new(Arc::clone(&hub))),
+        || ConsoleBackend::new(Arc::clone(&hub)),
         |daemon| {
             // One worker serves both queues; input wakes it too.
             let handlers = daemon.get_epoll_handlers();
