@@ -427,3 +427,56 @@ fn api_survives_bad_requests_and_silent_clients() {
     let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
     assert!(status.success(), "{status}\n{}", vm.log());
 }
+
+/// The `backend_pid` in `info`.
+fn backend_pid(info: &str) -> libc::pid_t {
+    let (_, rest) = info
+        .split_once(r#""backend_pid":"#)
+        .unwrap_or_else(|| panic!("no backend_pid: {info}"));
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("a pid")
+}
+
+#[test]
+fn sigkill_of_the_vmms_own_child_restarts_it() {
+    let dir = ScratchDir::new("swap-image-child");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let vm = Vm::start(&dir, &format!("image={}", image.display()), &guest_args());
+    for crash in 1..=5 {
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = backend_pid(&info(&vm));
+        // SAFETY: kill() with the pid of pvstack's child backend.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let counted = format!(r#""reconnects":{{"count":{crash},"#);
+        wait_until("pvstack restarts its backend", || {
+            info(&vm).contains(&counted)
+        });
+        assert_ne!(backend_pid(&info(&vm)), pid, "a new child");
+    }
+    let result = vm.finish();
+    assert_image_matches(&image, &result);
+}
+
+#[test]
+fn reconnecting_gives_up_after_the_configured_window() {
+    let dir = ScratchDir::new("swap-window");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let socket = dir.path("blk.sock");
+    let mut backend = Backend::start(&socket, &image, &[]);
+    let vm = Vm::start(
+        &dir,
+        &format!("socket={},reconnect-timeout=1", socket.display()),
+        &guest_args(),
+    );
+    backend.kill();
+    wait_until("the device gives up", || {
+        info(&vm).contains(r#""backend_state":"failed""#)
+    });
+    // The guest's requests wait for ever; the VM itself still obeys.
+    vm.ctl_ok(&["shutdown"]);
+    let mut vm = vm;
+    let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
+    assert!(status.success(), "{status}\n{}", vm.log());
+}
