@@ -19,6 +19,7 @@ pub mod clock;
 pub mod compute;
 pub mod console;
 pub mod hypercall;
+pub mod netstack;
 pub mod legacy_blk;
 pub mod pattern;
 pub mod rng;

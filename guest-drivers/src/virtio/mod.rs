@@ -5,6 +5,7 @@
 pub mod blk;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 
 use core::fmt;
