@@ -89,18 +89,22 @@ fn image_that_does_not_exist() {
 }
 
 #[test]
-fn second_disk_missing_stops_the_first_disks_backend() {
-    let dir = ScratchDir::new("blk-err-second-missing");
+fn second_disk_failing_stops_the_first_disks_backend() {
+    let dir = ScratchDir::new("blk-err-second-fails");
     let good = dir.path("good.img");
     zeroed_image(&good, 1 << 20);
-    let missing = dir.path("missing.img");
-    let run = run_with_disks(
-        &[image_spec(&good, &[]), image_spec(&missing, &[])],
-        "hello",
-    );
-    assert_pvstack_error(&run, RUNTIME, &["--blk number 1", utf8(&missing)]);
-    assert_only_line(&run);
-    assert_no_process_mentions(utf8(&dir.path("")));
+    let missing_image = dir.path("missing.img");
+    let missing_socket = dir.path("missing.sock");
+    // pvstack has started disk 0's pvstack-blk when disk 1 fails.
+    for (second, needle) in [
+        (image_spec(&missing_image, &[]), utf8(&missing_image)),
+        (socket_spec(&missing_socket, &[]), utf8(&missing_socket)),
+    ] {
+        let run = run_with_disks(&[image_spec(&good, &[]), second], "hello");
+        assert_pvstack_error(&run, RUNTIME, &["--blk number 1", needle]);
+        assert_only_line(&run);
+        assert_no_process_mentions(utf8(&dir.path("")));
+    }
 }
 
 #[test]
