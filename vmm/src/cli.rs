@@ -36,6 +36,10 @@ pub enum Command {
     /// Send one request to a running VM's control API and print the JSON
     /// response (exit status 0 if it succeeded, 1 if not).
     Ctl(CtlArgs),
+    /// Run the same guest block workloads on every disk mode (emulated
+    /// legacy controller, emulated virtio, vhost-user, vhost-user with
+    /// polling), several times each, and print medians with min and max.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Options of `pvstack run`.
@@ -80,7 +84,9 @@ pub struct RunArgs {
     /// running backend, `socket=PATH`, or `image=PATH` to start pvstack-blk
     /// on the image for the life of the VM. Options, comma separated:
     /// `id=ID` (default blkN), `num-queues=N` (default: all the backend
-    /// serves), `queue-size=N` (power of two), `readonly`.
+    /// serves), `queue-size=N` (power of two), `readonly`,
+    /// `reconnect-timeout=SECS` (how long to keep reconnecting after the
+    /// backend hangs up; default: for ever).
     /// Example: --blk image=disk.img,num-queues=2
     #[arg(long = "blk", value_name = "SPEC")]
     pub blk: Vec<BlkSpec>,

@@ -4,6 +4,7 @@
 //! check. The `pvstack` binary is a thin CLI over [`run`] and [`check`].
 
 pub mod abi;
+pub mod bench;
 pub mod api;
 pub mod check;
 pub mod cli;

@@ -27,6 +27,20 @@ fn main() -> ExitCode {
         Command::Run(args) => run_command(&args),
         Command::Check(args) => check_command(&args),
         Command::Ctl(args) => ctl_command(args),
+        Command::Bench(args) => bench_command(&args),
+    }
+}
+
+fn bench_command(args: &pvstack::bench::BenchArgs) -> ExitCode {
+    match pvstack::bench::run(args) {
+        Ok(pvstack::bench::BenchEnd::Done) => ExitCode::SUCCESS,
+        Ok(pvstack::bench::BenchEnd::Signal(signal)) => {
+            ExitCode::from(128u8.saturating_add(signal as u8))
+        }
+        Err(e) => {
+            eprintln!("pvstack: error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -39,6 +39,22 @@ pub fn block_termination() -> Result<()> {
     Ok(())
 }
 
+/// Waits until SIGTERM or SIGINT arrives (they must be blocked, see
+/// [`block_termination`]) and returns it. Should sigwait itself fail, it
+/// reports SIGTERM: the caller then stops as if asked to.
+pub fn wait_for_termination() -> libc::c_int {
+    let set = termination_set();
+    let mut signal: libc::c_int = 0;
+    // SAFETY: a valid set and a valid place for the signal number.
+    let rc = unsafe { libc::sigwait(&set, &mut signal) };
+    if rc == 0 {
+        signal
+    } else {
+        log::error!("sigwait failed: {}", io::Error::from_raw_os_error(rc));
+        libc::SIGTERM
+    }
+}
+
 /// Ends `machine`'s VM with [`VmEnd::Signal`] when SIGTERM or SIGINT
 /// arrives.
 pub fn forward_termination(machine: Arc<Machine>) -> Result<()> {
@@ -46,16 +62,9 @@ pub fn forward_termination(machine: Arc<Machine>) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let set = termination_set();
-            let mut signal: libc::c_int = 0;
-            // SAFETY: a valid set and a valid place for the signal number.
-            let rc = unsafe { libc::sigwait(&set, &mut signal) };
-            if rc == 0 {
-                log::info!("got signal {signal}; stopping the VM");
-                machine.lifecycle.end(VmEnd::Signal(signal));
-            } else {
-                log::error!("sigwait failed: {}", io::Error::from_raw_os_error(rc));
-            }
+            let signal = wait_for_termination();
+            log::info!("got signal {signal}; stopping the VM");
+            machine.lifecycle.end(VmEnd::Signal(signal));
         })
         .map(drop)
         .map_err(|source| Error::Os {

@@ -50,6 +50,21 @@ struct Shared {
     rejected: AtomicU64,
     /// Chains without a usable status byte, returned with nothing written.
     unanswerable: AtomicU64,
+    /// Chains returned to the driver.
+    served: AtomicU64,
+    /// Interrupts raised (call eventfd writes).
+    signalled: AtomicU64,
+}
+
+impl Drop for Shared {
+    /// The connection's totals (`pvstack bench` reads this line).
+    fn drop(&mut self) {
+        log::info!(
+            "served {} requests, raised {} interrupts",
+            self.served.load(Ordering::Relaxed),
+            self.signalled.load(Ordering::Relaxed)
+        );
+    }
 }
 
 impl BlkBackend {
@@ -77,6 +92,8 @@ impl BlkBackend {
                 exit_events,
                 rejected: AtomicU64::new(0),
                 unanswerable: AtomicU64::new(0),
+                served: AtomicU64::new(0),
+                signalled: AtomicU64::new(0),
             }),
         })
     }
@@ -118,13 +135,15 @@ impl BlkBackend {
                     if let Err(e) = vring.add_used(head, used_len) {
                         log::warn!("queue {queue}: cannot return chain {head}: {e}");
                     }
+                    self.shared.served.fetch_add(1, Ordering::Relaxed);
                 }
                 match vring.needs_notification() {
-                    Ok(true) => {
-                        if let Err(e) = vring.signal_used_queue() {
-                            log::warn!("queue {queue}: cannot signal the driver: {e}");
+                    Ok(true) => match vring.signal_used_queue() {
+                        Ok(()) => {
+                            self.shared.signalled.fetch_add(1, Ordering::Relaxed);
                         }
-                    }
+                        Err(e) => log::warn!("queue {queue}: cannot signal the driver: {e}"),
+                    },
                     Ok(false) => {}
                     Err(e) => log::warn!("queue {queue}: cannot read the used event: {e}"),
                 }

@@ -274,12 +274,6 @@ impl BusDevice for LegacyBlk {
     }
 }
 
-impl Drop for LegacyBlk {
-    fn drop(&mut self) {
-        info!("{}", self.stats.summary(&self.name));
-    }
-}
-
 /// Creates the legacy controller `spec` describes in `ctx`'s slot.
 pub(super) fn create(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
     let image = super::open_image(spec)?;

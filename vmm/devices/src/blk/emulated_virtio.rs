@@ -250,12 +250,6 @@ impl Served<'_> {
     }
 }
 
-impl Drop for EmulatedVirtioBlk {
-    fn drop(&mut self) {
-        info!("{}", self.stats.summary(&self.name));
-    }
-}
-
 /// Creates the in-VMM virtio-blk device `spec` describes in `ctx`'s slot:
 /// the same features, configuration space and request checks as
 /// pvstack-blk, with its notifications left to exit to the VMM.

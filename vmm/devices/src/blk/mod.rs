@@ -155,6 +155,16 @@ impl BlkDevice {
     }
 }
 
+/// The VMM drops its disks when the VM has ended: an in-VMM disk then
+/// reports what it served (`pvstack bench` reads the line).
+impl Drop for BlkDevice {
+    fn drop(&mut self) {
+        if let Some(stats) = &self.stats {
+            info!("{}", stats.summary(&self.id));
+        }
+    }
+}
+
 /// Creates the block device `spec` describes in the slot `ctx` gives:
 /// connects to (or starts) its backend, negotiates, reads its
 /// configuration and binds its notifications in KVM.

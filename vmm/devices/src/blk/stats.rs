@@ -31,8 +31,8 @@ impl DiskStats {
         self.interrupts.load(Ordering::Relaxed)
     }
 
-    /// The line a device logs when it goes away (`pvstack bench` reads it
-    /// from the VMM's log): `NAME: served N requests, raised M interrupts`.
+    /// The line logged when the VM has ended (`pvstack bench` reads it from
+    /// the VMM's log): `NAME: served N requests, raised M interrupts`.
     pub fn summary(&self, name: &str) -> String {
         format!(
             "{name}: served {} requests, raised {} interrupts",

@@ -1,0 +1,230 @@
+//! One measurement: a child `pvstack run` with one disk in one mode running
+//! one workload, and what it reported.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use pvstack_devices::blk::BlkMode;
+use serde::Serialize;
+
+use super::procstat::tree_cpu_seconds;
+use super::workload::Workload;
+use crate::error::{Error, Result};
+
+/// The child VMM running now (0 if none), for the signal thread to stop.
+pub static RUNNING_CHILD: AtomicU32 = AtomicU32::new(0);
+
+/// Guest RAM of every benchmark VM.
+const GUEST_MEMORY: &str = "256M";
+
+/// What to run.
+pub struct RunSpec<'a> {
+    /// The pvstack binary.
+    pub pvstack: &'a Path,
+    /// A guest image other than the built-in one.
+    pub kernel: Option<&'a Path>,
+    pub image: &'a Path,
+    pub mode: BlkMode,
+    pub workload: Workload,
+    pub secs: u64,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub ios: u64,
+    pub bytes: u64,
+    pub iops: f64,
+    pub mbps: f64,
+    /// VM exits to the VMM per request (the guest's COUNTERS hypercall).
+    pub exits_per_req: f64,
+    /// Doorbell kicks per request (the guest driver's count).
+    pub kicks_per_req: f64,
+    /// Interrupts raised per request, where the device that raises them
+    /// reports a count (see `Summary::interrupts_note`).
+    pub interrupts_per_req: Option<f64>,
+    /// CPU seconds of the VMM and its backend processes per GiB moved,
+    /// over the measured interval.
+    pub cpu_s_per_gib: f64,
+}
+
+/// Runs `spec` once and parses what it reported.
+pub fn run_once(spec: &RunSpec<'_>) -> Result<Sample> {
+    let mut command = Command::new(spec.pvstack);
+    command
+        .arg("run")
+        .args(["--memory", GUEST_MEMORY])
+        .arg("--blk")
+        .arg(format!("image={},mode={}", spec.image.display(), spec.mode))
+        .arg("--guest-args")
+        .arg(spec.workload.guest_args(spec.secs))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(kernel) = spec.kernel {
+        command.arg("--kernel").arg(kernel);
+    }
+    let what = format!("{} {}", spec.mode, spec.workload);
+    let failed = |reason: String| Error::Bench {
+        what: what.clone(),
+        reason,
+    };
+    let mut child = command
+        .spawn()
+        .map_err(|e| failed(format!("cannot start {}: {e}", spec.pvstack.display())))?;
+    let pid = child.id();
+    RUNNING_CHILD.store(pid, Ordering::SeqCst);
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| failed("no stderr pipe".to_string()))?;
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        // A read error only loses log lines; the run's result comes from stdout.
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| failed("no stdout pipe".to_string()))?;
+    // CPU time is sampled when the guest starts measuring (just after it
+    // prints its disk line) and when it reports, so boot and teardown are
+    // left out.
+    let mut cpu_start = None;
+    let mut cpu_end = None;
+    let mut result = None;
+    let mut console = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if line.starts_with("disk 0:") {
+            cpu_start = Some(tree_cpu_seconds(pid));
+        } else if line.starts_with("RESULT blk-bench") {
+            cpu_end = Some(tree_cpu_seconds(pid));
+            result = Some(line.clone());
+        }
+        console.push(line);
+    }
+    let status = child.wait();
+    RUNNING_CHILD.store(0, Ordering::SeqCst);
+    let log = stderr_reader.join().unwrap_or_default();
+    let status = status.map_err(|e| failed(format!("cannot wait for pvstack run: {e}")))?;
+    if !status.success() {
+        let last = log
+            .lines()
+            .chain(console.iter().map(String::as_str))
+            .rfind(|l| l.contains("error") || l.contains("PANIC"))
+            .unwrap_or("no error message");
+        return Err(failed(format!("pvstack run ended with {status}: {last}")));
+    }
+    let result = result.ok_or_else(|| failed("the guest printed no RESULT line".to_string()))?;
+    let cpu = match (cpu_start, cpu_end) {
+        (Some(start), Some(end)) => end - start,
+        _ => return Err(failed("the guest printed no disk line".to_string())),
+    };
+    parse_sample(&result, cpu, interrupts_per_request(&log)).map_err(failed)
+}
+
+/// The value of `key=` in a RESULT line.
+fn field(line: &str, key: &str) -> std::result::Result<f64, String> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .ok_or_else(|| format!("RESULT line lacks {key}=: {line}"))?
+        .parse()
+        .map_err(|_| format!("RESULT line has a bad {key}=: {line}"))
+}
+
+fn parse_sample(
+    line: &str,
+    cpu_seconds: f64,
+    interrupts_per_req: Option<f64>,
+) -> std::result::Result<Sample, String> {
+    let errors = field(line, "errors")?;
+    if errors != 0.0 {
+        return Err(format!("{errors} requests failed: {line}"));
+    }
+    let bytes = field(line, "bytes")? as u64;
+    let gib = bytes as f64 / f64::from(1u32 << 30);
+    Ok(Sample {
+        ios: field(line, "ios")? as u64,
+        bytes,
+        iops: field(line, "iops")?,
+        mbps: field(line, "mbps")?,
+        exits_per_req: field(line, "exits_per_req")?,
+        kicks_per_req: field(line, "kicks_per_req")?,
+        interrupts_per_req,
+        cpu_s_per_gib: if gib > 0.0 { cpu_seconds / gib } else { 0.0 },
+    })
+}
+
+/// Interrupts per request from the devices' closing log lines
+/// (`...: served N requests, raised M interrupts`), summed over every
+/// line; `None` if no device reported.
+fn interrupts_per_request(log: &str) -> Option<f64> {
+    let mut requests = 0u64;
+    let mut interrupts = 0u64;
+    let mut found = false;
+    for line in log.lines() {
+        let Some((_, tail)) = line.split_once("served ") else {
+            continue;
+        };
+        let words: Vec<&str> = tail.split_whitespace().collect();
+        if let [n, "requests,", "raised", m, "interrupts", ..] = words.as_slice() {
+            if let (Ok(n), Ok(m)) = (n.parse::<u64>(), m.parse::<u64>()) {
+                requests += n;
+                interrupts += m;
+                found = true;
+            }
+        }
+    }
+    (found && requests > 0).then(|| interrupts as f64 / requests as f64)
+}
+
+/// The pvstack binary to run children with: this one.
+pub fn current_pvstack() -> Result<PathBuf> {
+    std::env::current_exe().map_err(|source| Error::File {
+        action: "find the running pvstack binary",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "RESULT blk-bench rw=randread bs=4096 qd=1 queues=1 ios=22049 \
+        bytes=90312704 usecs=1000028 iops=22048.382 mbps=90.310 kicks_per_req=1.000 \
+        exits_per_req=1.000 errors=0";
+
+    #[test]
+    fn result_line_becomes_a_sample() {
+        let sample = parse_sample(LINE, 0.5, Some(0.25)).unwrap();
+        assert_eq!((sample.ios, sample.bytes), (22049, 90312704));
+        assert_eq!(sample.iops, 22048.382);
+        assert_eq!(sample.kicks_per_req, 1.0);
+        let gib = 90312704.0 / f64::from(1u32 << 30);
+        assert!((sample.cpu_s_per_gib - 0.5 / gib).abs() < 1e-9);
+        assert_eq!(sample.interrupts_per_req, Some(0.25));
+        assert!(
+            parse_sample(&LINE.replace("errors=0", "errors=2"), 0.5, None)
+                .unwrap_err()
+                .contains("2 requests failed")
+        );
+        assert!(parse_sample("RESULT blk-bench ios=1", 0.5, None)
+            .unwrap_err()
+            .contains("lacks errors="));
+    }
+
+    #[test]
+    fn interrupt_counts_from_device_log_lines() {
+        let log = "[INFO pvstack] blk0: served 100 requests, raised 4 interrupts\n\
+                   [INFO pvstack-blk x.sock] queue 0: served 100 requests, raised 6 interrupts\n\
+                   unrelated line\n";
+        assert_eq!(interrupts_per_request(log), Some(0.05));
+        assert_eq!(interrupts_per_request("nothing here"), None);
+    }
+}

@@ -1,0 +1,66 @@
+//! CPU time of a process and its children, from /proc/<pid>/stat.
+
+use std::fs;
+
+/// utime + stime of `pid`, in clock ticks; `None` if it is gone.
+fn ticks(pid: u32) -> Option<(u32, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: the
+    // fields after it start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest: state(3) ppid(4) ... utime(14) stime(15), 1-based in stat(5).
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// Clock ticks per second of /proc's times.
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU seconds used so far by `pid` and its direct children (the VMM and
+/// the backend processes it started).
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = ticks(pid).map_or(0, |(_, t)| t);
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if let Some((ppid, t)) = ticks(child) {
+                if ppid == pid {
+                    total += t;
+                }
+            }
+        }
+    }
+    total as f64 / ticks_per_second()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_cpu_time_grows_with_work() {
+        let me = std::process::id();
+        let before = tree_cpu_seconds(me);
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed().as_millis() < 300 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = tree_cpu_seconds(me);
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        assert_eq!(tree_cpu_seconds(u32::MAX), 0.0);
+    }
+}
