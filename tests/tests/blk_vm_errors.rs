@@ -4,15 +4,16 @@
 //! clear `pvstack: error:` line and exit status 1 (runtime) or 2 (usage),
 //! no hang (run_to_end's timeout), and no backend process left running.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_vm::{
     assert_no_process_mentions, image_spec, run_with_disks, socket_spec, utf8, zeroed_image,
 };
-use pvstack_tests::{Finished, ScratchDir};
+use pvstack_tests::{Finished, ScratchDir, HANG_TIMEOUT};
 
 const USAGE: i32 = 2;
 const RUNTIME: i32 = 1;
@@ -50,12 +51,27 @@ fn missing_socket() {
 }
 
 /// A "backend" that accepts one connection and hangs up on it, after
-/// reading the first request when `read_first` is set.
+/// reading the first request when `read_first` is set. The thread panics
+/// (rather than blocking the test for ever) if nobody connects.
 fn hang_up_listener(socket: &Path, read_first: bool) -> thread::JoinHandle<()> {
     let listener = UnixListener::bind(socket).expect("bind the test listener");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
     thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept pvstack");
+        let deadline = Instant::now() + HANG_TIMEOUT;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "pvstack never connected");
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
         if read_first {
+            stream.set_nonblocking(false).expect("blocking stream");
             // A vhost-user header is 12 bytes.
             let mut header = [0u8; 12];
             stream
