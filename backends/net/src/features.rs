@@ -61,10 +61,12 @@ pub fn offered(offloads: LinkOffloads) -> u64 {
     features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
-/// vhost-user protocol features offered. Not CONFIG: QEMU would then take
-/// the net configuration space (MAC) from the backend instead of its own.
+/// vhost-user protocol features offered. MQ so that a frontend learns the
+/// queue count (two: receive and transmit) from GET_QUEUE_NUM. Not
+/// CONFIG: QEMU would then take the net configuration space (MAC) from
+/// the backend instead of its own.
 pub fn protocol() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::REPLY_ACK
+    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
 }
 
 /// The `TUN_F_*` flags for the guest offloads the driver accepted.

@@ -14,6 +14,7 @@ mod console_bench;
 mod disk;
 mod evil;
 mod mem;
+mod net;
 mod pipeline;
 mod selftest;
 mod shell;
@@ -105,7 +106,7 @@ impl fmt::Display for Failure<'_> {
                 f,
                 "unknown workload `{name}` (hello, exit, selftest, fault, compute, blk-verify, \
                  blk-checksum, blk-zero, blk-bench, blk-evil, blk-swap-verify, \
-                 shell, console-bench)"
+                 shell, console-bench, net-serve, net-ping, net-bench)"
             ),
             Failure::Device(error) => write!(f, "device: {error}"),
             Failure::Hypercall(error) => write!(f, "hypercall: {error}"),
@@ -191,6 +192,9 @@ fn run<'a>(env: &mut Env, workload: &'a str, args: Args<'a>) -> Outcome<'a> {
         "shell" => shell::run(env, args),
         "console-bench" => console_bench::run(env, args),
         "blk-swap-verify" => swapverify::run(env, args),
+        "net-serve" => net::serve(env, args),
+        "net-ping" => net::ping(env, args),
+        "net-bench" => net::bench(env, args),
         other => Err(Failure::UnknownWorkload(other)),
     }
 }

@@ -209,12 +209,6 @@ fn negotiate_shape(spec: &NetSpec, handle: &VhostUserHandle, mac: [u8; 6]) -> Re
             reason: "it does not offer VIRTIO_F_VERSION_1".to_string(),
         });
     }
-    if handle.queue_num() < NUM_QUEUES as u64 {
-        return Err(Error::Incompatible {
-            socket: handle.socket().to_path_buf(),
-            reason: format!("it serves {} queues, a NIC needs 2", handle.queue_num()),
-        });
-    }
     Ok(DeviceShape {
         device_id: VIRTIO_ID_NET,
         features: backend & features_passed_on(),
