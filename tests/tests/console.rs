@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -351,7 +351,7 @@ fn start_backend(socket: &Path, server: &Path, log: &Path) -> Child {
         .expect("start pvstack-console")
 }
 
-fn wait_for_path(path: &PathBuf) {
+fn wait_for_path(path: &Path) {
     let started = Instant::now();
     while !path.exists() {
         assert!(
