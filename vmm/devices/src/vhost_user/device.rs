@@ -8,12 +8,12 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::handle::{used_idx, ActiveQueue, RingSetup, VhostUserHandle};
+use super::handle::{avail_idx, used_idx, ActiveQueue, RingSetup, VhostUserHandle};
 use super::process::BackendProcess;
 use super::stall::StallStats;
 use crate::error::{Error, Result};
@@ -208,9 +208,11 @@ impl VhostUserDevice {
         }
         let mut new = VhostUserHandle::connect(socket)?;
         self.check_config(&mut new)?;
-        let began = Instant::now();
+        let mut began = Instant::now();
         if let Some(rings) = self.rings.as_mut() {
             new.check_takeover(rings)?;
+            new.prepare(rings)?;
+            began = Instant::now();
             if let Err(err) = self.handle.stop(rings) {
                 // The old backend is gone or broken: continue as after a
                 // hang-up, from what the driver saw completed.
@@ -220,7 +222,8 @@ impl VhostUserDevice {
                 );
                 rewind_to_used(rings)?;
             }
-            if let Err(err) = new.start(rings) {
+            let stopped = began.elapsed();
+            if let Err(err) = new.resume(rings) {
                 // Give the rings back to the old backend where it stopped.
                 if let Err(again) = self.handle.start(rings) {
                     error!(
@@ -230,6 +233,15 @@ impl VhostUserDevice {
                 }
                 return Err(err);
             }
+            let resumed = began.elapsed();
+            wait_for_service(rings);
+            debug!(
+                "{}: old backend stopped in {} us, new one set up in {} us, serving after {} us",
+                self.name,
+                stopped.as_micros(),
+                (resumed - stopped).as_micros(),
+                began.elapsed().as_micros()
+            );
         } else {
             let missing = self.shape.features & !new.backend_features();
             if missing != 0 {
@@ -312,6 +324,7 @@ impl VhostUserDevice {
             rewind_to_used(rings)?;
             new.check_takeover(rings)?;
             new.start(rings)?;
+            wait_for_service(rings);
         }
         self.replace_connection(new, process);
         let stall = began.elapsed();
@@ -342,6 +355,28 @@ impl VhostUserDevice {
         self.state = BackendState::Reconnecting;
         self.try_reconnect(began)?;
         Ok(began.elapsed())
+    }
+}
+
+/// How long [`wait_for_service`] waits for a new backend's first completion.
+const SERVICE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Waits until the backend that just started on `rings` completes a
+/// request on each queue where requests were waiting, so the stall
+/// recorded is what the guest sees (the backend's threads must also be
+/// scheduled) rather than only the setup messages. Gives up quietly after
+/// [`SERVICE_TIMEOUT`]; the stall then says so.
+fn wait_for_service(rings: &RingSetup) {
+    let started = Instant::now();
+    for queue in &rings.queues {
+        let waiting = |memory| {
+            let used = used_idx(memory, queue).ok()?;
+            let avail = avail_idx(memory, queue).ok()?;
+            Some(used == queue.next_avail && avail != queue.next_avail)
+        };
+        while waiting(&rings.memory) == Some(true) && started.elapsed() < SERVICE_TIMEOUT {
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 }
 

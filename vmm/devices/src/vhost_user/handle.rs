@@ -40,8 +40,8 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// taken from the available ring before [`VhostUserHandle::stop`] gives up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Offset of `idx` in the used ring (after the 16-bit flags).
-const USED_IDX_OFFSET: u64 = 2;
+/// Offset of `idx` in the available and used rings (after 16-bit flags).
+const RING_IDX_OFFSET: u64 = 2;
 
 /// One queue the backend serves.
 #[derive(Debug)]
@@ -175,11 +175,19 @@ impl VhostUserHandle {
         Ok(config)
     }
 
-    /// Sets the backend up to serve `setup`'s queues: SET_FEATURES,
-    /// SET_MEM_TABLE, and per queue SET_VRING_NUM, _BASE, _ADDR, _CALL,
-    /// _KICK and _ENABLE. The call fd goes before the kick so that nothing
-    /// the backend completes on its first kick goes unsignalled.
+    /// Sets the backend up to serve `setup`'s queues: [`Self::prepare`]
+    /// then [`Self::resume`].
     pub fn start(&mut self, setup: &RingSetup) -> Result<()> {
+        self.prepare(setup)?;
+        self.resume(setup)
+    }
+
+    /// The part of the setup that does not depend on where the rings
+    /// stand, so a swap can do it while the old backend still serves:
+    /// SET_FEATURES, SET_MEM_TABLE, and per queue SET_VRING_NUM and
+    /// _CALL (the call fd goes before the kick so that nothing the backend
+    /// completes on its first kick goes unsignalled).
+    pub fn prepare(&mut self, setup: &RingSetup) -> Result<()> {
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = setup.features | (self.backend_features & protocol_bit);
         self.step("SET_FEATURES", |f| f.set_features(features))?;
@@ -187,15 +195,26 @@ impl VhostUserHandle {
         self.step("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
         for queue in &setup.queues {
             let index = usize::from(queue.index);
-            let addresses = ring_addresses(&setup.memory, queue)?;
             self.step("SET_VRING_NUM", |f| {
                 f.set_vring_num(index, queue.config.size)
             })?;
+            self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the prepared backend where `setup`'s queues stand: per queue
+    /// SET_VRING_BASE, _ADDR (after which the backend reads the used
+    /// ring's index, so every earlier request must be complete), _KICK and
+    /// _ENABLE, then one kick.
+    pub fn resume(&mut self, setup: &RingSetup) -> Result<()> {
+        for queue in &setup.queues {
+            let index = usize::from(queue.index);
+            let addresses = ring_addresses(&setup.memory, queue)?;
             self.step("SET_VRING_BASE", |f| {
                 f.set_vring_base(index, queue.next_avail)
             })?;
             self.step("SET_VRING_ADDR", |f| f.set_vring_addr(index, &addresses))?;
-            self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
             self.step("SET_VRING_KICK", |f| f.set_vring_kick(index, &queue.kick))?;
             self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
             // A kick the driver sent while no backend watched this queue
@@ -208,7 +227,7 @@ impl VhostUserHandle {
             })?;
         }
         debug!(
-            "vhost-user backend {}: started {} queues with features {features:#x}",
+            "vhost-user backend {}: started {} queues",
             self.socket.display(),
             setup.queues.len()
         );
@@ -337,14 +356,26 @@ impl VhostUserHandle {
 /// The used ring's index of `queue`: how many requests the backend has
 /// completed (modulo 2^16), as the driver sees it.
 pub fn used_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<u16> {
-    let addr = GuestAddress(queue.config.used_ring + USED_IDX_OFFSET);
+    ring_idx(memory, queue, queue.config.used_ring, "used")
+}
+
+/// The available ring's index of `queue`: how many requests the driver
+/// has made available (modulo 2^16).
+pub fn avail_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<u16> {
+    ring_idx(memory, queue, queue.config.avail_ring, "available")
+}
+
+/// The `idx` field of the ring at `ring` (both rings start with 16-bit
+/// flags, then the index).
+fn ring_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue, ring: u64, name: &str) -> Result<u16> {
+    let addr = GuestAddress(ring + RING_IDX_OFFSET);
     let idx: u16 = memory
         .load(addr, Ordering::Acquire)
         .map_err(|_| Error::InvalidQueue {
             queue: queue.index,
-            reason: format!("used ring index at {:#x} is not in guest RAM", addr.0),
+            reason: format!("{name} ring index at {:#x} is not in guest RAM", addr.0),
         })?;
-    // Used elements are written before the index; read them only after.
+    // Ring entries are written before the index; read them only after.
     fence(Ordering::Acquire);
     Ok(u16::from_le(idx))
 }
