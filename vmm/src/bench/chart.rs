@@ -54,7 +54,7 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "pvstack bench: median IOPS (log scale), {} runs of {} s each, whiskers min-max",
+                "pvstack bench: median IOPS (log scale) of {} run(s) of {} s, whiskers min-max",
                 report.repetitions, report.duration_secs
             ),
             ("sans-serif", 20),
@@ -76,7 +76,7 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
             }
         })
         .y_desc("IOPS")
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| iops_label(*v))
         .draw()?;
     let width = 0.8 / modes.len().max(1) as f64;
     for (m, mode) in modes.iter().enumerate() {
@@ -108,7 +108,7 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
         }))?;
         chart.draw_series(bars.iter().map(|(x, s)| {
             Text::new(
-                format!("{:.1}", s.iops.median),
+                iops_label(s.iops.median),
                 (*x, s.iops.median.max(bottom) * 1.15),
                 ("sans-serif", 11),
             )
@@ -122,4 +122,16 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// An IOPS value with as many decimals as its size needs (the legacy
+/// controller moves a 1 MiB request in several seconds).
+fn iops_label(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }

@@ -12,7 +12,7 @@ mod procstat;
 mod summary;
 mod workload;
 
-use std::io::Write as _;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -128,7 +128,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
                 let sample = child::run_once(&spec);
                 let signal = STOPPED_BY.load(Ordering::SeqCst);
                 if signal != 0 {
-                    eprintln!();
+                    end_progress();
                     return Ok(BenchEnd::Signal(signal));
                 }
                 samples.push(sample?);
@@ -136,7 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
             results.extend(Summary::new(mode, workload, samples));
         }
     }
-    eprintln!();
+    end_progress();
     let mut report = Report {
         repetitions: args.reps,
         duration_secs: args.duration,
@@ -164,12 +164,24 @@ pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
     Ok(BenchEnd::Done)
 }
 
-/// Rewrites the progress line on stderr.
+/// Shows which run is going on: one line on stderr, rewritten in place on
+/// a terminal, one line per run otherwise (logs).
 fn progress(text: &str) {
     let mut stderr = std::io::stderr().lock();
     // Progress is a courtesy: a closed stderr must not stop the benchmark.
-    let _ = write!(stderr, "\r\x1b[2K{text}");
+    let _ = if stderr.is_terminal() {
+        write!(stderr, "\r\x1b[2K{text}")
+    } else {
+        writeln!(stderr, "{text}")
+    };
     let _ = stderr.flush();
+}
+
+/// Ends the progress line, if it is one rewritten in place.
+fn end_progress() {
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
 }
 
 /// On SIGTERM or SIGINT (blocked in every thread by `main`), stops the
