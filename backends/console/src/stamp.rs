@@ -59,9 +59,21 @@ impl StampFilter {
 
     /// Filters `input`, appending what is to be shown to `out`.
     pub fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        for &byte in input {
+        let mut rest = input;
+        while let Some((&byte, after)) = rest.split_first() {
+            if self.state == State::Text {
+                // Plain text up to the next escape goes out in one piece.
+                let run = rest.iter().position(|&b| b == ESC).unwrap_or(rest.len());
+                out.extend_from_slice(&rest[..run]);
+                let Some(after_escape) = rest.get(run + 1..) else {
+                    break;
+                };
+                self.state = State::Escape;
+                rest = after_escape;
+                continue;
+            }
+            rest = after;
             match self.state {
-                State::Text if byte == ESC => self.state = State::Escape,
                 State::Text => out.push(byte),
                 State::Escape if byte == b'_' => {
                     self.body.clear();

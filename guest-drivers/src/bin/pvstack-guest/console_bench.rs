@@ -54,6 +54,7 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
             let transport = unsafe { MmioTransport::new(info.mmio_addr) };
             let mut device = ConsoleDevice::new(transport, &mut env.memory)?;
             // Setting the device up is not part of the measurement.
+            let before = env.hypercall.counters()?;
             let start_after_setup = rdtsc();
             let mut left = total;
             while left > 0 {
