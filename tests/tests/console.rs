@@ -417,3 +417,75 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
     let lost_in_guest: usize = run.result("shell")["lost_lines"].parse().unwrap();
     assert_eq!(lost_in_guest, reported, "{run:#?}");
 }
+
+/// What console-bench writes: 64-byte lines of one letter each, `a` to `z`
+/// in turn, restarting every 4 KiB.
+fn bench_pattern(bytes: usize) -> Vec<u8> {
+    (0..bytes)
+        .map(|i| {
+            let line = (i % 4096) / 64;
+            if i % 64 == 63 {
+                b'\n'
+            } else {
+                b'a' + (line % 26) as u8
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn console_bench_moves_the_bytes_with_the_expected_exits() {
+    let dir = ScratchDir::new("console-bench");
+    let socket = dir.path("vhost-user.sock");
+    let log = dir.path("virtio.out");
+    let mut backend = Command::new(binary("pvstack-console"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--listen")
+        .arg(dir.path("console.sock"))
+        .arg("--log")
+        .arg(&log)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start pvstack-console");
+    wait_for_path(&socket);
+    let image = guest_image();
+    let image = image.to_str().expect("UTF-8 path");
+    let bench = |via: &str, bytes: usize, extra: &[&str]| {
+        let guest_args = format!("console-bench via={via} bytes={bytes}");
+        let mut args = vec!["run", "--kernel", image, "--guest-args", &guest_args];
+        args.extend_from_slice(extra);
+        let run = pvstack_tests::run_pvstack(&args);
+        assert_eq!(run.code(), 0, "{run:#?}");
+        assert_eq!(run.result("console-bench")["bytes"], bytes.to_string());
+        let exits: usize = run.result("console-bench")["exits"].parse().unwrap();
+        (run, exits)
+    };
+
+    // The virtio console: no exits at all while the data moves, and the
+    // bytes reach pvstack-console's log intact.
+    let console = format!("socket={}", socket.display());
+    let (_, exits) = bench("virtio", 1 << 20, &["--console", &console]);
+    assert_eq!(exits, 0);
+    backend.kill().expect("stop pvstack-console");
+    wait_or_kill(&mut backend);
+    assert!(
+        fs::read(&log).unwrap() == bench_pattern(1 << 20),
+        "virtio log differs"
+    );
+
+    // The hypercall console: one exit per 4 KiB.
+    let (run, exits) = bench("hypercall", 1 << 20, &[]);
+    assert_eq!(exits, 256);
+    assert!(run
+        .stdout
+        .contains(std::str::from_utf8(&bench_pattern(8192)).unwrap()));
+
+    // The UART: an exit per byte, and one per 16 for the line status.
+    let (run, exits) = bench("uart", 8192, &["--serial"]);
+    assert_eq!(exits, 8192 + 8192 / 16);
+    assert!(run
+        .stdout
+        .contains(std::str::from_utf8(&bench_pattern(8192)).unwrap()));
+}
