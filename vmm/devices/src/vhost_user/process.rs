@@ -210,21 +210,23 @@ fn find_program(name: &str) -> Result<PathBuf> {
 /// A new directory only this user can enter, for one backend's socket.
 fn create_socket_dir(program_name: &str) -> Result<PathBuf> {
     static SEQUENCE: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "pvstack-{}-{program_name}-{}",
-        std::process::id(),
-        SEQUENCE.fetch_add(1, Ordering::Relaxed)
-    ));
-    // Not recursive: fails if the directory exists, so nobody else's
-    // directory is ever reused.
-    DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| Error::SocketDir {
-            dir: dir.clone(),
-            source,
-        })?;
-    Ok(dir)
+    loop {
+        let dir = std::env::temp_dir().join(format!(
+            "pvstack-{}-{program_name}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Not recursive: fails if the directory exists, so nobody else's
+        // directory is ever reused. One left behind by an earlier process
+        // with the same pid (pids are reused) is skipped, not an error.
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                debug!("{} exists; trying the next name", dir.display());
+            }
+            Err(source) => return Err(Error::SocketDir { dir, source }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -241,6 +243,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         std::fs::remove_dir(a).unwrap();
         std::fs::remove_dir(b).unwrap();
+    }
+
+    #[test]
+    fn socket_dirs_left_behind_by_a_reused_pid_are_skipped() {
+        // Stand-ins for directories an earlier process with this pid left.
+        let probe = create_socket_dir("reused-pid").unwrap();
+        let name = probe.file_name().unwrap().to_str().unwrap().to_string();
+        let (prefix, seq) = name.rsplit_once('-').unwrap();
+        let seq: u32 = seq.parse().unwrap();
+        let stale: Vec<PathBuf> = (seq + 1..seq + 20)
+            .map(|n| probe.with_file_name(format!("{prefix}-{n}")))
+            .collect();
+        for dir in &stale {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let fresh = create_socket_dir("reused-pid").unwrap();
+        assert!(!stale.contains(&fresh), "{} was reused", fresh.display());
+        for dir in stale.iter().chain([&probe, &fresh]) {
+            std::fs::remove_dir(dir).unwrap();
+        }
     }
 
     #[test]
