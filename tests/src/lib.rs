@@ -5,6 +5,7 @@
 
 pub mod blk_process;
 pub mod blk_vm;
+pub mod net;
 pub mod qemu;
 pub mod qsd;
 

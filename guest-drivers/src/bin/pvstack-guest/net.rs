@@ -250,7 +250,8 @@ fn serve_echo(socket: &mut tcp::Socket<'_>, counts: &mut ServeCounts) {
         let _ = socket.send_slice(&buffer[..len]);
         counts.tcp_echo_bytes += len as u64;
     }
-    if !socket.may_recv() && socket.send_queue() == 0 {
+    // The peer finished sending and everything was echoed.
+    if socket.state() == tcp::State::CloseWait && socket.send_queue() == 0 {
         socket.close();
     }
 }
@@ -357,11 +358,7 @@ pub fn ping<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     }
     println!(
         "RESULT net-ping target={target} sent={count} received={received} avg_rtt_us={}",
-        if received == 0 {
-            0
-        } else {
-            total_us / received
-        }
+        total_us.checked_div(received).unwrap_or(0)
     );
     Ok(stack.report_fault() && received == count)
 }

@@ -1,0 +1,282 @@
+//! pvstack's network path end to end: the guest's virtio-net driver and
+//! smoltcp, the VMM's virtio-net device, and pvstack-net on a TAP (inside a
+//! network namespace each test creates) or joining two VMs back to back.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use pvstack_tests::net::{run_ok, start_net_backend, start_vm, NetNs};
+use pvstack_tests::{binary, run_pvstack, Finished, ScratchDir};
+
+const GUEST: &str = "10.0.0.2";
+const HOST_CIDR: &str = "10.0.0.1/24";
+/// Long enough that no test run comes near it; the tests stop the guest
+/// with the `stop` datagram.
+const SERVE: &str = "net-serve ip=10.0.0.2/24 secs=600";
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Ends net-serve with the `stop` datagram and returns its run.
+fn stop_guest(ns: &NetNs, vm: pvstack_tests::net::Background) -> Finished {
+    ns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut reply = [0u8; 64];
+        for _ in 0..5 {
+            socket.send_to(b"stop", (GUEST, 7)).expect("send stop");
+            if let Ok((len, _)) = socket.recv_from(&mut reply) {
+                assert_eq!(&reply[..len], b"stopping");
+                return;
+            }
+        }
+        panic!("the guest never answered `stop`");
+    });
+    vm.finish()
+}
+
+fn udp_echo(ns: &NetNs, count: usize) -> usize {
+    ns.run(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let mut echoed = 0;
+        for i in 0..count {
+            let message = format!("datagram {i} {}", "x".repeat(i % 1000));
+            let mut reply = [0u8; 2048];
+            // A datagram may be lost; each gets three tries.
+            for _ in 0..3 {
+                socket
+                    .send_to(message.as_bytes(), (GUEST, 7))
+                    .expect("send");
+                if let Ok((len, _)) = socket.recv_from(&mut reply) {
+                    assert_eq!(&reply[..len], message.as_bytes(), "echo of datagram {i}");
+                    echoed += 1;
+                    break;
+                }
+            }
+        }
+        echoed
+    })
+}
+
+/// Sends `len` bytes to the TCP echo service; what came back, or why not.
+fn tcp_echo(ns: &NetNs, len: usize) -> Result<(), String> {
+    ns.run(move || {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut stream = TcpStream::connect((GUEST, 7)).expect("connect to TCP echo");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        let writer_data = data.clone();
+        let mut writer = stream.try_clone().expect("clone stream");
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&writer_data).expect("send");
+            writer.shutdown(Shutdown::Write).expect("shutdown");
+        });
+        let mut back = Vec::with_capacity(len);
+        let read = stream.read_to_end(&mut back);
+        sender.join().expect("sender");
+        read.map_err(|e| format!("reading the echo failed after {} bytes: {e}", back.len()))?;
+        if back != data {
+            return Err(format!(
+                "the echo ({} bytes) differs from the {len} sent",
+                back.len()
+            ));
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn host_pings_and_echoes_through_a_tap_backend_pvstack_started() {
+    let scratch = ScratchDir::new("net-tap");
+    let ns = NetNs::new("tap");
+    let nets = ["tap=pvtap0,mac=52:54:00:00:00:02".to_string()];
+    let mut vm = start_vm(Some(&ns), &nets, SERVE, &scratch.path("vm.log"));
+    vm.wait_for("net-serve:");
+    assert!(
+        vm.output()
+            .contains("mac 52:54:00:00:00:02, mtu 1500, link up"),
+        "{}",
+        vm.output()
+    );
+    ns.configure("pvtap0", HOST_CIDR);
+
+    let ping = run_ok(
+        ns.command("busybox")
+            .args(["ping", "-c", "100", "-i", "0.02", "-W", "10", GUEST]),
+    );
+    assert!(
+        ping.contains("100 packets transmitted, 100 packets received, 0% packet loss"),
+        "{ping}"
+    );
+    assert_eq!(udp_echo(&ns, 50), 50);
+    if let Err(e) = tcp_echo(&ns, 1 << 20) {
+        panic!("TCP echo: {e}; the VM's output:\n{}", vm.output());
+    }
+
+    let run = stop_guest(&ns, vm);
+    assert_eq!(run.code(), 0, "{}", run.stdout);
+    assert_eq!(run.result_number("net-serve", "udp_echoed"), 50.0);
+    assert_eq!(
+        run.result_number("net-serve", "tcp_echo_bytes"),
+        f64::from(1u32 << 20)
+    );
+}
+
+#[test]
+fn tcp_sink_counts_256_mib_through_an_external_backend() {
+    const BYTES: u64 = 256 << 20;
+    let scratch = ScratchDir::new("net-sink");
+    let ns = NetNs::new("sink");
+    let socket = scratch.path("net.sock");
+    let backend = start_net_backend(Some(&ns), &socket, &["--tap", "pvtap1"]);
+    ns.configure("pvtap1", HOST_CIDR);
+    let spec = format!("socket={}", socket.display());
+    let mut vm = start_vm(None, &[spec], SERVE, &scratch.path("vm.log"));
+    vm.wait_for("net-serve:");
+
+    let answer = ns.run(|| {
+        let mut stream = TcpStream::connect((GUEST, 9)).expect("connect to the sink");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .expect("timeout");
+        let chunk: Vec<u8> = (0..1 << 16).map(|i| i as u8).collect();
+        let mut sent = 0u64;
+        while sent < BYTES {
+            stream.write_all(&chunk).expect("send");
+            sent += chunk.len() as u64;
+        }
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read the count");
+        answer
+    });
+    assert_eq!(answer, format!("bytes={BYTES}\n"));
+
+    let run = stop_guest(&ns, vm);
+    assert_eq!(run.code(), 0, "{}", run.stdout);
+    assert_eq!(run.result_number("net-serve", "sink_bytes"), BYTES as f64);
+    assert_eq!(run.result_number("net-serve", "sink_conns"), 1.0);
+    let log = backend.terminate().stdout;
+    assert!(log.contains("tx_bad=0"), "{log}");
+    let sink_line = format!("sink: connection 1 bytes={BYTES}");
+    assert!(run.stdout.contains(&sink_line), "{}", run.stdout);
+}
+
+#[test]
+fn two_vms_in_peer_mode_ping_each_other() {
+    let scratch = ScratchDir::new("net-peer");
+    let (a_sock, b_sock) = (scratch.path("a.sock"), scratch.path("b.sock"));
+    let (a_wire, b_wire) = (scratch.path("a.wire"), scratch.path("b.wire"));
+    let wire = |bind: &std::path::Path, connect: &std::path::Path| {
+        vec![
+            "--peer-bind".to_string(),
+            bind.display().to_string(),
+            "--peer-connect".to_string(),
+            connect.display().to_string(),
+        ]
+    };
+    let a_args = wire(&a_wire, &b_wire);
+    let b_args = wire(&b_wire, &a_wire);
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let _a_backend = start_net_backend(None, &a_sock, &a_args);
+    let _b_backend = start_net_backend(None, &b_sock, &b_args);
+
+    let a_spec = format!("socket={},mac=52:54:00:00:01:02", a_sock.display());
+    let b_spec = format!("socket={},mac=52:54:00:00:01:03", b_sock.display());
+    let mut server = start_vm(
+        None,
+        &[a_spec],
+        "net-serve ip=10.0.1.2/24 secs=600",
+        &scratch.path("a.log"),
+    );
+    server.wait_for("net-serve:");
+    let pinger = start_vm(
+        None,
+        &[b_spec],
+        "net-ping ip=10.0.1.3/24 target=10.0.1.2 count=20",
+        &scratch.path("b.log"),
+    );
+    let run = pinger.finish();
+    assert_eq!(run.code(), 0, "{}", run.stdout);
+    assert_eq!(
+        run.result_number("net-ping", "received"),
+        20.0,
+        "{}",
+        run.stdout
+    );
+    server.terminate();
+}
+
+#[test]
+fn bad_tap_names_and_socket_paths_are_refused_clearly() {
+    let scratch = ScratchDir::new("net-bad");
+    let net = binary("pvstack-net");
+    let socket = scratch.path("net.sock");
+    let too_long = run_to_end_of(
+        std::process::Command::new(&net)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--tap", "a-name-much-too-long"]),
+    );
+    assert_eq!(too_long.code(), 2, "{}", too_long.stderr);
+    assert!(
+        too_long.stderr.contains("at most 15 fit"),
+        "{}",
+        too_long.stderr
+    );
+    let slash = run_to_end_of(
+        std::process::Command::new(&net)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--tap", "a/b"]),
+    );
+    assert_eq!(slash.code(), 2, "{}", slash.stderr);
+    assert!(slash.stderr.contains("contains '/'"), "{}", slash.stderr);
+
+    let regular = scratch.path("regular");
+    std::fs::write(&regular, b"keep me").expect("write file");
+    let refused = run_to_end_of(
+        std::process::Command::new(&net)
+            .arg("--socket")
+            .arg(&regular)
+            .args(["--tap", "pvtapx"]),
+    );
+    assert_eq!(refused.code(), 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("exists and is not a socket"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(std::fs::read(&regular).expect("read back"), b"keep me");
+
+    let vm = run_pvstack(&[
+        "run",
+        "--net",
+        "tap=a-name-much-too-long",
+        "--guest-args",
+        "hello",
+    ]);
+    assert_eq!(vm.code(), 2, "{}", vm.stderr);
+    assert!(
+        vm.stderr.contains("not a valid interface name"),
+        "{}",
+        vm.stderr
+    );
+    let vm = run_pvstack(&[
+        "run",
+        "--net",
+        "socket=/nonexistent/net.sock",
+        "--guest-args",
+        "hello",
+    ]);
+    assert_eq!(vm.code(), 1, "{}", vm.stderr);
+    assert!(vm.stderr.contains("/nonexistent/net.sock"), "{}", vm.stderr);
+}
+
+fn run_to_end_of(command: &mut std::process::Command) -> Finished {
+    pvstack_tests::run_to_end(command)
+}
