@@ -86,7 +86,13 @@ pub struct RunArgs {
     /// `id=ID` (default blkN), `num-queues=N` (default: all the backend
     /// serves), `queue-size=N` (power of two), `readonly`,
     /// `reconnect-timeout=SECS` (how long to keep reconnecting after the
-    /// backend hangs up; default: for ever).
+    /// backend hangs up; default: for ever). With `image=`,
+    /// `mode=MODE` picks where requests are served: `vhost-user` (default),
+    /// `vhost-user-poll` (pvstack-blk busy-polls the queue between
+    /// batches, so a busy guest rarely kicks), or the baselines in the VMM,
+    /// `emulated-virtio` (every kick exits to the VMM) and
+    /// `emulated-legacy` (a register-level controller; every data word
+    /// exits). `pvstack bench` compares them.
     /// Example: --blk image=disk.img,num-queues=2
     #[arg(long = "blk", value_name = "SPEC")]
     pub blk: Vec<BlkSpec>,

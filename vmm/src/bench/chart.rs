@@ -109,7 +109,8 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
         chart.draw_series(bars.iter().map(|(x, s)| {
             Text::new(
                 iops_label(s.iops.median),
-                (*x, s.iops.median.max(bottom) * 1.15),
+                // Above the whisker, so the two never overlap.
+                (*x, s.iops.max.max(bottom) * 1.25),
                 ("sans-serif", 11),
             )
         }))?;
