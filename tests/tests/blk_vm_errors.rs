@@ -5,15 +5,16 @@
 //! no hang (run_to_end's timeout), and no backend process left running.
 
 use std::io::{ErrorKind, Read};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_vm::{
     assert_no_process_mentions, image_spec, run_with_disks, socket_spec, utf8, zeroed_image,
 };
-use pvstack_tests::{Finished, ScratchDir, HANG_TIMEOUT};
+use pvstack_tests::{pvstack, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT};
 
 const USAGE: i32 = 2;
 const RUNTIME: i32 = 1;
@@ -50,10 +51,21 @@ fn missing_socket() {
     assert_only_line(&run);
 }
 
-/// A "backend" that accepts one connection and hangs up on it, after
-/// reading the first request when `read_first` is set. The thread panics
-/// (rather than blocking the test for ever) if nobody connects.
-fn hang_up_listener(socket: &Path, read_first: bool) -> thread::JoinHandle<()> {
+/// How a fake backend treats the one connection it accepts.
+#[derive(Clone, Copy)]
+enum FakeBackend {
+    /// Hangs up at once.
+    HangsUp,
+    /// Reads the first request, then hangs up.
+    HangsUpAfterRequest,
+    /// Keeps the connection open and never answers.
+    Silent,
+}
+
+/// A fake backend on `socket` that accepts one connection and treats it as
+/// `behaviour` says; the thread hands back a connection it keeps open. It
+/// panics (rather than blocking the test for ever) if nobody connects.
+fn fake_backend(socket: &Path, behaviour: FakeBackend) -> thread::JoinHandle<Option<UnixStream>> {
     let listener = UnixListener::bind(socket).expect("bind the test listener");
     listener
         .set_nonblocking(true)
@@ -70,13 +82,18 @@ fn hang_up_listener(socket: &Path, read_first: bool) -> thread::JoinHandle<()> {
                 Err(e) => panic!("accept: {e}"),
             }
         };
-        if read_first {
-            stream.set_nonblocking(false).expect("blocking stream");
-            // A vhost-user header is 12 bytes.
-            let mut header = [0u8; 12];
-            stream
-                .read_exact(&mut header)
-                .expect("pvstack's first request");
+        match behaviour {
+            FakeBackend::HangsUp => None,
+            FakeBackend::HangsUpAfterRequest => {
+                stream.set_nonblocking(false).expect("blocking stream");
+                // A vhost-user header is 12 bytes.
+                let mut header = [0u8; 12];
+                stream
+                    .read_exact(&mut header)
+                    .expect("pvstack's first request");
+                None
+            }
+            FakeBackend::Silent => Some(stream),
         }
     })
 }
@@ -84,14 +101,56 @@ fn hang_up_listener(socket: &Path, read_first: bool) -> thread::JoinHandle<()> {
 #[test]
 fn backend_that_hangs_up_during_negotiation() {
     let dir = ScratchDir::new("blk-err-hang-up");
-    for (name, read_first) in [("at-once.sock", false), ("after-request.sock", true)] {
+    for (name, behaviour) in [
+        ("at-once.sock", FakeBackend::HangsUp),
+        ("after-request.sock", FakeBackend::HangsUpAfterRequest),
+    ] {
         let socket = dir.path(name);
-        let listener = hang_up_listener(&socket, read_first);
+        let listener = fake_backend(&socket, behaviour);
         let run = run_with_disks(&[socket_spec(&socket, &[])], "hello");
         listener.join().expect("the listener saw pvstack connect");
         assert_pvstack_error(&run, RUNTIME, &[utf8(&socket), "vhost-user"]);
         assert_only_line(&run);
     }
+}
+
+/// The vhost crate retries a timed-out receive for ever, so only pvstack's
+/// own reply watchdog ends this wait.
+#[test]
+fn backend_that_never_replies() {
+    let dir = ScratchDir::new("blk-err-silent");
+    let socket = dir.path("silent.sock");
+    let backend = fake_backend(&socket, FakeBackend::Silent);
+    let run = run_with_disks(&[socket_spec(&socket, &[])], "hello");
+    let connection = backend
+        .join()
+        .expect("the fake backend saw pvstack connect");
+    assert!(connection.is_some());
+    assert_pvstack_error(&run, RUNTIME, &[utf8(&socket), "no reply to GET_FEATURES"]);
+    assert_only_line(&run);
+}
+
+/// SIGTERM while a device is still being set up ends pvstack at once with
+/// 128 + 15, rather than after the backend's reply timeout.
+#[test]
+fn sigterm_while_a_backend_keeps_pvstack_waiting() {
+    let dir = ScratchDir::new("blk-err-sigterm-setup");
+    let socket = dir.path("silent.sock");
+    let backend = fake_backend(&socket, FakeBackend::Silent);
+    let mut child = Command::new(pvstack())
+        .args(["run", "--blk", &socket_spec(&socket, &[])])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pvstack");
+    let connection = backend
+        .join()
+        .expect("the fake backend saw pvstack connect");
+    // SAFETY: kill(2) on the pid of a child this test owns and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_or_kill(&mut child).expect("pvstack ended");
+    drop(connection);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
 }
 
 #[test]

@@ -4,8 +4,8 @@
 //! check. The `pvstack` binary is a thin CLI over [`run`] and [`check`].
 
 pub mod abi;
-pub mod bench;
 pub mod api;
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod console;

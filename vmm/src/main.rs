@@ -80,6 +80,10 @@ fn run_command(args: &RunArgs) -> ExitCode {
         eprintln!("pvstack: error: {usage}");
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Err(e) = pvstack::signals::handle_termination() {
+        eprintln!("pvstack: error: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
     match pvstack::run::run(args) {
         Ok(end) => exit_status(end),
         Err(e) => {

@@ -3,7 +3,7 @@
 //! in a signal handler.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::lifecycle::VmEnd;
@@ -55,20 +55,46 @@ pub fn wait_for_termination() -> libc::c_int {
     }
 }
 
-/// Ends `machine`'s VM with [`VmEnd::Signal`] when SIGTERM or SIGINT
-/// arrives.
-pub fn forward_termination(machine: Arc<Machine>) -> Result<()> {
-    block_termination()?;
+/// The VM that SIGTERM and SIGINT end, once it runs.
+static RUNNING_VM: Mutex<Option<Arc<Machine>>> = Mutex::new(None);
+
+/// Starts the thread that handles SIGTERM and SIGINT for `pvstack run`
+/// (they must be blocked, see [`block_termination`]). Once
+/// [`forward_termination`] has named the running VM, a signal ends it
+/// cleanly with [`VmEnd::Signal`]. Before that, while devices are set up
+/// (which can wait on a slow or hung backend), there is nothing to stop
+/// cleanly: the process exits at once with 128+N, and the backend
+/// processes it started follow it (they run with PR_SET_PDEATHSIG).
+pub fn handle_termination() -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
+        .spawn(|| {
             let signal = wait_for_termination();
-            log::info!("got signal {signal}; stopping the VM");
-            machine.lifecycle.end(VmEnd::Signal(signal));
+            let running = RUNNING_VM
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
+            match running {
+                Some(machine) => {
+                    log::info!("got signal {signal}; stopping the VM");
+                    machine.lifecycle.end(VmEnd::Signal(signal));
+                }
+                None => {
+                    log::info!("got signal {signal} before the VM ran; exiting");
+                    std::process::exit(128 + signal);
+                }
+            }
         })
         .map(drop)
         .map_err(|source| Error::Os {
             what: "spawn the signal thread",
             source,
         })
+}
+
+/// Makes SIGTERM and SIGINT end `machine`'s VM (see [`handle_termination`]).
+pub fn forward_termination(machine: Arc<Machine>) {
+    *RUNNING_VM
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(machine);
 }

@@ -278,7 +278,7 @@ impl Vm {
             lifecycle: Lifecycle::new(self.cpus),
             created: self.created,
         });
-        signals::forward_termination(machine.clone())?;
+        signals::forward_termination(machine.clone());
         vcpu::install_kick_handler()?;
 
         let boot = CpuStart {

@@ -37,6 +37,14 @@ pub enum Error {
         step: &'static str,
         source: vhost::Error,
     },
+    /// The backend did not answer a request in time; the connection was
+    /// shut down.
+    #[error("vhost-user backend {socket}: no reply to {step} within {timeout:?}")]
+    NoReply {
+        socket: PathBuf,
+        step: &'static str,
+        timeout: std::time::Duration,
+    },
     /// The backend answered, but cannot serve this device as asked.
     #[error("vhost-user backend {socket}: {reason}")]
     Incompatible { socket: PathBuf, reason: String },

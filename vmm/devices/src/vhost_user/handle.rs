@@ -22,6 +22,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::watchdog::ReplyWatchdog;
 use crate::error::{Error, Result};
 use crate::virtio::QueueConfig;
 
@@ -33,8 +34,8 @@ const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFea
     .union(VhostUserProtocolFeatures::REPLY_ACK);
 
 /// How long to wait for any one reply. Generous: a reply normally takes
-/// microseconds; the limit only keeps a hung backend from hanging a vCPU.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// microseconds; the limit only keeps a hung backend from hanging pvstack.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a stopped backend may take to complete the requests it had
 /// taken from the available ring before [`VhostUserHandle::stop`] gives up.
@@ -74,6 +75,7 @@ pub struct RingSetup {
 /// A negotiated connection to one vhost-user backend.
 pub struct VhostUserHandle {
     socket: PathBuf,
+    watchdog: ReplyWatchdog,
     frontend: Frontend,
     backend_features: u64,
     protocol_features: VhostUserProtocolFeatures,
@@ -95,15 +97,19 @@ impl VhostUserHandle {
     /// with MQ, GET_QUEUE_NUM.
     pub fn from_stream(stream: UnixStream, socket: &Path) -> Result<Self> {
         let socket = socket.to_path_buf();
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|source| Error::Socket {
-                socket: socket.clone(),
-                what: "cannot set a reply timeout",
-                source,
-            })?;
+        let socket_error = |what, source| Error::Socket {
+            socket: socket.clone(),
+            what,
+            source,
+        };
+        let watched = stream
+            .try_clone()
+            .map_err(|e| socket_error("cannot duplicate the socket for the reply watchdog", e))?;
+        let watchdog = ReplyWatchdog::new(watched.into(), REPLY_TIMEOUT)
+            .map_err(|e| socket_error("cannot start the reply watchdog", e))?;
         let mut handle = VhostUserHandle {
             socket,
+            watchdog,
             frontend: Frontend::from_stream(stream, 1),
             backend_features: 0,
             protocol_features: VhostUserProtocolFeatures::empty(),
@@ -338,10 +344,23 @@ impl VhostUserHandle {
         step: &'static str,
         request: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
     ) -> Result<T> {
-        request(&mut self.frontend).map_err(|source| Error::VhostUser {
-            socket: self.socket.clone(),
-            step,
-            source,
+        let armed = self.watchdog.arm();
+        let result = request(&mut self.frontend);
+        drop(armed);
+        result.map_err(|source| {
+            if self.watchdog.fired() {
+                Error::NoReply {
+                    socket: self.socket.clone(),
+                    step,
+                    timeout: self.watchdog.timeout(),
+                }
+            } else {
+                Error::VhostUser {
+                    socket: self.socket.clone(),
+                    step,
+                    source,
+                }
+            }
         })
     }
 

@@ -2,7 +2,8 @@
 //! ([`handle`]), a virtio device whose queues a backend serves
 //! ([`device`]), backend processes that pvstack starts itself
 //! ([`process`]), and the thread that reconnects a device whose backend
-//! hung up ([`supervisor`]). Every vhost-user device type (block now; net
+//! hung up ([`supervisor`]), and a bound on how long a backend may take to
+//! reply ([`watchdog`]). Every vhost-user device type (block now; net
 //! and console later) is a [`VhostUserDevice`] with its own [`DeviceShape`].
 
 pub mod device;
@@ -10,6 +11,7 @@ pub mod handle;
 pub mod process;
 pub mod stall;
 pub mod supervisor;
+mod watchdog;
 
 pub use device::{
     BackendState, BackendStats, BackendStatus, DeviceShape, Reconnector, VhostUserDevice,
