@@ -102,7 +102,7 @@ impl phy::TxToken for TxToken<'_, '_> {
                 let _ = self.tx.send(len);
                 result
             }
-            // A token is only made when there is room, so this is a device
+            // Tokens are only made when there is room, so this is a device
             // that broke the protocol in between: the frame is lost.
             _ => f(&mut [0u8; MAX_FRAME][..len]),
         }
@@ -120,6 +120,17 @@ impl<'a> phy::Device for SmolNic<'a> {
         Self: 't;
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        // The transmit token may carry an immediate reply (an ACK to a
+        // zero-window probe, an ARP or ping reply): with no room to send
+        // it, leave the frame waiting rather than lose the reply.
+        match self.device.can_send() {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(error) => {
+                self.record(error);
+                return None;
+            }
+        }
         let (rx, _) = self.device.queues();
         let (buffer, len) = match rx.receive() {
             Ok(frame) => frame?,
