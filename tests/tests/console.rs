@@ -79,17 +79,24 @@ impl Client {
         let (bytes, arrived) = &*self.received;
         let mut guard = bytes.lock().unwrap();
         loop {
-            let text = String::from_utf8_lossy(&guard).replace('\r', "");
+            // Look at a copy, so the reader is not held up meanwhile (a
+            // client that stops reading for long is detached).
+            let copy = guard.clone();
+            drop(guard);
+            let text = String::from_utf8_lossy(&copy).replace('\r', "");
             if let Some(found) = done(&text) {
                 return found;
             }
             if started.elapsed() > HANG_TIMEOUT {
                 panic!("never saw {what}; received so far:\n{text}");
             }
-            guard = arrived
-                .wait_timeout(guard, Duration::from_millis(200))
-                .unwrap()
-                .0;
+            guard = bytes.lock().unwrap();
+            if guard.len() == copy.len() {
+                guard = arrived
+                    .wait_timeout(guard, Duration::from_millis(200))
+                    .unwrap()
+                    .0;
+            }
         }
     }
 

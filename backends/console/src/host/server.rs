@@ -5,6 +5,7 @@
 
 use std::io::{self, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +16,10 @@ use crate::hub::{Hub, Sink};
 /// How long one write to a client may block before the client is
 /// detached: a client that stops reading must not stall the guest for
 /// longer than this.
-const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Socket send buffer asked for per client, so that a client that is
+/// briefly slow (a busy terminal) does not hold up the guest at all.
+const CLIENT_SEND_BUFFER: libc::c_int = 1 << 20;
 
 struct Client {
     stream: UnixStream,
@@ -82,8 +86,29 @@ fn accept_clients(hub: &Arc<Hub>, listener: &UnixListener) {
     }
 }
 
+/// Asks for a larger send buffer on `stream` (the kernel may give less).
+fn enlarge_send_buffer(stream: &UnixStream) -> io::Result<()> {
+    let size = CLIENT_SEND_BUFFER;
+    // SAFETY: setsockopt reads size_of::<c_int>() bytes from `size`, which
+    // lives for the call; the descriptor is an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn attach(hub: &Arc<Hub>, stream: UnixStream, id: u64) -> io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
+    enlarge_send_buffer(&stream)?;
     let reader = stream.try_clone()?;
     let closer = stream.try_clone()?;
     hub.attach(Box::new(Client { stream, id }), true);

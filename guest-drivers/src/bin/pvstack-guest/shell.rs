@@ -1,7 +1,7 @@
 //! `shell`: a small interactive shell on the virtio console, for a person
 //! at a terminal (or a test through the console server's socket).
 
-use pvstack_guest::args::{parse_number, Args};
+use pvstack_guest::args::{parse_number, ArgError, Args};
 use pvstack_guest::checksum::Fnv1a64;
 use pvstack_guest::clock::rdtsc;
 use pvstack_guest::println;
@@ -48,7 +48,11 @@ struct Shell<'e> {
 /// `shell [console=N]`: runs until `exit N`.
 pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     args.check(&[&["console"]], 0)?;
-    let index = args.number_or("console", 0)? as u32;
+    let index = args.number_or("console", 0)?;
+    let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange {
+        name: "console",
+        value: index,
+    })?;
     let info = find_device(&env.boot, device_id::CONSOLE, index)?;
     // SAFETY: the window comes from the VMM's boot info, and this is the
     // only transport made for it.

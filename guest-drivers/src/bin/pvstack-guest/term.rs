@@ -45,75 +45,19 @@ impl Write for LineBuf {
     }
 }
 
-/// The console as the shell uses it.
-pub struct Term {
+/// The transmit side: sends whole pieces of output or drops them.
+struct Output {
     device: ConsoleDevice<'static>,
     clock: Clock,
-    /// Number of the last stamped line (sent or dropped).
-    seq: u64,
     /// Lines dropped since the last line that got out.
     lost: u64,
     /// Lines dropped in all.
     lost_total: u64,
     /// The ring stayed full: drop at once until it has room again.
     dropping: bool,
-    line: LineBuf,
-    input: [u8; 4096],
-    input_start: usize,
-    input_end: usize,
 }
 
-impl Term {
-    /// A terminal on `device`.
-    pub fn new(device: ConsoleDevice<'static>, clock: Clock) -> Self {
-        Term {
-            device,
-            clock,
-            seq: 0,
-            lost: 0,
-            lost_total: 0,
-            dropping: false,
-            line: LineBuf::new(),
-            input: [0; 4096],
-            input_start: 0,
-            input_end: 0,
-        }
-    }
-
-    /// The console device (for its kick count).
-    pub fn device(&self) -> &ConsoleDevice<'static> {
-        &self.device
-    }
-
-    /// Lines dropped so far because the transmit ring stayed full.
-    pub fn lost_total(&self) -> u64 {
-        self.lost_total
-    }
-
-    /// Writes one stamped output line (the `\r\n` is added).
-    pub fn line(&mut self, args: fmt::Arguments<'_>) -> Result<(), VirtioError> {
-        self.seq += 1;
-        let mut line = core::mem::replace(&mut self.line, LineBuf::new());
-        line.len = 0;
-        // Writing into a LineBuf cannot fail.
-        let _ = write_stamp(&mut line, self.seq, self.lost);
-        let _ = line.write_fmt(args);
-        let _ = line.write_str("\r\n");
-        let sent = self.send(line.as_bytes());
-        self.line = line;
-        if sent? {
-            self.lost = 0;
-        }
-        Ok(())
-    }
-
-    /// Writes bytes that are not a whole line (prompt, echo), unstamped;
-    /// if they are dropped, that counts as a lost line.
-    pub fn raw(&mut self, bytes: &[u8]) -> Result<(), VirtioError> {
-        self.send(bytes)?;
-        Ok(())
-    }
-
+impl Output {
     /// Sends `bytes` whole once the ring has room, or drops them if it
     /// stays full; returns whether they went out.
     fn send(&mut self, bytes: &[u8]) -> Result<bool, VirtioError> {
@@ -135,12 +79,74 @@ impl Term {
         }
         Ok(true)
     }
+}
+
+/// The console as the shell uses it.
+pub struct Term {
+    out: Output,
+    /// Number of the last stamped line (sent or dropped).
+    seq: u64,
+    line: LineBuf,
+    input: [u8; 4096],
+    input_start: usize,
+    input_end: usize,
+}
+
+impl Term {
+    /// A terminal on `device`.
+    pub fn new(device: ConsoleDevice<'static>, clock: Clock) -> Self {
+        Term {
+            out: Output {
+                device,
+                clock,
+                lost: 0,
+                lost_total: 0,
+                dropping: false,
+            },
+            seq: 0,
+            line: LineBuf::new(),
+            input: [0; 4096],
+            input_start: 0,
+            input_end: 0,
+        }
+    }
+
+    /// The console device (for its kick count).
+    pub fn device(&self) -> &ConsoleDevice<'static> {
+        &self.out.device
+    }
+
+    /// Lines dropped so far because the transmit ring stayed full.
+    pub fn lost_total(&self) -> u64 {
+        self.out.lost_total
+    }
+
+    /// Writes one stamped output line (the `\r\n` is added).
+    pub fn line(&mut self, args: fmt::Arguments<'_>) -> Result<(), VirtioError> {
+        self.seq += 1;
+        self.line.len = 0;
+        // Writing into a LineBuf cannot fail.
+        let _ = write_stamp(&mut self.line, self.seq, self.out.lost);
+        let _ = self.line.write_fmt(args);
+        let _ = self.line.write_str("\r\n");
+        if self.out.send(self.line.as_bytes())? {
+            self.out.lost = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes bytes that are not a whole line (prompt, echo), unstamped;
+    /// if they are dropped, that counts as a lost line.
+    pub fn raw(&mut self, bytes: &[u8]) -> Result<(), VirtioError> {
+        self.out.send(bytes)?;
+        Ok(())
+    }
 
     /// Waits (up to `limit_us`) until the device has taken all output.
     pub fn drain(&mut self, limit_us: u64) -> Result<bool, VirtioError> {
         let start = rdtsc();
-        while !self.device.tx_idle()? {
-            if self.clock.us_since(start) > limit_us {
+        while !self.out.device.tx_idle()? {
+            if self.out.clock.us_since(start) > limit_us {
                 return Ok(false);
             }
             core::hint::spin_loop();
@@ -151,7 +157,7 @@ impl Term {
     /// The next input byte; polls shared memory (no exits) until one comes.
     pub fn next_byte(&mut self) -> Result<u8, VirtioError> {
         while self.input_start == self.input_end {
-            let n = self.device.read(&mut self.input)?;
+            let n = self.out.device.read(&mut self.input)?;
             self.input_start = 0;
             self.input_end = n;
             if n == 0 {
