@@ -6,12 +6,14 @@
 
 use pvstack_guest::checksum::fnv1a64;
 use pvstack_tests::blk_process::BlkProcess;
+use std::process::Command;
+
 use pvstack_tests::blk_vm::{
-    assert_pattern, assert_zeros, image_spec, pattern_image, read_image, result_fnv,
-    run_with_disks, socket_spec, utf8, zeroed_image, SECTOR,
+    assert_no_process_mentions, assert_pattern, assert_zeros, image_spec, pattern_image,
+    read_image, result_fnv, run_with_disks, socket_spec, utf8, zeroed_image, SECTOR,
 };
 use pvstack_tests::qsd::QsdProcess;
-use pvstack_tests::{Finished, ScratchDir};
+use pvstack_tests::{pvstack, run_to_end, Finished, ScratchDir};
 
 const MIB: usize = 1 << 20;
 
@@ -310,4 +312,29 @@ fn qemu_storage_daemon_serves_the_guest() {
     let bytes = read_image(&image);
     assert_pattern(&bytes, seed, 0..written);
     assert_pattern(&bytes, host_seed, written..size);
+}
+
+/// pvstack's own pvstack-blk (`image=`) ends with the VM, and the private
+/// directory of its socket goes with it: pvstack drops its devices after
+/// the VM ends, even though a signal thread could still stop the VM.
+#[test]
+fn started_backend_and_its_socket_directory_go_with_the_vm() {
+    let dir = ScratchDir::new("blk-vm-cleanup");
+    let image = dir.path("disk.img");
+    zeroed_image(&image, MIB);
+    let tmp = dir.path("tmp");
+    std::fs::create_dir(&tmp).expect("create the TMPDIR for pvstack");
+    let run = run_to_end(
+        Command::new(pvstack())
+            .env("TMPDIR", &tmp)
+            .args(["run", "--blk", &image_spec(&image, &[])])
+            .args(["--guest-args", "blk-verify len=64K"]),
+    );
+    assert_verified(&run, 64 << 10);
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("read pvstack's TMPDIR")
+        .map(|entry| entry.map(|e| e.path()))
+        .collect();
+    assert!(left.is_empty(), "left behind in TMPDIR: {left:?}");
+    assert_no_process_mentions(utf8(&image));
 }

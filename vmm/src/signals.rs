@@ -70,10 +70,7 @@ pub fn handle_termination() -> Result<()> {
         .name("signals".into())
         .spawn(|| {
             let signal = wait_for_termination();
-            let running = RUNNING_VM
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone();
+            let running = running_vm().clone();
             match running {
                 Some(machine) => {
                     log::info!("got signal {signal}; stopping the VM");
@@ -92,9 +89,27 @@ pub fn handle_termination() -> Result<()> {
         })
 }
 
-/// Makes SIGTERM and SIGINT end `machine`'s VM (see [`handle_termination`]).
-pub fn forward_termination(machine: Arc<Machine>) {
-    *RUNNING_VM
+/// Makes SIGTERM and SIGINT end `machine`'s VM (see [`handle_termination`])
+/// until the returned guard is dropped. The guard must go once the VM has
+/// ended: while it lives, the machine (and every device with its backend
+/// connection and child process) cannot be dropped.
+#[must_use = "signals go to the VM only while the guard lives"]
+pub fn forward_termination(machine: Arc<Machine>) -> ForwardingGuard {
+    *running_vm() = Some(machine);
+    ForwardingGuard
+}
+
+/// Stops forwarding signals to the running VM when dropped.
+pub struct ForwardingGuard;
+
+impl Drop for ForwardingGuard {
+    fn drop(&mut self) {
+        *running_vm() = None;
+    }
+}
+
+fn running_vm() -> std::sync::MutexGuard<'static, Option<Arc<Machine>>> {
+    RUNNING_VM
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(machine);
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

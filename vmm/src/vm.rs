@@ -278,7 +278,7 @@ impl Vm {
             lifecycle: Lifecycle::new(self.cpus),
             created: self.created,
         });
-        signals::forward_termination(machine.clone());
+        let signals_to_vm = signals::forward_termination(machine.clone());
         vcpu::install_kick_handler()?;
 
         let boot = CpuStart {
@@ -336,6 +336,9 @@ impl Vm {
                 log::error!("a vCPU thread panicked");
             }
         }
+        // Release the signal thread's hold on the machine, so the devices
+        // (and their backend processes) are dropped with it.
+        drop(signals_to_vm);
         Ok(end)
     }
 
