@@ -4,13 +4,6 @@
 //! buffers, read and written directly in the memory the VMM shares.
 
 mod backend;
-mod error;
-mod features;
-mod frame;
-mod link;
-mod peer;
-mod stats;
-mod tap;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -23,12 +16,13 @@ use pvstack_backend_common::{
 };
 use vmm_sys_util::epoll::EventSet;
 
+use pvstack_net::link::Link;
+use pvstack_net::peer::PeerSocket;
+use pvstack_net::stats::NetStats;
+use pvstack_net::tap::{self, Tap};
+use pvstack_net::Error;
+
 use crate::backend::{NetBackend, LINK_EVENT};
-use crate::error::Error;
-use crate::link::Link;
-use crate::peer::PeerSocket;
-use crate::stats::NetStats;
-use crate::tap::Tap;
 
 const DEVICE: &str = "pvstack-net";
 

@@ -1,0 +1,233 @@
+//! The frame engine: moving frames between virtqueues and a [`Link`].
+//! pvstack-net runs it in its worker thread; pvstack's in-VMM emulated
+//! virtio-net baseline runs the very same code on its vCPU exits, so the
+//! two differ only in where the queues are processed.
+
+use std::ops::Deref;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::frame::{check_chain_len, BadFrame, MAX_CHAIN_BYTES, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
+use crate::link::Link;
+use crate::stats::NetStats;
+
+/// What became of a frame offered to the receive queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written into the driver's buffers.
+    Delivered,
+    /// Not enough receive buffers; the frame waits.
+    NoBuffers,
+    /// Dropped: the driver's buffers cannot hold it (or are broken).
+    Dropped,
+}
+
+/// A frame read from the link that found no receive buffers yet.
+pub struct RxPending {
+    buffer: Vec<u8>,
+    len: usize,
+}
+
+impl Default for RxPending {
+    fn default() -> Self {
+        RxPending {
+            buffer: vec![0; MAX_CHAIN_BYTES],
+            len: 0,
+        }
+    }
+}
+
+/// Sends every frame on the transmit queue to `link`, checking each;
+/// returns whether any chain was returned (the driver may need a signal).
+/// `scratch` must hold [`MAX_CHAIN_BYTES`].
+pub fn transmit<M>(
+    queue: &mut Queue,
+    mem: &M,
+    link: &Link,
+    scratch: &mut [u8],
+    stats: &NetStats,
+) -> bool
+where
+    M: GuestMemory,
+{
+    let mut returned = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        match gather(chain, mem, scratch) {
+            Ok(len) => match link.send(&scratch[..len]) {
+                Ok(()) => stats.tx_frame(len - VNET_HDR_LEN),
+                Err(e) => stats.tx_link_error(&e),
+            },
+            Err(bad) => stats.tx_bad(head, bad),
+        }
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            log::warn!("transmit queue: cannot return chain {head}: {e}");
+        }
+        returned = true;
+    }
+    returned
+}
+
+/// Moves frames from `link` into the receive queue until the link has
+/// none or the driver's buffers run out (the frame then waits in
+/// `pending`). Returns whether any chain was returned.
+pub fn receive<M>(
+    queue: &mut Queue,
+    mem: &M,
+    link: &Link,
+    pending: &mut RxPending,
+    mergeable: bool,
+    stats: &NetStats,
+) -> (bool, Delivery)
+where
+    M: GuestMemory,
+{
+    let mut returned = false;
+    loop {
+        if pending.len == 0 {
+            match link.recv(&mut pending.buffer) {
+                Ok(Some(n)) if n > VNET_HDR_LEN => pending.len = n,
+                Ok(Some(n)) => {
+                    log::warn!("dropped a {n}-byte frame from {}", link.describe());
+                    continue;
+                }
+                Ok(None) => return (returned, Delivery::Delivered),
+                Err(e) => {
+                    log::warn!("cannot read from {}: {e}", link.describe());
+                    return (returned, Delivery::Delivered);
+                }
+            }
+        }
+        let len = pending.len;
+        match deliver(queue, mem, &mut pending.buffer[..len], mergeable, stats) {
+            Delivery::Delivered => {
+                stats.rx_frame(len - VNET_HDR_LEN);
+                pending.len = 0;
+                returned = true;
+            }
+            Delivery::Dropped => {
+                stats.rx_dropped();
+                pending.len = 0;
+                returned = true;
+            }
+            Delivery::NoBuffers => return (returned, Delivery::NoBuffers),
+        }
+    }
+}
+
+/// Copies a transmit chain (header + frame) into `buffer`, checking every
+/// descriptor; returns the length.
+pub fn gather<M, N>(
+    chain: DescriptorChain<N>,
+    mem: &M,
+    buffer: &mut [u8],
+) -> Result<usize, BadFrame>
+where
+    M: GuestMemory,
+    N: Deref + Clone,
+    N::Target: GuestMemory,
+{
+    let mut len = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(BadFrame::WriteOnlyDescriptor);
+        }
+        let end = len + desc.len() as usize;
+        if end > buffer.len() {
+            return Err(BadFrame::TooLong(end));
+        }
+        mem.read_slice(&mut buffer[len..end], desc.addr())
+            .map_err(|_| outside(&desc))?;
+        len = end;
+    }
+    check_chain_len(len)?;
+    Ok(len)
+}
+
+fn outside(desc: &Descriptor) -> BadFrame {
+    BadFrame::OutsideMemory {
+        addr: desc.addr().0,
+        len: desc.len(),
+    }
+}
+
+/// Writes `frame` (header + frame) into receive chains: one chain, or with
+/// MRG_RXBUF as many as it takes, recording their count in the header's
+/// `num_buffers`. With too few buffers nothing is consumed.
+pub fn deliver<M>(
+    queue: &mut Queue,
+    mem: &M,
+    frame: &mut [u8],
+    mergeable: bool,
+    stats: &NetStats,
+) -> Delivery
+where
+    M: GuestMemory,
+{
+    let start = queue.next_avail();
+    // Patched below when the frame spans several chains.
+    frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+    let mut used: Vec<(u16, u32)> = Vec::new();
+    let mut num_buffers_at: Option<GuestAddress> = None;
+    let mut written = 0usize;
+    let mut broken = false;
+    while written < frame.len() && !broken {
+        if !mergeable && !used.is_empty() {
+            break;
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            queue.set_next_avail(start);
+            return Delivery::NoBuffers;
+        };
+        let head = chain.head_index();
+        let mut chain_len = 0u32;
+        for desc in chain {
+            if written == frame.len() {
+                break;
+            }
+            if !desc.is_write_only() {
+                broken = true;
+                break;
+            }
+            let n = (desc.len() as usize).min(frame.len() - written);
+            if mem
+                .write_slice(&frame[written..written + n], desc.addr())
+                .is_err()
+            {
+                broken = true;
+                break;
+            }
+            if written <= NUM_BUFFERS_OFFSET && NUM_BUFFERS_OFFSET + 2 <= written + n {
+                num_buffers_at = Some(GuestAddress(
+                    desc.addr().0 + (NUM_BUFFERS_OFFSET - written) as u64,
+                ));
+            }
+            written += n;
+            chain_len += n as u32;
+        }
+        used.push((head, chain_len));
+        if broken {
+            stats.rx_bad_buffer(head);
+        }
+    }
+    let mut complete = written == frame.len() && !broken;
+    if complete && used.len() > 1 {
+        // A header split across descriptors is unusual enough to drop the
+        // frame rather than patch it byte by byte.
+        complete = num_buffers_at
+            .is_some_and(|addr| mem.write_obj((used.len() as u16).to_le(), addr).is_ok());
+    }
+    for &(head, len) in &used {
+        let len = if complete { len } else { 0 };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            log::warn!("receive queue: cannot return chain {head}: {e}");
+        }
+    }
+    if complete {
+        Delivery::Delivered
+    } else {
+        Delivery::Dropped
+    }
+}
