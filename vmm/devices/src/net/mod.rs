@@ -4,6 +4,7 @@
 //! starts on the TAP and stops with the VM). The VMM serves the
 //! configuration space itself: MAC, link status and MTU.
 
+pub mod emulated;
 mod spec;
 
 pub use spec::{parse_mac, NetMode, NetSource, NetSpec, DEFAULT_MTU, DEFAULT_QUEUE_SIZE};
@@ -26,6 +27,7 @@ use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{BackendProcess, DeviceShape, VhostUserDevice, VhostUserHandle};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
+use emulated::EmulatedNet;
 
 /// The backend program `tap=` starts.
 pub const BACKEND_PROGRAM: &str = "pvstack-net";
@@ -102,7 +104,8 @@ impl NetDevice {
         self.bus_device.clone()
     }
 
-    /// The transport of a vhost-user device, for control operations.
+    /// The transport of a vhost-user device, for control operations;
+    /// `None` for the in-VMM baseline.
     pub fn transport(&self) -> Option<&Arc<Mutex<MmioTransport<VhostUserDevice>>>> {
         self.transport.as_ref()
     }
@@ -125,6 +128,9 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
         .clone()
         .unwrap_or_else(|| format!("net{}", ctx.index));
     let mac = spec.mac.unwrap_or_else(|| default_mac(ctx.index));
+    if spec.mode == NetMode::Emulated {
+        return create_emulated(id, spec, ctx, mac);
+    }
     let (handle, process) = connect(spec)?;
     let shape = negotiate_shape(spec, &handle, mac)?;
     let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, NUM_QUEUES as u16)?;
@@ -158,6 +164,47 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
         id,
         bus_device: transport.clone(),
         transport: Some(transport),
+        info: virtio_info(ctx),
+        mac,
+    })
+}
+
+/// The in-VMM baseline NIC on `spec`'s TAP.
+fn create_emulated(
+    id: String,
+    spec: &NetSpec,
+    ctx: &DeviceContext<'_>,
+    mac: [u8; 6],
+) -> Result<NetDevice> {
+    let NetSource::Tap(tap) = &spec.source else {
+        // The spec parser lets mode=emulated through only with tap=.
+        return Err(Error::InvalidOption {
+            option: "net",
+            value: "mode=emulated".to_string(),
+            reason: "the VMM serves only a TAP itself (tap=NAME)".to_string(),
+        });
+    };
+    let device = EmulatedNet::new(
+        id.clone(),
+        tap,
+        features_passed_on(),
+        spec.queue_size,
+        config_space(mac, spec.mtu),
+        ctx.memory.clone(),
+    )?;
+    let events = DeviceEvents::register_call(ctx.vm, ctx.gsi, NUM_QUEUES as u16)?;
+    info!(
+        "{id}: emulated virtio-net {} mtu {} on TAP {tap}, served in the VMM, MMIO {:#x} GSI {}",
+        format_mac(mac),
+        spec.mtu,
+        ctx.mmio_base,
+        ctx.gsi
+    );
+    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
+    Ok(NetDevice {
+        id,
+        bus_device: transport,
+        transport: None,
         info: virtio_info(ctx),
         mac,
     })
