@@ -231,3 +231,122 @@ where
         Delivery::Dropped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const MEM_SIZE: u64 = 0x10_0000;
+    const QUEUE_SIZE: u16 = 16;
+    const BUF: u64 = 0x4_0000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("memory")
+    }
+
+    fn readable(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
+    }
+
+    fn writable(addr: u64, len: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        ))
+    }
+
+    fn gathered(mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> Result<usize, BadFrame> {
+        let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+        let chain = queue.build_desc_chain(descs).expect("chain");
+        gather(chain, mem, &mut vec![0; MAX_CHAIN_BYTES])
+    }
+
+    #[test]
+    fn transmit_chains_are_checked() {
+        let mem = memory();
+        let frame: Vec<u8> = (0..100u8).collect();
+        mem.write_slice(&frame, GuestAddress(BUF)).expect("write");
+        assert_eq!(
+            gathered(&mem, &[readable(BUF, 12), readable(BUF + 12, 88)]),
+            Ok(100)
+        );
+        assert_eq!(
+            gathered(&mem, &[readable(BUF, 20)]),
+            Err(BadFrame::TooShort(20))
+        );
+        assert_eq!(
+            gathered(&mem, &[readable(BUF, 12), writable(BUF + 12, 88)]),
+            Err(BadFrame::WriteOnlyDescriptor)
+        );
+        assert_eq!(
+            gathered(&mem, &[readable(BUF, 12), readable(MEM_SIZE - 8, 64)]),
+            Err(BadFrame::OutsideMemory {
+                addr: MEM_SIZE - 8,
+                len: 64
+            })
+        );
+        let huge = MAX_CHAIN_BYTES as u32;
+        assert_eq!(
+            gathered(&mem, &[readable(BUF, huge), readable(BUF, 1)]),
+            Err(BadFrame::TooLong(MAX_CHAIN_BYTES + 1))
+        );
+    }
+
+    /// Two one-descriptor receive chains of `len` bytes at BUF and BUF+0x1000.
+    fn rx_queue(mem: &GuestMemoryMmap, len: u32) -> Queue {
+        let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+        queue
+            .add_desc_chains(&[writable(BUF, len), writable(BUF + 0x1000, len)], 0)
+            .expect("chains");
+        queue.create_queue::<Queue>().expect("queue")
+    }
+
+    #[test]
+    fn a_frame_spans_buffers_only_with_mergeable_rx() {
+        let mem = memory();
+        let stats = NetStats::default();
+        let mut frame = vec![0xabu8; 1000];
+        frame[..VNET_HDR_LEN].fill(0);
+
+        let mut queue = rx_queue(&mem, 600);
+        assert_eq!(
+            deliver(&mut queue, &mem, &mut frame, true, &stats),
+            Delivery::Delivered
+        );
+        let num_buffers: u16 = mem
+            .read_obj(GuestAddress(BUF + NUM_BUFFERS_OFFSET as u64))
+            .expect("read");
+        assert_eq!(num_buffers, 2);
+        let mut tail = [0u8; 400];
+        mem.read_slice(&mut tail, GuestAddress(BUF + 0x1000))
+            .expect("read");
+        assert!(tail.iter().all(|&b| b == 0xab));
+        assert_eq!(queue.next_used(), 2);
+
+        let mut queue = rx_queue(&mem, 600);
+        assert_eq!(
+            deliver(&mut queue, &mem, &mut frame, false, &stats),
+            Delivery::Dropped
+        );
+        assert_eq!(queue.next_used(), 1, "the too-small buffer goes back empty");
+    }
+
+    #[test]
+    fn without_enough_buffers_nothing_is_consumed() {
+        let mem = memory();
+        let stats = NetStats::default();
+        let mut queue = rx_queue(&mem, 100);
+        let mut frame = vec![1u8; 1000];
+        assert_eq!(
+            deliver(&mut queue, &mem, &mut frame, true, &stats),
+            Delivery::NoBuffers
+        );
+        assert_eq!((queue.next_avail(), queue.next_used()), (0, 0));
+    }
+}
