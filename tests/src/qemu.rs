@@ -89,6 +89,43 @@ pub fn run_linux_guest(
     blk_sockets: &[(&Path, u16)],
     script: &str,
 ) -> GuestRun {
+    let mut command = guest_command(assets, script);
+    for (index, (socket, num_queues)) in blk_sockets.iter().enumerate() {
+        command
+            .arg("-chardev")
+            .arg(format!("socket,id=blk{index},path={}", socket.display()))
+            .arg("-device")
+            .arg(format!(
+                "vhost-user-blk-pci,chardev=blk{index},num-queues={num_queues}"
+            ));
+    }
+    run_guest(&mut command)
+}
+
+/// Boots the Linux guest with one `virtio-net-pci` NIC on a `-netdev
+/// vhost-user` per (socket, MAC) (eth0, eth1, ...), runs `script` and
+/// returns the console output once the guest has powered off.
+pub fn run_linux_guest_net(
+    assets: &LinuxGuestAssets,
+    nics: &[(&Path, &str)],
+    script: &str,
+) -> GuestRun {
+    let mut command = guest_command(assets, script);
+    for (index, (socket, mac)) in nics.iter().enumerate() {
+        command
+            .arg("-chardev")
+            .arg(format!("socket,id=net{index},path={}", socket.display()))
+            .arg("-netdev")
+            .arg(format!("vhost-user,id=nd{index},chardev=net{index}"))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=nd{index},mac={mac}"));
+    }
+    run_guest(&mut command)
+}
+
+/// QEMU with the kernel, initramfs, shared guest memory and `script`, no
+/// devices yet.
+fn guest_command(assets: &LinuxGuestAssets, script: &str) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command
         .args(["-accel", "tcg", "-m", GUEST_MEMORY, "-smp", "1"])
@@ -114,16 +151,12 @@ pub fn run_linux_guest(
             "console=ttyS0 quiet panic=-1 pvtest={}",
             base64(script.as_bytes())
         ));
-    for (index, (socket, num_queues)) in blk_sockets.iter().enumerate() {
-        command
-            .arg("-chardev")
-            .arg(format!("socket,id=blk{index},path={}", socket.display()))
-            .arg("-device")
-            .arg(format!(
-                "vhost-user-blk-pci,chardev=blk{index},num-queues={num_queues}"
-            ));
-    }
-    let finished = run_to_end(&mut command);
+    command
+}
+
+/// Runs QEMU until the guest powers off.
+fn run_guest(command: &mut Command) -> GuestRun {
+    let finished = run_to_end(command);
     let console = finished.stdout;
     assert!(
         finished.status.success(),

@@ -4,8 +4,10 @@
 //! buffers, read and written directly in the memory the VMM shares.
 
 mod backend;
+mod filter;
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -54,6 +56,14 @@ struct Args {
     /// Largest queue size the frontend may set (a power of two, 2-32768).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
+
+    /// Put a vhost-user message filter in front of the backend that
+    /// answers SET_VRING_ENABLE messages arriving before SET_FEATURES
+    /// instead of passing them on. Needed for QEMU's `-netdev vhost-user`,
+    /// which sends them early (the vhost crate drops such a connection)
+    /// and sends them again once the device runs. Not needed for pvstack.
+    #[arg(long)]
+    filter_early_vring_enable: bool,
 }
 
 fn parse_tap_name(text: &str) -> Result<String, String> {
@@ -102,9 +112,15 @@ fn run(args: &Args) -> Result<(), Error> {
         args.queue_size
     );
     let link_fd = link.as_raw_fd();
+    let filtered = if args.filter_early_vring_enable {
+        Some(FilteredSocket::start(&args.socket)?)
+    } else {
+        None
+    };
+    let socket = filtered.as_ref().map_or(&args.socket, |f| &f.daemon);
     serve_with(
         DEVICE,
-        &args.socket,
+        socket,
         || NetBackend::new(Arc::clone(&link), args.queue_size, Arc::clone(&stats)),
         |daemon| {
             // Edge-triggered: the worker reads the link until it is empty
@@ -119,4 +135,46 @@ fn run(args: &Args) -> Result<(), Error> {
     )?;
     log::info!("stopped; {}", stats.summary());
     Ok(())
+}
+
+/// The daemon's socket behind the filter: in a private directory, removed
+/// (with the public socket) when this drops.
+struct FilteredSocket {
+    public: PathBuf,
+    dir: PathBuf,
+    daemon: SocketArgs,
+}
+
+impl FilteredSocket {
+    fn start(args: &SocketArgs) -> Result<Self, Error> {
+        let filter_error = |what, source| Error::Filter {
+            path: args.socket.clone(),
+            what,
+            source,
+        };
+        let dir = std::env::temp_dir().join(format!("pvstack-net-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| filter_error("cannot create the daemon's socket directory", e))?;
+        let daemon = SocketArgs {
+            socket: dir.join("daemon.sock"),
+            ..args.clone()
+        };
+        let filtered = FilteredSocket {
+            public: args.socket.clone(),
+            dir,
+            daemon,
+        };
+        filter::spawn(&filtered.public, filtered.daemon.socket.clone())
+            .map_err(|e| filter_error("cannot listen", e))?;
+        Ok(filtered)
+    }
+}
+
+impl Drop for FilteredSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.public);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
