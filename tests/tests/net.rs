@@ -280,3 +280,31 @@ fn bad_tap_names_and_socket_paths_are_refused_clearly() {
 fn run_to_end_of(command: &mut std::process::Command) -> Finished {
     pvstack_tests::run_to_end(command)
 }
+
+#[test]
+fn the_in_vmm_emulated_baseline_serves_the_same_guest() {
+    let scratch = ScratchDir::new("net-emulated");
+    let ns = NetNs::new("emul");
+    let nets = ["tap=pvtape,mode=emulated".to_string()];
+    let mut vm = start_vm(Some(&ns), &nets, SERVE, &scratch.path("vm.log"));
+    vm.wait_for("net-serve:");
+    ns.configure("pvtape", HOST_CIDR);
+    let ping = run_ok(
+        ns.command("busybox")
+            .args(["ping", "-c", "20", "-i", "0.02", "-W", "10", GUEST]),
+    );
+    assert!(
+        ping.contains("20 packets transmitted, 20 packets received, 0% packet loss"),
+        "{ping}"
+    );
+    assert_eq!(udp_echo(&ns, 20), 20);
+    if let Err(e) = tcp_echo(&ns, 1 << 20) {
+        panic!("TCP echo: {e}; the VM's output:\n{}", vm.output());
+    }
+    let run = stop_guest(&ns, vm);
+    assert_eq!(run.code(), 0, "{}", run.stdout);
+    assert_eq!(
+        run.result_number("net-serve", "tcp_echo_bytes"),
+        f64::from(1u32 << 20)
+    );
+}
