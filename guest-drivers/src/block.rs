@@ -146,26 +146,27 @@ impl BlockDevice for LegacyBlk {
         sector: u64,
         data: Option<Buffer>,
     ) -> Result<u16, VirtioError> {
-        if queue != 0 {
-            return Err(VirtioError::NoSuchQueue(queue));
-        }
+        only_queue_zero(queue)?;
         // SAFETY: passed on from our caller.
         unsafe { LegacyBlk::submit(self, kind, sector, data) }
     }
 
     fn kick(&mut self, queue: u16) -> Result<(), VirtioError> {
-        if queue != 0 {
-            return Err(VirtioError::NoSuchQueue(queue));
-        }
-        Ok(())
+        only_queue_zero(queue)
     }
 
     fn poll(&mut self, queue: u16) -> Result<Option<Completion>, VirtioError> {
-        if queue != 0 {
-            return Err(VirtioError::NoSuchQueue(queue));
-        }
+        only_queue_zero(queue)?;
         Ok(LegacyBlk::poll(self))
     }
+}
+
+/// The legacy controller has one queue: any other number is an error.
+fn only_queue_zero(queue: u16) -> Result<(), VirtioError> {
+    if queue != 0 {
+        return Err(VirtioError::NoSuchQueue(queue));
+    }
+    Ok(())
 }
 
 /// A disk of either kind.

@@ -464,30 +464,6 @@ impl<'a> BlkDevice<'a> {
             len: used.len,
         }))
     }
-
-    /// Submits one request, kicks and waits for it; returns its status.
-    /// Use it only while nothing else is in flight on `queue`.
-    ///
-    /// # Safety
-    /// As for [`submit`](Self::submit).
-    pub unsafe fn run(
-        &mut self,
-        queue: u16,
-        kind: u32,
-        sector: u64,
-        data: Option<Buffer>,
-    ) -> Result<u8, VirtioError> {
-        // SAFETY: passed on from our caller.
-        let token = unsafe { self.submit(queue, kind, sector, data)? };
-        self.kick(queue)?;
-        loop {
-            match self.poll(queue)? {
-                Some(done) if done.token == token => return Ok(done.status),
-                Some(_) => {}
-                None => core::hint::spin_loop(),
-            }
-        }
-    }
 }
 
 /// The 16-byte range descriptor of a DISCARD or WRITE_ZEROES request.

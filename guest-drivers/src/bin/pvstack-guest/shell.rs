@@ -2,6 +2,7 @@
 //! at a terminal (or a test through the console server's socket).
 
 use pvstack_guest::args::{parse_number, ArgError, Args};
+use pvstack_guest::block::BlockDevice;
 use pvstack_guest::checksum::Fnv1a64;
 use pvstack_guest::clock::rdtsc;
 use pvstack_guest::println;
