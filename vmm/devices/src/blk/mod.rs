@@ -29,7 +29,9 @@ use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
-use crate::vhost_user::{BackendProcess, DeviceShape, VhostUserDevice, VhostUserHandle};
+use crate::vhost_user::{
+    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
 
@@ -347,7 +349,9 @@ fn negotiate_shape(
         features: backend & passed_on,
         queue_max_sizes: vec![spec.queue_size; usize::from(num_queues)],
         config: config_space,
-        takeover_check: same_capacity,
+        config_source: ConfigSource::Backend {
+            takeover_check: same_capacity,
+        },
     };
     let config = BlkConfig {
         num_queues,

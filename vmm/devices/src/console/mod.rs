@@ -23,7 +23,9 @@ use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
-use crate::vhost_user::{BackendProcess, DeviceShape, VhostUserDevice, VhostUserHandle};
+use crate::vhost_user::{
+    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
 
@@ -145,6 +147,8 @@ fn negotiate_shape(handle: &mut VhostUserHandle) -> Result<DeviceShape> {
         features: version_1,
         queue_max_sizes: vec![QUEUE_SIZE; 2],
         config,
-        takeover_check: |_, _| None,
+        config_source: ConfigSource::Backend {
+            takeover_check: |_, _| None,
+        },
     })
 }

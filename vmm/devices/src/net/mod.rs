@@ -24,7 +24,9 @@ use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
-use crate::vhost_user::{BackendProcess, DeviceShape, VhostUserDevice, VhostUserHandle};
+use crate::vhost_user::{
+    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
 use emulated::EmulatedNet;
@@ -261,7 +263,7 @@ fn negotiate_shape(spec: &NetSpec, handle: &VhostUserHandle, mac: [u8; 6]) -> Re
         features: backend & features_passed_on(),
         queue_max_sizes: vec![spec.queue_size; NUM_QUEUES],
         config: config_space(mac, spec.mtu),
-        takeover_check: |_, _| None,
+        config_source: ConfigSource::Vmm,
     })
 }
 

@@ -30,10 +30,22 @@ pub struct DeviceShape {
     pub queue_max_sizes: Vec<u16>,
     /// The configuration space.
     pub config: Vec<u8>,
-    /// Why a backend whose configuration space is the second argument
-    /// cannot take over from one whose space is the first (a different
-    /// disk capacity, say); `None` if it can.
-    pub takeover_check: fn(&[u8], &[u8]) -> Option<String>,
+    /// Where `config` came from, and so what a new backend must match.
+    pub config_source: ConfigSource,
+}
+
+/// Who serves a device's configuration space.
+#[derive(Clone, Copy, Debug)]
+pub enum ConfigSource {
+    /// The backend (GET_CONFIG). `takeover_check` says why a backend whose
+    /// space is the second argument cannot take over from one whose space
+    /// is the first (a different disk capacity, say); `None` if it can.
+    Backend {
+        takeover_check: fn(&[u8], &[u8]) -> Option<String>,
+    },
+    /// The VMM (a NIC's MAC and MTU): a new backend is not asked for it,
+    /// and need not offer the CONFIG protocol feature.
+    Vmm,
 }
 
 /// Connects to the device's backend again (starting a new child for a
@@ -261,8 +273,11 @@ impl VhostUserDevice {
     /// Refuses a backend whose configuration space (disk capacity, for
     /// instance) differs from what the driver was shown.
     fn check_config(&self, new: &mut VhostUserHandle) -> Result<()> {
+        let ConfigSource::Backend { takeover_check } = self.shape.config_source else {
+            return Ok(());
+        };
         let config = new.get_config(self.shape.config.len() as u32)?;
-        match (self.shape.takeover_check)(&self.shape.config, &config) {
+        match takeover_check(&self.shape.config, &config) {
             None => Ok(()),
             Some(reason) => Err(Error::Incompatible {
                 socket: new.socket().to_path_buf(),

@@ -14,7 +14,8 @@ pub mod supervisor;
 mod watchdog;
 
 pub use device::{
-    BackendState, BackendStats, BackendStatus, DeviceShape, Reconnector, VhostUserDevice,
+    BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector,
+    VhostUserDevice,
 };
 pub use handle::{ActiveQueue, RingSetup, VhostUserHandle};
 pub use process::BackendProcess;
