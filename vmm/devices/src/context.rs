@@ -1,7 +1,8 @@
 //! [`DeviceContext`]: what the VMM lends a device while creating it.
 
 use kvm_ioctls::VmFd;
-use pvstack_protocols::layout;
+use pvstack_protocols::boot::DeviceInfo;
+use pvstack_protocols::layout::{self, DEVICE_MMIO_SIZE};
 use vm_memory::GuestMemoryMmap;
 
 /// The VM a device is created for, and the slot it gets in it.
@@ -29,6 +30,20 @@ impl<'a> DeviceContext<'a> {
             mmio_base: layout::device_mmio_addr(slot),
             gsi: layout::device_irq(slot),
             index,
+        }
+    }
+
+    /// The boot info entry of a device of `kind`
+    /// (`pvstack_protocols::boot::device_kind`; `subtype` is the virtio
+    /// device id for virtio-mmio, 0 otherwise) in this slot.
+    pub fn device_info(&self, kind: u32, subtype: u32) -> DeviceInfo {
+        DeviceInfo {
+            kind,
+            subtype,
+            mmio_addr: self.mmio_base,
+            mmio_size: DEVICE_MMIO_SIZE,
+            irq: self.gsi,
+            index: self.index,
         }
     }
 }

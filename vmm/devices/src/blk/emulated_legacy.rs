@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, info, warn};
 use pvstack_blk::image::DiskImage;
-use pvstack_protocols::boot::{device_kind, DeviceInfo};
-use pvstack_protocols::layout::DEVICE_MMIO_SIZE;
+use pvstack_protocols::boot::device_kind;
 use pvstack_protocols::legacy_blk::{command, reg, status, MAGIC, MAX_COUNT, SECTOR_SIZE};
 
 use super::stats::DiskStats;
@@ -294,14 +293,7 @@ pub(super) fn create(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         bus_device: Arc::new(Mutex::new(device)),
         transport: None,
         stats: Some(stats),
-        info: DeviceInfo {
-            kind: device_kind::LEGACY_BLOCK,
-            subtype: 0,
-            mmio_addr: ctx.mmio_base,
-            mmio_size: DEVICE_MMIO_SIZE,
-            irq: ctx.gsi,
-            index: ctx.index,
-        },
+        info: ctx.device_info(device_kind::LEGACY_BLOCK, 0),
         config: BlkConfig {
             capacity,
             blk_size: SECTOR_SIZE as u32,

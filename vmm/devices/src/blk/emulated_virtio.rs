@@ -12,6 +12,7 @@ use log::{info, warn};
 use pvstack_blk::answer::{answer, Disk, Outcome};
 use pvstack_blk::config::{self, DiskLimits, ID_BYTES, SECTOR_SIZE};
 use pvstack_blk::image::DiskImage;
+use pvstack_protocols::boot::device_kind;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -22,9 +23,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::stats::DiskStats;
 use super::{BlkConfig, BlkDevice, BlkSpec};
 use crate::context::DeviceContext;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::virtio::mmio::MmioTransport;
-use crate::virtio::{read_config_bytes, Activation, DeviceEvents, QueueConfig, VirtioDevice};
+use crate::virtio::{clone_eventfd, read_config_bytes, Activation, DeviceEvents, VirtioDevice};
 
 /// What the driver sees of the disk, worked out by `create_blk`.
 pub struct VirtioBlkShape {
@@ -75,29 +76,6 @@ impl EmulatedVirtioBlk {
             stats,
         }
     }
-
-    /// The queue the driver programmed, checked against guest memory.
-    fn queue(&self, index: u16, config: &QueueConfig, event_idx: bool) -> Result<Queue> {
-        let invalid = |reason: String| Error::InvalidQueue {
-            queue: index,
-            reason,
-        };
-        let mut queue = Queue::new(config.max_size).map_err(|e| invalid(e.to_string()))?;
-        let halves = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-        queue.set_size(config.size);
-        let (low, high) = halves(config.desc_table);
-        queue.set_desc_table_address(low, high);
-        let (low, high) = halves(config.avail_ring);
-        queue.set_avail_ring_address(low, high);
-        let (low, high) = halves(config.used_ring);
-        queue.set_used_ring_address(low, high);
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        if !queue.is_valid(&self.memory) {
-            return Err(invalid("its rings do not lie in guest memory".to_string()));
-        }
-        Ok(queue)
-    }
 }
 
 impl VirtioDevice for EmulatedVirtioBlk {
@@ -124,18 +102,11 @@ impl VirtioDevice for EmulatedVirtioBlk {
             .map(|(index, config)| {
                 config
                     .ready
-                    .then(|| self.queue(index, config, event_idx))
+                    .then(|| config.build_queue(index, event_idx, &self.memory))
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
-        let call = activation
-            .events
-            .call
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                what: format!("{} interrupts", self.name),
-                source,
-            })?;
+        let call = clone_eventfd(&activation.events.call, format!("{} interrupts", self.name))?;
         info!(
             "{}: driver started {} queues, served in the VMM",
             self.name,
@@ -290,7 +261,7 @@ pub(super) fn create(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         bus_device: transport,
         transport: None,
         stats: Some(stats),
-        info: super::virtio_info(ctx),
+        info: ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_BLOCK),
         config: BlkConfig {
             capacity: limits.capacity_sectors,
             blk_size: SECTOR_SIZE as u32,

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use log::info;
 use pvstack_protocols::boot::{device_kind, DeviceInfo};
-use pvstack_protocols::layout::DEVICE_MMIO_SIZE;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -212,35 +211,19 @@ fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         process,
         reconnector,
     );
-    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
     let policy = ReconnectPolicy {
         window: spec.reconnect_timeout,
     };
-    supervisor::spawn(&id, &transport, policy).map_err(|source| Error::Thread {
-        what: format!("{id} supervisor"),
-        source,
-    })?;
+    let transport = supervisor::supervised(device, events, policy)?;
     Ok(BlkDevice {
         id,
         mode: spec.mode,
         bus_device: transport.clone(),
         transport: Some(transport),
         stats: None,
-        info: virtio_info(ctx),
+        info: ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_BLOCK),
         config,
     })
-}
-
-/// The boot info entry of a virtio-blk device in `ctx`'s slot.
-fn virtio_info(ctx: &DeviceContext<'_>) -> DeviceInfo {
-    DeviceInfo {
-        kind: device_kind::VIRTIO_MMIO,
-        subtype: VIRTIO_ID_BLOCK,
-        mmio_addr: ctx.mmio_base,
-        mmio_size: DEVICE_MMIO_SIZE,
-        irq: ctx.gsi,
-        index: ctx.index,
-    }
 }
 
 /// Opens the image of a disk the VMM serves itself.

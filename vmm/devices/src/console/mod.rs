@@ -11,11 +11,9 @@ pub use uart::{create_uart, UartDevice};
 
 use std::ffi::OsString;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 
 use log::info;
 use pvstack_protocols::boot::{device_kind, DeviceInfo};
-use pvstack_protocols::layout::DEVICE_MMIO_SIZE;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 
@@ -26,7 +24,6 @@ use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice
 use crate::vhost_user::{
     BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
-use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
 
 /// The backend program `stdio`, `pty` and `unix=` start.
@@ -84,21 +81,8 @@ pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<Con
         process,
         Box::new(move || connect(&reconnect_spec)),
     );
-    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
-    supervisor::spawn(&id, &transport, ReconnectPolicy { window: None }).map_err(|source| {
-        Error::Thread {
-            what: format!("{id} supervisor"),
-            source,
-        }
-    })?;
-    let info = DeviceInfo {
-        kind: device_kind::VIRTIO_MMIO,
-        subtype: VIRTIO_ID_CONSOLE,
-        mmio_addr: ctx.mmio_base,
-        mmio_size: DEVICE_MMIO_SIZE,
-        irq: ctx.gsi,
-        index: ctx.index,
-    };
+    let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
+    let info = ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_CONSOLE);
     Ok(ConsoleDevice { transport, info })
 }
 

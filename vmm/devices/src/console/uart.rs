@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use pvstack_protocols::boot::{device_kind, DeviceInfo};
-use pvstack_protocols::layout::DEVICE_MMIO_SIZE;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -98,14 +97,7 @@ pub fn create_uart(ctx: &DeviceContext<'_>, out: UartOutput) -> Result<UartDevic
     };
     Ok(UartDevice {
         device: Arc::new(Mutex::new(device)),
-        info: DeviceInfo {
-            kind: device_kind::UART_16550,
-            subtype: 0,
-            mmio_addr: ctx.mmio_base,
-            mmio_size: DEVICE_MMIO_SIZE,
-            irq: ctx.gsi,
-            index: ctx.index,
-        },
+        info: ctx.device_info(device_kind::UART_16550, 0),
     })
 }
 

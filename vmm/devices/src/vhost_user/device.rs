@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::handle::{avail_idx, used_idx, ActiveQueue, RingSetup, VhostUserHandle};
 use super::process::BackendProcess;
 use super::stall::StallStats;
 use crate::error::{Error, Result};
-use crate::virtio::{read_config_bytes, Activation, VirtioDevice};
+use crate::virtio::{clone_eventfd, read_config_bytes, Activation, VirtioDevice};
 
 /// What the driver sees of a device.
 #[derive(Clone, Debug)]
@@ -402,11 +401,6 @@ fn rewind_to_used(rings: &mut RingSetup) -> Result<()> {
         queue.next_avail = used_idx(&rings.memory, queue)?;
     }
     Ok(())
-}
-
-fn clone_eventfd(fd: &EventFd, what: String) -> Result<EventFd> {
-    fd.try_clone()
-        .map_err(|source| Error::EventFd { what, source })
 }
 
 impl VirtioDevice for VhostUserDevice {

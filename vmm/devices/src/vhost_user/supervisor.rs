@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 
 use super::device::{BackendState, VhostUserDevice};
+use crate::error::{Error, Result};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::DeviceEvents;
 
 /// The device as the bus and the control API share it.
 pub type SharedVhostUserDevice = Arc<Mutex<MmioTransport<VhostUserDevice>>>;
@@ -43,6 +45,22 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("{name}-supervisor"))
         .spawn(move || supervise(&device, policy))
+}
+
+/// Puts `device` behind a virtio-mmio transport with `events` and starts
+/// its supervisor: the last step of creating any vhost-user device.
+pub fn supervised(
+    device: VhostUserDevice,
+    events: DeviceEvents,
+    policy: ReconnectPolicy,
+) -> Result<SharedVhostUserDevice> {
+    let id = device.name().to_string();
+    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
+    spawn(&id, &transport, policy).map_err(|source| Error::Thread {
+        what: format!("{id} supervisor"),
+        source,
+    })?;
+    Ok(transport)
 }
 
 fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {

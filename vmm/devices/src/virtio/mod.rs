@@ -6,6 +6,8 @@ pub mod mmio;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
@@ -62,6 +64,36 @@ impl QueueConfig {
             }
         }
         Ok(())
+    }
+
+    /// The virtio-queue [`Queue`] for a device the VMM serves itself:
+    /// this queue (number `index`) as the driver programmed it, with event
+    /// index suppression if negotiated, checked against guest `memory`.
+    pub fn build_queue(
+        &self,
+        index: u16,
+        event_idx: bool,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Queue> {
+        let invalid = |reason: String| Error::InvalidQueue {
+            queue: index,
+            reason,
+        };
+        let mut queue = Queue::new(self.max_size).map_err(|e| invalid(e.to_string()))?;
+        let halves = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+        queue.set_size(self.size);
+        let (low, high) = halves(self.desc_table);
+        queue.set_desc_table_address(low, high);
+        let (low, high) = halves(self.avail_ring);
+        queue.set_avail_ring_address(low, high);
+        let (low, high) = halves(self.used_ring);
+        queue.set_used_ring_address(low, high);
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(memory) {
+            return Err(invalid("its rings do not lie in guest memory".to_string()));
+        }
+        Ok(queue)
     }
 
     /// Bytes of the descriptor table, available ring and used ring
@@ -124,6 +156,13 @@ impl DeviceEvents {
             .map_err(|source| Error::IrqFd { gsi, source })?;
         Ok(events)
     }
+}
+
+/// A second handle on `fd` (for whoever serves a device's queues);
+/// `what` names the eventfd in the error.
+pub fn clone_eventfd(fd: &EventFd, what: String) -> Result<EventFd> {
+    fd.try_clone()
+        .map_err(|source| Error::EventFd { what, source })
 }
 
 /// What the transport hands a device when the driver sets DRIVER_OK.
