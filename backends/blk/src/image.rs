@@ -117,27 +117,8 @@ impl DiskImage {
         offset: u64,
         buffers: &mut [libc::iovec],
     ) -> io::Result<()> {
-        if self.direct {
-            let total = iovecs_len(buffers);
-            let mut bounce = AlignedBuffer::new(total)?;
-            self.transfer_all(Direction::Read, offset, &mut [bounce.as_iovec()])?;
-            let mut copied = 0;
-            for iov in buffers.iter() {
-                // SAFETY: the caller guarantees each iovec is writable memory;
-                // `bounce` holds `total` bytes, the sum of all iovec lengths.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        bounce.as_slice().as_ptr().add(copied),
-                        iov.iov_base.cast::<u8>(),
-                        iov.iov_len,
-                    );
-                }
-                copied += iov.iov_len;
-            }
-            Ok(())
-        } else {
-            self.transfer_all(Direction::Read, offset, buffers)
-        }
+        // SAFETY: passed on from our caller.
+        unsafe { self.transfer(Direction::Read, offset, buffers) }
     }
 
     /// Writes `buffers` to the image starting at `offset`.
@@ -150,26 +131,39 @@ impl DiskImage {
         offset: u64,
         buffers: &mut [libc::iovec],
     ) -> io::Result<()> {
-        if self.direct {
-            let total = iovecs_len(buffers);
-            let mut bounce = AlignedBuffer::new(total)?;
-            let mut copied = 0;
-            for iov in buffers.iter() {
-                // SAFETY: the caller guarantees each iovec is readable memory;
-                // `bounce` holds the sum of all iovec lengths.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        iov.iov_base.cast::<u8>(),
-                        bounce.as_mut_slice().as_mut_ptr().add(copied),
-                        iov.iov_len,
-                    );
-                }
-                copied += iov.iov_len;
-            }
-            self.transfer_all(Direction::Write, offset, &mut [bounce.as_iovec()])
-        } else {
-            self.transfer_all(Direction::Write, offset, buffers)
+        // SAFETY: passed on from our caller.
+        unsafe { self.transfer(Direction::Write, offset, buffers) }
+    }
+
+    /// Moves the bytes of `buffers` in `direction`, through an aligned
+    /// bounce buffer when the image is opened with O_DIRECT (the iovecs
+    /// need not be aligned).
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for `direction` (writes for a
+    /// read, reads for a write) for the whole call that nothing else writes
+    /// meanwhile.
+    unsafe fn transfer(
+        &self,
+        direction: Direction,
+        offset: u64,
+        buffers: &mut [libc::iovec],
+    ) -> io::Result<()> {
+        if !self.direct {
+            return self.transfer_all(direction, offset, buffers);
         }
+        let mut bounce = AlignedBuffer::new(iovecs_len(buffers))?;
+        if let Direction::Write = direction {
+            // SAFETY: passed on from our caller; `bounce` holds the sum of
+            // all iovec lengths.
+            unsafe { bounce.exchange(Direction::Write, buffers) };
+        }
+        self.transfer_all(direction, offset, &mut [bounce.as_iovec()])?;
+        if let Direction::Read = direction {
+            // SAFETY: as above.
+            unsafe { bounce.exchange(Direction::Read, buffers) };
+        }
+        Ok(())
     }
 
     /// Makes written data durable.
@@ -356,6 +350,37 @@ impl AlignedBuffer {
     fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+
+    /// Copies between the buffer and `buffers` laid end to end at its
+    /// start: out of the buffer into them for a read, into it for a write.
+    ///
+    /// # Safety
+    /// The buffer must hold at least the sum of the iovec lengths; every
+    /// iovec must be memory valid for the copy (writes for a read, reads
+    /// for a write) that nothing else writes meanwhile.
+    unsafe fn exchange(&mut self, direction: Direction, buffers: &[libc::iovec]) {
+        let mut copied = 0;
+        for iov in buffers {
+            let iov_base = iov.iov_base.cast::<u8>();
+            // SAFETY: the caller's contract; `copied + iov_len` stays within
+            // the sum of the iovec lengths, which the buffer holds.
+            unsafe {
+                match direction {
+                    Direction::Read => std::ptr::copy_nonoverlapping(
+                        self.as_slice().as_ptr().add(copied),
+                        iov_base,
+                        iov.iov_len,
+                    ),
+                    Direction::Write => std::ptr::copy_nonoverlapping(
+                        iov_base,
+                        self.as_mut_slice().as_mut_ptr().add(copied),
+                        iov.iov_len,
+                    ),
+                }
+            }
+            copied += iov.iov_len;
+        }
     }
 
     fn as_iovec(&mut self) -> libc::iovec {
