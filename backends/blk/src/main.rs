@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use pvstack_backend_common::{exit_status, init_logging, serve, SocketArgs};
+use pvstack_backend_common::{backend_main, parse_queue_size, serve, SocketArgs};
 
 use crate::backend::{BlkBackend, BlkSettings};
 use crate::config::ID_BYTES;
@@ -66,16 +66,6 @@ struct Args {
     serial: String,
 }
 
-fn parse_queue_size(text: &str) -> Result<u16, String> {
-    let size: u16 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number from 2 to 32768"))?;
-    if size < 2 || !size.is_power_of_two() {
-        return Err(format!("{size} is not a power of two from 2 to 32768"));
-    }
-    Ok(size)
-}
-
 fn parse_serial(text: &str) -> Result<String, String> {
     if text.len() > ID_BYTES {
         return Err(format!("{} bytes, at most {ID_BYTES} fit", text.len()));
@@ -84,9 +74,7 @@ fn parse_serial(text: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    init_logging(DEVICE, &args.socket.socket);
-    exit_status(DEVICE, run(&args))
+    backend_main(DEVICE, |args: &Args| &args.socket, run)
 }
 
 fn run(args: &Args) -> Result<(), Error> {

@@ -2,6 +2,8 @@ use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::logging::init_logging;
+
 /// Exit status for a runtime failure (clap itself exits 2 on usage errors,
 /// so backends put every argument check in a clap value parser).
 pub const EXIT_FAILURE: u8 = 1;
@@ -22,6 +24,34 @@ pub struct SocketArgs {
     pub exit_on_disconnect: bool,
 }
 
+/// clap value parser for `--queue-size`: a power of two from 2 to 32768.
+pub fn parse_queue_size(text: &str) -> Result<u16, String> {
+    let size: u16 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number from 2 to 32768"))?;
+    if size < 2 || !size.is_power_of_two() {
+        return Err(format!("{size} is not a power of two from 2 to 32768"));
+    }
+    Ok(size)
+}
+
+/// The whole `main` of a backend called `program`: parses its flags `A`,
+/// sets up logging that names the socket `socket_of` picks from them, runs
+/// `run` and turns its result into the exit status ([`exit_status`]).
+pub fn backend_main<A, E>(
+    program: &str,
+    socket_of: fn(&A) -> &SocketArgs,
+    run: impl FnOnce(&A) -> Result<(), E>,
+) -> ExitCode
+where
+    A: clap::Parser,
+    E: Display,
+{
+    let args = A::parse();
+    init_logging(program, &socket_of(&args).socket);
+    exit_status(program, run(&args))
+}
+
 /// Turns a backend's final result into its exit status, printing a failure as
 /// one line `PROGRAM: error: MESSAGE` on stderr.
 pub fn exit_status<E: Display>(program: &str, result: Result<(), E>) -> ExitCode {
@@ -33,5 +63,20 @@ pub fn exit_status<E: Display>(program: &str, result: Result<(), E>) -> ExitCode
             eprintln!("{program}: error: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_sizes() {
+        assert_eq!(parse_queue_size("2"), Ok(2));
+        assert_eq!(parse_queue_size("32768"), Ok(32768));
+        assert!(parse_queue_size("1").is_err());
+        assert!(parse_queue_size("96").is_err());
+        assert!(parse_queue_size("65536").is_err());
+        assert!(parse_queue_size("x").is_err());
     }
 }

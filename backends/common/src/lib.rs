@@ -5,10 +5,14 @@
 //!
 //! A backend binary does:
 //! ```ignore
-//! let args = Args::parse();                       // flattens `SocketArgs`
-//! init_logging("pvstack-blk", &args.socket.socket);
-//! let result = serve("pvstack-blk", &args.socket, || MyBackend::new(...));
-//! exit_status("pvstack-blk", result)
+//! fn main() -> ExitCode {
+//!     // Args: a clap Parser that flattens `SocketArgs`.
+//!     backend_main("pvstack-blk", |args: &Args| &args.socket, run)
+//! }
+//! fn run(args: &Args) -> Result<(), Error> {
+//!     serve("pvstack-blk", &args.socket, || MyBackend::new(...))?;
+//!     Ok(())
+//! }
 //! ```
 
 mod cli;
@@ -18,9 +22,9 @@ mod serve;
 mod signals;
 mod socket_path;
 
-pub use cli::{exit_status, SocketArgs, EXIT_FAILURE};
+pub use cli::{backend_main, exit_status, parse_queue_size, SocketArgs, EXIT_FAILURE};
 pub use error::Error;
 pub use logging::init_logging;
 pub use serve::{serve, serve_with};
-pub use signals::StopSignal;
+pub use signals::{block_stop_signals, StopSignal};
 pub use socket_path::prepare_socket_path;

@@ -33,13 +33,8 @@ impl StopSignal {
             wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Signals)?,
             connection: Mutex::new(None),
         });
+        block_stop_signals()?;
         let set = stop_signal_set();
-        // SAFETY: `set` is a valid, initialised sigset_t; a null old-set
-        // pointer is allowed.
-        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if rc != 0 {
-            return Err(Error::Signals(io::Error::from_raw_os_error(rc)));
-        }
         let waiter = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("signals".into())
@@ -83,6 +78,21 @@ impl Inner {
             handle.shutdown();
         }
     }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread
+/// it spawns later. [`StopSignal::install`] does it; a backend that starts
+/// threads of its own before serving calls it first, so that only the
+/// signal thread receives them.
+pub fn block_stop_signals() -> Result<(), Error> {
+    let set = stop_signal_set();
+    // SAFETY: `set` is a valid, initialised sigset_t; a null old-set
+    // pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Error::Signals(io::Error::from_raw_os_error(rc)));
+    }
+    Ok(())
 }
 
 fn stop_signal_set() -> libc::sigset_t {

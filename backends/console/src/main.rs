@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgGroup, Parser};
-use pvstack_backend_common::{exit_status, init_logging, serve_with, SocketArgs};
+use pvstack_backend_common::{backend_main, block_stop_signals, serve_with, SocketArgs};
 use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT};
 use pvstack_console::error::Error;
 use pvstack_console::host::{pty, server, stdio};
@@ -49,34 +49,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    init_logging(DEVICE, &args.socket.socket);
-    exit_status(DEVICE, run(&args))
-}
-
-/// Blocks SIGTERM and SIGINT in this thread before the host side's
-/// threads start, so they inherit the mask and only the signal thread of
-/// `serve_with` receives them.
-fn block_stop_signals() -> Result<(), Error> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; the set
-    // pointer is valid for the call and the old-set pointer may be null.
-    let rc = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(Error::Io {
-            what: "cannot block SIGTERM/SIGINT".into(),
-            source: io::Error::from_raw_os_error(rc),
-        });
-    }
-    Ok(())
+    backend_main(DEVICE, |args: &Args| &args.socket, run)
 }
 
 fn run(args: &Args) -> Result<(), Error> {
+    // Before the host side's threads start, so they inherit the mask and
+    // only the signal thread of `serve_with` receives SIGTERM/SIGINT.
     block_stop_signals()?;
     let log = match &args.log {
         Some(path) => Some(
