@@ -1,6 +1,6 @@
-//! The bar chart of `pvstack bench`: median IOPS per workload, one bar per
-//! mode, min-max whiskers, on a log scale (the modes differ by orders of
-//! magnitude).
+//! The bar chart of `pvstack bench`: median IOPS (for network workloads,
+//! frames per second) per workload, one bar per mode, min-max whiskers, on
+//! a log scale (the modes differ by orders of magnitude).
 
 use std::path::Path;
 
@@ -48,13 +48,19 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
         .fold(top, f64::min)
         .min(10.0)
         / 2.0;
+    // Network rows plot frames from the guest per second on the same axis.
+    let rate = if workloads.iter().any(|w| w.starts_with("net-")) {
+        "IOPS or net frames/s"
+    } else {
+        "IOPS"
+    };
     let root = SVGBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let groups = workloads.len().max(1) as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "pvstack bench: median IOPS (log scale) of {} run(s) of {} s, whiskers min-max",
+                "pvstack bench: median {rate} (log scale) of {} run(s) of {} s, whiskers min-max",
                 report.repetitions, report.duration_secs
             ),
             ("sans-serif", 20),
@@ -75,7 +81,7 @@ fn draw_svg(report: &Report, path: &Path) -> std::result::Result<(), Box<dyn std
                 String::new()
             }
         })
-        .y_desc("IOPS")
+        .y_desc(rate)
         .y_label_formatter(&|v| iops_label(*v))
         .draw()?;
     let width = 0.8 / modes.len().max(1) as f64;

@@ -1,6 +1,7 @@
-//! One measurement: a child `pvstack run` with one disk in one mode running
-//! one workload, and what it reported.
+//! One measurement: a child `pvstack run` with one device in one mode
+//! running one workload, and what it reported.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,8 +39,9 @@ pub struct Sample {
     pub bytes: u64,
     pub iops: f64,
     pub mbps: f64,
-    /// VM exits to the VMM per request (the guest's COUNTERS hypercall).
-    pub exits_per_req: f64,
+    /// VM exits to the VMM per request (the guest's COUNTERS hypercall);
+    /// `None` where the workload does not report them (`net-bench`).
+    pub exits_per_req: Option<f64>,
     /// Doorbell kicks per request (the guest driver's count).
     pub kicks_per_req: f64,
     /// Interrupts raised per request, where the device that raises them
@@ -50,91 +52,176 @@ pub struct Sample {
     pub cpu_s_per_gib: f64,
 }
 
-/// Runs `spec` once and parses what it reported.
-pub fn run_once(spec: &RunSpec<'_>) -> Result<Sample> {
-    let mut command = Command::new(spec.pvstack);
-    command
-        .arg("run")
-        .args(["--memory", GUEST_MEMORY])
-        .arg("--blk")
-        .arg(format!("image={},mode={}", spec.image.display(), spec.mode))
-        .arg("--guest-args")
-        .arg(spec.workload.guest_args(spec.secs))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(kernel) = spec.kernel {
-        command.arg("--kernel").arg(kernel);
-    }
-    let what = format!("{} {}", spec.mode, spec.workload);
-    let failed = |reason: String| Error::Bench {
-        what: what.clone(),
-        reason,
-    };
-    let mut child = command
-        .spawn()
-        .map_err(|e| failed(format!("cannot start {}: {e}", spec.pvstack.display())))?;
-    let pid = child.id();
-    RUNNING_CHILD.store(pid, Ordering::SeqCst);
-    let mut stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| failed("no stderr pipe".to_string()))?;
-    let stderr_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        // A read error only loses log lines; the run's result comes from stdout.
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| failed("no stdout pipe".to_string()))?;
-    // CPU time is sampled when the guest starts measuring (just after it
-    // prints its disk line) and when it reports, so boot and teardown are
-    // left out.
-    let mut cpu_start = None;
-    let mut cpu_end = None;
-    let mut result = None;
-    let mut console = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        if line.starts_with("disk 0:") {
-            cpu_start = Some(tree_cpu_seconds(pid));
-        } else if line.starts_with("RESULT blk-bench") {
-            cpu_end = Some(tree_cpu_seconds(pid));
-            result = Some(line.clone());
+/// One child `pvstack run` of a benchmark workload.
+pub struct VmRun<'a> {
+    pub pvstack: &'a Path,
+    pub kernel: Option<&'a Path>,
+    /// Network namespace to run it in (with `ip netns exec`), if any.
+    pub netns: Option<&'a str>,
+    /// Device options, e.g. `--blk image=...`.
+    pub devices: Vec<OsString>,
+    pub guest_args: String,
+    /// The console line (prefix) the guest prints when it starts measuring.
+    pub started: &'a str,
+    /// The RESULT line prefix it reports with.
+    pub result: &'a str,
+    /// The mode and workload, for error messages.
+    pub what: String,
+}
+
+/// What a [`VmRun`] printed and used.
+pub struct VmOutput {
+    /// The guest's RESULT line.
+    pub result: String,
+    /// CPU seconds of the VMM and its children between the start line and
+    /// the RESULT line.
+    pub cpu_seconds: f64,
+    /// The VMM's log (stderr).
+    pub log: String,
+}
+
+impl VmRun<'_> {
+    /// The error for this run.
+    pub fn failed(&self, reason: String) -> Error {
+        Error::Bench {
+            what: self.what.clone(),
+            reason,
         }
-        console.push(line);
     }
-    let status = child.wait();
-    RUNNING_CHILD.store(0, Ordering::SeqCst);
-    let log = stderr_reader.join().unwrap_or_default();
-    let status = status.map_err(|e| failed(format!("cannot wait for pvstack run: {e}")))?;
-    if !status.success() {
-        let last = log
-            .lines()
-            .chain(console.iter().map(String::as_str))
-            .rfind(|l| l.contains("error") || l.contains("PANIC"))
-            .unwrap_or("no error message");
-        return Err(failed(format!("pvstack run ended with {status}: {last}")));
+
+    /// Runs it to the end; its RESULT line, CPU time and log.
+    pub fn run(&self) -> Result<VmOutput> {
+        let mut command = match self.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(self.pvstack);
+                command
+            }
+            None => Command::new(self.pvstack),
+        };
+        command
+            .arg("run")
+            .args(["--memory", GUEST_MEMORY])
+            .args(&self.devices)
+            .arg("--guest-args")
+            .arg(&self.guest_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(kernel) = self.kernel {
+            command.arg("--kernel").arg(kernel);
+        }
+        let failed = |reason: String| self.failed(reason);
+        let mut child = command
+            .spawn()
+            .map_err(|e| failed(format!("cannot start {}: {e}", self.pvstack.display())))?;
+        // `ip netns exec` execs the program, so this is pvstack's pid.
+        let pid = child.id();
+        RUNNING_CHILD.store(pid, Ordering::SeqCst);
+        let mut stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| failed("no stderr pipe".to_string()))?;
+        let stderr_reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            // A read error only loses log lines; the run's result comes from stdout.
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| failed("no stdout pipe".to_string()))?;
+        // CPU time is sampled when the guest starts measuring (just after it
+        // prints its device line) and when it reports, so boot and teardown
+        // are left out.
+        let mut cpu_start = None;
+        let mut cpu_end = None;
+        let mut result = None;
+        let mut console = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with(self.started) {
+                cpu_start = Some(tree_cpu_seconds(pid));
+            } else if line.starts_with(self.result) {
+                cpu_end = Some(tree_cpu_seconds(pid));
+                result = Some(line.clone());
+            }
+            console.push(line);
+        }
+        let status = child.wait();
+        RUNNING_CHILD.store(0, Ordering::SeqCst);
+        let log = stderr_reader.join().unwrap_or_default();
+        let status = status.map_err(|e| failed(format!("cannot wait for pvstack run: {e}")))?;
+        if !status.success() {
+            let last = log
+                .lines()
+                .chain(console.iter().map(String::as_str))
+                .rfind(|l| l.contains("error") || l.contains("PANIC"))
+                .unwrap_or("no error message");
+            return Err(failed(format!("pvstack run ended with {status}: {last}")));
+        }
+        let result =
+            result.ok_or_else(|| failed("the guest printed no RESULT line".to_string()))?;
+        let cpu_seconds = match (cpu_start, cpu_end) {
+            (Some(start), Some(end)) => end - start,
+            _ => {
+                return Err(failed(format!(
+                    "the guest printed no {:?} line",
+                    self.started
+                )))
+            }
+        };
+        Ok(VmOutput {
+            result,
+            cpu_seconds,
+            log,
+        })
     }
-    let result = result.ok_or_else(|| failed("the guest printed no RESULT line".to_string()))?;
-    let cpu = match (cpu_start, cpu_end) {
-        (Some(start), Some(end)) => end - start,
-        _ => return Err(failed("the guest printed no disk line".to_string())),
+}
+
+/// Runs the disk workload `spec` once and parses what it reported.
+pub fn run_once(spec: &RunSpec<'_>) -> Result<Sample> {
+    let mut blk = OsString::from("image=");
+    blk.push(spec.image);
+    blk.push(format!(",mode={}", spec.mode));
+    let run = VmRun {
+        pvstack: spec.pvstack,
+        kernel: spec.kernel,
+        netns: None,
+        devices: vec!["--blk".into(), blk],
+        guest_args: spec.workload.guest_args(spec.secs, 0),
+        started: "disk 0:",
+        result: "RESULT blk-bench",
+        what: format!("{} {}", spec.mode, spec.workload),
     };
-    parse_sample(&result, cpu, interrupts_per_request(&log)).map_err(failed)
+    let out = run.run()?;
+    parse_sample(
+        &out.result,
+        out.cpu_seconds,
+        interrupts_per_request(&out.log),
+    )
+    .map_err(|reason| run.failed(reason))
 }
 
 /// The value of `key=` in a RESULT line.
-fn field(line: &str, key: &str) -> std::result::Result<f64, String> {
+pub fn field(line: &str, key: &str) -> std::result::Result<f64, String> {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
         .ok_or_else(|| format!("RESULT line lacks {key}=: {line}"))?
         .parse()
         .map_err(|_| format!("RESULT line has a bad {key}=: {line}"))
+}
+
+/// CPU seconds per GiB of `bytes` moved (0 if nothing moved).
+pub fn cpu_s_per_gib(cpu_seconds: f64, bytes: u64) -> f64 {
+    let gib = bytes as f64 / f64::from(1u32 << 30);
+    if gib > 0.0 {
+        cpu_seconds / gib
+    } else {
+        0.0
+    }
 }
 
 fn parse_sample(
@@ -147,23 +234,22 @@ fn parse_sample(
         return Err(format!("{errors} requests failed: {line}"));
     }
     let bytes = field(line, "bytes")? as u64;
-    let gib = bytes as f64 / f64::from(1u32 << 30);
     Ok(Sample {
         ios: field(line, "ios")? as u64,
         bytes,
         iops: field(line, "iops")?,
         mbps: field(line, "mbps")?,
-        exits_per_req: field(line, "exits_per_req")?,
+        exits_per_req: Some(field(line, "exits_per_req")?),
         kicks_per_req: field(line, "kicks_per_req")?,
         interrupts_per_req,
-        cpu_s_per_gib: if gib > 0.0 { cpu_seconds / gib } else { 0.0 },
+        cpu_s_per_gib: cpu_s_per_gib(cpu_seconds, bytes),
     })
 }
 
 /// Interrupts per request from the devices' closing log lines
 /// (`...: served N requests, raised M interrupts`), summed over every
 /// line; `None` if no device reported.
-fn interrupts_per_request(log: &str) -> Option<f64> {
+pub fn interrupts_per_request(log: &str) -> Option<f64> {
     let mut requests = 0u64;
     let mut interrupts = 0u64;
     let mut found = false;

@@ -1,14 +1,19 @@
-//! `pvstack bench`: the same guest block workloads on every disk mode in
-//! one run, each repeated, as a table, a JSON report and a bar chart.
+//! `pvstack bench`: the same guest block workloads on every disk mode,
+//! and network workloads on every NIC mode, in one run, each repeated, as
+//! a table, a JSON report and a bar chart.
 //!
 //! Each measurement is a child `pvstack run` (so runs are isolated and the
-//! VMM's and backend's CPU time can be read from /proc) over one image on
-//! tmpfs, so the stack, not a disk, is measured.
+//! VMM's and backend's CPU time can be read from /proc): disks over one
+//! image on tmpfs, so the stack, not a disk, is measured; NICs on a TAP in
+//! a network namespace made for the benchmark, sending to sinks there.
 
 mod chart;
 mod child;
 mod image;
+mod net;
+mod netns;
 mod procstat;
+mod sink;
 mod summary;
 mod workload;
 
@@ -18,7 +23,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Args;
 use pvstack_devices::blk::BlkMode;
+use pvstack_devices::net::NetMode;
 
+pub use child::Sample;
 pub use summary::{Report, Spread, Summary};
 pub use workload::Workload;
 
@@ -58,7 +65,10 @@ pub struct BenchArgs {
     pub modes: Vec<BlkMode>,
 
     /// Workloads, comma separated: 4k-randread-qd1, 4k-randread-qd32,
-    /// 64k-seqwrite, 1m-seqread.
+    /// 64k-seqwrite, 1m-seqread (disks, on every --modes mode); net-tcp-tx,
+    /// net-udp-64 (guest-to-host TCP throughput and 64-byte UDP frames, on
+    /// every --net-modes mode, in a network namespace the benchmark makes:
+    /// needs CAP_NET_ADMIN).
     #[arg(
         long,
         value_name = "LIST",
@@ -66,6 +76,22 @@ pub struct BenchArgs {
         default_value = "4k-randread-qd1,4k-randread-qd32,64k-seqwrite,1m-seqread"
     )]
     pub workloads: Vec<Workload>,
+
+    /// NIC modes the net-* workloads compare, comma separated: vhost-user
+    /// (pvstack-net), emulated (virtio-net served in the VMM).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "vhost-user,emulated",
+        value_parser = net::parse_net_mode
+    )]
+    pub net_modes: Vec<NetMode>,
+
+    /// Bytes each net-tcp-tx run sends (K, M, G suffixes); net-udp-64 runs
+    /// for --duration.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_memory_size)]
+    pub net_tcp_bytes: u64,
 
     /// Also write the results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -100,23 +126,30 @@ pub enum BenchEnd {
     Signal(i32),
 }
 
-/// Runs the benchmark `args` describe.
+/// Runs the benchmark `args` describe: the disk rows, then the network
+/// rows. If the network rows fail (no CAP_NET_ADMIN, say), the disk rows
+/// are still reported before the error.
 pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
     let pvstack = child::current_pvstack()?;
     watch_termination()?;
-    let image = image::BenchImage::create(&args.image_dir, args.image_size)?;
+    let (net_workloads, blk_workloads): (Vec<Workload>, Vec<Workload>) =
+        args.workloads.iter().partition(|w| w.is_net());
+    let mut runs = Runs {
+        reps: args.reps,
+        done: 0,
+        total: (args.modes.len() * blk_workloads.len()
+            + args.net_modes.len() * net_workloads.len())
+            * args.reps as usize,
+    };
     let mut results = Vec::new();
-    let total = args.modes.len() * args.workloads.len() * args.reps as usize;
-    let mut done = 0;
-    for &mode in &args.modes {
-        for &workload in &args.workloads {
-            let mut samples = Vec::new();
-            for rep in 1..=args.reps {
-                done += 1;
-                progress(&format!(
-                    "[{done}/{total}] {mode} {workload} run {rep}/{}",
-                    args.reps
-                ));
+    let image = if blk_workloads.is_empty() {
+        None
+    } else {
+        Some(image::BenchImage::create(&args.image_dir, args.image_size)?)
+    };
+    if let Some(image) = &image {
+        for &mode in &args.modes {
+            for &workload in &blk_workloads {
                 let spec = child::RunSpec {
                     pvstack: &pvstack,
                     kernel: args.kernel.as_deref(),
@@ -125,23 +158,34 @@ pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
                     workload,
                     secs: args.duration,
                 };
-                let sample = child::run_once(&spec);
-                let signal = STOPPED_BY.load(Ordering::SeqCst);
-                if signal != 0 {
+                let label = format!("{mode} {workload}");
+                let Some(samples) = runs.repeat(&label, || child::run_once(&spec))? else {
                     end_progress();
-                    return Ok(BenchEnd::Signal(signal));
-                }
-                samples.push(sample?);
+                    return Ok(BenchEnd::Signal(STOPPED_BY.load(Ordering::SeqCst)));
+                };
+                results.extend(Summary::new(mode.name(), workload, samples));
             }
-            results.extend(Summary::new(mode, workload, samples));
         }
     }
+    let net_outcome = if net_workloads.is_empty() {
+        Ok(true)
+    } else {
+        run_net(args, &pvstack, &net_workloads, &mut runs, &mut results)
+    };
     end_progress();
+    match net_outcome {
+        Ok(false) => return Ok(BenchEnd::Signal(STOPPED_BY.load(Ordering::SeqCst))),
+        Err(e) if results.is_empty() => return Err(e),
+        _ => {}
+    }
     let mut report = Report {
         repetitions: args.reps,
         duration_secs: args.duration,
         image_bytes: args.image_size,
-        image: image.path().display().to_string(),
+        image: image.as_ref().map(|i| i.path().display().to_string()),
+        net_tcp_bytes: net_workloads
+            .contains(&Workload::NetTcpTx)
+            .then_some(args.net_tcp_bytes),
         results,
         ratios: Vec::new(),
     };
@@ -161,7 +205,69 @@ pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
     if let Some(path) = &args.chart {
         chart::draw(&report, path)?;
     }
-    Ok(BenchEnd::Done)
+    net_outcome.map(|_| BenchEnd::Done)
+}
+
+/// Measures every NIC mode on every network workload into `results`;
+/// false if a signal stopped it. The namespace goes when this returns.
+fn run_net(
+    args: &BenchArgs,
+    pvstack: &std::path::Path,
+    workloads: &[Workload],
+    runs: &mut Runs,
+    results: &mut Vec<Summary>,
+) -> Result<bool> {
+    let bench = net::NetBench::start()?;
+    for &mode in &args.net_modes {
+        for &workload in workloads {
+            let spec = net::NetRunSpec {
+                pvstack,
+                kernel: args.kernel.as_deref(),
+                mode,
+                workload,
+                secs: args.duration,
+                tcp_bytes: args.net_tcp_bytes,
+            };
+            let label = format!("{mode} {workload}");
+            let Some(samples) = runs.repeat(&label, || bench.run_once(&spec))? else {
+                return Ok(false);
+            };
+            results.extend(Summary::new(mode.name(), workload, samples));
+        }
+    }
+    Ok(true)
+}
+
+/// The repetitions of every run, counted for the progress line.
+struct Runs {
+    reps: u32,
+    done: usize,
+    total: usize,
+}
+
+impl Runs {
+    /// Runs `once` `reps` times, showing progress; `None` if SIGTERM or
+    /// SIGINT stopped it.
+    fn repeat(
+        &mut self,
+        label: &str,
+        mut once: impl FnMut() -> Result<Sample>,
+    ) -> Result<Option<Vec<Sample>>> {
+        let mut samples = Vec::new();
+        for rep in 1..=self.reps {
+            self.done += 1;
+            progress(&format!(
+                "[{}/{}] {label} run {rep}/{}",
+                self.done, self.total, self.reps
+            ));
+            let sample = once();
+            if STOPPED_BY.load(Ordering::SeqCst) != 0 {
+                return Ok(None);
+            }
+            samples.push(sample?);
+        }
+        Ok(Some(samples))
+    }
 }
 
 /// Shows which run is going on: one line on stderr, rewritten in place on
