@@ -277,6 +277,110 @@ fn bad_tap_names_and_socket_paths_are_refused_clearly() {
     assert!(vm.stderr.contains("/nonexistent/net.sock"), "{}", vm.stderr);
 }
 
+/// pvstack-net run as `nobody` may not open the TAP: one clear line that
+/// names the TAP and the permission problem, exit status 1.
+#[test]
+fn pvstack_net_without_permission_for_the_tap_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = ScratchDir::new("net-noperm");
+    // A directory `nobody` can create its socket in.
+    let dir = scratch.path("open");
+    std::fs::create_dir(&dir).expect("create dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let run = run_to_end_of(
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(binary("pvstack-net"))
+            .arg("--socket")
+            .arg(dir.join("net.sock"))
+            .args(["--tap", "pvtapnobody"]),
+    );
+    assert_eq!(run.code(), 1, "{run:#?}");
+    let stderr = run.stderr.trim();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("TAP pvtapnobody"), "{stderr}");
+    assert!(stderr.contains("no permission"), "{stderr}");
+}
+
+/// `pvstack bench` with the network workloads: both NIC modes in the JSON
+/// report and the chart, and the benchmark's namespace gone afterwards.
+#[test]
+fn bench_reports_both_net_modes_as_json_and_a_chart() {
+    const MODES: [&str; 2] = ["vhost-user", "emulated"];
+    const WORKLOADS: [&str; 2] = ["net-tcp-tx", "net-udp-64"];
+    let scratch = ScratchDir::new("net-bench");
+    let (json, chart) = (scratch.path("bench.json"), scratch.path("bench.svg"));
+    let run = run_to_end_of(
+        std::process::Command::new(pvstack_tests::pvstack())
+            .args(["bench", "--reps", "2", "--duration", "1"])
+            .args([
+                "--workloads",
+                "net-tcp-tx,net-udp-64",
+                "--net-tcp-bytes",
+                "4M",
+            ])
+            .arg("--json")
+            .arg(&json)
+            .arg("--chart")
+            .arg(&chart)
+            .env("RUST_LOG", "warn"),
+    );
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report exists"))
+            .expect("the JSON report parses");
+    assert_eq!(report["net_tcp_bytes"], 4 << 20, "{report:#}");
+    let results = report["results"].as_array().expect("results is a list");
+    assert_eq!(results.len(), MODES.len() * WORKLOADS.len(), "{report:#}");
+    for mode in MODES {
+        for workload in WORKLOADS {
+            let entry = results
+                .iter()
+                .find(|r| r["mode"] == mode && r["workload"] == workload)
+                .unwrap_or_else(|| panic!("no {mode} {workload} in {report:#}"));
+            for metric in ["iops", "mbps", "kicks_per_req", "cpu_s_per_gib"] {
+                let spread = &entry[metric];
+                let (min, median, max) = (
+                    spread["min"].as_f64().expect("min"),
+                    spread["median"].as_f64().expect("median"),
+                    spread["max"].as_f64().expect("max"),
+                );
+                assert!(
+                    0.0 < min && min <= median && median <= max,
+                    "{mode} {workload} {metric}: {spread}"
+                );
+            }
+            assert!(entry["exits_note"].is_string(), "{entry:#}");
+            let samples = entry["samples"].as_array().expect("samples");
+            assert_eq!(samples.len(), 2, "{entry:#}");
+            if workload == "net-tcp-tx" {
+                for sample in samples {
+                    assert_eq!(sample["bytes"], 4 << 20, "{entry:#}");
+                }
+            }
+            assert!(
+                run.stdout
+                    .lines()
+                    .any(|l| l.starts_with(mode) && l.contains(workload)),
+                "no table row for {mode} {workload}: {}",
+                run.stdout
+            );
+        }
+    }
+    let ratios = report["ratios"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 2, "{report:#}");
+    let svg = std::fs::read_to_string(&chart).expect("the chart exists");
+    assert!(svg.starts_with("<svg"), "not an SVG");
+    for name in MODES.iter().chain(&WORKLOADS) {
+        assert!(svg.contains(name), "the chart does not name {name}");
+    }
+    let namespaces = run_ok(std::process::Command::new("ip").args(["netns", "list"]));
+    assert!(
+        !namespaces.contains("pvbench-"),
+        "the bench left its namespace: {namespaces}"
+    );
+}
+
 fn run_to_end_of(command: &mut std::process::Command) -> Finished {
     pvstack_tests::run_to_end(command)
 }

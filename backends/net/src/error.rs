@@ -8,6 +8,8 @@ pub enum Error {
     TapName { reason: String },
     #[error("cannot open /dev/net/tun: {source}")]
     TunDevice { source: io::Error },
+    #[error("no permission to open /dev/net/tun for TAP {name} (needs read-write access to /dev/net/tun, e.g. as root)")]
+    TunPermission { name: String },
     #[error("no permission to create or attach TAP {name} (needs CAP_NET_ADMIN or a TAP owned by this user)")]
     TapPermission { name: String },
     #[error("TAP {name} is busy: another process has it open")]

@@ -76,7 +76,12 @@ impl Tap {
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(TUN_DEVICE)
-            .map_err(|source| Error::TunDevice { source })?;
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::PermissionDenied => Error::TunPermission {
+                    name: name.to_string(),
+                },
+                _ => Error::TunDevice { source },
+            })?;
         let mut request = IfReq {
             name: [0; IFNAMSIZ],
             flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
