@@ -48,15 +48,6 @@ pub fn utf8(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
 }
 
-/// The `fnv=0x...` checksum of a `RESULT <workload>` line, exactly
-/// (`Finished::result_number` goes through f64, which keeps only 53 bits).
-pub fn result_fnv(run: &Finished, workload: &str) -> u64 {
-    let text = &run.result(workload)["fnv"];
-    text.strip_prefix("0x")
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        .unwrap_or_else(|| panic!("fnv={text} is not 0x hex: {run:#?}"))
-}
-
 /// Writes an image of `len` zero bytes.
 pub fn zeroed_image(path: &Path, len: usize) {
     std::fs::write(path, vec![0u8; len])
@@ -143,16 +134,6 @@ mod tests {
             socket_spec(path, &["num-queues=2", "readonly"]),
             "socket=/tmp/d.img,num-queues=2,readonly"
         );
-    }
-
-    #[test]
-    fn checksums_are_read_with_all_64_bits() {
-        let run = Finished {
-            status: std::os::unix::process::ExitStatusExt::from_raw(0),
-            stdout: "RESULT blk-checksum bytes=1 fnv=0xab6b6eb07c6b9f71\n".to_string(),
-            stderr: String::new(),
-        };
-        assert_eq!(result_fnv(&run, "blk-checksum"), 0xab6b_6eb0_7c6b_9f71);
     }
 
     #[test]

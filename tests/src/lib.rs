@@ -82,13 +82,26 @@ impl Finished {
             .unwrap_or_else(|| panic!("no `RESULT {workload}` line in the output: {self:#?}"))
     }
 
-    /// A numeric value of the `RESULT` line.
+    /// A value of the `RESULT` line as text.
+    fn result_value(&self, workload: &str, key: &str) -> String {
+        self.result(workload)
+            .remove(key)
+            .unwrap_or_else(|| panic!("RESULT {workload} has no {key}: {self:#?}"))
+    }
+
+    /// A numeric value of the `RESULT` line, for rates and comparisons
+    /// that need no more than f64's 53 bits; counts and checksums go
+    /// through [`result_u64`](Self::result_u64).
     pub fn result_number(&self, workload: &str, key: &str) -> f64 {
-        let values = self.result(workload);
-        let text = values
-            .get(key)
-            .unwrap_or_else(|| panic!("RESULT {workload} has no {key}: {self:#?}"));
-        parse_number(text).unwrap_or_else(|| panic!("{key}={text} is not a number"))
+        let text = self.result_value(workload, key);
+        parse_number(&text).unwrap_or_else(|| panic!("{key}={text} is not a number: {self:#?}"))
+    }
+
+    /// An integer value of the `RESULT` line (decimal or `0x` hex), exactly:
+    /// for counts and 64-bit checksums such as `fnv=0x...`.
+    pub fn result_u64(&self, workload: &str, key: &str) -> u64 {
+        let text = self.result_value(workload, key);
+        parse_u64(&text).unwrap_or_else(|| panic!("{key}={text} is not an integer: {self:#?}"))
     }
 }
 
@@ -96,6 +109,14 @@ impl Finished {
 pub fn parse_number(text: &str) -> Option<f64> {
     match text.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16).ok().map(|v| v as f64),
+        None => text.parse().ok(),
+    }
+}
+
+/// Parses an integer RESULT value exactly: decimal or `0x` hex.
+pub fn parse_u64(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => text.parse().ok(),
     }
 }
@@ -204,7 +225,20 @@ mod tests {
         assert_eq!(values["bytes"], "67108864");
         assert_eq!(parse_number(&values["fnv"]), Some(255.0));
         assert_eq!(parse_number(&values["rate"]), Some(1.5));
+        assert_eq!(parse_u64("0xfedcba9876543211"), Some(0xfedc_ba98_7654_3211));
+        assert_eq!(parse_u64(&values["bytes"]), Some(67108864));
+        assert_eq!(parse_u64(&values["rate"]), None);
         assert!(parse_result(out, "blk").is_none());
+    }
+
+    #[test]
+    fn checksums_are_read_with_all_64_bits() {
+        let run = Finished {
+            status: std::os::unix::process::ExitStatusExt::from_raw(0),
+            stdout: "RESULT blk-checksum bytes=1 fnv=0xab6b6eb07c6b9f71\n".to_string(),
+            stderr: String::new(),
+        };
+        assert_eq!(run.result_u64("blk-checksum", "fnv"), 0xab6b_6eb0_7c6b_9f71);
     }
 
     #[test]

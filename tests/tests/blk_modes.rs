@@ -9,8 +9,8 @@ use std::process::Command;
 
 use pvstack_guest::checksum::fnv1a64;
 use pvstack_tests::blk_vm::{
-    assert_pattern, assert_zeros, image_spec, pattern_image, read_image, result_fnv,
-    run_with_disks, utf8, zeroed_image,
+    assert_pattern, assert_zeros, image_spec, pattern_image, read_image, run_with_disks, utf8,
+    zeroed_image,
 };
 use pvstack_tests::{pvstack, run_pvstack, run_to_end, ScratchDir};
 
@@ -75,7 +75,7 @@ fn emulated_modes_read_what_the_host_wrote() {
             &format!("blk-checksum {offset} {len}"),
         );
         assert_eq!(run.code(), 0, "{mode}: {run:#?}");
-        assert_eq!(result_fnv(&run, "blk-checksum"), expected, "{mode}");
+        assert_eq!(run.result_u64("blk-checksum", "fnv"), expected, "{mode}");
     }
 }
 

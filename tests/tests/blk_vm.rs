@@ -10,7 +10,7 @@ use std::process::Command;
 
 use pvstack_tests::blk_vm::{
     assert_no_process_mentions, assert_pattern, assert_zeros, image_spec, pattern_image,
-    read_image, result_fnv, run_with_disks, socket_spec, utf8, zeroed_image, SECTOR,
+    read_image, run_with_disks, socket_spec, utf8, zeroed_image, SECTOR,
 };
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{pvstack, run_to_end, Finished, ScratchDir};
@@ -31,7 +31,7 @@ fn guest_checksum(specs: &[String], offset: usize, len: usize) -> u64 {
     let run = run_with_disks(specs, &format!("blk-checksum {offset} {len}"));
     assert_eq!(run.code(), 0, "{run:#?}");
     assert_eq!(run.result("blk-checksum")["bytes"], len.to_string());
-    result_fnv(&run, "blk-checksum")
+    run.result_u64("blk-checksum", "fnv")
 }
 
 #[test]
@@ -111,7 +111,7 @@ fn two_queues_and_queue_depth_32_verify() {
 fn assert_writes_refused(run: &Finished, image: &std::path::Path, before: u64) {
     assert_eq!(run.code(), 1, "{run:#?}");
     assert!(run.stdout.contains("ro=1"), "{run:#?}");
-    assert!(run.result_number("blk-verify", "errors") > 0.0, "{run:#?}");
+    assert!(run.result_u64("blk-verify", "errors") > 0, "{run:#?}");
     assert_eq!(
         fnv1a64(&read_image(image)),
         before,
@@ -141,7 +141,7 @@ fn readonly_disk_refuses_writes_and_keeps_the_file() {
     // Reads still work.
     let run = run_with_disks(&specs, &format!("blk-checksum 0 {}", 8 * MIB));
     assert_eq!(run.code(), 0, "{run:#?}");
-    assert_eq!(result_fnv(&run, "blk-checksum"), before);
+    assert_eq!(run.result_u64("blk-checksum", "fnv"), before);
 
     // Read-only enforced by a running backend, not asked by pvstack.
     let socket = dir.path("ro.sock");
@@ -240,9 +240,9 @@ fn evil_requests_get_errors_and_the_backend_serves_the_next_vm() {
 
     let run = run_with_disks(&specs, "blk-evil");
     assert_eq!(run.code(), 0, "{run:#?}");
-    let cases = run.result_number("blk-evil", "cases") as usize;
-    let errors = run.result_number("blk-evil", "errors_returned") as usize;
-    let unanswered = run.result_number("blk-evil", "unanswered") as usize;
+    let cases = run.result_u64("blk-evil", "cases") as usize;
+    let errors = run.result_u64("blk-evil", "errors_returned") as usize;
+    let unanswered = run.result_u64("blk-evil", "unanswered") as usize;
     assert!(cases >= 10, "{run:#?}");
     assert_eq!(run.result("blk-evil")["ok_returned"], "0", "{run:#?}");
     assert_eq!(run.result("blk-evil")["after_ok"], "1", "{run:#?}");
