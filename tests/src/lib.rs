@@ -103,6 +103,40 @@ impl Finished {
         let text = self.result_value(workload, key);
         parse_u64(&text).unwrap_or_else(|| panic!("{key}={text} is not an integer: {self:#?}"))
     }
+
+    /// Asserts exit status `code` and stderr ending in the process's one
+    /// `PROGRAM: error: ...` line, which contains every one of `needles`.
+    pub fn assert_error(&self, program: &str, code: i32, needles: &[&str]) {
+        assert_eq!(self.code(), code, "{self:#?}");
+        let prefix = format!("{program}: error: ");
+        let errors: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .collect();
+        assert_eq!(errors.len(), 1, "one {program} error line: {self:#?}");
+        assert_eq!(self.stderr.lines().last(), Some(errors[0]), "{self:#?}");
+        for needle in needles {
+            assert!(errors[0].contains(needle), "{needle:?} missing: {self:#?}");
+        }
+    }
+
+    /// Asserts that stderr is one line (nothing but the error was printed).
+    pub fn assert_stderr_one_line(&self) {
+        assert_eq!(
+            self.stderr.lines().count(),
+            1,
+            "one line expected: {self:#?}"
+        );
+    }
+}
+
+/// Asserts that pvstack failed before its guest ran: exit status `code`,
+/// nothing on stdout, and stderr ending in its one `pvstack: error:` line,
+/// which contains every one of `needles`.
+pub fn assert_pvstack_error(run: &Finished, code: i32, needles: &[&str]) {
+    run.assert_error("pvstack", code, needles);
+    assert!(run.stdout.is_empty(), "the guest never ran: {run:#?}");
 }
 
 /// Parses a RESULT value: decimal integer, decimal with a dot, or `0x` hex.

@@ -5,7 +5,7 @@ use elf::abi::PT_LOAD;
 use elf::endian::AnyEndian;
 use elf::ElfBytes;
 use pvstack_protocols::layout;
-use pvstack_tests::{guest_image, run_pvstack, Finished, ScratchDir};
+use pvstack_tests::{assert_pvstack_error, guest_image, run_pvstack, Finished, ScratchDir};
 
 const USAGE: i32 = 2;
 const RUNTIME: i32 = 1;
@@ -13,12 +13,8 @@ const RUNTIME: i32 = 1;
 /// Asserts exit status `code` and a single `pvstack: error:` line on stderr
 /// containing `needle`.
 fn assert_one_line_error(run: &Finished, code: i32, needle: &str) {
-    assert_eq!(run.code(), code, "{run:#?}");
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected: {run:#?}");
-    assert!(lines[0].starts_with("pvstack: error: "), "{run:#?}");
-    assert!(lines[0].contains(needle), "expected {needle:?}: {run:#?}");
-    assert!(run.stdout.is_empty(), "the guest never ran: {run:#?}");
+    assert_pvstack_error(run, code, &[needle]);
+    run.assert_stderr_one_line();
 }
 
 fn run_kernel(image: &std::path::Path, extra: &[&str]) -> Finished {

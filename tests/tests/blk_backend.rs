@@ -37,21 +37,8 @@ fn run_blk(args: &[&str]) -> Finished {
 /// Asserts exit status 1 and exactly one stderr line: `pvstack-blk: error: ...`
 /// containing every one of `needles`.
 fn assert_runtime_error(output: &Finished, needles: &[&str]) {
-    let stderr = &output.stderr;
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "exit status; stderr:\n{stderr}"
-    );
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "want one line, got:\n{stderr}");
-    assert!(lines[0].starts_with("pvstack-blk: error: "), "{stderr}");
-    for needle in needles {
-        assert!(
-            lines[0].contains(needle),
-            "`{needle}` missing from: {stderr}"
-        );
-    }
+    output.assert_error("pvstack-blk", 1, needles);
+    output.assert_stderr_one_line();
 }
 
 /// Sends GET_FEATURES and returns the feature bits from the reply.

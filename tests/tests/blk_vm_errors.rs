@@ -14,33 +14,10 @@ use std::time::{Duration, Instant};
 use pvstack_tests::blk_vm::{
     assert_no_process_mentions, image_spec, run_with_disks, socket_spec, utf8, zeroed_image,
 };
-use pvstack_tests::{pvstack, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT};
+use pvstack_tests::{assert_pvstack_error, pvstack, wait_or_kill, ScratchDir, HANG_TIMEOUT};
 
 const USAGE: i32 = 2;
 const RUNTIME: i32 = 1;
-
-/// Asserts exit status `code`, stderr ending in exactly one
-/// `pvstack: error:` line that contains every needle, and a guest that
-/// never ran.
-fn assert_pvstack_error(run: &Finished, code: i32, needles: &[&str]) {
-    assert_eq!(run.code(), code, "{run:#?}");
-    let errors: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("pvstack: error: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "one pvstack error line: {run:#?}");
-    assert_eq!(run.stderr.lines().last(), Some(errors[0]), "{run:#?}");
-    for needle in needles {
-        assert!(errors[0].contains(needle), "{needle:?} missing: {run:#?}");
-    }
-    assert!(run.stdout.is_empty(), "the guest never ran: {run:#?}");
-}
-
-/// Asserts that stderr holds nothing but the error line.
-fn assert_only_line(run: &Finished) {
-    assert_eq!(run.stderr.lines().count(), 1, "{run:#?}");
-}
 
 #[test]
 fn missing_socket() {
@@ -48,7 +25,7 @@ fn missing_socket() {
     let socket = dir.path("nobody.sock");
     let run = run_with_disks(&[socket_spec(&socket, &[])], "hello");
     assert_pvstack_error(&run, RUNTIME, &[utf8(&socket), "cannot connect"]);
-    assert_only_line(&run);
+    run.assert_stderr_one_line();
 }
 
 /// How a fake backend treats the one connection it accepts.
@@ -110,7 +87,7 @@ fn backend_that_hangs_up_during_negotiation() {
         let run = run_with_disks(&[socket_spec(&socket, &[])], "hello");
         listener.join().expect("the listener saw pvstack connect");
         assert_pvstack_error(&run, RUNTIME, &[utf8(&socket), "vhost-user"]);
-        assert_only_line(&run);
+        run.assert_stderr_one_line();
     }
 }
 
@@ -127,7 +104,7 @@ fn backend_that_never_replies() {
         .expect("the fake backend saw pvstack connect");
     assert!(connection.is_some());
     assert_pvstack_error(&run, RUNTIME, &[utf8(&socket), "no reply to GET_FEATURES"]);
-    assert_only_line(&run);
+    run.assert_stderr_one_line();
 }
 
 /// SIGTERM while a device is still being set up ends pvstack at once with
@@ -159,7 +136,7 @@ fn image_that_does_not_exist() {
     let image = dir.path("no-such.img");
     let run = run_with_disks(&[image_spec(&image, &[])], "hello");
     assert_pvstack_error(&run, RUNTIME, &[utf8(&image), "No such file"]);
-    assert_only_line(&run);
+    run.assert_stderr_one_line();
     assert_no_process_mentions(utf8(&dir.path("")));
 }
 
@@ -177,7 +154,7 @@ fn second_disk_failing_stops_the_first_disks_backend() {
     ] {
         let run = run_with_disks(&[image_spec(&good, &[]), second], "hello");
         assert_pvstack_error(&run, RUNTIME, &["--blk number 1", needle]);
-        assert_only_line(&run);
+        run.assert_stderr_one_line();
         assert_no_process_mentions(utf8(&dir.path("")));
     }
 }
@@ -217,7 +194,7 @@ fn malformed_blk_options_are_usage_errors() {
     ] {
         let run = run_with_disks(std::slice::from_ref(&spec), "hello");
         assert_pvstack_error(&run, USAGE, &["--blk", needle]);
-        assert_only_line(&run);
+        run.assert_stderr_one_line();
     }
     assert_no_process_mentions(utf8(&dir.path("")));
 }
