@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{binary, wait_or_kill, HANG_TIMEOUT};
+use crate::{binary, send_signal, wait_or_kill, HANG_TIMEOUT};
 
 /// A running pvstack-blk whose stderr (its log) goes to a file.
 pub struct BlkProcess {
@@ -17,9 +17,14 @@ pub struct BlkProcess {
 }
 
 impl BlkProcess {
-    /// Starts `pvstack-blk --socket SOCKET ARGS...` and waits until it listens.
+    /// Starts `pvstack-blk --socket SOCKET ARGS...` and waits until it
+    /// listens; its log is SOCKET with the extension `log`.
     pub fn start(socket: &Path, args: &[&str]) -> BlkProcess {
-        let log = socket.with_extension("log");
+        Self::start_logging_to(socket, socket.with_extension("log"), args)
+    }
+
+    /// As [`start`](Self::start), logging to the file `log`.
+    pub fn start_logging_to(socket: &Path, log: PathBuf, args: &[&str]) -> BlkProcess {
         let stderr = File::create(&log).expect("create backend log");
         let child = Command::new(binary("pvstack-blk"))
             .arg("--socket")
@@ -87,13 +92,28 @@ impl BlkProcess {
         })
     }
 
+    /// SIGKILLs it and reaps it: a backend crash.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL pvstack-blk");
+        self.child.wait().expect("reap pvstack-blk");
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill() with a pid we spawned and have not reaped yet.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
+        send_signal(&self.child, libc::SIGTERM);
         self.wait()
+    }
+
+    /// Sends SIGTERM and asserts that it exits with status 0 (showing its
+    /// log if not).
+    pub fn terminate_cleanly(&mut self) {
+        let status = self.terminate();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "pvstack-blk after SIGTERM: {status}; log:\n{}",
+            self.log()
+        );
     }
 }
 

@@ -212,6 +212,21 @@ pub fn wait_or_kill(child: &mut Child) -> Option<ExitStatus> {
     }
 }
 
+/// Sends `signal` to `child` (which must not be reaped yet), panicking if
+/// kill(2) fails.
+pub fn send_signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped,
+    // so the pid cannot belong to another process.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut bytes = Vec::new();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{wait_or_kill, HANG_TIMEOUT};
+use crate::{send_signal, wait_or_kill, HANG_TIMEOUT};
 
 /// A running qemu-storage-daemon exporting one image as vhost-user-blk.
 pub struct QsdProcess {
@@ -86,10 +86,7 @@ impl QsdProcess {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill() with a pid we spawned and have not reaped yet.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM): {}", std::io::Error::last_os_error());
+        send_signal(&self.child, libc::SIGTERM);
         wait_or_kill(&mut self.child).unwrap_or_else(|| {
             panic!(
                 "qemu-storage-daemon still ran after {HANG_TIMEOUT:?}:\n{}",

@@ -196,12 +196,7 @@ fn garbage_from_a_frontend_drops_that_connection_only() {
         backend.log()
     );
     assert_serves_a_frontend(&socket);
-    assert_eq!(
-        backend.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        backend.log()
-    );
+    backend.terminate_cleanly();
     assert!(!socket.exists(), "socket file left behind");
     let log = backend.log();
     assert!(
@@ -222,12 +217,7 @@ fn serves_frontends_one_after_another_and_replaces_a_stale_socket() {
         assert_serves_a_frontend(&socket);
     }
     assert!(backend.is_running());
-    assert_eq!(
-        backend.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        backend.log()
-    );
+    backend.terminate_cleanly();
 }
 
 #[test]
@@ -238,12 +228,7 @@ fn sigterm_while_a_frontend_is_connected_exits_cleanly() {
     let mut backend = BlkProcess::start(&socket, &["--image", &image, "--num-queues", "4"]);
     let mut frontend = UnixStream::connect(&socket).expect("connect");
     get_features(&mut frontend);
-    assert_eq!(
-        backend.terminate().code(),
-        Some(0),
-        "log:\n{}",
-        backend.log()
-    );
+    backend.terminate_cleanly();
     assert!(!socket.exists(), "socket file left behind");
 }
 

@@ -121,13 +121,7 @@ fn linux_guest_under_qemu_reads_and_writes_through_pvstack_blk() {
         backend.is_running(),
         "pvstack-blk must outlive the frontend:\n{log}"
     );
-    let status = backend.terminate();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "SIGTERM exit status; log:\n{}",
-        backend.log()
-    );
+    backend.terminate_cleanly();
     assert!(!socket.exists(), "socket file left behind");
 }
 
@@ -202,11 +196,6 @@ fn linux_guest_sees_two_disks_one_readonly() {
     );
 
     for backend in [&mut rw_backend, &mut ro_backend] {
-        assert_eq!(
-            backend.terminate().code(),
-            Some(0),
-            "log:\n{}",
-            backend.log()
-        );
+        backend.terminate_cleanly();
     }
 }

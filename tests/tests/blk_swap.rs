@@ -7,16 +7,16 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pvstack_guest::seqblock::{self, BLOCK_SIZE};
+use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
-    binary, parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
+    parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
 };
 
 /// Blocks the workload cycles over (1 MiB).
@@ -27,58 +27,13 @@ const IMAGE_LEN: usize = 4 << 20;
 /// a test makes (they take a few seconds), never a pass/fail limit.
 const WORKLOAD_SECS: u32 = 20;
 
-/// A pvstack-blk process the test can SIGKILL.
-struct Backend {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Backend {
-    fn start(socket: &Path, image: &Path, extra: &[&str]) -> Backend {
-        let log = socket.with_extension(format!("{}.log", unique()));
-        let stderr = File::create(&log).expect("create backend log");
-        let child = Command::new(binary("pvstack-blk"))
-            .arg("--socket")
-            .arg(socket)
-            .arg("--image")
-            .arg(image)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn pvstack-blk");
-        let mut backend = Backend { child, log };
-        wait_until("pvstack-blk listens", || {
-            assert!(
-                backend.child.try_wait().expect("poll").is_none(),
-                "pvstack-blk exited:\n{}",
-                backend.log()
-            );
-            is_socket(socket)
-                && backend
-                    .log()
-                    .contains("listening for a vhost-user frontend")
-        });
-        backend
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL pvstack-blk");
-        self.child.wait().expect("reap pvstack-blk");
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts a pvstack-blk serving `image` on `socket`, logging to a file of
+/// its own (a restarted backend on the same socket keeps the old log).
+fn start_backend(socket: &Path, image: &Path, extra: &[&str]) -> BlkProcess {
+    let log = socket.with_extension(format!("{}.log", unique()));
+    let image = image.to_str().expect("scratch paths are UTF-8");
+    let args: Vec<&str> = ["--image", image].iter().chain(extra).copied().collect();
+    BlkProcess::start_logging_to(socket, log, &args)
 }
 
 fn unique() -> u128 {
@@ -86,12 +41,6 @@ fn unique() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
-}
-
-fn is_socket(path: &Path) -> bool {
-    std::fs::symlink_metadata(path)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
 }
 
 /// Polls `ready` until it holds; panics after [`HANG_TIMEOUT`] (a hang,
@@ -257,8 +206,8 @@ fn swap_between_two_pvstack_blk_20_times() {
     let image = dir.path("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let sockets = [dir.path("a.sock"), dir.path("b.sock")];
-    let _a = Backend::start(&sockets[0], &image, &[]);
-    let _b = Backend::start(&sockets[1], &image, &[]);
+    let _a = start_backend(&sockets[0], &image, &[]);
+    let _b = start_backend(&sockets[1], &image, &[]);
     let vm = Vm::start(
         &dir,
         &format!("socket={},id=blk0", sockets[0].display()),
@@ -292,7 +241,7 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
     let image = dir.path("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let sockets = [dir.path("blk.sock"), dir.path("qsd.sock")];
-    let _blk = Backend::start(&sockets[0], &image, &[]);
+    let _blk = start_backend(&sockets[0], &image, &[]);
     let _qsd = QsdProcess::start(&image, &sockets[1], 1);
     let vm = Vm::start(
         &dir,
@@ -321,14 +270,14 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
     let image = dir.path("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let socket = dir.path("blk.sock");
-    let mut backend = Backend::start(&socket, &image, &[]);
+    let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
     for crash in 1..=20 {
         std::thread::sleep(Duration::from_millis(150));
         backend.kill();
         std::thread::sleep(Duration::from_millis(50));
         let _ = std::fs::remove_file(&socket);
-        backend = Backend::start(&socket, &image, &[]);
+        backend = start_backend(&socket, &image, &[]);
         let counted = format!(r#""reconnects":{{"count":{crash},"#);
         wait_until("pvstack reconnects", || info(&vm).contains(&counted));
     }
@@ -346,9 +295,9 @@ fn refused_swaps_leave_the_old_backend_serving() {
     let socket = dir.path("blk.sock");
     let small_socket = dir.path("small.sock");
     let one_queue = dir.path("one-queue.sock");
-    let _blk = Backend::start(&socket, &image, &["--num-queues", "2"]);
-    let _small = Backend::start(&small_socket, &small, &["--num-queues", "2"]);
-    let _one = Backend::start(&one_queue, &image, &["--num-queues", "1"]);
+    let _blk = start_backend(&socket, &image, &["--num-queues", "2"]);
+    let _small = start_backend(&small_socket, &small, &["--num-queues", "2"]);
+    let _one = start_backend(&one_queue, &image, &["--num-queues", "1"]);
     let vm = Vm::start(
         &dir,
         &format!("socket={}", socket.display()),
@@ -388,7 +337,7 @@ fn api_survives_bad_requests_and_silent_clients() {
     let image = dir.path("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let socket = dir.path("blk.sock");
-    let _blk = Backend::start(&socket, &image, &[]);
+    let _blk = start_backend(&socket, &image, &[]);
     let vm = Vm::start(
         &dir,
         &format!("socket={}", socket.display()),
@@ -464,7 +413,7 @@ fn reconnecting_gives_up_after_the_configured_window() {
     let image = dir.path("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let socket = dir.path("blk.sock");
-    let mut backend = Backend::start(&socket, &image, &[]);
+    let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(
         &dir,
         &format!("socket={},reconnect-timeout=1", socket.display()),

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use pvstack_tests::blk_vm::{
     assert_no_process_mentions, image_spec, run_with_disks, socket_spec, utf8, zeroed_image,
 };
-use pvstack_tests::{assert_pvstack_error, pvstack, wait_or_kill, ScratchDir, HANG_TIMEOUT};
+use pvstack_tests::{
+    assert_pvstack_error, pvstack, send_signal, wait_or_kill, ScratchDir, HANG_TIMEOUT,
+};
 
 const USAGE: i32 = 2;
 const RUNTIME: i32 = 1;
@@ -123,8 +125,7 @@ fn sigterm_while_a_backend_keeps_pvstack_waiting() {
     let connection = backend
         .join()
         .expect("the fake backend saw pvstack connect");
-    // SAFETY: kill(2) on the pid of a child this test owns and has not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    send_signal(&child, libc::SIGTERM);
     let status = wait_or_kill(&mut child).expect("pvstack ended");
     drop(connection);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");

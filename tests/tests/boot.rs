@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use pvstack_tests::{guest_image, pvstack, run_pvstack, wait_or_kill, ScratchDir};
+use pvstack_tests::{guest_image, pvstack, run_pvstack, send_signal, wait_or_kill, ScratchDir};
 
 #[test]
 fn builtin_guest_says_hello_and_exits_0() {
@@ -128,9 +128,7 @@ fn sigterm_stops_a_running_vm_with_status_143() {
         .spawn()
         .expect("pvstack starts");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    // SAFETY: sending a signal to our own child process.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
+    send_signal(&child, libc::SIGTERM);
     let status = wait_or_kill(&mut child).expect("pvstack ends after SIGTERM");
     assert_eq!(status.code(), Some(143), "128 + SIGTERM, like a shell");
 }
