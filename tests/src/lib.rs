@@ -6,6 +6,7 @@
 pub mod blk_process;
 pub mod blk_vm;
 pub mod net;
+pub mod process;
 pub mod qemu;
 pub mod qsd;
 

@@ -308,7 +308,7 @@ fn qemu_storage_daemon_serves_the_guest() {
     assert_verified(&run, written);
     assert!(run.stdout.contains("queues 2 of 2"), "{run:#?}");
 
-    assert_eq!(qsd.terminate().code(), Some(0), "{}", qsd.log());
+    qsd.terminate_cleanly();
     let bytes = read_image(&image);
     assert_pattern(&bytes, seed, 0..written);
     assert_pattern(&bytes, host_seed, written..size);

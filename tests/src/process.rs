@@ -1,0 +1,130 @@
+//! [`LoggedProcess`]: a server process a test starts (pvstack-blk,
+//! qemu-storage-daemon) with its stderr in a log file: waited for until it
+//! listens on its socket, stopped with SIGTERM or SIGKILL, and killed if
+//! the test drops it while it still runs.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{send_signal, wait_or_kill, HANG_TIMEOUT};
+
+/// A running child process whose stderr goes to a file.
+pub struct LoggedProcess {
+    /// Names it in panic messages.
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl LoggedProcess {
+    /// Spawns `command` with no stdin or stdout and stderr into the file
+    /// `log` (created afresh). `name` names the process in panics.
+    pub fn spawn(name: &str, command: &mut Command, log: PathBuf) -> io::Result<LoggedProcess> {
+        let stderr = File::create(&log)
+            .unwrap_or_else(|e| panic!("cannot create the log {}: {e}", log.display()));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()?;
+        Ok(LoggedProcess {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// Waits until `socket` is a socket and `ready` holds (a socket file
+    /// alone proves nothing when a stale one was there before); panics
+    /// with the log if the process exits first or after [`HANG_TIMEOUT`].
+    pub fn wait_until_listening(&mut self, socket: &Path, ready: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + HANG_TIMEOUT;
+        loop {
+            let socket_ready = std::fs::symlink_metadata(socket)
+                .map(|m| m.file_type().is_socket())
+                .unwrap_or(false);
+            if socket_ready && ready(self) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().expect("waitpid works") {
+                panic!(
+                    "{} exited ({status}) before listening:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never listened on {}:\n{}",
+                self.name,
+                socket.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("waitpid works").is_none()
+    }
+
+    /// Waits for it to exit by itself.
+    pub fn wait(&mut self) -> ExitStatus {
+        wait_or_kill(&mut self.child).unwrap_or_else(|| {
+            panic!(
+                "{} still ran after {HANG_TIMEOUT:?}:\n{}",
+                self.name,
+                self.log()
+            )
+        })
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        send_signal(&self.child, libc::SIGTERM);
+        self.wait()
+    }
+
+    /// Sends SIGTERM and asserts that it exits with status 0 (showing its
+    /// log if not).
+    pub fn terminate_cleanly(&mut self) {
+        let status = self.terminate();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} after SIGTERM: {status}; log:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    /// SIGKILLs it and reaps it: a crash.
+    pub fn kill(&mut self) {
+        self.child
+            .kill()
+            .unwrap_or_else(|e| panic!("SIGKILL {}: {e}", self.name));
+        self.child
+            .wait()
+            .unwrap_or_else(|e| panic!("reap {}: {e}", self.name));
+    }
+}
+
+impl Drop for LoggedProcess {
+    fn drop(&mut self) {
+        // Not `is_running`: no panic while a failing test unwinds.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
