@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use pvstack_backend_common::{clone_exit_event, signal_if_needed};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -137,15 +138,8 @@ impl BlkBackend {
                     }
                     self.shared.served.fetch_add(1, Ordering::Relaxed);
                 }
-                match vring.needs_notification() {
-                    Ok(true) => match vring.signal_used_queue() {
-                        Ok(()) => {
-                            self.shared.signalled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => log::warn!("queue {queue}: cannot signal the driver: {e}"),
-                    },
-                    Ok(false) => {}
-                    Err(e) => log::warn!("queue {queue}: cannot read the used event: {e}"),
+                if signal_if_needed(vring, queue) {
+                    self.shared.signalled.fetch_add(1, Ordering::Relaxed);
                 }
             }
             if let Some(poll) = poll {
@@ -280,14 +274,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.shared.exit_events.get(thread_index)?;
-        match (consumer.try_clone(), notifier.try_clone()) {
-            (Ok(c), Ok(n)) => Some((c, n)),
-            (Err(e), _) | (_, Err(e)) => {
-                log::error!("cannot clone the exit event of worker {thread_index}: {e}");
-                None
-            }
-        }
+        clone_exit_event(self.shared.exit_events.get(thread_index)?, thread_index)
     }
 
     fn handle_event(

@@ -21,6 +21,7 @@ mod logging;
 mod serve;
 mod signals;
 mod socket_path;
+mod vring;
 
 pub use cli::{backend_main, exit_status, parse_queue_size, SocketArgs, EXIT_FAILURE};
 pub use error::Error;
@@ -28,3 +29,4 @@ pub use logging::init_logging;
 pub use serve::{serve, serve_with};
 pub use signals::{block_stop_signals, StopSignal};
 pub use socket_path::prepare_socket_path;
+pub use vring::{clone_exit_event, signal_if_needed};

@@ -6,6 +6,7 @@
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
+use pvstack_backend_common::{clone_exit_event, signal_if_needed};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -79,7 +80,7 @@ impl ConsoleBackend {
                 log::warn!("cannot return transmit buffer {head}: {e}");
             }
         }
-        signal(vring, TX_QUEUE);
+        signal_if_needed(vring, TX_QUEUE);
     }
 
     /// Fills receive buffers with waiting input, as long as both last.
@@ -122,7 +123,7 @@ impl ConsoleBackend {
             filled = true;
         }
         if filled {
-            signal(vring, RX_QUEUE);
+            signal_if_needed(vring, RX_QUEUE);
         }
     }
 
@@ -148,18 +149,6 @@ impl ConsoleBackend {
                 self.receive(vring, &mem);
             }
         }
-    }
-}
-
-fn signal(vring: &VringRwLock, queue: u16) {
-    match vring.needs_notification() {
-        Ok(true) => {
-            if let Err(e) = vring.signal_used_queue() {
-                log::warn!("queue {queue}: cannot signal the driver: {e}");
-            }
-        }
-        Ok(false) => {}
-        Err(e) => log::warn!("queue {queue}: cannot read the used event: {e}"),
     }
 }
 
@@ -200,15 +189,8 @@ impl VhostUserBackend for ConsoleBackend {
         Ok(())
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = &*self.exit;
-        match (consumer.try_clone(), notifier.try_clone()) {
-            (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
-            (Err(e), _) | (_, Err(e)) => {
-                log::error!("cannot clone the worker's exit event: {e}");
-                None
-            }
-        }
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        clone_exit_event(&self.exit, thread_index)
     }
 
     fn handle_event(

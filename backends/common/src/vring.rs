@@ -1,0 +1,44 @@
+//! Small pieces of a vhost-user backend's worker that every device needs.
+
+use std::fmt::Display;
+
+use vhost_user_backend::{VringRwLock, VringT};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+/// Signals the driver that `vring`'s used ring moved, if it asked to be
+/// told (used-event index or flags); returns whether it was signalled.
+/// Failures are logged, naming the queue `queue`: the driver then sees the
+/// completions on its next poll.
+pub fn signal_if_needed(vring: &VringRwLock, queue: impl Display) -> bool {
+    match vring.needs_notification() {
+        Ok(true) => match vring.signal_used_queue() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("queue {queue}: cannot signal the driver: {e}");
+                false
+            }
+        },
+        Ok(false) => false,
+        Err(e) => {
+            log::warn!("queue {queue}: cannot read the used event: {e}");
+            false
+        }
+    }
+}
+
+/// A copy of the exit event pair of worker `worker`, for
+/// `VhostUserBackend::exit_event`; `None` (logged) if the file descriptors
+/// cannot be duplicated.
+pub fn clone_exit_event(
+    event: &(EventConsumer, EventNotifier),
+    worker: usize,
+) -> Option<(EventConsumer, EventNotifier)> {
+    let (consumer, notifier) = event;
+    match (consumer.try_clone(), notifier.try_clone()) {
+        (Ok(consumer), Ok(notifier)) => Some((consumer, notifier)),
+        (Err(e), _) | (_, Err(e)) => {
+            log::error!("cannot clone the exit event of worker {worker}: {e}");
+            None
+        }
+    }
+}
