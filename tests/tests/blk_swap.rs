@@ -36,6 +36,14 @@ fn start_backend(socket: &Path, image: &Path, extra: &[&str]) -> BlkProcess {
     BlkProcess::start_logging_to(socket, log, &args)
 }
 
+/// A scratch directory for `test` holding `disk.img`, IMAGE_LEN zero bytes.
+fn scratch_with_image(test: &str) -> (ScratchDir, PathBuf) {
+    let dir = ScratchDir::new(test);
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    (dir, image)
+}
+
 fn unique() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -202,9 +210,7 @@ fn info(vm: &Vm) -> String {
 
 #[test]
 fn swap_between_two_pvstack_blk_20_times() {
-    let dir = ScratchDir::new("swap-two-blk");
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let (dir, image) = scratch_with_image("swap-two-blk");
     let sockets = [dir.path("a.sock"), dir.path("b.sock")];
     let _a = start_backend(&sockets[0], &image, &[]);
     let _b = start_backend(&sockets[1], &image, &[]);
@@ -237,9 +243,7 @@ fn swap_between_two_pvstack_blk_20_times() {
 
 #[test]
 fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
-    let dir = ScratchDir::new("swap-blk-qsd");
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let (dir, image) = scratch_with_image("swap-blk-qsd");
     let sockets = [dir.path("blk.sock"), dir.path("qsd.sock")];
     let _blk = start_backend(&sockets[0], &image, &[]);
     let _qsd = QsdProcess::start(&image, &sockets[1], 1);
@@ -266,9 +270,7 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
 
 #[test]
 fn sigkill_pvstack_blk_20_times_during_writes() {
-    let dir = ScratchDir::new("swap-sigkill");
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let (dir, image) = scratch_with_image("swap-sigkill");
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
@@ -287,10 +289,8 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
 
 #[test]
 fn refused_swaps_leave_the_old_backend_serving() {
-    let dir = ScratchDir::new("swap-refused");
-    let image = dir.path("disk.img");
+    let (dir, image) = scratch_with_image("swap-refused");
     let small = dir.path("small.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     std::fs::write(&small, vec![0u8; IMAGE_LEN / 2]).expect("small image");
     let socket = dir.path("blk.sock");
     let small_socket = dir.path("small.sock");
@@ -333,9 +333,7 @@ fn refused_swaps_leave_the_old_backend_serving() {
 
 #[test]
 fn api_survives_bad_requests_and_silent_clients() {
-    let dir = ScratchDir::new("swap-api");
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let (dir, image) = scratch_with_image("swap-api");
     let socket = dir.path("blk.sock");
     let _blk = start_backend(&socket, &image, &[]);
     let vm = Vm::start(
@@ -388,9 +386,7 @@ fn backend_pid(info: &str) -> libc::pid_t {
 
 #[test]
 fn sigkill_of_the_vmms_own_child_restarts_it() {
-    let dir = ScratchDir::new("swap-image-child");
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let (dir, image) = scratch_with_image("swap-image-child");
     let vm = Vm::start(&dir, &format!("image={}", image.display()), &guest_args());
     for crash in 1..=5 {
         std::thread::sleep(Duration::from_millis(200));
@@ -409,9 +405,7 @@ fn sigkill_of_the_vmms_own_child_restarts_it() {
 
 #[test]
 fn reconnecting_gives_up_after_the_configured_window() {
-    let dir = ScratchDir::new("swap-window");
-    let image = dir.path("disk.img");
-    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
+    let (dir, image) = scratch_with_image("swap-window");
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(
