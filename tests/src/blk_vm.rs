@@ -164,6 +164,13 @@ mod tests {
             .arg("30.123456")
             .spawn()
             .unwrap();
+        // Until the child has exec'd, its command line is still this test's.
+        let cmdline = format!("/proc/{}/cmdline", sleeper.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"sleep\0")) {
+            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::yield_now();
+        }
         assert_eq!(processes_mentioning("30.123456"), vec![sleeper.id()]);
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
