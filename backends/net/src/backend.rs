@@ -6,13 +6,14 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use pvstack_backend_common::{clone_exit_event, signal_if_needed};
 use pvstack_net::datapath::{receive, transmit, Delivery, RxPending};
 use pvstack_net::features;
 use pvstack_net::frame::MAX_CHAIN_BYTES;
 use pvstack_net::link::Link;
 use pvstack_net::stats::NetStats;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -82,7 +83,6 @@ impl NetBackend {
         };
         let mem = atomic.memory();
         let event_idx = self.shared.event_idx.load(Ordering::Acquire);
-        let mut state = vring.get_mut();
         let mut scratch = self
             .shared
             .tx_buffer
@@ -90,24 +90,24 @@ impl NetBackend {
             .unwrap_or_else(PoisonError::into_inner);
         loop {
             if event_idx {
-                if let Err(e) = state.disable_notification() {
+                if let Err(e) = vring.disable_notification() {
                     log::warn!("transmit queue: cannot disable notifications: {e}");
                 }
             }
-            let queue = state.get_queue_mut();
-            if transmit(
-                queue,
+            let sent = transmit(
+                vring.get_mut().get_queue_mut(),
                 &*mem,
                 &self.shared.link,
                 &mut scratch,
                 &self.shared.stats,
-            ) {
-                signal_if_needed(&mut state, "transmit");
+            );
+            if sent {
+                signal_if_needed(vring, TX_QUEUE);
             }
             if !event_idx {
                 return;
             }
-            match state.enable_notification() {
+            match vring.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
@@ -125,9 +125,11 @@ impl NetBackend {
             return;
         };
         let mem = atomic.memory();
-        let mut state = vring.get_mut();
-        if !state.is_enabled() || !state.get_queue().ready() {
-            return;
+        {
+            let state = vring.get_ref();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return;
+            }
         }
         let event_idx = self.shared.event_idx.load(Ordering::Acquire);
         let mergeable = features::mergeable_rx(self.shared.acked.load(Ordering::Acquire));
@@ -137,9 +139,8 @@ impl NetBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         loop {
-            let queue = state.get_queue_mut();
             let (returned, outcome) = receive(
-                queue,
+                vring.get_mut().get_queue_mut(),
                 &*mem,
                 &self.shared.link,
                 &mut pending,
@@ -147,30 +148,18 @@ impl NetBackend {
                 &self.shared.stats,
             );
             if returned {
-                signal_if_needed(&mut state, "receive");
+                signal_if_needed(vring, RX_QUEUE);
             }
             // Out of buffers: ask for a kick when the driver adds some
             // (they may already have come).
             if outcome == Delivery::NoBuffers
                 && event_idx
-                && matches!(state.enable_notification(), Ok(true))
+                && matches!(vring.enable_notification(), Ok(true))
             {
                 continue;
             }
             return;
         }
-    }
-}
-
-fn signal_if_needed(state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>, queue: &str) {
-    match state.needs_notification() {
-        Ok(true) => {
-            if let Err(e) = state.signal_used_queue() {
-                log::warn!("{queue} queue: cannot signal the driver: {e}");
-            }
-        }
-        Ok(false) => {}
-        Err(e) => log::warn!("{queue} queue: cannot read the used event: {e}"),
     }
 }
 
@@ -227,15 +216,8 @@ impl VhostUserBackend for NetBackend {
         vec![(1 << NUM_QUEUES) - 1]
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = &self.shared.exit_event;
-        match (consumer.try_clone(), notifier.try_clone()) {
-            (Ok(c), Ok(n)) => Some((c, n)),
-            (Err(e), _) | (_, Err(e)) => {
-                log::error!("cannot clone the worker's exit event: {e}");
-                None
-            }
-        }
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        clone_exit_event(&self.shared.exit_event, thread_index)
     }
 
     fn handle_event(
