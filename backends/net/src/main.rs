@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use pvstack_backend_common::{
-    exit_status, init_logging, prepare_socket_path, serve_with, SocketArgs,
+    backend_main, parse_queue_size, prepare_socket_path, serve_with, SocketArgs,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -71,20 +71,8 @@ fn parse_tap_name(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-fn parse_queue_size(text: &str) -> Result<u16, String> {
-    let size: u16 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number from 2 to 32768"))?;
-    if size < 2 || !size.is_power_of_two() {
-        return Err(format!("{size} is not a power of two from 2 to 32768"));
-    }
-    Ok(size)
-}
-
 fn main() -> ExitCode {
-    let args = Args::parse();
-    init_logging(DEVICE, &args.socket.socket);
-    exit_status(DEVICE, run(&args))
+    backend_main(DEVICE, |args: &Args| &args.socket, run)
 }
 
 fn open_link(args: &Args) -> Result<Link, Error> {
