@@ -35,13 +35,14 @@ const FLAG_NEED_REPLY: u32 = 0x8;
 
 /// Accepts frontends on `public` and joins each to the daemon listening on
 /// `internal`, filtering as described above. Runs on its own threads for
-/// the life of the process.
+/// the life of the process; the caller blocks SIGTERM and SIGINT first
+/// (`block_stop_signals`) so that these threads, which predate the serving
+/// loop's signal thread, inherit the mask and leave the signals to it.
 pub fn spawn(public: &Path, internal: PathBuf) -> io::Result<()> {
     let listener = UnixListener::bind(public)?;
     std::thread::Builder::new()
         .name("filter".into())
         .spawn(move || {
-            block_stop_signals();
             for front in listener.incoming() {
                 match front.and_then(|front| join(front, &internal)) {
                     Ok(()) => {}
@@ -52,34 +53,18 @@ pub fn spawn(public: &Path, internal: PathBuf) -> io::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT belong to the serving loop's signal thread
-/// (`StopSignal`), which this thread predates.
-fn block_stop_signals() {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; the old-set
-    // pointer may be null.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-}
-
 fn join(front: UnixStream, internal: &Path) -> io::Result<()> {
     let back = UnixStream::connect(internal)?;
     let (front2, back2) = (front.try_clone()?, back.try_clone()?);
     std::thread::Builder::new()
         .name("filter-up".into())
         .spawn(move || {
-            block_stop_signals();
             let result = forward_requests(&front, &back);
             end(&front, &back, "frontend", result);
         })?;
     std::thread::Builder::new()
         .name("filter-down".into())
         .spawn(move || {
-            block_stop_signals();
             let result = forward_replies(&back2, &front2);
             end(&back2, &front2, "daemon", result);
         })?;

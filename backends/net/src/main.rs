@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use pvstack_backend_common::{
-    backend_main, parse_queue_size, prepare_socket_path, serve_with, SocketArgs,
+    backend_main, block_stop_signals, parse_queue_size, prepare_socket_path, serve_with, SocketArgs,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -101,6 +101,9 @@ fn run(args: &Args) -> Result<(), Error> {
     );
     let link_fd = link.as_raw_fd();
     let filtered = if args.filter_early_vring_enable {
+        // Before the filter's threads start, so they inherit the mask and
+        // only the signal thread of `serve_with` receives SIGTERM/SIGINT.
+        block_stop_signals()?;
         Some(FilteredSocket::start(&args.socket)?)
     } else {
         None
