@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use log::info;
 use pvstack_protocols::boot::{device_kind, DeviceInfo};
-use pvstack_protocols::layout::DEVICE_MMIO_SIZE;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::*;
@@ -155,18 +154,12 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
         process,
         reconnector,
     );
-    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
-    supervisor::spawn(&id, &transport, ReconnectPolicy { window: None }).map_err(|source| {
-        Error::Thread {
-            what: format!("{id} supervisor"),
-            source,
-        }
-    })?;
+    let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
     Ok(NetDevice {
         id,
         bus_device: transport.clone(),
         transport: Some(transport),
-        info: virtio_info(ctx),
+        info: ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_NET),
         mac,
     })
 }
@@ -207,7 +200,7 @@ fn create_emulated(
         id,
         bus_device: transport,
         transport: None,
-        info: virtio_info(ctx),
+        info: ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_NET),
         mac,
     })
 }
@@ -215,18 +208,6 @@ fn create_emulated(
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
-}
-
-/// The boot info entry of a virtio-net device in `ctx`'s slot.
-fn virtio_info(ctx: &DeviceContext<'_>) -> DeviceInfo {
-    DeviceInfo {
-        kind: device_kind::VIRTIO_MMIO,
-        subtype: VIRTIO_ID_NET,
-        mmio_addr: ctx.mmio_base,
-        mmio_size: DEVICE_MMIO_SIZE,
-        irq: ctx.gsi,
-        index: ctx.index,
-    }
 }
 
 /// Connects to the backend, starting pvstack-net first for `tap=`.
