@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
-use crate::virtio::{read_config_bytes, Activation, QueueConfig, VirtioDevice};
+use crate::virtio::{clone_eventfd, read_config_bytes, Activation, QueueConfig, VirtioDevice};
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -241,35 +241,21 @@ fn receive_loop(shared: &Shared) {
     }
 }
 
-/// The queue the driver programmed, checked against guest memory.
+/// The queue the driver programmed ([`QueueConfig::build_queue`]), which
+/// both of the NIC's queues need enabled.
 fn queue(
     index: u16,
     config: &QueueConfig,
     event_idx: bool,
     memory: &GuestMemoryMmap,
 ) -> Result<Queue> {
-    let invalid = |reason: String| Error::InvalidQueue {
-        queue: index,
-        reason,
-    };
     if !config.ready {
-        return Err(invalid("the driver did not enable it".to_string()));
+        return Err(Error::InvalidQueue {
+            queue: index,
+            reason: "the driver did not enable it".to_string(),
+        });
     }
-    let mut queue = Queue::new(config.max_size).map_err(|e| invalid(e.to_string()))?;
-    let halves = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-    queue.set_size(config.size);
-    let (low, high) = halves(config.desc_table);
-    queue.set_desc_table_address(low, high);
-    let (low, high) = halves(config.avail_ring);
-    queue.set_avail_ring_address(low, high);
-    let (low, high) = halves(config.used_ring);
-    queue.set_used_ring_address(low, high);
-    queue.set_event_idx(event_idx);
-    queue.set_ready(true);
-    if !queue.is_valid(memory) {
-        return Err(invalid("its rings do not lie in guest memory".to_string()));
-    }
-    Ok(queue)
+    config.build_queue(index, event_idx, memory)
 }
 
 impl VirtioDevice for EmulatedNet {
@@ -303,14 +289,10 @@ impl VirtioDevice for EmulatedNet {
         };
         let rx = queue(RX_QUEUE, config(RX_QUEUE)?, event_idx, &shared.memory)?;
         let tx = queue(TX_QUEUE, config(TX_QUEUE)?, event_idx, &shared.memory)?;
-        let call = activation
-            .events
-            .call
-            .try_clone()
-            .map_err(|source| Error::EventFd {
-                what: format!("{} interrupts", shared.name),
-                source,
-            })?;
+        let call = clone_eventfd(
+            &activation.events.call,
+            format!("{} interrupts", shared.name),
+        )?;
         let flags = backend_features::tun_offload_flags(activation.features);
         if let Err(e) = shared.link.set_offload(flags) {
             warn!("{}: cannot set TAP offloads {flags:#x}: {e}", shared.name);
