@@ -5,10 +5,10 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
 
-use crate::{binary, guest_image, pvstack, wait_or_kill, Finished, HANG_TIMEOUT};
+use crate::process::LoggedProcess;
+use crate::{binary, guest_image, pvstack, Finished};
 
 /// A network namespace that exists for the life of this value.
 pub struct NetNs {
@@ -83,87 +83,45 @@ pub fn run_ok(command: &mut Command) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A process running in the background with its output in a file.
-pub struct Background {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
+/// A process running in the background with its output (stdout and
+/// stderr) in a file; a [`LoggedProcess`] that ends in a [`Finished`].
+pub struct Background(LoggedProcess);
 
 impl Background {
     /// Starts `command` with stdout and stderr going to `log`.
     pub fn start(name: &str, mut command: Command, log: &Path) -> Background {
-        let out = File::create(log).expect("create log");
-        let err = out.try_clone().expect("dup log");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
+        let process = LoggedProcess::spawn(name, &mut command, log.to_path_buf())
             .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-        Background {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-        }
+        Background(process)
     }
 
     /// What it printed so far.
     pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log()
     }
 
     /// Waits until its output contains `needle`; panics if it exits first.
     pub fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + HANG_TIMEOUT;
-        while !self.output().contains(needle) {
-            if let Some(status) = self.child.try_wait().expect("poll child") {
-                panic!(
-                    "{} exited ({status}) before printing {needle:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never printed {needle:?}:\n{}",
-                self.name,
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0.wait_for_output(needle);
     }
 
     /// Waits for it to exit by itself; its status and output.
     pub fn finish(mut self) -> Finished {
-        let status: ExitStatus = wait_or_kill(&mut self.child).unwrap_or_else(|| {
-            panic!(
-                "{} still ran after {HANG_TIMEOUT:?}:\n{}",
-                self.name,
-                self.output()
-            )
-        });
+        let status = self.0.wait();
+        self.finished(status)
+    }
+
+    /// SIGTERM, then waits.
+    pub fn terminate(mut self) -> Finished {
+        let status = self.0.terminate();
+        self.finished(status)
+    }
+
+    fn finished(&self, status: ExitStatus) -> Finished {
         Finished {
             status,
             stdout: self.output(),
             stderr: String::new(),
-        }
-    }
-
-    /// SIGTERM, then waits.
-    pub fn terminate(self) -> Finished {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill() on our own child, not reaped yet (`self` owns it).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        self.finish()
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }

@@ -1,7 +1,8 @@
-//! [`LoggedProcess`]: a server process a test starts (pvstack-blk,
-//! qemu-storage-daemon) with its stderr in a log file: waited for until it
-//! listens on its socket, stopped with SIGTERM or SIGKILL, and killed if
-//! the test drops it while it still runs.
+//! [`LoggedProcess`]: a process a test starts (pvstack-blk,
+//! qemu-storage-daemon, pvstack-net, a pvstack VM) with its output in a log
+//! file: waited for until it listens on its socket or prints what the test
+//! waits for, stopped with SIGTERM or SIGKILL, and killed if the test drops
+//! it while it still runs.
 
 use std::fs::File;
 use std::io;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::{send_signal, wait_or_kill, HANG_TIMEOUT};
 
-/// A running child process whose stderr goes to a file.
+/// A running child process whose stdout and stderr go to a file.
 pub struct LoggedProcess {
     /// Names it in panic messages.
     name: String,
@@ -21,14 +22,17 @@ pub struct LoggedProcess {
 }
 
 impl LoggedProcess {
-    /// Spawns `command` with no stdin or stdout and stderr into the file
+    /// Spawns `command` with no stdin and stdout and stderr into the file
     /// `log` (created afresh). `name` names the process in panics.
     pub fn spawn(name: &str, command: &mut Command, log: PathBuf) -> io::Result<LoggedProcess> {
-        let stderr = File::create(&log)
+        let stdout = File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create the log {}: {e}", log.display()));
+        let stderr = stdout
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot duplicate the log {}: {e}", log.display()));
         let child = command
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()?;
         Ok(LoggedProcess {
@@ -42,33 +46,46 @@ impl LoggedProcess {
     /// alone proves nothing when a stale one was there before); panics
     /// with the log if the process exits first or after [`HANG_TIMEOUT`].
     pub fn wait_until_listening(&mut self, socket: &Path, ready: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + HANG_TIMEOUT;
-        loop {
+        let what = format!("listening on {}", socket.display());
+        self.wait_until(&what, |process| {
             let socket_ready = std::fs::symlink_metadata(socket)
                 .map(|m| m.file_type().is_socket())
                 .unwrap_or(false);
-            if socket_ready && ready(self) {
-                return;
-            }
+            socket_ready && ready(process)
+        });
+    }
+
+    /// Waits until its log contains `needle`; panics with the log if the
+    /// process exits first or after [`HANG_TIMEOUT`].
+    pub fn wait_for_output(&mut self, needle: &str) {
+        self.wait_until(&format!("printing {needle:?}"), |process| {
+            process.log().contains(needle)
+        });
+    }
+
+    /// Polls `done` until it holds; `what` names the wait in the panic if
+    /// the process exits first or after [`HANG_TIMEOUT`].
+    fn wait_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + HANG_TIMEOUT;
+        while !done(self) {
             if let Some(status) = self.child.try_wait().expect("waitpid works") {
                 panic!(
-                    "{} exited ({status}) before listening:\n{}",
+                    "{} exited ({status}) before {what}:\n{}",
                     self.name,
                     self.log()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "{} never listened on {}:\n{}",
+                "{} was not {what} after {HANG_TIMEOUT:?}:\n{}",
                 self.name,
-                socket.display(),
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Everything it wrote to stderr so far.
+    /// Everything it wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
