@@ -4,7 +4,7 @@
 //! vhost-user-backend's `VhostUserDaemon`, and clean shutdown on SIGTERM/SIGINT.
 //!
 //! A backend binary does:
-//! ```ignore
+//! ```text
 //! fn main() -> ExitCode {
 //!     // Args: a clap Parser that flattens `SocketArgs`.
 //!     backend_main("pvstack-blk", |args: &Args| &args.socket, run)
