@@ -3,10 +3,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pvstack_backend_common::{clone_exit_event, signal_if_needed};
+use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -44,7 +44,7 @@ struct Shared {
     settings: BlkSettings,
     config_space: Vec<u8>,
     event_idx: AtomicBool,
-    memory: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    memory: GuestMemorySlot,
     /// One exit event per worker thread (= per queue).
     exit_events: Vec<(EventConsumer, EventNotifier)>,
     /// Requests answered with an error status.
@@ -89,7 +89,7 @@ impl BlkBackend {
                 limits,
                 settings: settings.clone(),
                 event_idx: AtomicBool::new(false),
-                memory: RwLock::new(None),
+                memory: GuestMemorySlot::default(),
                 exit_events,
                 rejected: AtomicU64::new(0),
                 unanswerable: AtomicU64::new(0),
@@ -198,11 +198,7 @@ impl BlkBackend {
     }
 
     fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
-        self.shared
-            .memory
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.memory.get()
     }
 }
 
@@ -258,11 +254,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self
-            .shared
-            .memory
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        self.shared.memory.set(mem);
         Ok(())
     }
 

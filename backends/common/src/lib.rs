@@ -18,6 +18,7 @@
 mod cli;
 mod error;
 mod logging;
+mod memory;
 mod serve;
 mod signals;
 mod socket_path;
@@ -26,6 +27,7 @@ mod vring;
 pub use cli::{backend_main, exit_status, parse_queue_size, SocketArgs, EXIT_FAILURE};
 pub use error::Error;
 pub use logging::init_logging;
+pub use memory::GuestMemorySlot;
 pub use serve::{serve, serve_with};
 pub use signals::{block_stop_signals, StopSignal};
 pub use socket_path::prepare_socket_path;

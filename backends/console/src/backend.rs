@@ -4,9 +4,9 @@
 //! both queues and the input event, so each queue has one user.
 
 use std::io;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
-use pvstack_backend_common::{clone_exit_event, signal_if_needed};
+use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -37,7 +37,7 @@ const CONFIG_SPACE: [u8; 12] = [0; 12];
 #[derive(Clone)]
 pub struct ConsoleBackend {
     hub: Arc<Hub>,
-    memory: Arc<RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>>,
+    memory: Arc<GuestMemorySlot>,
     /// Ends the worker thread when the connection's daemon is dropped.
     exit: Arc<(EventConsumer, EventNotifier)>,
 }
@@ -47,14 +47,13 @@ impl ConsoleBackend {
     pub fn new(hub: Arc<Hub>) -> io::Result<Self> {
         Ok(ConsoleBackend {
             hub,
-            memory: Arc::new(RwLock::new(None)),
+            memory: Arc::default(),
             exit: Arc::new(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?),
         })
     }
 
     fn memory(&self) -> Option<GuestMemoryMmap> {
-        let memory = self.memory.read().unwrap_or_else(PoisonError::into_inner);
-        memory.as_ref().map(|m| (*m.memory()).clone())
+        self.memory.get().map(|m| (*m.memory()).clone())
     }
 
     /// Sends every transmit buffer the guest posted to the hub.
@@ -185,7 +184,7 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.memory.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        self.memory.set(mem);
         Ok(())
     }
 

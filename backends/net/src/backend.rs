@@ -4,9 +4,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use pvstack_backend_common::{clone_exit_event, signal_if_needed};
+use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
 use pvstack_net::datapath::{receive, transmit, Delivery, RxPending};
 use pvstack_net::features;
 use pvstack_net::frame::MAX_CHAIN_BYTES;
@@ -41,7 +41,7 @@ struct Shared {
     stats: Arc<NetStats>,
     acked: AtomicU64,
     event_idx: AtomicBool,
-    memory: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    memory: GuestMemorySlot,
     exit_event: (EventConsumer, EventNotifier),
     /// A frame read from the link that found no receive buffers yet,
     /// delivered when the driver adds some.
@@ -59,7 +59,7 @@ impl NetBackend {
                 stats,
                 acked: AtomicU64::new(0),
                 event_idx: AtomicBool::new(false),
-                memory: RwLock::new(None),
+                memory: GuestMemorySlot::default(),
                 exit_event: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
                 pending: Mutex::new(RxPending::default()),
                 tx_buffer: Mutex::new(vec![0; MAX_CHAIN_BYTES]),
@@ -68,11 +68,7 @@ impl NetBackend {
     }
 
     fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
-        self.shared
-            .memory
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.shared.memory.get()
     }
 
     /// Sends every frame the driver queued on the transmit queue.
@@ -203,11 +199,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self
-            .shared
-            .memory
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        self.shared.memory.set(mem);
         Ok(())
     }
 
