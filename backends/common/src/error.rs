@@ -22,6 +22,12 @@ pub enum Error {
     Poll { path: PathBuf, source: io::Error },
     #[error("cannot set up SIGTERM/SIGINT handling: {0}")]
     Signals(io::Error),
+    #[error("vhost-user message filter on {path}: {what}: {source}")]
+    Filter {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
     #[error("cannot create the backend for {path}: {source}")]
     NewBackend { path: PathBuf, source: io::Error },
     // vhost_user_backend::Error implements Display but not std::error::Error,

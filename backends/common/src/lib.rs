@@ -17,6 +17,7 @@
 
 mod cli;
 mod error;
+pub mod filter;
 mod logging;
 mod memory;
 mod serve;

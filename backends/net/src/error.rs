@@ -28,12 +28,6 @@ pub enum Error {
         what: &'static str,
         source: io::Error,
     },
-    #[error("filter for {path}: {what}: {source}")]
-    Filter {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
     #[error(transparent)]
     Serve(#[from] pvstack_backend_common::Error),
 }

@@ -4,17 +4,17 @@
 //! buffers, read and written directly in the memory the VMM shares.
 
 mod backend;
-mod filter;
+mod early_enable;
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use pvstack_backend_common::{
-    backend_main, block_stop_signals, parse_queue_size, prepare_socket_path, serve_with, SocketArgs,
+    backend_main, filter::FilteredSocket, parse_queue_size, prepare_socket_path, serve_with,
+    SocketArgs,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -25,6 +25,7 @@ use pvstack_net::tap::{self, Tap};
 use pvstack_net::Error;
 
 use crate::backend::{NetBackend, LINK_EVENT};
+use crate::early_enable::EarlyEnableFilter;
 
 const DEVICE: &str = "pvstack-net";
 
@@ -101,14 +102,15 @@ fn run(args: &Args) -> Result<(), Error> {
     );
     let link_fd = link.as_raw_fd();
     let filtered = if args.filter_early_vring_enable {
-        // Before the filter's threads start, so they inherit the mask and
-        // only the signal thread of `serve_with` receives SIGTERM/SIGINT.
-        block_stop_signals()?;
-        Some(FilteredSocket::start(&args.socket)?)
+        Some(FilteredSocket::start(DEVICE, &args.socket, || {
+            Box::new(EarlyEnableFilter::default())
+        })?)
     } else {
         None
     };
-    let socket = filtered.as_ref().map_or(&args.socket, |f| &f.daemon);
+    let socket = filtered
+        .as_ref()
+        .map_or(&args.socket, FilteredSocket::daemon_args);
     serve_with(
         DEVICE,
         socket,
@@ -126,46 +128,4 @@ fn run(args: &Args) -> Result<(), Error> {
     )?;
     log::info!("stopped; {}", stats.summary());
     Ok(())
-}
-
-/// The daemon's socket behind the filter: in a private directory, removed
-/// (with the public socket) when this drops.
-struct FilteredSocket {
-    public: PathBuf,
-    dir: PathBuf,
-    daemon: SocketArgs,
-}
-
-impl FilteredSocket {
-    fn start(args: &SocketArgs) -> Result<Self, Error> {
-        let filter_error = |what, source| Error::Filter {
-            path: args.socket.clone(),
-            what,
-            source,
-        };
-        let dir = std::env::temp_dir().join(format!("pvstack-net-{}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| filter_error("cannot create the daemon's socket directory", e))?;
-        let daemon = SocketArgs {
-            socket: dir.join("daemon.sock"),
-            ..args.clone()
-        };
-        let filtered = FilteredSocket {
-            public: args.socket.clone(),
-            dir,
-            daemon,
-        };
-        filter::spawn(&filtered.public, filtered.daemon.socket.clone())
-            .map_err(|e| filter_error("cannot listen", e))?;
-        Ok(filtered)
-    }
-}
-
-impl Drop for FilteredSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.public);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
