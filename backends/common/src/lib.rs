@@ -18,6 +18,7 @@
 mod cli;
 mod error;
 pub mod filter;
+pub mod inflight;
 mod logging;
 mod memory;
 mod serve;
