@@ -117,6 +117,13 @@ fn linux_guest_under_qemu_reads_and_writes_through_pvstack_blk() {
         !log.contains("rejected") && !log.contains("unanswered"),
         "Linux's requests were refused:\n{log}"
     );
+    // QEMU's vhost-user-blk asks for an inflight region when the backend
+    // offers INFLIGHT_SHMFD and hands it back before starting the rings.
+    assert!(
+        log.contains("inflight region created for 1 queues")
+            && log.contains("inflight region set for 1 queues"),
+        "QEMU did not take pvstack-blk's inflight region:\n{log}"
+    );
     assert!(
         backend.is_running(),
         "pvstack-blk must outlive the frontend:\n{log}"

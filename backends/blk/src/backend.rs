@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pvstack_backend_common::inflight::{chain_at, InflightRegion, InflightSlot, QueueLog};
 use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -45,6 +46,10 @@ struct Shared {
     config_space: Vec<u8>,
     event_idx: AtomicBool,
     memory: GuestMemorySlot,
+    /// Where the inflight log of this connection comes from, and the
+    /// connection's number there.
+    inflight: Arc<InflightSlot>,
+    connection: u64,
     /// One exit event per worker thread (= per queue).
     exit_events: Vec<(EventConsumer, EventNotifier)>,
     /// Requests answered with an error status.
@@ -53,6 +58,8 @@ struct Shared {
     unanswerable: AtomicU64,
     /// Chains returned to the driver.
     served: AtomicU64,
+    /// Chains a previous backend took and did not return, served again.
+    resubmitted: AtomicU64,
     /// Interrupts raised (call eventfd writes).
     signalled: AtomicU64,
 }
@@ -61,15 +68,22 @@ impl Drop for Shared {
     /// The connection's totals (`pvstack bench` reads this line).
     fn drop(&mut self) {
         log::info!(
-            "served {} requests, raised {} interrupts",
+            "served {} requests ({} of them left by a previous backend), raised {} interrupts",
             self.served.load(Ordering::Relaxed),
+            self.resubmitted.load(Ordering::Relaxed),
             self.signalled.load(Ordering::Relaxed)
         );
     }
 }
 
 impl BlkBackend {
-    pub fn new(image: Arc<DiskImage>, settings: &BlkSettings) -> io::Result<Self> {
+    /// A backend for one frontend connection, logging inflight requests in
+    /// the region that connection's frontend gives `inflight`.
+    pub fn new(
+        image: Arc<DiskImage>,
+        settings: &BlkSettings,
+        inflight: Arc<InflightSlot>,
+    ) -> io::Result<Self> {
         let limits = DiskLimits {
             capacity_sectors: image.capacity_sectors(),
             readonly: image.is_readonly(),
@@ -90,10 +104,13 @@ impl BlkBackend {
                 settings: settings.clone(),
                 event_idx: AtomicBool::new(false),
                 memory: GuestMemorySlot::default(),
+                connection: inflight.attach(),
+                inflight,
                 exit_events,
                 rejected: AtomicU64::new(0),
                 unanswerable: AtomicU64::new(0),
                 served: AtomicU64::new(0),
+                resubmitted: AtomicU64::new(0),
                 signalled: AtomicU64::new(0),
             }),
         })
@@ -109,6 +126,11 @@ impl BlkBackend {
             log::warn!("queue {queue} kicked before the memory table was set");
             return;
         };
+        let region = self.inflight_region();
+        let log = region.as_ref().and_then(|region| region.queue(queue));
+        if let Some(log) = log.as_ref().filter(|log| log.recovery_due()) {
+            self.resubmit(vring, log, &mem.memory(), queue);
+        }
         let event_idx = self.shared.event_idx.load(Ordering::Acquire);
         let poll = self.shared.settings.poll;
         loop {
@@ -117,7 +139,7 @@ impl BlkBackend {
                     log::warn!("queue {queue}: cannot disable notifications: {e}");
                 }
             }
-            let (chains, max_chain_len) = {
+            let (chains, max_chain_len): (Vec<_>, usize) = {
                 let mut state = vring.get_mut();
                 let queue_state = state.get_queue_mut();
                 let max_chain_len = usize::from(queue_state.size());
@@ -130,17 +152,17 @@ impl BlkBackend {
                 }
             };
             if !chains.is_empty() {
+                if let Some(log) = &log {
+                    chains
+                        .iter()
+                        .for_each(|chain| log.taken(chain.head_index()));
+                }
                 for chain in chains {
                     let head = chain.head_index();
                     let used_len = self.serve_chain(chain, &mem.memory(), max_chain_len, queue);
-                    if let Err(e) = vring.add_used(head, used_len) {
-                        log::warn!("queue {queue}: cannot return chain {head}: {e}");
-                    }
-                    self.shared.served.fetch_add(1, Ordering::Relaxed);
+                    self.give_back(vring, log.as_ref(), head, used_len, queue);
                 }
-                if signal_if_needed(vring, queue) {
-                    self.shared.signalled.fetch_add(1, Ordering::Relaxed);
-                }
+                self.signal(vring, queue);
             }
             if let Some(poll) = poll {
                 if poll_avail(vring, &mem.memory(), poll, queue) {
@@ -159,6 +181,88 @@ impl BlkBackend {
                 }
             }
         }
+    }
+
+    /// Returns a served chain to the driver, logging it done.
+    fn give_back(
+        &self,
+        vring: &VringRwLock,
+        log: Option<&QueueLog<'_>>,
+        head: u16,
+        used_len: u32,
+        queue: usize,
+    ) {
+        if let Some(log) = log {
+            log.returning(head);
+        }
+        if let Err(e) = vring.add_used(head, used_len) {
+            log::warn!("queue {queue}: cannot return chain {head}: {e}");
+        }
+        if let Some(log) = log {
+            log.returned(head, vring.get_ref().get_queue().next_used());
+        }
+        self.shared.served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn signal(&self, vring: &VringRwLock, queue: usize) {
+        if signal_if_needed(vring, queue) {
+            self.shared.signalled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Serves again, oldest first, the chains the log says a previous
+    /// backend took from this queue and never returned, and moves the
+    /// queue past them in the available ring (the frontend restarts a
+    /// crashed backend at the used ring's index).
+    fn resubmit(
+        &self,
+        vring: &VringRwLock,
+        log: &QueueLog<'_>,
+        mem: &GuestMemoryMmap,
+        queue: usize,
+    ) {
+        let used_idx = match vring.queue_used_idx() {
+            Ok(idx) => idx,
+            Err(e) => {
+                log::warn!("queue {queue}: cannot read the used index to recover: {e}");
+                return;
+            }
+        };
+        let heads = match log.recover(used_idx) {
+            Ok(heads) => heads,
+            Err(why) => {
+                log::warn!("queue {queue}: ignoring the inflight log: {why}");
+                return;
+            }
+        };
+        if heads.is_empty() {
+            return;
+        }
+        log::info!(
+            "queue {queue}: serving {} requests a previous backend took and did not complete",
+            heads.len()
+        );
+        let (table, size) = {
+            let state = vring.get_ref();
+            let ring = state.get_queue();
+            (GuestAddress(ring.desc_table()), ring.size())
+        };
+        vring.set_queue_next_avail(used_idx.wrapping_add(heads.len() as u16));
+        for head in heads {
+            let used_len = match chain_at(mem, table, size, head) {
+                Ok(chain) => self.serve_chain(chain, mem, usize::from(size), queue),
+                Err(why) => {
+                    let count = self.shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
+                    log::warn!(
+                        "queue {queue}: returned a chain unanswered ({count} so far): {why}"
+                    );
+                    0
+                }
+            };
+            self.give_back(vring, Some(log), head, used_len, queue);
+            self.shared.resubmitted.fetch_add(1, Ordering::Relaxed);
+        }
+        self.signal(vring, queue);
     }
 
     /// Answers one chain; returns the used length.
@@ -199,6 +303,10 @@ impl BlkBackend {
 
     fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
         self.shared.memory.get()
+    }
+
+    fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
+        self.shared.inflight.region(self.shared.connection)
     }
 }
 

@@ -50,11 +50,14 @@ pub fn virtio_features(readonly: bool) -> u64 {
     bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
 }
 
-/// vhost-user protocol features offered to the frontend.
+/// vhost-user protocol features offered to the frontend. INFLIGHT_SHMFD's
+/// messages are answered by the filter pvstack-blk puts in front of
+/// vhost-user-backend's daemon.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// The virtio-blk config space; the bindings struct is packed, so its bytes

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use pvstack_backend_common::filter::FilteredSocket;
+use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
 use pvstack_backend_common::{backend_main, parse_queue_size, serve, SocketArgs};
 
 use crate::backend::{BlkBackend, BlkSettings};
@@ -100,8 +102,20 @@ fn run(args: &Args) -> Result<(), Error> {
         settings.num_queues,
         settings.queue_size
     );
-    serve(DEVICE, &args.socket, || {
-        BlkBackend::new(Arc::clone(&image), &settings)
+    // vhost-user-backend does not handle the inflight messages, so the
+    // daemon always sits behind a filter that does.
+    let inflight = Arc::new(InflightSlot::default());
+    let filter_slot = Arc::clone(&inflight);
+    let (num_queues, queue_size) = (settings.num_queues, settings.queue_size);
+    let filtered = FilteredSocket::start(DEVICE, &args.socket, move || {
+        Box::new(InflightFilter::new(
+            Arc::clone(&filter_slot),
+            num_queues,
+            queue_size,
+        ))
+    })?;
+    serve(DEVICE, filtered.daemon_args(), || {
+        BlkBackend::new(Arc::clone(&image), &settings, Arc::clone(&inflight))
     })?;
     log::info!("stopped");
     Ok(())

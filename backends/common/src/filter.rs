@@ -132,7 +132,8 @@ pub struct FilteredSocket {
 impl FilteredSocket {
     /// Listens on `args.socket` and joins each frontend to the daemon that
     /// will listen on [`Self::daemon_args`], through a fresh filter from
-    /// `new_filter`. Blocks SIGTERM and SIGINT in the calling thread first
+    /// `new_filter`, made for each connection in the order the daemon will
+    /// accept them. Blocks SIGTERM and SIGINT in the calling thread first
     /// so that the filter's threads inherit the mask and leave the signals
     /// to the serving loop's signal thread.
     pub fn start<F>(device: &str, args: &SocketArgs, new_filter: F) -> Result<Self, Error>
@@ -145,11 +146,12 @@ impl FilteredSocket {
             source,
         };
         block_stop_signals()?;
+        // Checked and bound before `filtered` exists: its drop removes the
+        // public path, which must never be a file this did not create.
+        crate::prepare_socket_path(&args.socket)?;
+        let listener =
+            UnixListener::bind(&args.socket).map_err(|e| filter_error("cannot listen", e))?;
         let dir = std::env::temp_dir().join(format!("{device}-{}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| filter_error("cannot create the daemon's socket directory", e))?;
         let filtered = FilteredSocket {
             public: args.socket.clone(),
             daemon: SocketArgs {
@@ -158,15 +160,16 @@ impl FilteredSocket {
             },
             dir,
         };
-        crate::prepare_socket_path(&filtered.public)?;
-        let listener =
-            UnixListener::bind(&filtered.public).map_err(|e| filter_error("cannot listen", e))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&filtered.dir)
+            .map_err(|e| filter_error("cannot create the daemon's socket directory", e))?;
         let internal = filtered.daemon.socket.clone();
         std::thread::Builder::new()
             .name("filter".into())
             .spawn(move || {
                 for front in listener.incoming() {
-                    match front.and_then(|front| join(front, &internal, new_filter())) {
+                    match front.and_then(|front| join(front, &internal, &new_filter)) {
                         Ok(()) => {}
                         Err(e) => log::warn!("filter: cannot join a frontend to the daemon: {e}"),
                     }
@@ -189,28 +192,37 @@ impl Drop for FilteredSocket {
     }
 }
 
-fn join(front: UnixStream, internal: &Path, filter: Box<dyn Filter>) -> io::Result<()> {
+/// Connects the daemon for `front`. The filter is made only once that
+/// succeeded, so the n-th filter made serves the daemon's n-th connection.
+fn join(
+    front: UnixStream,
+    internal: &Path,
+    new_filter: &dyn Fn() -> Box<dyn Filter>,
+) -> io::Result<()> {
     let back = UnixStream::connect(internal)?;
+    let filter = new_filter();
     let (front2, back2) = (front.try_clone()?, back.try_clone()?);
     std::thread::Builder::new()
         .name("filter-up".into())
         .spawn(move || {
             let result = forward_requests(&front, &back, filter);
-            end(&front, &back, "frontend", result);
+            end(&front, &back, "dropped the frontend connection", result);
         })?;
     std::thread::Builder::new()
         .name("filter-down".into())
         .spawn(move || {
             let result = forward_replies(&back2, &front2);
-            end(&back2, &front2, "daemon", result);
+            end(&back2, &front2, "filter: lost the daemon", result);
         })?;
     Ok(())
 }
 
-fn end(from: &UnixStream, to: &UnixStream, side: &str, result: io::Result<()>) {
+/// Ends both sides of a connection; `what` says what an error (other
+/// than a plain hang-up) means.
+fn end(from: &UnixStream, to: &UnixStream, what: &str, result: io::Result<()>) {
     if let Err(e) = result {
         if e.kind() != io::ErrorKind::UnexpectedEof {
-            log::warn!("filter: {side} side: {e}");
+            log::warn!("{what}: {e}");
         }
     }
     let _ = from.shutdown(Shutdown::Both);

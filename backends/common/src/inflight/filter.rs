@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::message::{FrontendReq, VhostUserInflight};
@@ -11,22 +12,40 @@ use vm_memory::ByteValued;
 use super::region::{create_region, region_size, InflightRegion};
 use crate::filter::{Filter, Message, Verdict};
 
-/// The inflight region the frontend gave the current connection, shared
-/// by the filter (which installs it) and the queue workers (which log in it).
+/// The inflight region the frontend gave the newest connection, shared by
+/// the filters (which install regions) and the backends (whose workers log
+/// in them).
+///
+/// Connections are numbered on both sides: the n-th [`InflightFilter`]
+/// and the n-th backend to [`InflightSlot::attach`] serve the daemon's
+/// n-th connection. A backend gets only its own connection's region, so
+/// workers of a connection that is still winding down never log into the
+/// region of the frontend that came next.
 #[derive(Default)]
-pub struct InflightSlot(Mutex<Option<Arc<InflightRegion>>>);
+pub struct InflightSlot {
+    /// The connection number of the region, and the region.
+    region: Mutex<(u64, Option<Arc<InflightRegion>>)>,
+    filters: AtomicU64,
+    backends: AtomicU64,
+}
 
 impl InflightSlot {
-    /// The current connection's region, if its frontend sent one.
-    pub fn current(&self) -> Option<Arc<InflightRegion>> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Numbers a new backend's connection, for [`Self::region`].
+    pub fn attach(&self) -> u64 {
+        self.backends.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn set(&self, region: Option<Arc<InflightRegion>>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = region;
+    /// Connection `connection`'s region, if its frontend sent one.
+    pub fn region(&self, connection: u64) -> Option<Arc<InflightRegion>> {
+        let guard = self.region.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*guard {
+            (owner, Some(region)) if *owner == connection => Some(Arc::clone(region)),
+            _ => None,
+        }
+    }
+
+    fn set(&self, connection: u64, region: Arc<InflightRegion>) {
+        *self.region.lock().unwrap_or_else(PoisonError::into_inner) = (connection, Some(region));
     }
 }
 
@@ -35,18 +54,19 @@ impl InflightSlot {
 /// are served even if the driver sends no new kick.
 pub struct InflightFilter {
     slot: Arc<InflightSlot>,
+    connection: u64,
     max_queues: u16,
     max_queue_size: u16,
 }
 
 impl InflightFilter {
     /// For a new connection to a backend of `max_queues` queues of up to
-    /// `max_queue_size` descriptors. The previous connection's region is
-    /// forgotten: its frontend is gone.
+    /// `max_queue_size` descriptors.
     pub fn new(slot: Arc<InflightSlot>, max_queues: u16, max_queue_size: u16) -> Self {
-        slot.set(None);
+        let connection = slot.filters.fetch_add(1, Ordering::Relaxed);
         InflightFilter {
             slot,
+            connection,
             max_queues,
             max_queue_size,
         }
@@ -104,7 +124,7 @@ impl InflightFilter {
             ));
         };
         let region = InflightRegion::map(File::from(fd), offset, size, num_queues, queue_size)?;
-        self.slot.set(Some(Arc::new(region)));
+        self.slot.set(self.connection, Arc::new(region));
         log::info!("inflight region set for {num_queues} queues of {queue_size} descriptors");
         Ok(())
     }
@@ -130,7 +150,8 @@ impl Filter for InflightFilter {
                 Err(e) => Err(e),
             };
         }
-        if code == FrontendReq::SET_VRING_KICK as u32 && self.slot.current().is_some() {
+        if code == FrontendReq::SET_VRING_KICK as u32 && self.slot.region(self.connection).is_some()
+        {
             if let Some(kick) = message.fds().first() {
                 // An eventfd keeps its count until read, so the kick waits
                 // for the daemon to start watching it.
