@@ -222,7 +222,13 @@ impl VhostUserDevice {
         let mut began = Instant::now();
         if let Some(rings) = self.rings.as_mut() {
             new.check_takeover(rings)?;
-            new.prepare(rings)?;
+            // The new backend keeps an inflight log of its own; the old
+            // one's goes back to it if the swap fails.
+            let old_inflight = rings.inflight.take();
+            if let Err(err) = new.prepare(rings) {
+                rings.inflight = old_inflight;
+                return Err(err);
+            }
             began = Instant::now();
             if let Err(err) = self.handle.stop(rings) {
                 // The old backend is gone or broken: continue as after a
@@ -236,6 +242,7 @@ impl VhostUserDevice {
             let stopped = began.elapsed();
             if let Err(err) = new.resume(rings) {
                 // Give the rings back to the old backend where it stopped.
+                rings.inflight = old_inflight;
                 if let Err(again) = self.handle.start(rings) {
                     error!(
                         "{}: the old backend cannot resume either: {again}",
@@ -321,14 +328,13 @@ impl VhostUserDevice {
     /// One attempt to reach the backend again after it hung up (`began`
     /// is when), and to resume the rings where the driver last saw
     /// completions. The previous backend cannot be asked where it
-    /// stopped, so every request at or after the used ring's index is
-    /// served again. That is exact for a backend that completes each
-    /// queue's requests in order (pvstack-blk: one worker per queue,
-    /// synchronous I/O): nothing completed is redone and nothing
-    /// unfinished is lost, and redoing a write writes the same bytes. A
-    /// backend that completes out of order would need inflight tracking
-    /// (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), which vhost-user-backend
-    /// does not implement.
+    /// stopped, so the rings restart at the used ring's index, as QEMU's
+    /// do. A backend that keeps an inflight log (pvstack-blk,
+    /// qemu-storage-daemon) gets the log its predecessor wrote, serves
+    /// again exactly the requests that were taken and not completed, in
+    /// the order they were taken, and moves on past them; one without
+    /// serves every request from the used index on again, which is exact
+    /// only if it completes each queue's requests in order.
     pub fn try_reconnect(&mut self, began: Instant) -> Result<()> {
         // A crashed child is reaped before a new one starts.
         self.process = None;
@@ -434,13 +440,14 @@ impl VirtioDevice for VhostUserDevice {
                 });
             }
         }
-        let setup = RingSetup {
+        let mut setup = RingSetup {
             features: activation.features,
             memory: self.memory.clone(),
             queues,
             call: clone_eventfd(&activation.events.call, format!("{} interrupts", self.name))?,
+            inflight: None,
         };
-        self.handle.start(&setup)?;
+        self.handle.start(&mut setup)?;
         info!(
             "{}: driver started {} queues on {}",
             self.name,

@@ -7,6 +7,7 @@
 //! knows that sequence, so moving a device to a new or restarted backend is
 //! a new handle plus `start` with the same, recorded setup.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -27,11 +29,14 @@ use crate::error::{Error, Result};
 use crate::virtio::QueueConfig;
 
 /// Protocol features the frontend uses when the backend offers them:
-/// MQ (GET_QUEUE_NUM), CONFIG (GET_CONFIG) and REPLY_ACK (every request
-/// is acknowledged, so a failure is seen at the request that caused it).
+/// MQ (GET_QUEUE_NUM), CONFIG (GET_CONFIG), REPLY_ACK (every request
+/// is acknowledged, so a failure is seen at the request that caused it)
+/// and INFLIGHT_SHMFD (the backend logs unfinished requests in memory the
+/// frontend keeps, so its successor can serve them again).
 const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::REPLY_ACK);
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
 
 /// How long to wait for any one reply. Generous: a reply normally takes
 /// microseconds; the limit only keeps a hung backend from hanging pvstack.
@@ -70,6 +75,31 @@ pub struct RingSetup {
     pub queues: Vec<ActiveQueue>,
     /// Raises the device's interrupt (the irqfd), shared by all queues.
     pub call: EventFd,
+    /// The inflight log of the backend serving the rings, when it keeps
+    /// one: obtained from it on first start and handed to every backend
+    /// that takes over after a crash, so requests it left are served again.
+    pub inflight: Option<InflightLog>,
+}
+
+/// A backend's inflight log (GET_INFLIGHT_FD): the memory and its shape.
+/// The frontend only keeps it; it never reads it.
+pub struct InflightLog {
+    file: File,
+    shape: VhostUserInflight,
+}
+
+impl std::fmt::Debug for InflightLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (size, queues, queue_size) = (
+            self.shape.mmap_size,
+            self.shape.num_queues,
+            self.shape.queue_size,
+        );
+        write!(
+            f,
+            "InflightLog({size} bytes for {queues} queues of {queue_size})"
+        )
+    }
 }
 
 /// A negotiated connection to one vhost-user backend.
@@ -183,17 +213,24 @@ impl VhostUserHandle {
 
     /// Sets the backend up to serve `setup`'s queues: [`Self::prepare`]
     /// then [`Self::resume`].
-    pub fn start(&mut self, setup: &RingSetup) -> Result<()> {
+    pub fn start(&mut self, setup: &mut RingSetup) -> Result<()> {
         self.prepare(setup)?;
         self.resume(setup)
     }
 
     /// The part of the setup that does not depend on where the rings
     /// stand, so a swap can do it while the old backend still serves:
-    /// SET_FEATURES, SET_MEM_TABLE, and per queue SET_VRING_NUM and
-    /// _CALL (the call fd goes before the kick so that nothing the backend
-    /// completes on its first kick goes unsignalled).
-    pub fn prepare(&mut self, setup: &RingSetup) -> Result<()> {
+    /// the inflight log (GET_INFLIGHT_FD when `setup` has none yet, then
+    /// SET_INFLIGHT_FD), SET_FEATURES, SET_MEM_TABLE, and per queue
+    /// SET_VRING_NUM and _CALL (the call fd goes before the kick so that
+    /// nothing the backend completes on its first kick goes unsignalled).
+    pub fn prepare(&mut self, setup: &mut RingSetup) -> Result<()> {
+        if self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            self.share_inflight_log(setup)?;
+        }
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = setup.features | (self.backend_features & protocol_bit);
         self.step("SET_FEATURES", |f| f.set_features(features))?;
@@ -207,6 +244,33 @@ impl VhostUserHandle {
             self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
         }
         Ok(())
+    }
+
+    /// Gives the backend `setup`'s inflight log, asking it for a new one
+    /// first if there is none.
+    fn share_inflight_log(&mut self, setup: &mut RingSetup) -> Result<()> {
+        let log = match setup.inflight.take() {
+            Some(log) => log,
+            None => {
+                let wanted = VhostUserInflight {
+                    num_queues: setup.queues.iter().map(|q| q.index + 1).max().unwrap_or(0),
+                    queue_size: setup
+                        .queues
+                        .iter()
+                        .map(|q| q.config.size)
+                        .max()
+                        .unwrap_or(0),
+                    ..Default::default()
+                };
+                let (shape, file) = self.step("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&wanted))?;
+                InflightLog { file, shape }
+            }
+        };
+        let shared = self.step("SET_INFLIGHT_FD", |f| {
+            f.set_inflight_fd(&log.shape, log.file.as_raw_fd())
+        });
+        setup.inflight = Some(log);
+        shared
     }
 
     /// Starts the prepared backend where `setup`'s queues stand: per queue
