@@ -274,8 +274,19 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
+    // Requests each restarted pvstack-blk found in its predecessor's
+    // inflight log and served again.
+    let mut resubmitted = Vec::new();
     for crash in 1..=20 {
         std::thread::sleep(Duration::from_millis(150));
+        let log = backend.log();
+        assert!(
+            log.contains("inflight region set for 1 queues"),
+            "pvstack gave backend {crash} no inflight log:\n{log}"
+        );
+        if crash > 1 {
+            resubmitted.push(requests_served_again(&log));
+        }
         backend.kill();
         std::thread::sleep(Duration::from_millis(50));
         let _ = std::fs::remove_file(&socket);
@@ -284,7 +295,21 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         wait_until("pvstack reconnects", || info(&vm).contains(&counted));
     }
     let result = vm.finish();
+    resubmitted.push(requests_served_again(&backend.log()));
+    eprintln!("requests served again after each restart: {resubmitted:?}");
     assert_image_matches(&image, &result);
+}
+
+/// How many requests a pvstack-blk served again from its predecessor's
+/// inflight log, from its log.
+fn requests_served_again(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|line| line.split("serving ").nth(1))
+        .filter_map(|rest| {
+            rest.strip_suffix(" requests a previous backend took and did not complete")
+        })
+        .filter_map(|count| count.parse::<u64>().ok())
+        .sum()
 }
 
 #[test]

@@ -26,6 +26,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 const MEMORY: usize = 1 << 20;
 const IMAGE: u64 = 1 << 20;
+/// For the crash test: a write big enough (tens of milliseconds) to be
+/// caught in the middle.
+const BIG_WRITE: u64 = 128 << 20;
+const BIG_MEMORY: usize = 192 << 20;
+const BIG_DATA: u64 = 32 << 20;
 const QUEUE_SIZE: u16 = 16;
 const DESC_TABLE: u64 = 0x1000;
 const AVAIL_RING: u64 = 0x2000;
@@ -48,10 +53,13 @@ const D: (u16, u64, u8) = (9, 32, 0xdd);
 struct Backend {
     child: Child,
     dir: PathBuf,
+    log: PathBuf,
 }
 
 impl Backend {
-    fn start(name: &str) -> (Backend, PathBuf, PathBuf) {
+    /// A pvstack-blk on a fresh `image_size`-byte image in a scratch
+    /// directory of its own (removed when the last backend on it drops).
+    fn start(name: &str, image_size: u64) -> (Backend, PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "pvstack-blk-inflight-{}-{name}",
             std::process::id()
@@ -59,17 +67,25 @@ impl Backend {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let image = dir.join("disk.img");
-        File::create(&image).unwrap().set_len(IMAGE).unwrap();
+        File::create(&image).unwrap().set_len(image_size).unwrap();
         let socket = dir.join("blk.sock");
+        (Backend::spawn(&dir, "blk.log"), socket, image)
+    }
+
+    /// A pvstack-blk serving `dir`'s image on `dir`'s socket, logging to
+    /// `log` there.
+    fn spawn(dir: &Path, log: &str) -> Backend {
+        let socket = dir.join("blk.sock");
+        let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_pvstack-blk"))
             .arg("--socket")
             .arg(&socket)
             .arg("--image")
-            .arg(&image)
+            .arg(dir.join("disk.img"))
             .arg("--queue-size")
             .arg(QUEUE_SIZE.to_string())
             .env("RUST_LOG", "info")
-            .stderr(File::create(dir.join("blk.log")).unwrap())
+            .stderr(File::create(dir.join(log)).unwrap())
             .spawn()
             .expect("start pvstack-blk");
         let started = Instant::now();
@@ -77,7 +93,17 @@ impl Backend {
             assert!(started.elapsed() < HANG_GUARD, "pvstack-blk never listened");
             std::thread::sleep(Duration::from_millis(5));
         }
-        (Backend { child, dir }, socket, image)
+        Backend {
+            child,
+            dir: dir.to_path_buf(),
+            log: dir.join(log),
+        }
+    }
+
+    /// SIGKILL: a crash.
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     fn is_running(&mut self) -> bool {
@@ -85,7 +111,7 @@ impl Backend {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("blk.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -98,15 +124,20 @@ impl Drop for Backend {
 }
 
 fn guest_memory() -> GuestMemoryMmap {
+    guest_memory_of(MEMORY)
+}
+
+/// Guest RAM of `size` bytes in a memfd (sparse: untouched pages cost nothing).
+fn guest_memory_of(size: usize) -> GuestMemoryMmap {
     // SAFETY: memfd_create with a valid C string; the result is checked.
     let fd = unsafe { libc::memfd_create(c"inflight-test".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEMORY as u64).unwrap();
+    file.set_len(size as u64).unwrap();
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
-        MEMORY,
+        size,
         Some(FileOffset::new(file, 0)),
     )])
     .unwrap()
@@ -267,7 +298,7 @@ fn desc_state_at(head: u16) -> u64 {
 
 #[test]
 fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
-    let (mut backend, socket, image) = Backend::start("recover");
+    let (mut backend, socket, image) = Backend::start("recover", IMAGE);
     let memory = guest_memory();
     for request in [A, B, C, D] {
         put_write_request(&memory, request);
@@ -348,7 +379,7 @@ fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
 
 #[test]
 fn inflight_messages_pvstack_blk_cannot_honour_are_refused_and_it_serves_on() {
-    let (mut backend, socket, _image) = Backend::start("refuse");
+    let (mut backend, socket, _image) = Backend::start("refuse", IMAGE);
     let mut frontend = negotiate(&socket);
     // More queues than the device has: a zero-sized answer without a file.
     let too_many = VhostUserInflight {
@@ -383,4 +414,97 @@ fn inflight_messages_pvstack_blk_cannot_honour_are_refused_and_it_serves_on() {
     wait_for_used(&memory, 1, &mut backend);
     assert_eq!(status_of(&memory, A.0), 0);
     assert!(backend.is_running());
+}
+
+#[test]
+fn sigkill_in_the_middle_of_a_write_and_the_next_backend_finishes_it() {
+    let (mut backend, socket, image) = Backend::start("crash", BIG_WRITE + IMAGE);
+    let memory = guest_memory_of(BIG_MEMORY);
+    // Request 0 writes BIG_WRITE bytes at sector 0 from BIG_DATA, marked
+    // at both ends; request D (behind it in the ring) writes one sector.
+    let big = |offset: u64| GuestAddress(BIG_DATA + offset);
+    memory.write_slice(&[0x5a; 4096], big(0)).unwrap();
+    memory
+        .write_slice(&[0xa5; 4096], big(BIG_WRITE - 4096))
+        .unwrap();
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    memory.write_slice(&header, GuestAddress(BUFFERS)).unwrap();
+    memory
+        .write_obj(0xffu8, GuestAddress(BUFFERS + 0x400))
+        .unwrap();
+    put_descriptor(&memory, 0, BUFFERS, 16, DESC_F_NEXT, 1);
+    put_descriptor(&memory, 1, BIG_DATA, BIG_WRITE as u32, DESC_F_NEXT, 2);
+    put_descriptor(&memory, 2, BUFFERS + 0x400, 1, DESC_F_WRITE, 0);
+    let d_sector = BIG_WRITE / SECTOR + 8;
+    put_write_request(&memory, (D.0, d_sector, D.2));
+    for (slot, head) in [0u16, D.0].into_iter().enumerate() {
+        memory
+            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot as u64))
+            .unwrap();
+    }
+    memory
+        .write_obj(2u16, GuestAddress(AVAIL_RING + 2))
+        .unwrap();
+
+    let mut frontend = negotiate(&socket);
+    let (shape, log) = frontend
+        .get_inflight_fd(&VhostUserInflight {
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+            ..Default::default()
+        })
+        .unwrap();
+    let log_fd = std::os::fd::AsRawFd::as_raw_fd(&log);
+    frontend.set_inflight_fd(&shape, log_fd).unwrap();
+    let (_call, kick) = start_queue(&mut frontend, &memory, 0);
+    kick.write(1).unwrap();
+    // Kill it as soon as its log says it took the big write.
+    let started = Instant::now();
+    let mut state = [0u8];
+    loop {
+        log.read_exact_at(&mut state, desc_state_at(0)).unwrap();
+        if state[0] == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "the big write was never taken"
+        );
+        std::hint::spin_loop();
+    }
+    backend.kill();
+    drop(frontend);
+    assert_eq!(
+        used_idx(&memory),
+        0,
+        "the big write finished before the kill"
+    );
+
+    // A new pvstack-blk, given the same log, at the used index.
+    let mut backend = Backend::spawn(&backend.dir.clone(), "blk-restarted.log");
+    let mut frontend = negotiate(&socket);
+    frontend.set_inflight_fd(&shape, log_fd).unwrap();
+    let _events = start_queue(&mut frontend, &memory, used_idx(&memory));
+    wait_for_used(&memory, 2, &mut backend);
+
+    assert_eq!(
+        used_ids(&memory, 0..2),
+        [0, D.0],
+        "each request once, in order"
+    );
+    assert_eq!(status_of(&memory, 0), 0);
+    assert_eq!(status_of(&memory, D.0), 0);
+    let mut bytes = vec![0u8; 4096];
+    let file = File::open(&image).unwrap();
+    file.read_exact_at(&mut bytes, 0).unwrap();
+    assert_eq!(bytes, [0x5a; 4096]);
+    file.read_exact_at(&mut bytes, BIG_WRITE - 4096).unwrap();
+    assert_eq!(bytes, [0xa5; 4096]);
+    assert_eq!(sector_of(&image, d_sector), vec![D.2; SECTOR as usize]);
+    let restarted = backend.log();
+    assert!(
+        restarted.contains("serving 2 requests a previous backend took and did not complete"),
+        "{restarted}"
+    );
 }
