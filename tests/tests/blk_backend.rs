@@ -210,14 +210,22 @@ fn serves_frontends_one_after_another_and_replaces_a_stale_socket() {
     let dir = ScratchDir::new("blk-reconnect");
     let image = image(&dir, 1 << 20);
     let socket = dir.path("blk.sock");
-    // A socket file left behind by a crashed run: nobody listens on it.
+    // Socket files left behind by a crashed run, the public one and the
+    // one its vhost-user daemon listened on behind the message filter:
+    // nobody listens on them.
+    let daemon_socket = dir.path("blk.sock.daemon");
     drop(UnixListener::bind(&socket).expect("bind stale socket"));
+    drop(UnixListener::bind(&daemon_socket).expect("bind stale daemon socket"));
     let mut backend = BlkProcess::start(&socket, &["--image", &image]);
     for _ in 0..3 {
         assert_serves_a_frontend(&socket);
     }
     assert!(backend.is_running());
     backend.terminate_cleanly();
+    assert!(
+        !socket.exists() && !daemon_socket.exists(),
+        "socket files left behind"
+    );
 }
 
 #[test]

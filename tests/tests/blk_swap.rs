@@ -261,6 +261,10 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
             "--socket",
             target.to_str().unwrap(),
         ]);
+        // pvstack-blk keeps an inflight log; qemu-storage-daemon 10 offers none.
+        let on_pvstack_blk = swap % 2 == 0;
+        let inflight = format!(r#""inflight_log":{on_pvstack_blk}"#);
+        assert!(info(&vm).contains(&inflight), "after swap {swap}");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(info(&vm).contains(r#""swaps":{"count":20"#));
@@ -294,6 +298,7 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         let counted = format!(r#""reconnects":{{"count":{crash},"#);
         wait_until("pvstack reconnects", || info(&vm).contains(&counted));
     }
+    assert!(info(&vm).contains(r#""inflight_log":true"#));
     let result = vm.finish();
     resubmitted.push(requests_served_again(&backend.log()));
     eprintln!("requests served again after each restart: {resubmitted:?}");

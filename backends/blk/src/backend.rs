@@ -68,10 +68,10 @@ impl Drop for Shared {
     /// The connection's totals (`pvstack bench` reads this line).
     fn drop(&mut self) {
         log::info!(
-            "served {} requests ({} of them left by a previous backend), raised {} interrupts",
+            "served {} requests, raised {} interrupts ({} of the requests left by a previous backend)",
             self.served.load(Ordering::Relaxed),
-            self.resubmitted.load(Ordering::Relaxed),
-            self.signalled.load(Ordering::Relaxed)
+            self.signalled.load(Ordering::Relaxed),
+            self.resubmitted.load(Ordering::Relaxed)
         );
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use pvstack_backend_common::filter::FilteredSocket;
 use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
-use pvstack_backend_common::{backend_main, parse_queue_size, serve, SocketArgs};
+use pvstack_backend_common::{backend_main, parse_queue_size, serve_on, SocketArgs};
 
 use crate::backend::{BlkBackend, BlkSettings};
 use crate::config::ID_BYTES;
@@ -107,16 +107,15 @@ fn run(args: &Args) -> Result<(), Error> {
     let inflight = Arc::new(InflightSlot::default());
     let filter_slot = Arc::clone(&inflight);
     let (num_queues, queue_size) = (settings.num_queues, settings.queue_size);
-    let filtered = FilteredSocket::start(DEVICE, &args.socket, move || {
+    let (_filtered, daemon) = FilteredSocket::start(&args.socket, move || {
         Box::new(InflightFilter::new(
             Arc::clone(&filter_slot),
             num_queues,
             queue_size,
         ))
     })?;
-    serve(DEVICE, filtered.daemon_args(), || {
-        BlkBackend::new(Arc::clone(&image), &settings, Arc::clone(&inflight))
-    })?;
+    let new_backend = || BlkBackend::new(Arc::clone(&image), &settings, Arc::clone(&inflight));
+    serve_on(DEVICE, &args.socket, daemon, new_backend, |_| Ok(()))?;
     log::info!("stopped");
     Ok(())
 }

@@ -12,13 +12,14 @@
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::{block_stop_signals, Error, SocketArgs};
+use vhost::vhost_user::Listener;
+
+use crate::{block_stop_signals, listen, prepare_socket_path, Error, SocketArgs};
 
 const HEADER_LEN: usize = 12;
 /// Most file descriptors one vhost-user message carries.
@@ -121,74 +122,64 @@ pub trait Filter: Send {
     fn request(&mut self, message: Message) -> io::Result<Verdict>;
 }
 
-/// The public socket with the filter behind it and the daemon's socket in
-/// a private directory; both removed when this drops.
+/// The public socket, with the filter listening on it; removed when this
+/// drops. The daemon listens beside it, on the public path with `.daemon`
+/// appended, so a crashed process leaves at most that file behind, which
+/// the next backend on the same path replaces.
 pub struct FilteredSocket {
     public: PathBuf,
-    dir: PathBuf,
-    daemon: SocketArgs,
 }
 
 impl FilteredSocket {
-    /// Listens on `args.socket` and joins each frontend to the daemon that
-    /// will listen on [`Self::daemon_args`], through a fresh filter from
-    /// `new_filter`, made for each connection in the order the daemon will
-    /// accept them. Blocks SIGTERM and SIGINT in the calling thread first
-    /// so that the filter's threads inherit the mask and leave the signals
-    /// to the serving loop's signal thread.
-    pub fn start<F>(device: &str, args: &SocketArgs, new_filter: F) -> Result<Self, Error>
+    /// Makes the daemon's listener (returned, for [`crate::serve_on`]),
+    /// then listens on `args.socket` and joins each frontend to the daemon
+    /// through a fresh filter from `new_filter`, made for each connection
+    /// in the order the daemon will accept them. Blocks SIGTERM and SIGINT
+    /// in the calling thread first so that the filter's threads inherit
+    /// the mask and leave the signals to the serving loop's signal thread.
+    pub fn start<F>(args: &SocketArgs, new_filter: F) -> Result<(Self, Listener), Error>
     where
         F: Fn() -> Box<dyn Filter> + Send + 'static,
     {
-        let filter_error = |what, source| Error::Filter {
-            path: args.socket.clone(),
-            what,
-            source,
-        };
         block_stop_signals()?;
+        let mut daemon_socket = args.socket.clone().into_os_string();
+        daemon_socket.push(".daemon");
+        let daemon_socket = PathBuf::from(daemon_socket);
+        // The daemon listens before any frontend can reach the filter.
+        let daemon = listen(&daemon_socket)?;
         // Checked and bound before `filtered` exists: its drop removes the
         // public path, which must never be a file this did not create.
-        crate::prepare_socket_path(&args.socket)?;
-        let listener =
-            UnixListener::bind(&args.socket).map_err(|e| filter_error("cannot listen", e))?;
-        let dir = std::env::temp_dir().join(format!("{device}-{}", std::process::id()));
+        prepare_socket_path(&args.socket)?;
+        let listener = UnixListener::bind(&args.socket).map_err(|source| Error::Filter {
+            path: args.socket.clone(),
+            what: "cannot listen",
+            source,
+        })?;
         let filtered = FilteredSocket {
             public: args.socket.clone(),
-            daemon: SocketArgs {
-                socket: dir.join("daemon.sock"),
-                ..args.clone()
-            },
-            dir,
         };
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&filtered.dir)
-            .map_err(|e| filter_error("cannot create the daemon's socket directory", e))?;
-        let internal = filtered.daemon.socket.clone();
         std::thread::Builder::new()
             .name("filter".into())
             .spawn(move || {
                 for front in listener.incoming() {
-                    match front.and_then(|front| join(front, &internal, &new_filter)) {
+                    match front.and_then(|front| join(front, &daemon_socket, &new_filter)) {
                         Ok(()) => {}
                         Err(e) => log::warn!("filter: cannot join a frontend to the daemon: {e}"),
                     }
                 }
             })
-            .map_err(|e| filter_error("cannot start the filter thread", e))?;
-        Ok(filtered)
-    }
-
-    /// What the daemon serves: the private socket, other flags as given.
-    pub fn daemon_args(&self) -> &SocketArgs {
-        &self.daemon
+            .map_err(|source| Error::Filter {
+                path: args.socket.clone(),
+                what: "cannot start the filter thread",
+                source,
+            })?;
+        Ok((filtered, daemon))
     }
 }
 
 impl Drop for FilteredSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.public);
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -10,10 +10,14 @@
 //!     backend_main("pvstack-blk", |args: &Args| &args.socket, run)
 //! }
 //! fn run(args: &Args) -> Result<(), Error> {
-//!     serve("pvstack-blk", &args.socket, || MyBackend::new(...))?;
+//!     serve_with("pvstack-blk", &args.socket, || MyBackend::new(...), |_daemon| Ok(()))?;
 //!     Ok(())
 //! }
 //! ```
+//!
+//! A backend that needs vhost-user messages vhost-user-backend does not
+//! handle puts a [`filter::FilteredSocket`] in front and serves with
+//! [`serve_on`]; [`inflight`] is such a filter and the log it manages.
 
 mod cli;
 mod error;
@@ -30,7 +34,7 @@ pub use cli::{backend_main, exit_status, parse_queue_size, SocketArgs, EXIT_FAIL
 pub use error::Error;
 pub use logging::init_logging;
 pub use memory::GuestMemorySlot;
-pub use serve::{serve, serve_with};
+pub use serve::{listen, serve_on, serve_with};
 pub use signals::{block_stop_signals, StopSignal};
 pub use socket_path::prepare_socket_path;
 pub use vring::{clone_exit_event, signal_if_needed};

@@ -16,24 +16,46 @@ use crate::{prepare_socket_path, Error, SocketArgs, StopSignal};
 /// `VhostUserDaemon` keeps per-connection state (owner, features, vrings) that
 /// must not leak into the next connection.
 ///
-/// Must be called before the process starts any thread (see `StopSignal`).
-/// The socket file is removed when this returns.
-pub fn serve<B, F>(device: &str, args: &SocketArgs, new_backend: F) -> Result<(), Error>
+/// Must be called before the process starts any thread (see `StopSignal`)
+/// but a filter's. The socket file is removed when this returns.
+///
+/// `attach` is called with each connection's daemon before it serves the
+/// frontend: a backend with event sources of its own (a TAP device, a peer
+/// socket) registers them there with its worker threads' epoll
+/// (`VhostUserDaemon::get_epoll_handlers`).
+pub fn serve_with<B, F, A>(
+    device: &str,
+    args: &SocketArgs,
+    new_backend: F,
+    attach: A,
+) -> Result<(), Error>
 where
     B: VhostUserBackend<Bitmap = ()> + Clone + 'static,
     B::Vring: Clone + Send + Sync,
     F: FnMut() -> io::Result<B>,
+    A: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
-    serve_with(device, args, new_backend, |_| Ok(()))
+    let listener = listen(&args.socket)?;
+    serve_on(device, args, listener, new_backend, attach)
 }
 
-/// As [`serve`], and calls `attach` with each connection's daemon before
-/// it serves the frontend: a backend with event sources of its own (a TAP
-/// device, a peer socket) registers them there with its worker threads'
-/// epoll (`VhostUserDaemon::get_epoll_handlers`).
-pub fn serve_with<B, F, A>(
+/// A vhost-user listener on `path`, checked first as
+/// [`prepare_socket_path`] does; the socket file goes when it drops.
+pub fn listen(path: &Path) -> Result<Listener, Error> {
+    prepare_socket_path(path)?;
+    Listener::new(path, false).map_err(|source| Error::Listen {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// As [`serve_with`], taking frontends from `listener` (a daemon behind a
+/// [`crate::filter::FilteredSocket`]); `args.socket` names the device in
+/// errors.
+pub fn serve_on<B, F, A>(
     device: &str,
     args: &SocketArgs,
+    listener: Listener,
     mut new_backend: F,
     mut attach: A,
 ) -> Result<(), Error>
@@ -45,12 +67,7 @@ where
 {
     let path = args.socket.as_path();
     let stop = StopSignal::install()?;
-    prepare_socket_path(path)?;
-    // `Listener` removes the socket file when dropped, i.e. on every return.
-    let mut listener = Listener::new(path, false).map_err(|source| Error::Listen {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut listener = listener;
     log::info!("listening for a vhost-user frontend");
 
     loop {

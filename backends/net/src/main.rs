@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use pvstack_backend_common::{
-    backend_main, filter::FilteredSocket, parse_queue_size, prepare_socket_path, serve_with,
+    backend_main, filter::FilteredSocket, listen, parse_queue_size, prepare_socket_path, serve_on,
     SocketArgs,
 };
 use vmm_sys_util::epoll::EventSet;
@@ -101,19 +101,18 @@ fn run(args: &Args) -> Result<(), Error> {
         args.queue_size
     );
     let link_fd = link.as_raw_fd();
-    let filtered = if args.filter_early_vring_enable {
-        Some(FilteredSocket::start(DEVICE, &args.socket, || {
-            Box::new(EarlyEnableFilter::default())
-        })?)
+    // With the filter, the daemon listens beside the public socket.
+    let (_filtered, listener) = if args.filter_early_vring_enable {
+        let (filtered, daemon) =
+            FilteredSocket::start(&args.socket, || Box::new(EarlyEnableFilter::default()))?;
+        (Some(filtered), daemon)
     } else {
-        None
+        (None, listen(&args.socket.socket)?)
     };
-    let socket = filtered
-        .as_ref()
-        .map_or(&args.socket, FilteredSocket::daemon_args);
-    serve_with(
+    serve_on(
         DEVICE,
-        socket,
+        &args.socket,
+        listener,
         || NetBackend::new(Arc::clone(&link), args.queue_size, Arc::clone(&stats)),
         |daemon| {
             // Edge-triggered: the worker reads the link until it is empty

@@ -110,6 +110,8 @@ pub struct DeviceInfo {
     pub backend_state: String,
     /// Whether the driver runs the device.
     pub active: bool,
+    /// Whether the backend keeps an inflight log (INFLIGHT_SHMFD).
+    pub inflight_log: bool,
     pub swaps: StallCounters,
     pub refused_swaps: u64,
     pub reconnects: StallCounters,

@@ -223,6 +223,7 @@ impl ApiServer {
                     }
                     .into(),
                     active: status.active,
+                    inflight_log: status.inflight_log,
                     swaps: counters(&status.stats.swaps),
                     refused_swaps: status.stats.refused_swaps,
                     reconnects: counters(&status.stats.reconnects),

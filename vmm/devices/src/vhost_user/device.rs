@@ -84,6 +84,8 @@ pub struct BackendStatus {
     pub state: BackendState,
     /// Whether the driver runs the device (its rings are set up).
     pub active: bool,
+    /// Whether the backend keeps an inflight log for crash recovery.
+    pub inflight_log: bool,
     /// Counters.
     pub stats: BackendStats,
 }
@@ -166,6 +168,7 @@ impl VhostUserDevice {
             pid: self.process.as_ref().map(BackendProcess::pid),
             state: self.state,
             active: self.rings.is_some(),
+            inflight_log: self.handle.keeps_inflight_log(),
             stats: self.stats.clone(),
         }
     }

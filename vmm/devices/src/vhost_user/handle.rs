@@ -189,6 +189,13 @@ impl VhostUserHandle {
         self.backend_features
     }
 
+    /// Whether the backend keeps an inflight log (INFLIGHT_SHMFD), so a
+    /// restarted one serves exactly the requests its predecessor left.
+    pub fn keeps_inflight_log(&self) -> bool {
+        self.protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
     /// Most queues the backend serves.
     pub fn queue_num(&self) -> u64 {
         self.queue_num
