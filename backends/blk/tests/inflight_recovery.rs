@@ -239,6 +239,16 @@ fn negotiate(socket: &Path) -> Frontend {
     frontend
 }
 
+/// A new inflight log for the one queue (GET_INFLIGHT_FD).
+fn new_log(frontend: &mut Frontend) -> (VhostUserInflight, File) {
+    let wanted = VhostUserInflight {
+        num_queues: 1,
+        queue_size: QUEUE_SIZE,
+        ..Default::default()
+    };
+    frontend.get_inflight_fd(&wanted).expect("GET_INFLIGHT_FD")
+}
+
 /// Memory table, ring and eventfds for queue 0, starting at `base`. The
 /// test never writes the kick: the backend must look at the ring by itself
 /// once it has a log to recover (QEMU sends no kick after a restart).
@@ -320,12 +330,7 @@ fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
     memory.write_obj(1u16, GuestAddress(USED_RING + 2)).unwrap();
 
     let mut frontend = negotiate(&socket);
-    let wanted = VhostUserInflight {
-        num_queues: 1,
-        queue_size: QUEUE_SIZE,
-        ..Default::default()
-    };
-    let (shape, log) = frontend.get_inflight_fd(&wanted).expect("GET_INFLIGHT_FD");
+    let (shape, log) = new_log(&mut frontend);
     let size = shape.mmap_size;
     assert!(size >= 16 + 16 * u64::from(QUEUE_SIZE), "a {size}-byte log");
     assert_eq!(log.metadata().unwrap().len(), size);
@@ -389,13 +394,7 @@ fn inflight_messages_pvstack_blk_cannot_honour_are_refused_and_it_serves_on() {
     };
     assert!(frontend.get_inflight_fd(&too_many).is_err());
     // A log too small for the queue it claims to describe.
-    let (mut shape, log) = frontend
-        .get_inflight_fd(&VhostUserInflight {
-            num_queues: 1,
-            queue_size: QUEUE_SIZE,
-            ..Default::default()
-        })
-        .unwrap();
+    let (mut shape, log) = new_log(&mut frontend);
     shape.mmap_size = 64;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&log);
     assert!(frontend.set_inflight_fd(&shape, fd).is_err());
@@ -448,13 +447,7 @@ fn sigkill_in_the_middle_of_a_write_and_the_next_backend_finishes_it() {
         .unwrap();
 
     let mut frontend = negotiate(&socket);
-    let (shape, log) = frontend
-        .get_inflight_fd(&VhostUserInflight {
-            num_queues: 1,
-            queue_size: QUEUE_SIZE,
-            ..Default::default()
-        })
-        .unwrap();
+    let (shape, log) = new_log(&mut frontend);
     let log_fd = std::os::fd::AsRawFd::as_raw_fd(&log);
     frontend.set_inflight_fd(&shape, log_fd).unwrap();
     let (_call, kick) = start_queue(&mut frontend, &memory, 0);
