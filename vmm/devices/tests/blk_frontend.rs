@@ -241,9 +241,8 @@ impl<'a> Driver<'a> {
         u64::from(self.read32(CONFIG)) | u64::from(self.read32(CONFIG + 4)) << 32
     }
 
-    /// Feature negotiation, the driver's queue set up, DRIVER_OK: what a guest driver
-    /// does at probe time. Starts from a clean ring.
-    fn bring_up(&mut self) {
+    /// ACKNOWLEDGE, DRIVER, VERSION_1 accepted, FEATURES_OK.
+    fn negotiate(&self) {
         assert_eq!(self.read32(MAGIC), 0x7472_6976);
         assert_eq!(self.read32(VERSION), 2);
         assert_eq!(self.read32(DEVICE_ID), 2);
@@ -258,7 +257,12 @@ impl<'a> Driver<'a> {
         self.write32(DRIVER_FEATURES, (VERSION_1 >> 32) as u32);
         self.write32(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
         assert_ne!(self.read32(STATUS) & FEATURES_OK, 0, "features refused");
+    }
 
+    /// Feature negotiation, the driver's queue set up, DRIVER_OK: what a guest driver
+    /// does at probe time. Starts from a clean ring.
+    fn bring_up(&mut self) {
+        self.negotiate();
         let zeros = vec![0u8; 0x3000];
         self.memory
             .write_slice(&zeros, GuestAddress(DESC_TABLE))
@@ -456,6 +460,30 @@ fn pvstack_blk_started_for_an_image_end_to_end() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "pvstack-blk (pid {pid}) outlived its device"
     );
+}
+
+#[test]
+fn driver_ok_with_no_queue_ready_then_a_real_start() {
+    init_logging();
+    put_pvstack_blk_on_path();
+    let dir = TempDir::new("no-queues");
+    let image = create_image(&dir.0);
+    let memory = guest_memory();
+    let vm = kvm_vm();
+    let spec: BlkSpec = format!("image={},queue-size=64", image.display())
+        .parse()
+        .unwrap();
+    let device = create_blk(&spec, &DeviceContext::for_slot(&vm, &memory, 0, 0)).unwrap();
+    let driver = Driver::new(&device, &memory, 0);
+    // A driver may start the device without readying any queue: nothing
+    // to serve (and no inflight log to ask for), but no failure either.
+    driver.negotiate();
+    driver.write32(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let status = driver.read32(STATUS);
+    assert_eq!(status & NEEDS_RESET, 0, "device failed to start");
+    assert_ne!(status & DRIVER_OK, 0);
+    driver.write32(STATUS, 0);
+    exercise(&device, &memory, &image, 0);
 }
 
 #[test]

@@ -232,10 +232,8 @@ impl VhostUserHandle {
     /// SET_VRING_NUM and _CALL (the call fd goes before the kick so that
     /// nothing the backend completes on its first kick goes unsignalled).
     pub fn prepare(&mut self, setup: &mut RingSetup) -> Result<()> {
-        if self
-            .protocol_features
-            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-        {
+        // A driver that readied no queue has nothing to log.
+        if self.keeps_inflight_log() && !setup.queues.is_empty() {
             self.share_inflight_log(setup)?;
         }
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
