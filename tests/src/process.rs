@@ -125,6 +125,11 @@ impl LoggedProcess {
         );
     }
 
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILLs it and reaps it: a crash.
     pub fn kill(&mut self) {
         self.child

@@ -305,6 +305,110 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
     assert_image_matches(&image, &result);
 }
 
+#[test]
+fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
+    let (dir, image) = scratch_with_image("swap-sigkill-in-flight");
+    let socket = dir.path("blk.sock");
+    let mut backend = start_backend(&socket, &image, &[]);
+    let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
+    // Per crash: requests the log showed in flight, and served again.
+    let mut counts = Vec::new();
+    for crash in 1..=3 {
+        let in_flight = stop_with_requests_in_flight(&mut backend);
+        backend.kill();
+        let _ = std::fs::remove_file(&socket);
+        backend = start_backend(&socket, &image, &[]);
+        let counted = format!(r#""reconnects":{{"count":{crash},"#);
+        wait_until("pvstack reconnects", || info(&vm).contains(&counted));
+        // At most one of them (the last returned) can have reached the
+        // used ring before the kill.
+        wait_until(
+            "the new backend serves the dead one's requests again",
+            || requests_served_again(&backend.log()) + 1 >= in_flight,
+        );
+        counts.push((in_flight, requests_served_again(&backend.log())));
+    }
+    eprintln!("(in flight at the kill, served again) per crash: {counts:?}");
+    let result = vm.finish();
+    assert_image_matches(&image, &result);
+}
+
+/// Stops `backend` (SIGSTOP) at a moment its inflight log shows at least
+/// two requests taken and not completed; returns how many. Tries again
+/// (SIGCONT, a short run, SIGSTOP) until it catches one.
+fn stop_with_requests_in_flight(backend: &mut BlkProcess) -> u64 {
+    let pid = backend.pid();
+    let mut log = inflight_log_of(pid);
+    let started = Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < HANG_TIMEOUT,
+            "pvstack-blk never had two requests in flight when stopped"
+        );
+        signal(pid, libc::SIGSTOP);
+        wait_until("pvstack-blk stops", || all_threads_stopped(pid));
+        let in_flight = requests_in_flight(&mut log);
+        if in_flight >= 2 {
+            return in_flight;
+        }
+        signal(pid, libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a process ID; no memory is passed.
+    assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+}
+
+fn all_threads_stopped(pid: u32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("threads");
+    tasks.flatten().all(|task| {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        stat.rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('T'))
+    })
+}
+
+/// pvstack-blk's inflight log (the memfd pvstack handed it), opened
+/// through /proc.
+fn inflight_log_of(pid: u32) -> File {
+    wait_until("pvstack-blk maps its inflight log", || {
+        find_inflight_log(pid).is_some()
+    });
+    find_inflight_log(pid).expect("found above")
+}
+
+fn find_inflight_log(pid: u32) -> Option<File> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| {
+                target
+                    .to_string_lossy()
+                    .starts_with("/memfd:pvstack-inflight")
+            })
+        })
+        .and_then(|fd| File::open(fd.path()).ok())
+}
+
+/// Descriptors queue 0's log marks in flight (the vhost-user layout: a
+/// 16-byte header with desc_num at offset 10, then 16 bytes per
+/// descriptor, the first of them the flag).
+fn requests_in_flight(log: &mut File) -> u64 {
+    use std::io::Seek;
+    let mut header = [0u8; 16];
+    log.rewind().expect("rewind the log");
+    log.read_exact(&mut header).expect("log header");
+    let desc_num = usize::from(u16::from_le_bytes([header[10], header[11]]));
+    let mut states = vec![0u8; 16 * desc_num];
+    log.read_exact(&mut states).expect("descriptor states");
+    states.chunks(16).filter(|state| state[0] == 1).count() as u64
+}
+
 /// How many requests a pvstack-blk served again from its predecessor's
 /// inflight log, from its log.
 fn requests_served_again(log: &str) -> u64 {
