@@ -187,6 +187,18 @@ fn put_write_request(memory: &GuestMemoryMmap, (head, sector, fill): (u16, u64, 
     put_descriptor(memory, head + 2, base + 0x400, 1, DESC_F_WRITE, 0);
 }
 
+/// The driver's available ring: `heads`, in this order, from slot 0.
+fn make_available(memory: &GuestMemoryMmap, heads: &[u16]) {
+    for (slot, &head) in heads.iter().enumerate() {
+        memory
+            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot as u64))
+            .unwrap();
+    }
+    memory
+        .write_obj(heads.len() as u16, GuestAddress(AVAIL_RING + 2))
+        .unwrap();
+}
+
 fn status_of(memory: &GuestMemoryMmap, head: u16) -> u8 {
     memory
         .read_obj(GuestAddress(BUFFERS + u64::from(head) * 0x1000 + 0x400))
@@ -314,14 +326,7 @@ fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
         put_write_request(&memory, request);
     }
     // The driver made A, B, C and then D available.
-    for (slot, (head, _, _)) in [A, B, C, D].into_iter().enumerate() {
-        memory
-            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot as u64))
-            .unwrap();
-    }
-    memory
-        .write_obj(4u16, GuestAddress(AVAIL_RING + 2))
-        .unwrap();
+    make_available(&memory, &[A.0, B.0, C.0, D.0]);
     // The previous backend returned B only.
     memory
         .write_obj(u32::from(B.0), GuestAddress(USED_RING + 4))
@@ -404,10 +409,7 @@ fn inflight_messages_pvstack_blk_cannot_honour_are_refused_and_it_serves_on() {
     frontend.set_inflight_fd(&shape, fd).expect("a good log");
     let memory = guest_memory();
     put_write_request(&memory, A);
-    memory.write_obj(A.0, GuestAddress(AVAIL_RING + 4)).unwrap();
-    memory
-        .write_obj(1u16, GuestAddress(AVAIL_RING + 2))
-        .unwrap();
+    make_available(&memory, &[A.0]);
     let (_call, kick) = start_queue(&mut frontend, &memory, 0);
     kick.write(1).unwrap();
     wait_for_used(&memory, 1, &mut backend);
@@ -437,14 +439,7 @@ fn sigkill_in_the_middle_of_a_write_and_the_next_backend_finishes_it() {
     put_descriptor(&memory, 2, BUFFERS + 0x400, 1, DESC_F_WRITE, 0);
     let d_sector = BIG_WRITE / SECTOR + 8;
     put_write_request(&memory, (D.0, d_sector, D.2));
-    for (slot, head) in [0u16, D.0].into_iter().enumerate() {
-        memory
-            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot as u64))
-            .unwrap();
-    }
-    memory
-        .write_obj(2u16, GuestAddress(AVAIL_RING + 2))
-        .unwrap();
+    make_available(&memory, &[0, D.0]);
 
     let mut frontend = negotiate(&socket);
     let (shape, log) = new_log(&mut frontend);
