@@ -15,9 +15,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-
 use vhost::vhost_user::Listener;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::{block_stop_signals, listen, prepare_socket_path, Error, SocketArgs};
 
@@ -89,7 +88,6 @@ impl Message {
 }
 
 /// What becomes of one request from the frontend.
-#[derive(Default)]
 pub struct Verdict {
     /// Sent on to the daemon, in this order.
     pub to_daemon: Vec<Message>,

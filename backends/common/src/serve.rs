@@ -55,7 +55,7 @@ pub fn listen(path: &Path) -> Result<Listener, Error> {
 pub fn serve_on<B, F, A>(
     device: &str,
     args: &SocketArgs,
-    listener: Listener,
+    mut listener: Listener,
     mut new_backend: F,
     mut attach: A,
 ) -> Result<(), Error>
@@ -67,7 +67,6 @@ where
 {
     let path = args.socket.as_path();
     let stop = StopSignal::install()?;
-    let mut listener = listener;
     log::info!("listening for a vhost-user frontend");
 
     loop {

@@ -74,7 +74,6 @@ pub struct InflightRegion {
 }
 
 /// What this process keeps about one queue's log.
-#[derive(Default)]
 struct QueueState {
     /// Set when the region arrives: the queue's worker must recover the
     /// log before it takes anything new from the ring.
