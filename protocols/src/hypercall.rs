@@ -1,6 +1,6 @@
 //! The paravirtual hypercall ABI.
 //!
-//! PVM hosts offer no VMCALL path to user space (see shared/HOST.md), so a
+//! PVM hosts offer no VMCALL path to user space (see vmm/README.md), so a
 //! hypercall is a doorbell: the guest fills a [`HypercallBlock`] in its own
 //! RAM and writes the block's guest physical address, as one aligned 64-bit
 //! store, to [`DOORBELL_OFFSET`] in the hypercall window

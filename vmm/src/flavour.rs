@@ -1,5 +1,5 @@
 //! Which kind of KVM this host runs: Intel VMX, AMD SVM or PVM (software
-//! KVM where guest code runs natively only at CPL3; see shared/HOST.md),
+//! KVM where guest code runs natively only at CPL3; see vmm/README.md),
 //! and the guest privilege level that suits it.
 
 use std::fmt;

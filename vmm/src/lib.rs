@@ -1,7 +1,8 @@
 //! pvstack's VMM core: a KVM VM with memfd-backed guest memory, an ELF
 //! loader, 64-bit long-mode vCPU threads, the paravirtual hypercalls of
-//! `pvstack_protocols`, the MMIO bus devices attach to, and the host
-//! check. The `pvstack` binary is a thin CLI over [`run`] and [`check`].
+//! `pvstack_protocols`, the MMIO bus devices attach to, the control API,
+//! the benchmarks and the host check. The `pvstack` binary's subcommands
+//! (`run`, `ctl`, `bench`, `check`) are thin wrappers over them.
 
 pub mod abi;
 pub mod api;

@@ -61,7 +61,7 @@ pub fn set_long_mode(vcpu: &VcpuFd, cpl: u8) -> Result<()> {
     sregs.tr = Segment::tss().to_kvm(gdt::TSS_SELECTOR);
     sregs.gdt.base = layout::GDT_ADDR;
     sregs.gdt.limit = gdt::gdt_limit();
-    // No IDT: the guest handles no exceptions (see shared/HOST.md).
+    // No IDT: the guest handles no exceptions (see vmm/README.md).
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;

@@ -3,8 +3,8 @@
 //! ([`device`]), backend processes that pvstack starts itself
 //! ([`process`]), and the thread that reconnects a device whose backend
 //! hung up ([`supervisor`]), and a bound on how long a backend may take to
-//! reply ([`watchdog`]). Every vhost-user device type (block now; net
-//! and console later) is a [`VhostUserDevice`] with its own [`DeviceShape`].
+//! reply ([`watchdog`]). Every vhost-user device type (block, net,
+//! console) is a [`VhostUserDevice`] with its own [`DeviceShape`].
 
 pub mod device;
 pub mod handle;
