@@ -17,9 +17,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::answer::{answer, Disk, Outcome};
-use crate::config::{self, DiskLimits, ID_BYTES};
-use crate::image::DiskImage;
+use pvstack_block::answer::{answer, Disk, Outcome};
+use pvstack_block::config::{self, DiskLimits, ID_BYTES};
+use pvstack_block::image::DiskImage;
+
+use crate::vhost_features;
 
 /// Settings from the command line that shape the device.
 #[derive(Debug, Clone)]
@@ -346,11 +348,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        config::virtio_features(self.shared.limits.readonly)
+        vhost_features::virtio_features(self.shared.limits.readonly)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        config::protocol_features()
+        vhost_features::protocol_features()
     }
 
     fn set_event_idx(&self, enabled: bool) {

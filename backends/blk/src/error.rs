@@ -1,19 +1,8 @@
-use std::io;
-use std::path::PathBuf;
-
 /// Why pvstack-blk could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open image {path}: {source}")]
-    OpenImage { path: PathBuf, source: io::Error },
-    #[error("image {path} is not a regular file or block device")]
-    NotAnImage { path: PathBuf },
-    #[error("cannot read the size of image {path}: {source}")]
-    ImageSize { path: PathBuf, source: io::Error },
-    #[error("image {path} is {size} bytes, smaller than one 512-byte sector")]
-    ImageTooSmall { path: PathBuf, size: u64 },
-    #[error("the filesystem holding {path} does not support O_DIRECT; run without --direct")]
-    DirectUnsupported { path: PathBuf },
+    #[error(transparent)]
+    Image(#[from] pvstack_block::Error),
     #[error(transparent)]
     Serve(#[from] pvstack_backend_common::Error),
 }

@@ -1,17 +1,10 @@
-//! pvstack-blk's block request engine as a library: checking a virtio-blk
-//! descriptor chain ([`request`]), carrying it out against a raw image
-//! ([`execute`], [`image`]) and answering it ([`answer`]).
-//!
-//! The `pvstack-blk` vhost-user backend serves queues with it in its own
-//! process; pvstack's in-VMM `emulated-virtio` block device serves them
-//! with the very same code inside the VMM, so the two differ only in where
-//! the queue is processed.
+//! pvstack-blk: a vhost-user virtio-blk backend. The request engine is
+//! the `pvstack-block` crate (shared with pvstack's in-VMM emulated-virtio
+//! disk); this crate is the vhost-user device around it ([`backend`]),
+//! what it offers a frontend ([`vhost_features`]) and its errors.
 
-pub mod answer;
-pub mod config;
+pub mod backend;
 pub mod error;
-pub mod execute;
-pub mod image;
-pub mod request;
+pub mod vhost_features;
 
 pub use error::Error;

@@ -1,11 +1,5 @@
 //! pvstack-blk: a vhost-user block device backend serving a raw image file.
 
-mod backend;
-
-// The request engine lives in the library; these make its modules reachable
-// as `crate::...` from the backend module.
-use pvstack_blk::{answer, config, error, image};
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,10 +10,10 @@ use pvstack_backend_common::filter::FilteredSocket;
 use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
 use pvstack_backend_common::{backend_main, parse_queue_size, serve_on, SocketArgs};
 
-use crate::backend::{BlkBackend, BlkSettings};
-use crate::config::ID_BYTES;
-use crate::error::Error;
-use crate::image::DiskImage;
+use pvstack_blk::backend::{BlkBackend, BlkSettings};
+use pvstack_blk::Error;
+use pvstack_block::config::ID_BYTES;
+use pvstack_block::image::DiskImage;
 
 const DEVICE: &str = "pvstack-blk";
 

@@ -73,7 +73,7 @@ pub enum Error {
     Image { path: PathBuf, source: io::Error },
     /// The image of a disk the VMM serves itself cannot be opened.
     #[error(transparent)]
-    DiskImage(#[from] pvstack_blk::Error),
+    DiskImage(#[from] pvstack_block::Error),
     /// The backend program is neither next to pvstack nor on PATH.
     #[error("{program} not found next to {exe_dir} or on PATH")]
     ProgramNotFound { program: String, exe_dir: PathBuf },

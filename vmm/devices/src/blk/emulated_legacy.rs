@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use log::{debug, info, warn};
-use pvstack_blk::image::DiskImage;
+use pvstack_block::image::DiskImage;
 use pvstack_protocols::boot::device_kind;
 use pvstack_protocols::legacy_blk::{command, reg, status, MAGIC, MAX_COUNT, SECTOR_SIZE};
 

@@ -2,16 +2,16 @@
 //! its queues processed inside the VMM. QueueNotify is not bound to an
 //! ioeventfd, so every kick exits to the VMM, and the vCPU thread that took
 //! the exit serves the queue before it returns to the guest. Requests are
-//! answered by `pvstack_blk::answer`, the code pvstack-blk runs, so this
+//! answered by `pvstack_block::answer`, the code pvstack-blk runs, so this
 //! device and the vhost-user one differ only in where the queue is
 //! processed.
 
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
-use pvstack_blk::answer::{answer, Disk, Outcome};
-use pvstack_blk::config::{self, DiskLimits, ID_BYTES, SECTOR_SIZE};
-use pvstack_blk::image::DiskImage;
+use pvstack_block::answer::{answer, Disk, Outcome};
+use pvstack_block::config::{self, DiskLimits, ID_BYTES, SECTOR_SIZE};
+use pvstack_block::image::DiskImage;
 use pvstack_protocols::boot::device_kind;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;

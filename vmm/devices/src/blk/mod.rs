@@ -227,7 +227,7 @@ fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
 }
 
 /// Opens the image of a disk the VMM serves itself.
-fn open_image(spec: &BlkSpec) -> Result<Arc<pvstack_blk::image::DiskImage>> {
+fn open_image(spec: &BlkSpec) -> Result<Arc<pvstack_block::image::DiskImage>> {
     let BlkSource::Image(path) = &spec.source else {
         // The spec parser lets in-VMM modes through only with image=.
         return Err(Error::InvalidOption {
@@ -236,7 +236,7 @@ fn open_image(spec: &BlkSpec) -> Result<Arc<pvstack_blk::image::DiskImage>> {
             reason: "a disk the VMM serves itself needs image=PATH".to_string(),
         });
     };
-    Ok(Arc::new(pvstack_blk::image::DiskImage::open(
+    Ok(Arc::new(pvstack_block::image::DiskImage::open(
         path,
         spec.readonly,
         false,

@@ -1,7 +1,7 @@
-//! What pvstack-blk advertises: virtio feature bits, vhost-user protocol
-//! features and the virtio-blk configuration space served by GET_CONFIG.
+//! What a virtio-blk device built on this engine offers: its virtio
+//! feature bits and configuration space, and the limits requests are
+//! checked against.
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -30,7 +30,7 @@ pub struct DiskLimits {
     pub max_segments: u32,
 }
 
-/// virtio feature bits offered to the frontend.
+/// virtio feature bits the device offers.
 pub fn virtio_features(readonly: bool) -> u64 {
     let mut bits = [
         VIRTIO_F_VERSION_1,
@@ -47,17 +47,7 @@ pub fn virtio_features(readonly: bool) -> u64 {
     if readonly {
         bits |= 1 << VIRTIO_BLK_F_RO;
     }
-    bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-}
-
-/// vhost-user protocol features offered to the frontend. INFLIGHT_SHMFD's
-/// messages are answered by the filter pvstack-blk puts in front of
-/// vhost-user-backend's daemon.
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    bits
 }
 
 /// The virtio-blk config space; the bindings struct is packed, so its bytes
@@ -89,8 +79,9 @@ pub fn config_space(limits: &DiskLimits, num_queues: u16, blk_size: u32) -> Vec<
     ConfigSpace(config).as_slice().to_vec()
 }
 
-/// The slice of the config space a GET_CONFIG asks for; bytes past the end of
-/// the struct read as zero (frontends may ask for a newer, longer layout).
+/// The slice of the config space a driver (or a vhost-user GET_CONFIG) asks
+/// for; bytes past the end of the struct read as zero (a driver may ask for
+/// a newer, longer layout).
 pub fn config_window(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut window = vec![0u8; size as usize];
     let start = (offset as usize).min(space.len());
