@@ -1,46 +1,13 @@
-//! The command line: `pvstack run ...` and `pvstack check`.
+//! The options of `pvstack run`, `pvstack check` and `pvstack ctl`.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
 use crate::flavour::Privilege;
-
-const EXIT_STATUS_HELP: &str = "\
-Exit status of `pvstack run`: the guest's EXIT code (0..=255); 1 if pvstack
-failed or the guest crashed (the crash report with the exit reason and the
-vCPU registers goes to stderr); 2 for bad usage; 128+N when stopped by
-signal N (143 for SIGTERM, 130 for SIGINT), like a shell.
-`pvstack check`: 0 if pvstack can run on this host, 1 if not.
-Logging goes to stderr at level info (flavour, boot time); set RUST_LOG to
-change it, e.g. RUST_LOG=warn.";
-
-/// pvstack: a thin KVM VMM with a paravirtual hypercall ABI, running its
-/// own no_std guest (or another ELF) at native speed.
-#[derive(Debug, Parser)]
-#[command(name = "pvstack", version, after_help = EXIT_STATUS_HELP)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Boot a VM and run the guest until it exits.
-    Run(RunArgs),
-    /// Report whether this host can run pvstack (like virt-host-validate).
-    Check(CheckArgs),
-    /// Send one request to a running VM's control API and print the JSON
-    /// response (exit status 0 if it succeeded, 1 if not).
-    Ctl(CtlArgs),
-    /// Run the same guest block workloads on every disk mode (emulated
-    /// legacy controller, emulated virtio, vhost-user, vhost-user with
-    /// polling), several times each, and print medians with min and max.
-    Bench(crate::bench::BenchArgs),
-}
 
 /// Options of `pvstack run`.
 #[derive(Debug, Args)]
@@ -187,18 +154,7 @@ pub struct CheckArgs {
 /// Parses a memory size such as `256M`, `1G`, `4096K` or plain bytes, and
 /// checks it against the layout's limits.
 pub fn parse_memory_size(text: &str) -> Result<u64, String> {
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&text[..i], 10),
-        Some((i, 'm' | 'M')) => (&text[..i], 20),
-        Some((i, 'g' | 'G')) => (&text[..i], 30),
-        _ => (text, 0),
-    };
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size like 256M, 1G, 4096K or a byte count"))?;
-    let bytes = number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{text}' is too large"))?;
+    let bytes = pvstack_options::parse_size(text)?;
     if bytes == 0 {
         return Err("guest memory cannot be 0".into());
     }
@@ -237,7 +193,6 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn sizes_with_suffixes() {
@@ -266,41 +221,5 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn guest_args_are_bounded() {
-        let parse = |args: String| {
-            let cli = Cli::try_parse_from(["pvstack", "run", "--guest-args", &args]).unwrap();
-            let Command::Run(run) = cli.command else {
-                panic!("not run")
-            };
-            run.validate()
-        };
-        assert!(parse("a".repeat(CMDLINE_MAX)).is_ok());
-        assert!(parse("a".repeat(CMDLINE_MAX + 1))
-            .unwrap_err()
-            .contains("1025 bytes"));
-    }
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "pvstack",
-            "run",
-            "--cpus",
-            "2",
-            "--guest-privilege",
-            "kernel",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        assert_eq!((args.cpus, args.memory), (2, 256 << 20));
-        assert_eq!(args.guest_privilege, Some(Privilege::Kernel));
-        assert!(Cli::try_parse_from(["pvstack", "run", "--cpus", "0"]).is_err());
-        assert!(Cli::try_parse_from(["pvstack", "run", "--cpus", "65"]).is_err());
     }
 }

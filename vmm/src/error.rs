@@ -89,9 +89,6 @@ pub enum Error {
         what: &'static str,
         source: std::io::Error,
     },
-    /// A `pvstack bench` measurement or report failed.
-    #[error("bench {what}: {reason}")]
-    Bench { what: String, reason: String },
     /// The control API answered with something unreadable.
     #[error("control API: {0}")]
     Api(String),

@@ -1,12 +1,11 @@
 //! pvstack's VMM core: a KVM VM with memfd-backed guest memory, an ELF
 //! loader, 64-bit long-mode vCPU threads, the paravirtual hypercalls of
-//! `pvstack_protocols`, the MMIO bus devices attach to, the control API,
-//! the benchmarks and the host check. The `pvstack` binary's subcommands
-//! (`run`, `ctl`, `bench`, `check`) are thin wrappers over them.
+//! `pvstack_protocols`, the MMIO bus devices attach to, the control API
+//! and the host check. The `pvstack` binary's subcommands `run`, `ctl` and
+//! `check` are thin wrappers over them; `bench` is the pvstack-bench crate.
 
 pub mod abi;
 pub mod api;
-pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod console;

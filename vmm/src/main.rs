@@ -1,16 +1,49 @@
-//! The `pvstack` command. Exit status: see `cli::EXIT_STATUS_HELP`.
+//! The `pvstack` command. Exit status: see `EXIT_STATUS_HELP`.
 
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use pvstack::api::{client, Request};
 use pvstack::check::{check_host, Verdict};
-use pvstack::cli::{CheckArgs, Cli, Command, CtlArgs, CtlCommand, DeviceCommand, RunArgs};
+use pvstack::cli::{CheckArgs, CtlArgs, CtlCommand, DeviceCommand, RunArgs};
 use pvstack::lifecycle::VmEnd;
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status of `pvstack run`: the guest's EXIT code (0..=255); 1 if pvstack
+failed or the guest crashed (the crash report with the exit reason and the
+vCPU registers goes to stderr); 2 for bad usage; 128+N when stopped by
+signal N (143 for SIGTERM, 130 for SIGINT), like a shell.
+`pvstack check`: 0 if pvstack can run on this host, 1 if not.
+Logging goes to stderr at level info (flavour, boot time); set RUST_LOG to
+change it, e.g. RUST_LOG=warn.";
+
+/// pvstack: a thin KVM VMM with a paravirtual hypercall ABI, running its
+/// own no_std guest (or another ELF) at native speed.
+#[derive(Debug, Parser)]
+#[command(name = "pvstack", version, after_help = EXIT_STATUS_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a VM and run the guest until it exits.
+    Run(RunArgs),
+    /// Report whether this host can run pvstack (like virt-host-validate).
+    Check(CheckArgs),
+    /// Send one request to a running VM's control API and print the JSON
+    /// response (exit status 0 if it succeeded, 1 if not).
+    Ctl(CtlArgs),
+    /// Run the same guest block workloads on every disk mode (emulated
+    /// legacy controller, emulated virtio, vhost-user, vhost-user with
+    /// polling), several times each, and print medians with min and max.
+    Bench(pvstack_bench::BenchArgs),
+}
 
 fn main() -> ExitCode {
     // Before any thread exists, so every thread inherits the mask.
@@ -31,10 +64,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench_command(args: &pvstack::bench::BenchArgs) -> ExitCode {
-    match pvstack::bench::run(args) {
-        Ok(pvstack::bench::BenchEnd::Done) => ExitCode::SUCCESS,
-        Ok(pvstack::bench::BenchEnd::Signal(signal)) => {
+fn bench_command(args: &pvstack_bench::BenchArgs) -> ExitCode {
+    match pvstack_bench::run(args, pvstack::signals::wait_for_termination) {
+        Ok(pvstack_bench::BenchEnd::Done) => ExitCode::SUCCESS,
+        Ok(pvstack_bench::BenchEnd::Signal(signal)) => {
             ExitCode::from(128u8.saturating_add(signal as u8))
         }
         Err(e) => {
@@ -136,5 +169,49 @@ fn exit_status(end: VmEnd) -> ExitCode {
             eprintln!("pvstack: error: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use pvstack::flavour::Privilege;
+    use pvstack_protocols::boot::CMDLINE_MAX;
+
+    #[test]
+    fn guest_args_are_bounded() {
+        let parse = |args: String| {
+            let cli = Cli::try_parse_from(["pvstack", "run", "--guest-args", &args]).unwrap();
+            let Command::Run(run) = cli.command else {
+                panic!("not run")
+            };
+            run.validate()
+        };
+        assert!(parse("a".repeat(CMDLINE_MAX)).is_ok());
+        assert!(parse("a".repeat(CMDLINE_MAX + 1))
+            .unwrap_err()
+            .contains("1025 bytes"));
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "pvstack",
+            "run",
+            "--cpus",
+            "2",
+            "--guest-privilege",
+            "kernel",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!((args.cpus, args.memory), (2, 256 << 20));
+        assert_eq!(args.guest_privilege, Some(Privilege::Kernel));
+        assert!(Cli::try_parse_from(["pvstack", "run", "--cpus", "0"]).is_err());
+        assert!(Cli::try_parse_from(["pvstack", "run", "--cpus", "65"]).is_err());
     }
 }

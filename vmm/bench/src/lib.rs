@@ -9,6 +9,7 @@
 
 mod chart;
 mod child;
+mod error;
 mod image;
 mod net;
 mod netns;
@@ -26,11 +27,11 @@ use pvstack_devices::blk::BlkMode;
 use pvstack_devices::net::NetMode;
 
 pub use child::Sample;
+pub use error::{Error, Result};
 pub use summary::{Report, Spread, Summary};
 pub use workload::Workload;
 
-use crate::cli::parse_memory_size;
-use crate::error::{Error, Result};
+use pvstack_options::parse_size;
 
 /// Options of `pvstack bench`.
 #[derive(Debug, Args)]
@@ -90,7 +91,7 @@ pub struct BenchArgs {
 
     /// Bytes each net-tcp-tx run sends (K, M, G suffixes); net-udp-64 runs
     /// for --duration.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_memory_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_byte_count)]
     pub net_tcp_bytes: u64,
 
     /// Also write the results as JSON to FILE.
@@ -106,13 +107,22 @@ pub struct BenchArgs {
     pub kernel: Option<PathBuf>,
 }
 
+/// An image size: a whole number of MiB, at least 4M (the smallest disk
+/// the workloads spread their requests over).
 fn parse_image_size(text: &str) -> std::result::Result<u64, String> {
-    // The same notation as --memory, but any whole number of MiB from 4M.
-    let bytes = parse_memory_size(text)?;
-    if bytes % (1 << 20) != 0 {
-        return Err(format!("'{text}' is not a whole number of MiB"));
+    let bytes = parse_size(text)?;
+    if bytes < 4 << 20 || bytes % (1 << 20) != 0 {
+        return Err(format!("'{text}' is not a whole number of MiB from 4M"));
     }
     Ok(bytes)
+}
+
+/// A byte count that is not zero.
+fn parse_byte_count(text: &str) -> std::result::Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err("the byte count cannot be 0".to_string()),
+        bytes => Ok(bytes),
+    }
 }
 
 /// The termination signal that stopped the benchmark, or 0.
@@ -129,9 +139,12 @@ pub enum BenchEnd {
 /// Runs the benchmark `args` describe: the disk rows, then the network
 /// rows. If the network rows fail (no CAP_NET_ADMIN, say), the disk rows
 /// are still reported before the error.
-pub fn run(args: &BenchArgs) -> Result<BenchEnd> {
+///
+/// `wait_for_stop` blocks until SIGTERM or SIGINT arrives and returns it;
+/// the caller must have blocked both signals in every thread.
+pub fn run(args: &BenchArgs, wait_for_stop: fn() -> i32) -> Result<BenchEnd> {
     let pvstack = child::current_pvstack()?;
-    watch_termination()?;
+    watch_termination(wait_for_stop)?;
     let (net_workloads, blk_workloads): (Vec<Workload>, Vec<Workload>) =
         args.workloads.iter().partition(|w| w.is_net());
     let mut runs = Runs {
@@ -290,14 +303,14 @@ fn end_progress() {
     }
 }
 
-/// On SIGTERM or SIGINT (blocked in every thread by `main`), stops the
-/// running child VM and records the signal, so the benchmark ends after it
-/// and removes its image.
-fn watch_termination() -> Result<()> {
+/// On SIGTERM or SIGINT (`wait_for_stop` returns it), stops the running
+/// child VM and records the signal, so the benchmark ends after it and
+/// removes its image.
+fn watch_termination(wait_for_stop: fn() -> i32) -> Result<()> {
     std::thread::Builder::new()
         .name("bench-signals".into())
-        .spawn(|| {
-            let signal = crate::signals::wait_for_termination();
+        .spawn(move || {
+            let signal = wait_for_stop();
             STOPPED_BY.store(signal, Ordering::SeqCst);
             let pid = child::RUNNING_CHILD.load(Ordering::SeqCst);
             if pid != 0 {
