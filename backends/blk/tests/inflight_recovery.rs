@@ -10,7 +10,6 @@
 //! Resuming at the used index (1) without the log would redo B and lose A.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -129,11 +128,10 @@ fn guest_memory() -> GuestMemoryMmap {
 
 /// Guest RAM of `size` bytes in a memfd (sparse: untouched pages cost nothing).
 fn guest_memory_of(size: usize) -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"inflight-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = memfd::MemfdOptions::default()
+        .create("inflight-test")
+        .expect("memfd_create")
+        .into_file();
     file.set_len(size as u64).unwrap();
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),

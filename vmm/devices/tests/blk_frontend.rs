@@ -8,7 +8,6 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -107,11 +106,10 @@ fn init_logging() {
 
 /// Guest RAM in a memfd, shared with backends, as the VMM makes it.
 fn guest_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"blk-frontend-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let memfd = unsafe { File::from_raw_fd(fd) };
+    let memfd = memfd::MemfdOptions::default()
+        .create("blk-frontend-test")
+        .expect("memfd_create")
+        .into_file();
     memfd.set_len(MEM_SIZE as u64).unwrap();
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
