@@ -8,7 +8,8 @@
 //! a new handle plus `start` with the same, recorded setup.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
@@ -105,6 +106,8 @@ impl std::fmt::Debug for InflightLog {
 /// A negotiated connection to one vhost-user backend.
 pub struct VhostUserHandle {
     socket: PathBuf,
+    /// A duplicate of the connection, to watch it for hang-up and to end it.
+    stream: UnixStream,
     watchdog: ReplyWatchdog,
     frontend: Frontend,
     backend_features: u64,
@@ -132,13 +135,17 @@ impl VhostUserHandle {
             what,
             source,
         };
-        let watched = stream
-            .try_clone()
-            .map_err(|e| socket_error("cannot duplicate the socket for the reply watchdog", e))?;
-        let watchdog = ReplyWatchdog::new(watched.into(), REPLY_TIMEOUT)
+        let duplicate = || {
+            stream
+                .try_clone()
+                .map_err(|e| socket_error("cannot duplicate the socket", e))
+        };
+        let watchdog = ReplyWatchdog::new(duplicate()?, REPLY_TIMEOUT)
             .map_err(|e| socket_error("cannot start the reply watchdog", e))?;
+        let stream_copy = duplicate()?;
         let mut handle = VhostUserHandle {
             socket,
+            stream: stream_copy,
             watchdog,
             frontend: Frontend::from_stream(stream, 1),
             backend_features: 0,
@@ -383,26 +390,21 @@ impl VhostUserHandle {
 
     /// A duplicate of the connection's socket, to watch for hang-up.
     pub fn watch_fd(&self) -> Result<OwnedFd> {
-        // SAFETY: the frontend owns this descriptor and keeps it open for
-        // the duration of the borrow, which ends before this returns.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) };
-        fd.try_clone_to_owned().map_err(|source| Error::Socket {
+        let stream = self.stream.try_clone().map_err(|source| Error::Socket {
             socket: self.socket.clone(),
             what: "cannot duplicate the socket to watch it",
             source,
-        })
+        })?;
+        Ok(stream.into())
     }
 
     /// Ends the connection now, even while a duplicate of its socket
     /// (a watcher's) is still open, so the backend sees the hang-up.
     pub fn shut_down(&self) {
-        // SAFETY: shutdown(2) on a socket this handle owns; no memory is passed.
-        let rc = unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
-        if rc != 0 {
+        if let Err(e) = self.stream.shutdown(Shutdown::Both) {
             debug!(
-                "vhost-user backend {}: shutdown: {}",
-                self.socket.display(),
-                std::io::Error::last_os_error()
+                "vhost-user backend {}: shutdown: {e}",
+                self.socket.display()
             );
         }
     }
@@ -523,8 +525,6 @@ fn ring_addresses(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<Vring
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
     use vm_memory::FileOffset;
 
     fn queue(desc: u64, avail: u64, used: u64) -> ActiveQueue {
@@ -570,11 +570,10 @@ mod tests {
             memory_regions(&anonymous),
             Err(Error::MemoryNotShareable { addr: 0 })
         ));
-        // SAFETY: memfd_create with a valid C string; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"handle-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = memfd::MemfdOptions::default()
+            .create("handle-test")
+            .expect("memfd_create")
+            .into_file();
         file.set_len(0x1000).unwrap();
         let backed = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0x2000),
