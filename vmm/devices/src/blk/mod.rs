@@ -29,7 +29,7 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{
-    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -317,10 +317,11 @@ fn negotiate_shape(
     };
     let num_queues = spec.num_queues.map_or(backend_queues, u64::from);
     if num_queues == 0 || num_queues > backend_queues {
-        return Err(incompatible(
-            handle,
-            format!("{num_queues} queues wanted, but it serves {backend_queues}"),
-        ));
+        return Err(Error::TooFewQueues {
+            socket: handle.socket().to_path_buf(),
+            serves: backend_queues,
+            needed: num_queues.max(1),
+        });
     }
     // At most MAX_QUEUES (spec values are already within it), so it fits.
     let num_queues = num_queues.min(u64::from(MAX_QUEUES)) as u16;
