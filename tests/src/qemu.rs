@@ -59,7 +59,8 @@ pub fn linux_guest_assets() -> LinuxGuestAssets {
 /// What a guest run printed on its serial console, and how its script ended.
 pub struct GuestRun {
     pub console: String,
-    /// The script's exit status as reported by /init ("PVTEST-EXIT n").
+    /// The script's exit status as reported by /init ("PVTEST-EXIT n";
+    /// "NESTED-EXIT n" in the L1 of [`crate::nested`]).
     pub script_status: Option<i32>,
 }
 
