@@ -9,7 +9,7 @@ pub mod emulated_virtio;
 mod spec;
 mod stats;
 
-pub use spec::{BlkMode, BlkSource, BlkSpec, DEFAULT_QUEUE_SIZE, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use spec::{BlkMode, BlkSource, BlkSpec, DEFAULT_QUEUE_SIZE, MAX_QUEUES};
 pub use stats::DiskStats;
 
 use std::ffi::OsString;
