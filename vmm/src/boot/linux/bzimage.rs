@@ -126,8 +126,10 @@ impl BzImage {
         map: &[e820::Entry],
         rsdp: u64,
     ) -> boot_params {
-        let mut params = boot_params::default();
-        params.hdr = self.header;
+        let mut params = boot_params {
+            hdr: self.header,
+            ..Default::default()
+        };
         params.hdr.type_of_loader = LOADER_UNDEFINED;
         params.hdr.cmd_line_ptr = cmdline as u32;
         params.ext_cmd_line_ptr = (cmdline >> 32) as u32;
