@@ -13,6 +13,7 @@
 //!            .. 0x0008_0000   boot stack of vCPU 0 (grows down)
 //! 0x0009_fc00 .. 0x0010_0000   reserved in the e820 map (EBDA, BIOS area):
 //! 0x000e_0000 ..               ACPI tables, RSDP first (where Linux scans)
+//! 0x000f_fff0 .. 0x0010_0000   the reset vector (`reset_vector`)
 //! 0x0010_0000 ..               the kernel: a bzImage's protected-mode code,
 //!                               a vmlinux at its physical addresses
 //!          .. top of low RAM   the initrd, as high as it may go
@@ -41,8 +42,8 @@ pub const BOOT_STACK_TOP: u64 = 0x8_0000;
 pub const EBDA_START: u64 = 0x9_fc00;
 /// The ACPI tables, RSDP first, in the BIOS area Linux scans for it.
 pub const ACPI_TABLES: u64 = 0xe_0000;
-/// End of the BIOS area, and of the room for the ACPI tables.
-pub const ACPI_TABLES_END: u64 = 0x10_0000;
+/// End of the room for the ACPI tables: the reset vector follows.
+pub const ACPI_TABLES_END: u64 = super::reset_vector::RESET_VECTOR;
 /// The kernel loads at or above 1 MiB.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 

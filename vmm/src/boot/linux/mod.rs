@@ -2,12 +2,15 @@
 //! ([`pvh`]) with its initrd and command line, checked against the VM's
 //! memory before any VM exists ([`LinuxGuest::new`]), then written into
 //! guest memory with the boot parameters, the e820 map ([`e820`]) and the
-//! ACPI tables ([`LinuxGuest::load`]); [`layout`] says where each goes.
+//! ACPI tables and a reset vector ([`reset_vector`], what Linux jumps to
+//! when it reboots "through the BIOS") ([`LinuxGuest::load`]); [`layout`]
+//! says where each goes.
 
 pub mod bzimage;
 pub mod e820;
 pub mod layout;
 pub mod pvh;
+pub mod reset_vector;
 
 use std::fs::File;
 use std::io::Cursor;
@@ -132,6 +135,7 @@ impl LinuxGuest {
     /// entry, identity page tables) into `mem`.
     pub fn load(&self, mem: &GuestMemory, platform: &AcpiPlatform) -> Result<LinuxEntry> {
         let rsdp = self.write_acpi(mem, platform)?;
+        reset_vector::write(mem)?;
         self.write_cmdline(mem)?;
         let initrd = self.write_initrd(mem)?;
         let map = e820::memory_map(self.mem_size);
