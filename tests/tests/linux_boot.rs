@@ -208,6 +208,16 @@ fn options_of_the_other_boot_path() {
         USAGE,
         &["--guest-args is for pvstack's own guest"],
     );
+    assert_one_line_error(
+        &run_kernel(&kernel, &["--console-log", arg(&dir.path("console.log"))]),
+        USAGE,
+        &["--console-log is pvstack's own guest's hypercall console"],
+    );
+    assert_one_line_error(
+        &run_kernel(&kernel, &["--guest-privilege", "user"]),
+        USAGE,
+        &["a Linux kernel runs at CPL0"],
+    );
     // --initrd and --cmdline with pvstack's own guest, built in or given.
     assert_one_line_error(
         &run_pvstack(&["run", "--cmdline", "quiet"]),

@@ -58,7 +58,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "LEVEL")]
     pub guest_privilege: Option<Privilege>,
 
-    /// Write the guest console to FILE instead of stdout.
+    /// Write pvstack's own guest's hypercall console to FILE instead of
+    /// stdout (a Linux guest has none: its consoles are --serial and
+    /// --console).
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
 

@@ -131,6 +131,9 @@ fn check_linux_options(args: &RunArgs) -> Result<()> {
             "--guest-args is for pvstack's own guest; a Linux kernel takes --cmdline".into(),
         );
     }
+    if args.console_log.is_some() {
+        return usage("--console-log is pvstack's own guest's hypercall console; a Linux guest's console is --serial (ttyS0) or --console (hvc0)".into());
+    }
     if args.guest_privilege == Some(Privilege::User) {
         return usage("--guest-privilege user: a Linux kernel runs at CPL0".into());
     }
