@@ -35,13 +35,12 @@ use vmm_sys_util::signal::Killable;
 
 use crate::acpi::AcpiPlatform;
 use crate::api::{ApiServer, VmControl};
-use crate::boot::linux::LinuxEntry;
 use crate::boot::{own_guest, Guest};
 use crate::console::Console;
 use crate::counters::ExitCounters;
 use crate::error::{Error, Result};
 use crate::flavour::{Flavour, Privilege};
-use crate::lifecycle::{CpuStart, Lifecycle, VmEnd};
+use crate::lifecycle::{Lifecycle, VmEnd};
 use crate::machine::Machine;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{self, Launch, Vcpu};
@@ -323,56 +322,19 @@ impl Vm {
         }
     }
 
-    /// Loads `guest` into memory and returns how each vCPU thread begins,
-    /// after setting up the vCPUs as its boot path wants them.
+    /// Loads `guest` into memory and sets up `vcpus` as its boot path
+    /// wants them; returns how each vCPU thread begins.
     fn boot(&self, guest: &Guest, vcpus: &[Vcpu]) -> Result<Vec<Launch>> {
         match guest {
             Guest::Own { image, name } => {
-                let entry = own_guest::boot(&self.memory, image, name, self.privilege)?;
-                for vcpu in vcpus {
-                    x86::cpu::set_long_mode(&vcpu.fd, self.privilege.cpl())?;
-                }
-                let first = CpuStart {
-                    entry,
-                    stack_top: layout::stack_top(0),
-                    arg: 0,
-                };
-                Ok(vcpus
-                    .iter()
-                    .map(|v| match v.index {
-                        0 => Launch::At(first),
-                        _ => Launch::OnCpuStart,
-                    })
-                    .collect())
+                own_guest::start(&self.memory, image, name, self.privilege, vcpus)
             }
-            Guest::Linux(linux) => {
-                if !self.linux {
-                    return Err(Error::Config(
-                        "a Linux guest in a VM not set up for Linux".into(),
-                    ));
-                }
-                let entry = linux.load(&self.memory, &self.acpi_platform())?;
-                for vcpu in vcpus {
-                    x86::msrs::set_boot_msrs(&vcpu.fd)?;
-                    x86::lapic::set_lints(&vcpu.fd)?;
-                }
-                let boot_cpu = &vcpus[0].fd;
-                match entry {
-                    LinuxEntry::Long64 {
-                        entry,
-                        boot_params,
-                        stack_top,
-                    } => x86::cpu::set_linux64_entry(boot_cpu, entry, boot_params, stack_top)?,
-                    LinuxEntry::Pvh { entry, start_info } => {
-                        x86::cpu::set_pvh_entry(boot_cpu, entry, start_info)?
-                    }
-                }
-                log::info!(
-                    "Linux guest: {} vCPUs, entry {entry:x?}; vCPUs 1.. wait for INIT/SIPI",
-                    self.cpus
-                );
-                Ok(vec![Launch::Configured; vcpus.len()])
+            Guest::Linux(linux) if self.linux => {
+                linux.start(&self.memory, &self.acpi_platform(), vcpus)
             }
+            Guest::Linux(_) => Err(Error::Config(
+                "a Linux guest in a VM not set up for Linux".into(),
+            )),
         }
     }
 

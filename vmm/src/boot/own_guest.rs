@@ -18,7 +18,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::error::{Error, Result};
 use crate::flavour::Privilege;
+use crate::lifecycle::CpuStart;
 use crate::memory::GuestMemory;
+use crate::vcpu::{Launch, Vcpu};
 use crate::x86;
 
 /// The pvstack-guest image built by build.rs, embedded in the binary.
@@ -31,11 +33,34 @@ struct Segment<'a> {
     mem_size: u64,
 }
 
-/// Writes the tables the guest runs on at `privilege`, then loads `image`
-/// (see [`load`]); returns the entry point.
-pub fn boot(mem: &GuestMemory, image: &[u8], name: &str, privilege: Privilege) -> Result<u64> {
+/// Writes the tables the guest runs on at `privilege`, loads `image`
+/// (see [`load`]) and puts every vCPU in long mode at that privilege;
+/// returns how each vCPU thread begins: vCPU 0 at the entry point, the
+/// others when the guest asks with CPU_START.
+pub fn start(
+    mem: &GuestMemory,
+    image: &[u8],
+    name: &str,
+    privilege: Privilege,
+    vcpus: &[Vcpu],
+) -> Result<Vec<Launch>> {
     x86::write_tables(mem, privilege)?;
-    load(mem, image, name)
+    let entry = load(mem, image, name)?;
+    for vcpu in vcpus {
+        x86::cpu::set_long_mode(&vcpu.fd, privilege.cpl())?;
+    }
+    let first = CpuStart {
+        entry,
+        stack_top: layout::stack_top(0),
+        arg: 0,
+    };
+    Ok(vcpus
+        .iter()
+        .map(|vcpu| match vcpu.index {
+            0 => Launch::At(first),
+            _ => Launch::OnCpuStart,
+        })
+        .collect())
 }
 
 /// Copies the loadable segments of `image` into `mem` and returns the entry

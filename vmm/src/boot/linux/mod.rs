@@ -30,6 +30,8 @@ use super::KernelKind;
 use crate::acpi::{self, AcpiPlatform};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
+use crate::vcpu::{Launch, Vcpu};
+use crate::x86;
 use crate::x86::gdt::{self, CodeMode};
 use crate::x86::paging::{self, PageZero};
 
@@ -128,6 +130,40 @@ impl LinuxGuest {
             cmdline,
             mem_size,
         })
+    }
+
+    /// Loads the kernel (see [`Self::load`]), gives every vCPU the boot
+    /// MSRs and LAPIC wiring and vCPU 0 the kernel's entry state; returns
+    /// how each vCPU thread begins: all at once, vCPU 0 at the entry and
+    /// the others waiting in KVM for the INIT/SIPI Linux sends them.
+    pub fn start(
+        &self,
+        mem: &GuestMemory,
+        platform: &AcpiPlatform,
+        vcpus: &[Vcpu],
+    ) -> Result<Vec<Launch>> {
+        let entry = self.load(mem, platform)?;
+        for vcpu in vcpus {
+            x86::msrs::set_boot_msrs(&vcpu.fd)?;
+            x86::lapic::set_lints(&vcpu.fd)?;
+        }
+        if let Some(boot_cpu) = vcpus.first() {
+            match entry {
+                LinuxEntry::Long64 {
+                    entry,
+                    boot_params,
+                    stack_top,
+                } => x86::cpu::set_linux64_entry(&boot_cpu.fd, entry, boot_params, stack_top)?,
+                LinuxEntry::Pvh { entry, start_info } => {
+                    x86::cpu::set_pvh_entry(&boot_cpu.fd, entry, start_info)?
+                }
+            }
+        }
+        log::info!(
+            "Linux guest: {} vCPUs, entry {entry:x?}; vCPUs 1.. wait for INIT/SIPI",
+            vcpus.len()
+        );
+        Ok(vec![Launch::Configured; vcpus.len()])
     }
 
     /// Writes the kernel, initrd, command line, boot parameters, ACPI
