@@ -164,7 +164,7 @@ fn initrd_too_large_for_guest_memory() {
 }
 
 #[test]
-fn cmdline_longer_than_the_kernel_takes() {
+fn cmdline_the_kernel_cannot_take() {
     let dir = ScratchDir::new("linux-cmdline");
     let kernel = write(&dir, "vmlinuz", &synthetic_bzimage(1 << 16));
     let long = "a".repeat(CMDLINE_LIMIT + 1);

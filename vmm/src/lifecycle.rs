@@ -22,9 +22,10 @@ pub enum VmEnd {
     Shutdown,
     /// A Linux guest powered the machine off (ACPI S5).
     PowerOff,
-    /// A Linux guest reset the machine (the text says how); pvstack does
-    /// not restart guests, so the VM ends.
-    Reset(String),
+    /// A Linux guest reset the machine; pvstack does not restart guests,
+    /// so the VM ends. `how` names the register (or the triple fault);
+    /// `report` is the crash report of a triple fault.
+    Reset { how: String, report: Option<String> },
     /// The VMM itself failed while the VM ran.
     Failed(Error),
 }

@@ -172,7 +172,10 @@ fn exit_status(end: VmEnd) -> ExitCode {
         }
         VmEnd::Signal(signal) => ExitCode::from(128u8.saturating_add(signal as u8)),
         VmEnd::Shutdown | VmEnd::PowerOff => ExitCode::SUCCESS,
-        VmEnd::Reset(how) => {
+        VmEnd::Reset { how, report } => {
+            if let Some(report) = report {
+                eprint!("{report}");
+            }
             eprintln!(
                 "pvstack: the guest reset the machine ({how}); pvstack does not restart guests"
             );

@@ -118,7 +118,7 @@ fn guest(args: &RunArgs) -> Result<Guest> {
         args.cmdline.clone().unwrap_or_default(),
         args.memory,
     )?;
-    Ok(Guest::Linux(linux))
+    Ok(Guest::Linux(Box::new(linux)))
 }
 
 /// What a Linux guest cannot have: options of pvstack's own guest, a disk

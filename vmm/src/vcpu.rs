@@ -149,10 +149,11 @@ fn run_loop(vcpu: &mut Vcpu, machine: &Machine) -> Option<VmEnd> {
                 )))
             }
             Step::Reset(reason) => {
-                let report = crash_report::report(vcpu.index, &reason, &mut vcpu.fd);
-                return Some(VmEnd::Reset(format!(
-                    "triple fault: Linux resets this way when its other reset methods fail, or it crashed\n{report}"
-                )));
+                return Some(VmEnd::Reset {
+                    how: "triple fault: how Linux resets when its other ways fail, or a crash"
+                        .into(),
+                    report: Some(crash_report::report(vcpu.index, &reason, &mut vcpu.fd)),
+                });
             }
             Step::Fail(e) => return Some(VmEnd::Failed(e)),
         }

@@ -465,7 +465,10 @@ fn power_handler(lifecycle: &Arc<Lifecycle>) -> PowerHandler {
     Arc::new(move |event| {
         lifecycle.end(match event {
             PowerEvent::PowerOff => VmEnd::PowerOff,
-            PowerEvent::Reset(how) => VmEnd::Reset(how.to_string()),
+            PowerEvent::Reset(how) => VmEnd::Reset {
+                how: how.to_string(),
+                report: None,
+            },
         })
     })
 }

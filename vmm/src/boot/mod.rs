@@ -62,7 +62,7 @@ pub enum Guest {
         name: String,
     },
     /// A Linux kernel, checked against the VM's memory.
-    Linux(linux::LinuxGuest),
+    Linux(Box<linux::LinuxGuest>),
 }
 
 impl Guest {

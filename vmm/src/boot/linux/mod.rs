@@ -69,7 +69,7 @@ pub struct LinuxGuest {
     image: Vec<u8>,
     format: Format,
     initrd: Option<Initrd>,
-    cmdline: String,
+    cmdline: Cmdline,
     mem_size: u64,
 }
 
@@ -118,6 +118,8 @@ impl LinuxGuest {
                 cmdline.len()
             )));
         }
+        let cmdline = Cmdline::try_from(&cmdline, layout::CMDLINE_ROOM)
+            .map_err(|e| Error::Usage(format!("--cmdline: {e}")))?;
         let initrd = match initrd {
             Some(path) => Some(place_initrd(path, kernel_end, low_end.min(initrd_max + 1))?),
             None => None,
@@ -258,9 +260,7 @@ impl LinuxGuest {
     }
 
     fn write_cmdline(&self, mem: &GuestMemory) -> Result<()> {
-        let usage = |e: linux_loader::cmdline::Error| Error::Usage(format!("--cmdline: {e}"));
-        let cmdline = Cmdline::try_from(&self.cmdline, layout::CMDLINE_ROOM).map_err(usage)?;
-        load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline)
+        load_cmdline(mem, GuestAddress(layout::CMDLINE), &self.cmdline)
             .map_err(|e| Error::Config(format!("cannot place the command line: {e}")))
     }
 
