@@ -1,11 +1,14 @@
 //! Running the guest with `--blk` disks and checking what it left behind:
 //! image files made from the guest's data pattern, assertions on the bytes
-//! of an image, and a check that no backend process outlived its VM.
+//! of an image (also against `blk-swap-verify`'s report), and a check that
+//! no backend process outlived its VM.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 
 use pvstack_guest::pattern;
+use pvstack_guest::seqblock::{self, BLOCK_SIZE};
 
 use crate::{run_pvstack, Finished};
 
@@ -82,6 +85,39 @@ pub fn assert_pattern(image: &[u8], seed: u64, range: Range<usize>) {
         .position(|(i, &b)| b != pattern::byte_at(seed, (range.start + i) as u64))
         .map(|i| range.start + i);
     panic!("{wrong} bytes of {range:?} differ from the pattern of seed {seed}; the first at offset {first:?}");
+}
+
+/// Asserts that `blk-swap-verify` over `blocks` blocks passed (`result`
+/// is its RESULT line) and that `image` holds exactly the writes the guest
+/// saw complete: every block intact (`seqblock::check`) and the table of
+/// their sequence numbers equal to the guest's `table_fnv`.
+pub fn assert_swap_verify_image(image: &[u8], blocks: usize, result: &BTreeMap<String, String>) {
+    assert_eq!(result["mismatches"], "0", "{result:?}");
+    assert_eq!(result["errors"], "0", "{result:?}");
+    let writes: u64 = result["writes"].parse().expect("writes");
+    assert!(
+        writes > blocks as u64,
+        "the workload barely ran: {result:?}"
+    );
+    assert!(
+        image.len() >= blocks * BLOCK_SIZE,
+        "the image has {} bytes, fewer than {blocks} blocks",
+        image.len()
+    );
+    let seqs: Vec<u64> = image
+        .chunks_exact(BLOCK_SIZE)
+        .take(blocks)
+        .enumerate()
+        .map(|(block, data)| {
+            seqblock::check(block as u64, data)
+                .unwrap_or_else(|| panic!("block {block} of the image is torn or foreign"))
+        })
+        .collect();
+    let fnv = format!("{:#018x}", seqblock::table_fnv(seqs));
+    assert_eq!(
+        fnv, result["table_fnv"],
+        "the image's last writes differ from the guest's completed writes"
+    );
 }
 
 /// Asserts that every byte of `image[range]` is zero.

@@ -5,6 +5,7 @@
 
 pub mod blk_process;
 pub mod blk_vm;
+pub mod nested;
 pub mod net;
 pub mod process;
 pub mod qemu;
@@ -175,6 +176,12 @@ pub fn parse_result(output: &str, workload: &str) -> Option<BTreeMap<String, Str
 /// Runs `command` to completion, capturing its output; kills it and
 /// panics if it is still running after [`HANG_TIMEOUT`].
 pub fn run_to_end(command: &mut Command) -> Finished {
+    run_to_end_within(command, HANG_TIMEOUT)
+}
+
+/// [`run_to_end`] with another hang timeout, for commands that are slow by
+/// nature (a whole VM under software emulation).
+pub fn run_to_end_within(command: &mut Command, hang_timeout: Duration) -> Finished {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -183,11 +190,11 @@ pub fn run_to_end(command: &mut Command) -> Finished {
         .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     let stdout = drain(child.stdout.take().expect("stdout is piped"));
     let stderr = drain(child.stderr.take().expect("stderr is piped"));
-    let status = wait_or_kill(&mut child);
+    let status = wait_or_kill_after(&mut child, hang_timeout);
     let stdout = stdout.join().expect("stdout reader");
     let stderr = stderr.join().expect("stderr reader");
     let Some(status) = status else {
-        panic!("{command:?} still ran after {HANG_TIMEOUT:?}; killed it. stdout: {stdout} stderr: {stderr}");
+        panic!("{command:?} still ran after {hang_timeout:?}; killed it. stdout: {stdout} stderr: {stderr}");
     };
     Finished {
         status,
@@ -199,12 +206,18 @@ pub fn run_to_end(command: &mut Command) -> Finished {
 /// Waits for `child`; kills it and returns `None` if it still runs after
 /// [`HANG_TIMEOUT`].
 pub fn wait_or_kill(child: &mut Child) -> Option<ExitStatus> {
+    wait_or_kill_after(child, HANG_TIMEOUT)
+}
+
+/// Waits for `child`; kills it and returns `None` if it still runs after
+/// `hang_timeout`.
+pub fn wait_or_kill_after(child: &mut Child, hang_timeout: Duration) -> Option<ExitStatus> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("waitpid works") {
             return Some(status);
         }
-        if started.elapsed() > HANG_TIMEOUT {
+        if started.elapsed() > hang_timeout {
             let _ = child.kill();
             let _ = child.wait();
             return None;

@@ -56,10 +56,20 @@ pub fn linux_guest_assets() -> LinuxGuestAssets {
     assets
 }
 
+/// A guest script line that prints the kernel log as the section `dmesg`
+/// (see [`GuestRun::assert_clean_kernel_log`]).
+pub const KERNEL_LOG_SECTION: &str = "echo BEGIN dmesg; busybox dmesg; echo END dmesg";
+
+/// Kernel log lines that mean a driver or the block layer hit trouble: a
+/// WARN() splat (Linux's virtio ring warns, then stalls, on a request
+/// longer than the ring without indirect descriptors), a failed request.
+const KERNEL_LOG_TROUBLE: [&str; 3] = ["WARNING", "Call Trace", "I/O error"];
+
 /// What a guest run printed on its serial console, and how its script ended.
 pub struct GuestRun {
     pub console: String,
-    /// The script's exit status as reported by /init ("PVTEST-EXIT n").
+    /// The script's exit status as reported by /init ("PVTEST-EXIT n";
+    /// "NESTED-EXIT n" in the L1 of [`crate::nested`]).
     pub script_status: Option<i32>,
 }
 
@@ -78,6 +88,28 @@ impl GuestRun {
             .position(|l| *l == end)
             .unwrap_or_else(|| panic!("no `{end}` on the console:\n{}", self.console));
         lines[start + 1..start + stop].to_vec()
+    }
+
+    /// Checks the guest's kernel log (printed by [`KERNEL_LOG_SECTION`])
+    /// holds `expected` and nothing of [`KERNEL_LOG_TROUBLE`].
+    pub fn assert_clean_kernel_log(&self, expected: &str) {
+        let log = self.section("dmesg");
+        assert!(
+            log.iter().any(|line| line.contains(expected)),
+            "no {expected:?} in the guest's kernel log:\n{}",
+            log.join("\n")
+        );
+        let trouble: Vec<&str> = log
+            .iter()
+            .copied()
+            .filter(|line| KERNEL_LOG_TROUBLE.iter().any(|t| line.contains(t)))
+            .collect();
+        assert!(
+            trouble.is_empty(),
+            "the guest's kernel log shows trouble:\n{}\nwhole log:\n{}",
+            trouble.join("\n"),
+            log.join("\n")
+        );
     }
 }
 

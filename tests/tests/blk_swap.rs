@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pvstack_guest::seqblock::{self, BLOCK_SIZE};
 use pvstack_tests::blk_process::BlkProcess;
+use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image};
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
     parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
@@ -179,29 +179,7 @@ fn guest_args() -> String {
 /// Checks the workload's verdict and that the image holds exactly the
 /// writes the guest completed.
 fn assert_image_matches(image: &Path, result: &std::collections::BTreeMap<String, String>) {
-    assert_eq!(result["mismatches"], "0", "{result:?}");
-    assert_eq!(result["errors"], "0", "{result:?}");
-    let writes: u64 = result["writes"].parse().expect("writes");
-    assert!(
-        writes > BLOCKS as u64,
-        "the workload barely ran: {result:?}"
-    );
-    let mut bytes = Vec::new();
-    File::open(image)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .expect("read image");
-    let mut seqs = Vec::with_capacity(BLOCKS);
-    for block in 0..BLOCKS {
-        let data = &bytes[block * BLOCK_SIZE..(block + 1) * BLOCK_SIZE];
-        let seq = seqblock::check(block as u64, data)
-            .unwrap_or_else(|| panic!("block {block} of the image is torn or foreign"));
-        seqs.push(seq);
-    }
-    let fnv = format!("{:#018x}", seqblock::table_fnv(seqs));
-    assert_eq!(
-        fnv, result["table_fnv"],
-        "the image's last writes differ from the guest's completed writes"
-    );
+    assert_swap_verify_image(&read_image(image), BLOCKS, result);
 }
 
 fn info(vm: &Vm) -> String {

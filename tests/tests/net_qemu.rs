@@ -3,7 +3,7 @@
 //! with a TAP in a network namespace. The Linux guest pings the host.
 
 use pvstack_tests::net::{start_net_backend, NetNs};
-use pvstack_tests::qemu::{linux_guest_assets, run_linux_guest_net};
+use pvstack_tests::qemu::{linux_guest_assets, run_linux_guest_net, KERNEL_LOG_SECTION};
 use pvstack_tests::ScratchDir;
 
 #[test]
@@ -35,9 +35,9 @@ echo "BEGIN ping"
 busybox ping -c 10 -W 10 10.0.2.1
 status=$?
 echo "END ping"
-exit $status
 "#;
-    let run = run_linux_guest_net(&assets, &[(&socket, "52:54:00:12:34:99")], script);
+    let script = format!("{script}{KERNEL_LOG_SECTION}\nexit $status\n");
+    let run = run_linux_guest_net(&assets, &[(&socket, "52:54:00:12:34:99")], &script);
     assert_eq!(
         run.script_status,
         Some(0),
@@ -46,6 +46,7 @@ exit $status
         backend.output()
     );
     assert_eq!(run.section("mac"), ["52:54:00:12:34:99"], "{}", run.console);
+    run.assert_clean_kernel_log("eth0: link becomes ready");
     let ping = run.section("ping").join("\n");
     assert!(
         ping.contains("10 packets transmitted, 10 packets received, 0% packet loss"),

@@ -4,7 +4,6 @@
 //! processes, which then map the very same pages.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -48,14 +47,14 @@ fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
 
 fn create_memfd(size: u64) -> Result<File> {
     let memory_error = |source| Error::Memory { size, source };
-    // SAFETY: the name is a NUL-terminated string that outlives the call;
-    // the return value is checked.
-    let fd = unsafe { libc::memfd_create(c"pvstack-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(memory_error(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = memfd::MemfdOptions::default()
+        .create("pvstack-guest-ram")
+        .map_err(|e| match e {
+            memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => {
+                memory_error(e)
+            }
+        })?
+        .into_file();
     file.set_len(size).map_err(memory_error)?;
     Ok(file)
 }

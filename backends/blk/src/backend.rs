@@ -89,8 +89,7 @@ impl BlkBackend {
         let limits = DiskLimits {
             capacity_sectors: image.capacity_sectors(),
             readonly: image.is_readonly(),
-            // Header and status take two of the queue's descriptors.
-            max_segments: u32::from(settings.queue_size.saturating_sub(2).max(1)),
+            max_segments: config::seg_max(settings.queue_size),
         };
         // O_DIRECT needs block-aligned I/O; a 4 KiB logical block makes the
         // guest issue it.
@@ -141,12 +140,12 @@ impl BlkBackend {
                     log::warn!("queue {queue}: cannot disable notifications: {e}");
                 }
             }
-            let (chains, max_chain_len): (Vec<_>, usize) = {
+            let (chains, queue_size): (Vec<_>, u16) = {
                 let mut state = vring.get_mut();
                 let queue_state = state.get_queue_mut();
-                let max_chain_len = usize::from(queue_state.size());
+                let queue_size = queue_state.size();
                 match queue_state.iter(mem.memory()) {
-                    Ok(iter) => (iter.collect::<Vec<_>>(), max_chain_len),
+                    Ok(iter) => (iter.collect::<Vec<_>>(), queue_size),
                     Err(e) => {
                         log::warn!("queue {queue}: cannot read the available ring: {e}");
                         return;
@@ -161,7 +160,7 @@ impl BlkBackend {
                 }
                 for chain in chains {
                     let head = chain.head_index();
-                    let used_len = self.serve_chain(chain, &mem.memory(), max_chain_len, queue);
+                    let used_len = self.serve_chain(chain, &mem.memory(), queue_size, queue);
                     self.give_back(vring, log.as_ref(), head, used_len, queue);
                 }
                 self.signal(vring, queue);
@@ -252,7 +251,7 @@ impl BlkBackend {
         vring.set_queue_next_avail(used_idx.wrapping_add(heads.len() as u16));
         for head in heads {
             let used_len = match chain_at(mem, table, size, head) {
-                Ok(chain) => self.serve_chain(chain, mem, usize::from(size), queue),
+                Ok(chain) => self.serve_chain(chain, mem, size, queue),
                 Err(why) => {
                     let count = self.shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
                     log::warn!(
@@ -267,14 +266,9 @@ impl BlkBackend {
         self.signal(vring, queue);
     }
 
-    /// Answers one chain; returns the used length.
-    fn serve_chain<I>(
-        &self,
-        chain: I,
-        mem: &GuestMemoryMmap,
-        max_chain_len: usize,
-        queue: usize,
-    ) -> u32
+    /// Answers one chain of a queue of `queue_size` entries; returns the
+    /// used length.
+    fn serve_chain<I>(&self, chain: I, mem: &GuestMemoryMmap, queue_size: u16, queue: usize) -> u32
     where
         I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
     {
@@ -284,7 +278,7 @@ impl BlkBackend {
             limits: &shared.limits,
             serial: &shared.settings.serial,
         };
-        let answer = answer(chain, mem, disk, max_chain_len);
+        let answer = answer(chain, mem, disk, queue_size);
         match answer.outcome {
             Outcome::Done => {}
             Outcome::Unanswerable(why) => {

@@ -12,7 +12,7 @@ use pvstack_backend_common::{backend_main, parse_queue_size, serve_on, SocketArg
 
 use pvstack_blk::backend::{BlkBackend, BlkSettings};
 use pvstack_blk::Error;
-use pvstack_block::config::ID_BYTES;
+use pvstack_block::config::{self, ID_BYTES};
 use pvstack_block::image::DiskImage;
 
 const DEVICE: &str = "pvstack-blk";
@@ -41,6 +41,9 @@ struct Args {
     num_queues: u16,
 
     /// Largest queue size the frontend may set (a power of two, 2-32768).
+    /// The disk advertises seg_max for queues of min(N, 128) entries (QEMU
+    /// sets 128 by default); drivers on smaller queues send long requests
+    /// in indirect descriptor tables.
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
 
@@ -84,7 +87,7 @@ fn run(args: &Args) -> Result<(), Error> {
         poll: (args.poll_us > 0).then(|| Duration::from_micros(u64::from(args.poll_us))),
     };
     log::info!(
-        "serving {} ({} sectors{}{}) with {} queue(s) of up to {} entries",
+        "serving {} ({} sectors{}{}) with {} queue(s) of up to {} entries, seg_max {}",
         image.path().display(),
         image.capacity_sectors(),
         if image.is_readonly() {
@@ -94,7 +97,8 @@ fn run(args: &Args) -> Result<(), Error> {
         },
         if image.is_direct() { ", O_DIRECT" } else { "" },
         settings.num_queues,
-        settings.queue_size
+        settings.queue_size,
+        config::seg_max(settings.queue_size)
     );
     // vhost-user-backend does not handle the inflight messages, so the
     // daemon always sits behind a filter that does.

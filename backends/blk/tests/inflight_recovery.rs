@@ -9,20 +9,16 @@
 //! backend took requests A, B and C and completed only B, out of order.
 //! Resuming at the used index (1) without the log would redo B and lose A.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+mod common;
 
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use common::*;
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::VhostUserFrontend;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEMORY: usize = 1 << 20;
 const IMAGE: u64 = 1 << 20;
@@ -31,18 +27,7 @@ const IMAGE: u64 = 1 << 20;
 const BIG_WRITE: u64 = 128 << 20;
 const BIG_MEMORY: usize = 192 << 20;
 const BIG_DATA: u64 = 32 << 20;
-const QUEUE_SIZE: u16 = 16;
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x2000;
-const USED_RING: u64 = 0x3000;
 const BUFFERS: u64 = 0x1_0000;
-const SECTOR: u64 = 512;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_BLK_T_OUT: u32 = 1;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-/// Only keeps a broken backend from hanging the test for ever.
-const HANG_GUARD: Duration = Duration::from_secs(30);
 
 /// The four write requests: (head descriptor, sector, fill byte).
 const A: (u16, u64, u8) = (0, 8, 0xaa);
@@ -50,125 +35,14 @@ const B: (u16, u64, u8) = (3, 16, 0xbb);
 const C: (u16, u64, u8) = (6, 24, 0xcc);
 const D: (u16, u64, u8) = (9, 32, 0xdd);
 
-struct Backend {
-    child: Child,
-    dir: PathBuf,
-    log: PathBuf,
-}
-
-impl Backend {
-    /// A pvstack-blk on a fresh `image_size`-byte image in a scratch
-    /// directory of its own (removed when the last backend on it drops).
-    fn start(name: &str, image_size: u64) -> (Backend, PathBuf, PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "pvstack-blk-inflight-{}-{name}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let image = dir.join("disk.img");
-        File::create(&image).unwrap().set_len(image_size).unwrap();
-        let socket = dir.join("blk.sock");
-        (Backend::spawn(&dir, "blk.log"), socket, image)
-    }
-
-    /// A pvstack-blk serving `dir`'s image on `dir`'s socket, logging to
-    /// `log` there.
-    fn spawn(dir: &Path, log: &str) -> Backend {
-        let socket = dir.join("blk.sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_pvstack-blk"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--image")
-            .arg(dir.join("disk.img"))
-            .arg("--queue-size")
-            .arg(QUEUE_SIZE.to_string())
-            .env("RUST_LOG", "info")
-            .stderr(File::create(dir.join(log)).unwrap())
-            .spawn()
-            .expect("start pvstack-blk");
-        let started = Instant::now();
-        while !socket.exists() {
-            assert!(started.elapsed() < HANG_GUARD, "pvstack-blk never listened");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Backend {
-            child,
-            dir: dir.to_path_buf(),
-            log: dir.join(log),
-        }
-    }
-
-    /// SIGKILL: a crash.
-    fn kill(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn guest_memory() -> GuestMemoryMmap {
     guest_memory_of(MEMORY)
-}
-
-/// Guest RAM of `size` bytes in a memfd (sparse: untouched pages cost nothing).
-fn guest_memory_of(size: usize) -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"inflight-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        size,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
-fn put_descriptor(
-    memory: &GuestMemoryMmap,
-    index: u16,
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-) {
-    let at = GuestAddress(DESC_TABLE + 16 * u64::from(index));
-    memory.write_obj(addr.to_le(), at).unwrap();
-    memory.write_obj(len.to_le(), at.unchecked_add(8)).unwrap();
-    memory
-        .write_obj(flags.to_le(), at.unchecked_add(12))
-        .unwrap();
-    memory
-        .write_obj(next.to_le(), at.unchecked_add(14))
-        .unwrap();
 }
 
 /// A one-sector write of `fill` bytes at `sector`: header, data, status.
 fn put_write_request(memory: &GuestMemoryMmap, (head, sector, fill): (u16, u64, u8)) {
     let base = BUFFERS + u64::from(head) * 0x1000;
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
-    header[8..].copy_from_slice(&sector.to_le_bytes());
-    memory.write_slice(&header, GuestAddress(base)).unwrap();
+    put_header(memory, base, VIRTIO_BLK_T_OUT, sector);
     memory
         .write_slice(&[fill; SECTOR as usize], GuestAddress(base + 0x100))
         .unwrap();
@@ -187,140 +61,15 @@ fn put_write_request(memory: &GuestMemoryMmap, (head, sector, fill): (u16, u64, 
     put_descriptor(memory, head + 2, base + 0x400, 1, DESC_F_WRITE, 0);
 }
 
-/// The driver's available ring: `heads`, in this order, from slot 0.
-fn make_available(memory: &GuestMemoryMmap, heads: &[u16]) {
-    for (slot, &head) in heads.iter().enumerate() {
-        memory
-            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot as u64))
-            .unwrap();
-    }
-    memory
-        .write_obj(heads.len() as u16, GuestAddress(AVAIL_RING + 2))
-        .unwrap();
-}
-
 fn status_of(memory: &GuestMemoryMmap, head: u16) -> u8 {
     memory
         .read_obj(GuestAddress(BUFFERS + u64::from(head) * 0x1000 + 0x400))
         .unwrap()
 }
 
-fn used_idx(memory: &GuestMemoryMmap) -> u16 {
-    memory.read_obj(GuestAddress(USED_RING + 2)).unwrap()
-}
-
-fn used_ids(memory: &GuestMemoryMmap, range: std::ops::Range<u16>) -> Vec<u16> {
-    range
-        .map(|i| {
-            let id: u32 = memory
-                .read_obj(GuestAddress(USED_RING + 4 + 8 * u64::from(i)))
-                .unwrap();
-            id as u16
-        })
-        .collect()
-}
-
-fn sector_of(image: &Path, sector: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; SECTOR as usize];
-    File::open(image)
-        .unwrap()
-        .read_exact_at(&mut bytes, sector * SECTOR)
-        .unwrap();
-    bytes
-}
-
-/// Negotiates as pvstack's frontend does, with INFLIGHT_SHMFD and REPLY_ACK.
-fn negotiate(socket: &Path) -> Frontend {
-    let mut frontend = Frontend::connect(socket, 1).expect("connect");
-    frontend.set_owner().unwrap();
-    let features = frontend.get_features().unwrap();
-    let protocol = frontend.get_protocol_features().unwrap();
-    assert!(
-        protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
-        "pvstack-blk does not offer INFLIGHT_SHMFD: {protocol:?}"
-    );
-    frontend
-        .set_protocol_features(
-            VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
-        )
-        .unwrap();
-    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    frontend
-        .set_features(VIRTIO_F_VERSION_1 | (features & (1 << 30)))
-        .unwrap();
-    frontend
-}
-
-/// A new inflight log for the one queue (GET_INFLIGHT_FD).
-fn new_log(frontend: &mut Frontend) -> (VhostUserInflight, File) {
-    let wanted = VhostUserInflight {
-        num_queues: 1,
-        queue_size: QUEUE_SIZE,
-        ..Default::default()
-    };
-    frontend.get_inflight_fd(&wanted).expect("GET_INFLIGHT_FD")
-}
-
-/// Memory table, ring and eventfds for queue 0, starting at `base`. The
-/// test never writes the kick: the backend must look at the ring by itself
-/// once it has a log to recover (QEMU sends no kick after a restart).
-fn start_queue(frontend: &mut Frontend, memory: &GuestMemoryMmap, base: u16) -> (EventFd, EventFd) {
-    let regions: Vec<_> = memory
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
-        .collect();
-    frontend.set_mem_table(&regions).unwrap();
-    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-    let call = EventFd::new(0).unwrap();
-    let kick = EventFd::new(0).unwrap();
-    frontend.set_vring_call(0, &call).unwrap();
-    frontend.set_vring_base(0, base).unwrap();
-    let host = |gpa| memory.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: host(DESC_TABLE),
-                used_ring_addr: host(USED_RING),
-                avail_ring_addr: host(AVAIL_RING),
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    frontend.set_vring_kick(0, &kick).unwrap();
-    frontend.set_vring_enable(0, true).unwrap();
-    (call, kick)
-}
-
-fn wait_for_used(memory: &GuestMemoryMmap, idx: u16, backend: &mut Backend) {
-    let started = Instant::now();
-    while used_idx(memory) != idx {
-        assert!(backend.is_running(), "pvstack-blk died:\n{}", backend.log());
-        assert!(
-            started.elapsed() < HANG_GUARD,
-            "used index stuck at {}, expected {idx}; log:\n{}",
-            used_idx(memory),
-            backend.log()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-// The split-queue log layout of the vhost-user specification.
-const VERSION_AT: u64 = 8;
-const DESC_NUM_AT: u64 = 10;
-const LAST_BATCH_HEAD_AT: u64 = 12;
-const USED_IDX_AT: u64 = 14;
-fn desc_state_at(head: u16) -> u64 {
-    16 + 16 * u64::from(head)
-}
-
 #[test]
 fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
-    let (mut backend, socket, image) = Backend::start("recover", IMAGE);
+    let (mut backend, socket, image) = Backend::start("recover", IMAGE, QUEUE_SIZE);
     let memory = guest_memory();
     for request in [A, B, C, D] {
         put_write_request(&memory, request);
@@ -334,23 +83,16 @@ fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
     memory.write_obj(1u32, GuestAddress(USED_RING + 8)).unwrap();
     memory.write_obj(1u16, GuestAddress(USED_RING + 2)).unwrap();
 
-    let mut frontend = negotiate(&socket);
+    let mut frontend = negotiate(&socket, VIRTIO_F_VERSION_1);
     let (shape, log) = new_log(&mut frontend);
     let size = shape.mmap_size;
     assert!(size >= 16 + 16 * u64::from(QUEUE_SIZE), "a {size}-byte log");
     assert_eq!(log.metadata().unwrap().len(), size);
     // What the previous backend left: it took A (counter 10), B (11) and
     // C (12), returned B and marked it done.
-    let put = |at: u64, bytes: &[u8]| log.write_all_at(bytes, at).unwrap();
-    put(VERSION_AT, &1u16.to_le_bytes());
-    put(DESC_NUM_AT, &QUEUE_SIZE.to_le_bytes());
-    put(LAST_BATCH_HEAD_AT, &B.0.to_le_bytes());
-    put(USED_IDX_AT, &1u16.to_le_bytes());
-    for (head, counter) in [(A.0, 10u64), (C.0, 12)] {
-        put(desc_state_at(head), &[1]);
-        put(desc_state_at(head) + 8, &counter.to_le_bytes());
-    }
-    put(desc_state_at(B.0) + 8, &11u64.to_le_bytes());
+    put_inflight(&log, 1, B.0, &[(A.0, 10), (C.0, 12)]);
+    log.write_all_at(&11u64.to_le_bytes(), desc_state_at(B.0) + 8)
+        .unwrap();
 
     frontend
         .set_inflight_fd(&shape, std::os::fd::AsRawFd::as_raw_fd(&log))
@@ -389,8 +131,8 @@ fn a_restarted_backend_serves_what_its_predecessor_left_and_nothing_twice() {
 
 #[test]
 fn inflight_messages_pvstack_blk_cannot_honour_are_refused_and_it_serves_on() {
-    let (mut backend, socket, _image) = Backend::start("refuse", IMAGE);
-    let mut frontend = negotiate(&socket);
+    let (mut backend, socket, _image) = Backend::start("refuse", IMAGE, QUEUE_SIZE);
+    let mut frontend = negotiate(&socket, VIRTIO_F_VERSION_1);
     // More queues than the device has: a zero-sized answer without a file.
     let too_many = VhostUserInflight {
         num_queues: 2,
@@ -419,7 +161,7 @@ fn inflight_messages_pvstack_blk_cannot_honour_are_refused_and_it_serves_on() {
 
 #[test]
 fn sigkill_in_the_middle_of_a_write_and_the_next_backend_finishes_it() {
-    let (mut backend, socket, image) = Backend::start("crash", BIG_WRITE + IMAGE);
+    let (mut backend, socket, image) = Backend::start("crash", BIG_WRITE + IMAGE, QUEUE_SIZE);
     let memory = guest_memory_of(BIG_MEMORY);
     // Request 0 writes BIG_WRITE bytes at sector 0 from BIG_DATA, marked
     // at both ends; request D (behind it in the ring) writes one sector.
@@ -441,7 +183,7 @@ fn sigkill_in_the_middle_of_a_write_and_the_next_backend_finishes_it() {
     put_write_request(&memory, (D.0, d_sector, D.2));
     make_available(&memory, &[0, D.0]);
 
-    let mut frontend = negotiate(&socket);
+    let mut frontend = negotiate(&socket, VIRTIO_F_VERSION_1);
     let (shape, log) = new_log(&mut frontend);
     let log_fd = std::os::fd::AsRawFd::as_raw_fd(&log);
     frontend.set_inflight_fd(&shape, log_fd).unwrap();
@@ -470,8 +212,8 @@ fn sigkill_in_the_middle_of_a_write_and_the_next_backend_finishes_it() {
     );
 
     // A new pvstack-blk, given the same log, at the used index.
-    let mut backend = Backend::spawn(&backend.dir.clone(), "blk-restarted.log");
-    let mut frontend = negotiate(&socket);
+    let mut backend = backend.respawn("blk-restarted.log");
+    let mut frontend = negotiate(&socket, VIRTIO_F_VERSION_1);
     frontend.set_inflight_fd(&shape, log_fd).unwrap();
     let _events = start_queue(&mut frontend, &memory, used_idx(&memory));
     wait_for_used(&memory, 2, &mut backend);

@@ -7,7 +7,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::ByteValued;
 
 /// Size of a virtio-blk sector: the unit of request offsets and of capacity.
@@ -18,6 +18,29 @@ pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as 
 pub const MAX_RANGE_SEGMENTS: u32 = 32;
 /// Sectors one DISCARD or WRITE_ZEROES segment may cover (2 GiB - 512).
 pub const MAX_RANGE_SECTORS: u32 = u32::MAX / SECTOR_SIZE as u32;
+
+/// The queue size seg_max is sized for when queues may be larger (QEMU's
+/// default for virtio-blk and vhost-user-blk devices).
+pub const SEG_MAX_QUEUE_SIZE: u16 = 128;
+
+/// The seg_max to advertise for queues of up to `max_queue_size` entries:
+/// what one chain on a queue of `min(max_queue_size, 128)` entries carries
+/// besides the header and the status. A driver reads seg_max before it sets
+/// a queue's size, and may set any size up to the largest (Linux sets less
+/// when it cannot allocate the ring; a vhost-user backend learns the size
+/// only when the rings start), so seg_max is sized for the queue drivers
+/// commonly run, not for the largest one allowed. On a smaller queue a
+/// driver still sends seg_max segments in one indirect table
+/// (VIRTIO_RING_F_INDIRECT_DESC, always offered). Never 0: drivers read it
+/// as 1 anyway.
+pub fn seg_max(max_queue_size: u16) -> u32 {
+    u32::from(
+        max_queue_size
+            .min(SEG_MAX_QUEUE_SIZE)
+            .saturating_sub(2)
+            .max(1),
+    )
+}
 
 /// The disk as the guest sees it, and the limits requests are checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +53,14 @@ pub struct DiskLimits {
     pub max_segments: u32,
 }
 
-/// virtio feature bits the device offers.
+/// virtio feature bits the device offers. Indirect descriptors need nothing
+/// from the device's user: the queue resolves them while the chain is
+/// walked, and `request` bounds and checks the result.
 pub fn virtio_features(readonly: bool) -> u64 {
     let mut bits = [
         VIRTIO_F_VERSION_1,
         VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_BLK_F_MQ,
         VIRTIO_BLK_F_FLUSH,
         VIRTIO_BLK_F_BLK_SIZE,
@@ -129,6 +155,19 @@ mod tests {
         assert_eq!(&window[..space.len() - 32], &space[32..]);
         assert!(window[space.len() - 32..].iter().all(|&b| b == 0));
         assert!(config_window(&space, 10_000, 8).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn seg_max_fits_a_queue_of_128_or_the_largest_queue_if_smaller() {
+        assert_eq!(seg_max(256), 126);
+        assert_eq!(seg_max(128), 126);
+        assert_eq!(seg_max(32768), 126);
+        assert_eq!(seg_max(64), 62);
+        assert_eq!(seg_max(2), 1);
+        assert_ne!(
+            virtio_features(false) & (1 << VIRTIO_RING_F_INDIRECT_DESC),
+            0
+        );
     }
 
     #[test]

@@ -14,5 +14,7 @@ pub mod error;
 pub mod execute;
 pub mod image;
 pub mod request;
+#[cfg(test)]
+mod test_chains;
 
 pub use error::Error;

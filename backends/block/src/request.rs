@@ -2,8 +2,9 @@
 //!
 //! Nothing here trusts the guest: every descriptor must lie inside guest
 //! memory and point the right way (device-readable or device-writable), the
-//! chain may not be longer than the queue, data lengths must be whole sectors
-//! and the sectors must lie inside the disk. The outcome is one of
+//! chain must end (its last descriptor says no other follows) and may not be
+//! longer than [`max_chain_len`], data lengths must be whole sectors and the
+//! sectors must lie inside the disk. The outcome is one of
 //! - `Parsed::Request`: a valid request to execute, with its status address;
 //! - `Parsed::Rejected`: a bad request the driver is told about through the
 //!   status byte (IOERR or UNSUPP);
@@ -84,7 +85,7 @@ pub enum Rejection {
     OutsideMemory { addr: u64, len: u32 },
     #[error("a data descriptor points the wrong way for this request")]
     WrongDirection,
-    #[error("data length {0} is not a positive multiple of 512")]
+    #[error("data length {0} is not a positive multiple of 512 below 4 GiB")]
     BadDataLength(u64),
     #[error("sectors {sector}+{count} lie beyond the disk's {capacity} sectors")]
     OutOfRange {
@@ -96,6 +97,8 @@ pub enum Rejection {
     ReadOnly,
     #[error("{0} data segments, more than the advertised {1}")]
     TooManySegments(usize, u32),
+    #[error("the chain has {count} descriptors, more than the {limit} a request may have")]
+    TooManyDescriptors { count: usize, limit: usize },
     #[error("range list of {0} bytes is not a positive multiple of 16")]
     BadRangeList(u64),
     #[error("{0} ranges, more than the advertised {MAX_RANGE_SEGMENTS}")]
@@ -123,8 +126,11 @@ impl Rejection {
 pub enum Malformed {
     #[error("the chain has no descriptors")]
     Empty,
-    #[error("the chain is longer than the queue ({0} descriptors)")]
-    TooLong(usize),
+    /// The queue stopped yielding descriptors before one without NEXT: the
+    /// chain loops, is longer than its table, leaves its table or guest
+    /// memory, nests indirect tables, or holds more than 4 GiB.
+    #[error("the chain breaks off after {0} descriptors (the last one says another follows)")]
+    Broken(usize),
     #[error("the last descriptor is not device-writable, so there is no status byte")]
     NoStatus,
     #[error("the status byte at {0:#x} lies outside guest memory")]
@@ -145,37 +151,72 @@ pub enum Parsed {
     Unanswerable(Malformed),
 }
 
+/// Descriptors one request may have on a queue of `queue_size` entries:
+/// the queue size (the most a direct chain has), or header, seg_max data
+/// segments and status when that is more. A driver with indirect
+/// descriptors puts a whole request in one table whatever the queue size
+/// (Linux does), and seg_max is sized before the driver sets the queue's
+/// size (see `config::seg_max`).
+pub fn max_chain_len(limits: &DiskLimits, queue_size: u16) -> usize {
+    usize::from(queue_size).max(limits.max_segments as usize + 2)
+}
+
+/// Most descriptors a split queue yields for one chain: a direct part no
+/// longer than the largest queue and one indirect table of at most
+/// `u16::MAX` entries. Walking stops there even if an iterator goes on.
+const MAX_WALK: usize = 32768 + u16::MAX as usize;
+
 /// Parses and checks one chain. `descriptors` is the chain as the queue
-/// yielded it (at most `max_chain_len + 1` are looked at).
+/// yielded it, indirect table resolved; it is walked to its end (the queue
+/// bounds that) so that a chain too long to serve still gets its status,
+/// but only the first [`max_chain_len`] descriptors are kept.
 pub fn parse<I>(
     descriptors: I,
     mem: &GuestMemoryMmap,
     limits: &DiskLimits,
-    max_chain_len: usize,
+    queue_size: u16,
 ) -> Parsed
 where
     I: IntoIterator<Item = Descriptor>,
 {
-    let descs: Vec<Descriptor> = descriptors.into_iter().take(max_chain_len + 1).collect();
-    let status = match find_status(&descs, mem, max_chain_len) {
+    let limit = max_chain_len(limits, queue_size);
+    let mut descs = Vec::new();
+    let mut count = 0;
+    let mut last = None;
+    for desc in descriptors.into_iter().take(MAX_WALK) {
+        if count < limit {
+            descs.push(desc);
+        }
+        count += 1;
+        last = Some(desc);
+    }
+    let status = match find_status(last, count, mem) {
         Ok(status) => status,
         Err(malformed) => return Parsed::Unanswerable(malformed),
     };
+    if count > limit {
+        return Parsed::Rejected {
+            rejection: Rejection::TooManyDescriptors { count, limit },
+            status,
+        };
+    }
     match parse_answerable(&descs, mem, limits) {
         Ok(operation) => Parsed::Request { operation, status },
         Err(rejection) => Parsed::Rejected { rejection, status },
     }
 }
 
+/// The status byte: the last byte of the chain's last descriptor, which
+/// must end the chain, be device-writable and lie inside guest memory.
 fn find_status(
-    descs: &[Descriptor],
+    last: Option<Descriptor>,
+    count: usize,
     mem: &GuestMemoryMmap,
-    max_chain_len: usize,
 ) -> Result<GuestAddress, Malformed> {
-    if descs.len() > max_chain_len {
-        return Err(Malformed::TooLong(descs.len()));
+    let last = last.ok_or(Malformed::Empty)?;
+    if last.has_next() {
+        return Err(Malformed::Broken(count));
     }
-    let last = descs.last().ok_or(Malformed::Empty)?;
     if !last.is_write_only() || last.len() == 0 {
         return Err(Malformed::NoStatus);
     }
@@ -234,7 +275,8 @@ fn parse_answerable(
                 ));
             }
             let len = total_len(&buffers);
-            if len == 0 || len % SECTOR_SIZE != 0 {
+            // The used length of a read must fit the used ring's u32.
+            if len == 0 || len % SECTOR_SIZE != 0 || len > u64::from(u32::MAX) {
                 return Err(Rejection::BadDataLength(len));
             }
             check_sectors(limits, sector, len / SECTOR_SIZE)?;
@@ -393,7 +435,7 @@ fn read_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use crate::test_chains::*;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
@@ -415,33 +457,22 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
     }
 
-    fn readable(addr: u64, len: u32) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, 0, 0))
-    }
-
-    fn writable(addr: u64, len: u32) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(
-            addr,
-            len,
-            VRING_DESC_F_WRITE as u16,
-            0,
-        ))
-    }
-
-    fn write_header(mem: &GuestMemoryMmap, addr: u64, request_type: u32, sector: u64) {
-        let mut raw = [0u8; 16];
-        raw[0..4].copy_from_slice(&request_type.to_le_bytes());
-        raw[8..16].copy_from_slice(&sector.to_le_bytes());
-        mem.write_slice(&raw, GuestAddress(addr))
-            .expect("write header");
-    }
-
-    /// Builds the chain in a real split queue in guest memory, pops it the way
-    /// the backend does, and parses it.
-    fn parse_chain(mem: &GuestMemoryMmap, descs: &[RawDescriptor], limits: &DiskLimits) -> Parsed {
-        let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+    /// Builds the chain in a real split queue of `queue_size` entries in
+    /// guest memory, pops it the way the backend does, and parses it.
+    fn parse_on_queue(
+        mem: &GuestMemoryMmap,
+        queue_size: u16,
+        descs: &[RawDescriptor],
+        limits: &DiskLimits,
+    ) -> Parsed {
+        let queue = MockSplitQueue::new(mem, queue_size);
         let chain = queue.build_desc_chain(descs).expect("build chain");
-        parse(chain, mem, limits, usize::from(QUEUE_SIZE))
+        parse(chain, mem, limits, queue_size)
+    }
+
+    /// As [`parse_on_queue`] on a queue of QUEUE_SIZE entries.
+    fn parse_chain(mem: &GuestMemoryMmap, descs: &[RawDescriptor], limits: &DiskLimits) -> Parsed {
+        parse_on_queue(mem, QUEUE_SIZE, descs, limits)
     }
 
     fn rejection(parsed: Parsed) -> Rejection {
@@ -669,40 +700,141 @@ mod tests {
     }
 
     #[test]
-    fn chain_longer_than_allowed_is_unanswerable() {
-        let mem = memory();
-        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
-        let queue = MockSplitQueue::new(&mem, QUEUE_SIZE);
-        let descs = [
-            readable(HEADER, 16),
-            writable(DATA, 512),
-            writable(DATA + 512, 512),
-            writable(STATUS, 1),
-        ];
-        let chain = queue.build_desc_chain(&descs).expect("build chain");
-        assert_eq!(
-            parse(chain, &mem, &limits(false), 3),
-            Parsed::Unanswerable(Malformed::TooLong(4))
-        );
-    }
-
-    #[test]
     fn looping_chain_is_cut_at_the_queue_size() {
         let mem = memory();
         let queue = MockSplitQueue::new(&mem, QUEUE_SIZE);
         // Descriptor 0 is readable and points at itself forever.
-        let looping = RawDescriptor::from(SplitDescriptor::new(
-            HEADER,
-            16,
-            virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16,
-            0,
-        ));
+        let looping = RawDescriptor::from(SplitDescriptor::new(HEADER, 16, NEXT, 0));
         let chain = queue
             .build_multiple_desc_chains(&[looping])
             .expect("build chain");
         assert_eq!(
-            parse(chain, &mem, &limits(false), usize::from(QUEUE_SIZE)),
-            Parsed::Unanswerable(Malformed::NoStatus)
+            parse(chain, &mem, &limits(false), QUEUE_SIZE),
+            Parsed::Unanswerable(Malformed::Broken(usize::from(QUEUE_SIZE)))
+        );
+    }
+
+    const TABLE: u64 = 0x4_0000;
+
+    /// A read of `segments` 512-byte data segments at DATA, DATA + 0x400, ...:
+    /// header, data, status, as indirect table entries.
+    fn read_entries(segments: usize) -> Vec<RawDescriptor> {
+        let mut entries = vec![readable(HEADER, 16)];
+        entries.extend((0..segments).map(|i| writable(DATA + 0x400 * i as u64, 512)));
+        entries.push(writable(STATUS, 1));
+        entries
+    }
+
+    #[test]
+    fn an_indirect_table_of_seg_max_segments_is_served_on_a_smaller_queue() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let segments = limits(false).max_segments as usize;
+        let head = indirect_table(&mem, TABLE, &read_entries(segments));
+        // Linux puts a whole request in one table, even on a queue of 4.
+        match parse_on_queue(&mem, 4, &[head], &limits(false)) {
+            Parsed::Request {
+                operation: Operation::Read { sector: 0, buffers },
+                status,
+            } => {
+                assert_eq!(status, GuestAddress(STATUS));
+                assert_eq!(buffers.len(), segments);
+                assert_eq!(
+                    buffers[segments - 1].addr,
+                    GuestAddress(DATA + 0x400 * (segments as u64 - 1))
+                );
+            }
+            other => panic!("expected a read, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_indirect_table_longer_than_a_request_may_be_is_an_io_error() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let limit = max_chain_len(&limits(false), 4);
+        assert_eq!(limit, usize::from(QUEUE_SIZE));
+        let segments = limits(false).max_segments as usize + 1;
+        let head = indirect_table(&mem, TABLE, &read_entries(segments));
+        let r = rejection(parse_on_queue(&mem, 4, &[head], &limits(false)));
+        assert_eq!(
+            r,
+            Rejection::TooManyDescriptors {
+                count: limit + 1,
+                limit
+            }
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        // On a queue larger than header, seg_max and status, the chain fits
+        // but its data segments do not.
+        let r = rejection(parse_on_queue(&mem, 32, &[head], &limits(false)));
+        assert_eq!(r, Rejection::TooManySegments(segments, segments as u32 - 1));
+    }
+
+    #[test]
+    fn direct_descriptors_before_a_trailing_indirect_table_are_one_chain() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 2);
+        let table = indirect_table(&mem, TABLE, &[writable(DATA, 1024), writable(STATUS, 1)]);
+        assert_eq!(
+            parse_chain(&mem, &[readable(HEADER, 16), table], &limits(false)),
+            Parsed::Request {
+                operation: Operation::Read {
+                    sector: 2,
+                    buffers: vec![Segment {
+                        addr: GuestAddress(DATA),
+                        len: 1024
+                    }],
+                },
+                status: GuestAddress(STATUS),
+            }
+        );
+    }
+
+    #[test]
+    fn broken_indirect_tables_are_unanswerable() {
+        let mem = memory();
+        write_header(&mem, HEADER, VIRTIO_BLK_T_IN, 0);
+        let unanswerable = |descs: &[RawDescriptor]| match parse_chain(&mem, descs, &limits(false))
+        {
+            Parsed::Unanswerable(why) => why,
+            other => panic!("expected no answer, got {other:?}"),
+        };
+        // A table inside a table.
+        let inner = indirect_table(&mem, TABLE + 0x1000, &read_entries(1)[1..]);
+        let nested = indirect_table(&mem, TABLE, &[readable(HEADER, 16), inner]);
+        assert_eq!(unanswerable(&[nested]), Malformed::Broken(1));
+        // A table outside guest memory, or running out of it.
+        let outside = RawDescriptor::from(SplitDescriptor::new(MEM_SIZE, 48, INDIRECT, 0));
+        assert_eq!(unanswerable(&[outside]), Malformed::Empty);
+        let last_two = GuestAddress(MEM_SIZE - 32);
+        mem.write_obj(SplitDescriptor::new(HEADER, 16, NEXT, 1), last_two)
+            .expect("write entry");
+        let data = SplitDescriptor::new(DATA, 512, WRITE | NEXT, 2);
+        mem.write_obj(data, GuestAddress(MEM_SIZE - 16))
+            .expect("write entry");
+        let straddling = RawDescriptor::from(SplitDescriptor::new(last_two.0, 48, INDIRECT, 0));
+        assert_eq!(unanswerable(&[straddling]), Malformed::Broken(2));
+        // A table whose entries loop, or lead out of the table.
+        let looping = indirect_table(&mem, TABLE, &read_entries(2));
+        mem.write_obj(
+            SplitDescriptor::new(DATA, 512, WRITE | NEXT, 0),
+            GuestAddress(TABLE + 16),
+        )
+        .expect("write entry");
+        assert_eq!(unanswerable(&[looping]), Malformed::Broken(4));
+        mem.write_obj(
+            SplitDescriptor::new(DATA, 512, WRITE | NEXT, 9),
+            GuestAddress(TABLE + 16),
+        )
+        .expect("write entry");
+        assert_eq!(unanswerable(&[looping]), Malformed::Broken(2));
+        // A table whose length is not a whole number of descriptors.
+        indirect_table(&mem, TABLE, &read_entries(1));
+        let ragged = RawDescriptor::from(SplitDescriptor::new(TABLE, 40, INDIRECT, 0));
+        assert_eq!(
+            unanswerable(&[readable(HEADER, 16), ragged]),
+            Malformed::Broken(1)
         );
     }
 

@@ -118,7 +118,8 @@ where
 }
 
 /// Copies a transmit chain (header + frame) into `buffer`, checking every
-/// descriptor; returns the length.
+/// descriptor and that the chain ends (the queue stops yielding a broken
+/// chain, indirect table included, before its end); returns the length.
 pub fn gather<M, N>(
     chain: DescriptorChain<N>,
     mem: &M,
@@ -130,7 +131,9 @@ where
     N::Target: GuestMemory,
 {
     let mut len = 0usize;
+    let mut ended = true;
     for desc in chain {
+        ended = !desc.has_next();
         if desc.is_write_only() {
             return Err(BadFrame::WriteOnlyDescriptor);
         }
@@ -141,6 +144,9 @@ where
         mem.read_slice(&mut buffer[len..end], desc.addr())
             .map_err(|_| outside(&desc))?;
         len = end;
+    }
+    if !ended {
+        return Err(BadFrame::BrokenChain);
     }
     check_chain_len(len)?;
     Ok(len)
@@ -295,6 +301,51 @@ mod tests {
         assert_eq!(
             gathered(&mem, &[readable(BUF, huge), readable(BUF, 1)]),
             Err(BadFrame::TooLong(MAX_CHAIN_BYTES + 1))
+        );
+    }
+
+    const TABLE: u64 = 0x8_0000;
+    const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+
+    /// Writes `entries` (addr, len, flags, next) as an indirect table at
+    /// TABLE and returns the descriptor that refers to it.
+    fn indirect(mem: &GuestMemoryMmap, entries: &[(u64, u32, u16, u16)]) -> RawDescriptor {
+        for (i, &(addr, len, flags, next)) in entries.iter().enumerate() {
+            let entry = SplitDescriptor::new(addr, len, flags, next);
+            mem.write_obj(entry, GuestAddress(TABLE + 16 * i as u64))
+                .expect("write entry");
+        }
+        let len = 16 * entries.len() as u32;
+        RawDescriptor::from(SplitDescriptor::new(TABLE, len, INDIRECT, 0))
+    }
+
+    /// Linux sends a frame in one indirect table when it has more pieces
+    /// than free descriptors; a broken table drops the frame.
+    #[test]
+    fn transmit_chains_in_indirect_tables() {
+        let mem = memory();
+        let frame: Vec<u8> = (0..100u8).collect();
+        mem.write_slice(&frame, GuestAddress(BUF)).expect("write");
+        let pieces: Vec<_> = (0..20u16)
+            .map(|i| (BUF + 5 * u64::from(i), 5, NEXT, i + 1))
+            .collect();
+        let mut table = pieces.clone();
+        table[19].2 = 0;
+        assert_eq!(gathered(&mem, &[indirect(&mem, &table)]), Ok(100));
+        // The last piece refers to another table: the chain breaks off
+        // after 95 bytes, which would otherwise make a frame.
+        table[19] = (TABLE + 0x1000, 16, INDIRECT, 0);
+        assert_eq!(
+            gathered(&mem, &[indirect(&mem, &table)]),
+            Err(BadFrame::BrokenChain)
+        );
+        // The pieces loop.
+        let mut table = pieces;
+        table[19].3 = 0;
+        assert_eq!(
+            gathered(&mem, &[indirect(&mem, &table)]),
+            Err(BadFrame::BrokenChain)
         );
     }
 

@@ -25,6 +25,9 @@ pub enum BadFrame {
     WriteOnlyDescriptor,
     /// A descriptor points outside guest memory.
     OutsideMemory { addr: u64, len: u32 },
+    /// The chain breaks off after a descriptor that says another follows:
+    /// it loops, leaves its table or guest memory, or nests indirect tables.
+    BrokenChain,
 }
 
 impl std::fmt::Display for BadFrame {
@@ -39,6 +42,7 @@ impl std::fmt::Display for BadFrame {
             BadFrame::OutsideMemory { addr, len } => {
                 write!(f, "{len} bytes at {addr:#x} lie outside guest memory")
             }
+            BadFrame::BrokenChain => write!(f, "a descriptor chain that breaks off"),
         }
     }
 }

@@ -293,11 +293,27 @@ impl<'a> BlkDevice<'a> {
     }
 
     /// Largest data length one request can carry (a multiple of the sector
-    /// size), given the device's segment limits.
+    /// size), given the device's segment limits and the smallest queue's
+    /// size: a chain (header, data, status) must fit in its ring, since
+    /// this driver uses no indirect tables.
     pub fn max_request_bytes(&self) -> u32 {
-        let segments = u64::from(self.config.seg_max.min(MAX_SEGMENTS as u32));
+        let segments = u64::from(self.segments_per_request());
         let bytes = (u64::from(self.config.size_max) * segments).min(MAX_REQUEST_BYTES);
         (bytes - bytes % SECTOR_SIZE) as u32
+    }
+
+    /// Most data segments one request may have: the device's seg_max, the
+    /// driver's own limit, and what the smallest ring holds besides the
+    /// header and the status.
+    fn segments_per_request(&self) -> u32 {
+        let ring_room = self
+            .queues
+            .iter()
+            .flatten()
+            .map(|queue| u32::from(queue.ring.size()).saturating_sub(2).max(1))
+            .min()
+            .unwrap_or(1);
+        self.config.seg_max.min(MAX_SEGMENTS as u32).min(ring_room)
     }
 
     /// Doorbell kicks sent so far (on all queues).
@@ -358,7 +374,7 @@ impl<'a> BlkDevice<'a> {
                     break;
                 }
             }
-            if count > self.config.seg_max as usize {
+            if count > self.segments_per_request() as usize {
                 return Err(VirtioError::TooManySegments);
             }
         }

@@ -142,8 +142,10 @@ impl<'a> SplitQueue<'a> {
             layout,
             base,
             event_idx,
-            // SAFETY (both): within `memory` (checked above), 2-byte aligned.
+            // SAFETY: within `memory` (its length was checked above); the
+            // private area is 2-byte aligned.
             next_free: unsafe { base.add(layout.private) }.cast(),
+            // SAFETY: as above; the chain lengths follow the free list.
             chain_len: unsafe { base.add(layout.private + 2 * size as usize) }.cast(),
             free_head: 0,
             free_count: size,
@@ -395,7 +397,10 @@ mod tests {
     type Desc = (u64, u32, u16, u16);
 
     /// The device side, reading and writing the rings through the
-    /// addresses the driver would program into the transport.
+    /// addresses the driver would program into the transport. Every
+    /// pointer is into the queue memory the test owns, which outlives the
+    /// device; every index is reduced modulo the queue size or checked
+    /// against it before it is used.
     struct Device {
         desc: *mut u8,
         avail: *mut u16,
@@ -418,19 +423,23 @@ mod tests {
         }
 
         fn avail_flags(&self) -> u16 {
+            // SAFETY: the available ring's flags, in the queue memory.
             unsafe { self.avail.read_volatile() }
         }
 
         fn used_event(&self) -> u16 {
+            // SAFETY: used_event follows the ring's `size` entries, in the queue memory.
             unsafe { self.avail.add(2 + self.size as usize).read_volatile() }
         }
 
         /// The next published chain as (head, descriptors).
         fn pop_avail(&mut self) -> Option<(u16, Vec<Desc>)> {
+            // SAFETY: the available ring's idx, in the queue memory.
             let idx = unsafe { self.avail.add(1).read_volatile() };
             if idx == self.next_avail {
                 return None;
             }
+            // SAFETY: an entry of the ring (index reduced modulo its size).
             let head = unsafe {
                 self.avail
                     .add(2 + (self.next_avail % self.size) as usize)
@@ -440,7 +449,10 @@ mod tests {
             let mut chain = Vec::new();
             let mut i = head;
             loop {
+                assert!(i < self.size, "descriptor index {i} out of the table");
+                // SAFETY: descriptor `i` of the table (`i` checked above).
                 let d = unsafe { self.desc.add(16 * i as usize) };
+                // SAFETY: the fields of that 16-byte, 16-byte aligned descriptor.
                 let entry = unsafe {
                     (
                         d.cast::<u64>().read_volatile(),
@@ -459,6 +471,8 @@ mod tests {
         }
 
         fn push_used(&mut self, id: u32, len: u32) {
+            // SAFETY: a used ring element (index reduced modulo the size)
+            // and the used ring's idx, in the queue memory.
             unsafe {
                 let elem = self.used.add(4 + 8 * (self.used_idx % self.size) as usize);
                 elem.cast::<u32>().write_volatile(id);
@@ -469,10 +483,12 @@ mod tests {
         }
 
         fn set_used_flags(&mut self, flags: u16) {
+            // SAFETY: the used ring's flags, in the queue memory.
             unsafe { self.used.cast::<u16>().write_volatile(flags) }
         }
 
         fn set_avail_event(&mut self, event: u16) {
+            // SAFETY: avail_event follows the used ring's `size` elements.
             unsafe {
                 self.used
                     .add(4 + 8 * self.size as usize)

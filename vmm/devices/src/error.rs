@@ -48,6 +48,17 @@ pub enum Error {
     /// The backend answered, but cannot serve this device as asked.
     #[error("vhost-user backend {socket}: {reason}")]
     Incompatible { socket: PathBuf, reason: String },
+    /// The backend lacks virtio features the device needs (a swap or
+    /// reconnect target that cannot take over the driver's rings).
+    #[error("vhost-user backend {socket}: it lacks features the device needs (missing bits {missing:#x})")]
+    MissingFeatures { socket: PathBuf, missing: u64 },
+    /// The backend serves fewer queues than the device needs.
+    #[error("vhost-user backend {socket}: it serves {serves} queues, the device needs {needed}")]
+    TooFewQueues {
+        socket: PathBuf,
+        serves: u64,
+        needed: u64,
+    },
     /// Creating an eventfd failed.
     #[error("cannot create the eventfd for {what}: {source}")]
     EventFd { what: String, source: io::Error },

@@ -6,13 +6,11 @@
 //! MMIO exits would, lays virtio-blk requests out in guest memory by hand,
 //! kicks, polls the used ring and checks the bytes in the image file.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Once;
 use std::thread::sleep;
@@ -21,6 +19,16 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{Kvm, VmFd};
 use pvstack_devices::bus::Bus;
 use pvstack_devices::{create_blk, BlkDevice, BlkSpec, DeviceContext, Error};
+use pvstack_tests::qsd::QsdProcess;
+use pvstack_tests::{target_profile_dir, ScratchDir};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 const MEM_SIZE: usize = 16 << 20;
@@ -29,38 +37,9 @@ const QUEUE_SIZE: u16 = 16;
 const BLOCK: usize = 4096;
 /// Only keeps a broken backend from hanging the test forever.
 const HANG_GUARD: Duration = Duration::from_secs(60);
-
-// virtio-mmio registers and status bits (virtio 1.x, 4.2.2).
-const MAGIC: u64 = 0x00;
-const VERSION: u64 = 0x04;
-const DEVICE_ID: u64 = 0x08;
-const DEVICE_FEATURES: u64 = 0x10;
-const DEVICE_FEATURES_SEL: u64 = 0x14;
-const DRIVER_FEATURES: u64 = 0x20;
-const DRIVER_FEATURES_SEL: u64 = 0x24;
-const QUEUE_SEL: u64 = 0x30;
-const QUEUE_NUM_MAX: u64 = 0x34;
-const QUEUE_NUM: u64 = 0x38;
-const QUEUE_READY: u64 = 0x44;
-const QUEUE_NOTIFY: u64 = 0x50;
-const INTERRUPT_STATUS: u64 = 0x60;
-const STATUS: u64 = 0x70;
-const QUEUE_DESC: u64 = 0x80;
-const QUEUE_AVAIL: u64 = 0x90;
-const QUEUE_USED: u64 = 0xa0;
-const CONFIG: u64 = 0x100;
-const ACKNOWLEDGE: u32 = 1;
-const DRIVER: u32 = 2;
-const DRIVER_OK: u32 = 4;
-const FEATURES_OK: u32 = 8;
-const NEEDS_RESET: u32 = 64;
-const VERSION_1: u64 = 1 << 32;
-
-// virtio-blk requests.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 // Where the test driver keeps its rings and buffers in guest memory.
 const DESC_TABLE: u64 = 0x1_0000;
@@ -70,48 +49,16 @@ const REQUEST_HEADER: u64 = 0x2_0000;
 const REQUEST_STATUS: u64 = 0x2_0100;
 const DATA: u64 = 0x3_0000;
 
-/// A scratch directory removed at the end of the test.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "pvstack-blk-frontend-{}-{name}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process killed and reaped when the test ends, pass or fail.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn init_logging() {
     let _ = env_logger::builder().is_test(true).try_init();
 }
 
 /// Guest RAM in a memfd, shared with backends, as the VMM makes it.
 fn guest_memory() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a valid C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"blk-frontend-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let memfd = unsafe { File::from_raw_fd(fd) };
+    let memfd = memfd::MemfdOptions::default()
+        .create("blk-frontend-test")
+        .expect("memfd_create")
+        .into_file();
     memfd.set_len(MEM_SIZE as u64).unwrap();
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
@@ -129,8 +76,8 @@ fn kvm_vm() -> VmFd {
 }
 
 /// An image whose sector `n` is filled with the byte `n % 251`.
-fn create_image(dir: &Path) -> PathBuf {
-    let path = dir.join("disk.img");
+fn create_image(dir: &ScratchDir) -> PathBuf {
+    let path = dir.path("disk.img");
     let mut image = File::create(&path).unwrap();
     for sector in 0..IMAGE_SIZE / 512 {
         image.write_all(&[(sector % 251) as u8; 512]).unwrap();
@@ -138,51 +85,12 @@ fn create_image(dir: &Path) -> PathBuf {
     path
 }
 
-/// Waits until something accepts connections on `socket`.
-fn wait_for_socket(socket: &Path, child: &mut Child) {
-    let deadline = Instant::now() + HANG_GUARD;
-    while UnixStream::connect(socket).is_err() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "backend exited ({status}) before opening {}",
-                socket.display()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never opened",
-            socket.display()
-        );
-        sleep(Duration::from_millis(10));
-    }
-}
-
-fn start_qemu_storage_daemon(image: &Path, socket: &Path) -> Reaped {
-    let mut child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
-            socket.display()
-        ))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon is needed (Debian package qemu-system-common)");
-    wait_for_socket(socket, &mut child);
-    Reaped(child)
-}
-
 /// Makes pvstack-blk from this build findable on PATH (`image=` looks
 /// next to the running executable, which for a test is target/*/deps).
 fn put_pvstack_blk_on_path() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let profile_dir = target_profile_dir();
         assert!(
             profile_dir.join("pvstack-blk").is_file(),
             "{} is missing: run `cargo build -p pvstack-blk` (same profile) first",
@@ -222,41 +130,49 @@ impl<'a> Driver<'a> {
         }
     }
 
-    fn read32(&self, offset: u64) -> u32 {
+    /// A register, or a word of the configuration space, at `offset`.
+    fn read32(&self, offset: u32) -> u32 {
         let mut data = [0u8; 4];
-        assert!(self.bus.read(self.base + offset, &mut data));
+        assert!(self.bus.read(self.base + u64::from(offset), &mut data));
         u32::from_le_bytes(data)
     }
 
-    fn write32(&self, offset: u64, value: u32) {
-        assert!(self.bus.write(self.base + offset, &value.to_le_bytes()));
+    fn write32(&self, offset: u32, value: u32) {
+        let addr = self.base + u64::from(offset);
+        assert!(self.bus.write(addr, &value.to_le_bytes()));
     }
 
-    fn write64(&self, offset: u64, value: u64) {
-        self.write32(offset, value as u32);
-        self.write32(offset + 4, (value >> 32) as u32);
+    /// The LOW and HIGH halves of an address register pair.
+    fn write64(&self, low: u32, high: u32, value: u64) {
+        self.write32(low, value as u32);
+        self.write32(high, (value >> 32) as u32);
     }
 
     fn capacity(&self) -> u64 {
-        u64::from(self.read32(CONFIG)) | u64::from(self.read32(CONFIG + 4)) << 32
+        let config = VIRTIO_MMIO_CONFIG;
+        u64::from(self.read32(config)) | u64::from(self.read32(config + 4)) << 32
     }
 
     /// ACKNOWLEDGE, DRIVER, VERSION_1 accepted, FEATURES_OK.
     fn negotiate(&self) {
-        assert_eq!(self.read32(MAGIC), 0x7472_6976);
-        assert_eq!(self.read32(VERSION), 2);
-        assert_eq!(self.read32(DEVICE_ID), 2);
-        self.write32(STATUS, ACKNOWLEDGE);
-        self.write32(STATUS, ACKNOWLEDGE | DRIVER);
-        self.write32(DEVICE_FEATURES_SEL, 1);
-        let high = u64::from(self.read32(DEVICE_FEATURES));
+        assert_eq!(self.read32(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(self.read32(VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(self.read32(VIRTIO_MMIO_DEVICE_ID), 2);
+        self.write32(VIRTIO_MMIO_STATUS, ACKNOWLEDGE);
+        self.write32(VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER);
+        self.write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        let high = u64::from(self.read32(VIRTIO_MMIO_DEVICE_FEATURES));
         assert_ne!(high << 32 & VERSION_1, 0, "VERSION_1 not offered");
-        self.write32(DRIVER_FEATURES_SEL, 0);
-        self.write32(DRIVER_FEATURES, 0);
-        self.write32(DRIVER_FEATURES_SEL, 1);
-        self.write32(DRIVER_FEATURES, (VERSION_1 >> 32) as u32);
-        self.write32(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        assert_ne!(self.read32(STATUS) & FEATURES_OK, 0, "features refused");
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, 0);
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        self.write32(VIRTIO_MMIO_DRIVER_FEATURES, (VERSION_1 >> 32) as u32);
+        self.write32(VIRTIO_MMIO_STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        assert_ne!(
+            self.read32(VIRTIO_MMIO_STATUS) & FEATURES_OK,
+            0,
+            "features refused"
+        );
     }
 
     /// Feature negotiation, the driver's queue set up, DRIVER_OK: what a guest driver
@@ -268,19 +184,34 @@ impl<'a> Driver<'a> {
             .write_slice(&zeros, GuestAddress(DESC_TABLE))
             .unwrap();
         self.avail_idx = 0;
-        self.write32(QUEUE_SEL, u32::from(self.queue));
-        assert_eq!(self.read32(QUEUE_READY), 0);
-        assert!(self.read32(QUEUE_NUM_MAX) >= u32::from(QUEUE_SIZE));
-        self.write32(QUEUE_NUM, u32::from(QUEUE_SIZE));
-        self.write64(QUEUE_DESC, DESC_TABLE);
-        self.write64(QUEUE_AVAIL, AVAIL_RING);
-        self.write64(QUEUE_USED, USED_RING);
-        self.write32(QUEUE_READY, 1);
-        self.write32(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-        let status = self.read32(STATUS);
+        self.write32(VIRTIO_MMIO_QUEUE_SEL, u32::from(self.queue));
+        assert_eq!(self.read32(VIRTIO_MMIO_QUEUE_READY), 0);
+        assert!(self.read32(VIRTIO_MMIO_QUEUE_NUM_MAX) >= u32::from(QUEUE_SIZE));
+        self.write32(VIRTIO_MMIO_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        self.write64(
+            VIRTIO_MMIO_QUEUE_DESC_LOW,
+            VIRTIO_MMIO_QUEUE_DESC_HIGH,
+            DESC_TABLE,
+        );
+        self.write64(
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+            AVAIL_RING,
+        );
+        self.write64(
+            VIRTIO_MMIO_QUEUE_USED_LOW,
+            VIRTIO_MMIO_QUEUE_USED_HIGH,
+            USED_RING,
+        );
+        self.write32(VIRTIO_MMIO_QUEUE_READY, 1);
+        self.write32(
+            VIRTIO_MMIO_STATUS,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+        let status = self.read32(VIRTIO_MMIO_STATUS);
         assert_eq!(status & NEEDS_RESET, 0, "device failed to start");
         assert_ne!(status & DRIVER_OK, 0);
-        assert_eq!(self.read32(INTERRUPT_STATUS), 1);
+        assert_eq!(self.read32(VIRTIO_MMIO_INTERRUPT_STATUS), 1);
     }
 
     fn write_desc(&self, index: u64, addr: u64, len: u32, flags: u16, next: u16) {
@@ -310,7 +241,11 @@ impl<'a> Driver<'a> {
         self.memory
             .write_obj(0xffu8, GuestAddress(REQUEST_STATUS))
             .unwrap();
-        let data_flags = if kind == T_IN { DESC_F_WRITE } else { 0 };
+        let data_flags = if kind == VIRTIO_BLK_T_IN {
+            DESC_F_WRITE
+        } else {
+            0
+        };
         self.write_desc(0, header, 16, DESC_F_NEXT, 1);
         self.write_desc(1, DATA, BLOCK as u32, data_flags | DESC_F_NEXT, 2);
         self.write_desc(2, REQUEST_STATUS, 1, DESC_F_WRITE, 0);
@@ -325,7 +260,7 @@ impl<'a> Driver<'a> {
         fence(Ordering::SeqCst);
         // The write a guest makes; KVM would hand it to the queue's
         // ioeventfd, here the transport forwards it to the same eventfd.
-        self.write32(QUEUE_NOTIFY, u32::from(self.queue));
+        self.write32(VIRTIO_MMIO_QUEUE_NOTIFY, u32::from(self.queue));
 
         let deadline = Instant::now() + HANG_GUARD;
         loop {
@@ -377,7 +312,7 @@ fn exercise(device: &BlkDevice, memory: &GuestMemoryMmap, image: &Path, queue: u
         driver.bring_up();
         // The guest reads what the host put in the image.
         let sector = 300 + u64::from(round);
-        assert_eq!(driver.request(T_IN, sector), 0, "read status");
+        assert_eq!(driver.request(VIRTIO_BLK_T_IN, sector), 0, "read status");
         let expected: Vec<u8> = (0..BLOCK / 512)
             .flat_map(|i| [((sector + i as u64) % 251) as u8; 512])
             .collect();
@@ -389,7 +324,7 @@ fn exercise(device: &BlkDevice, memory: &GuestMemoryMmap, image: &Path, queue: u
             .collect();
         let sector = 1000 + 8 * u64::from(round);
         driver.set_data(&pattern);
-        assert_eq!(driver.request(T_OUT, sector), 0, "write status");
+        assert_eq!(driver.request(VIRTIO_BLK_T_OUT, sector), 0, "write status");
         assert_eq!(image_bytes(image, sector * 512, BLOCK), pattern);
         // Untouched neighbours stay as they were.
         assert_eq!(
@@ -399,23 +334,27 @@ fn exercise(device: &BlkDevice, memory: &GuestMemoryMmap, image: &Path, queue: u
 
         // And it comes back.
         driver.set_data(&[0u8; BLOCK]);
-        assert_eq!(driver.request(T_IN, sector), 0, "read-back status");
+        assert_eq!(
+            driver.request(VIRTIO_BLK_T_IN, sector),
+            0,
+            "read-back status"
+        );
         assert_eq!(driver.data(), pattern, "round {round}: read back");
 
         // Reset: the backend's rings stop; the next round starts afresh.
-        driver.write32(STATUS, 0);
-        assert_eq!(driver.read32(STATUS), 0);
-        assert_eq!(driver.read32(INTERRUPT_STATUS), 0);
+        driver.write32(VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(driver.read32(VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(driver.read32(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
 }
 
 #[test]
 fn qemu_storage_daemon_backend_end_to_end() {
     init_logging();
-    let dir = TempDir::new("qsd");
-    let image = create_image(&dir.0);
-    let socket = dir.0.join("qsd.sock");
-    let _daemon = start_qemu_storage_daemon(&image, &socket);
+    let dir = ScratchDir::new("blk-frontend-qsd");
+    let image = create_image(&dir);
+    let socket = dir.path("qsd.sock");
+    let _daemon = QsdProcess::start(&image, &socket, 1);
     let memory = guest_memory();
     let vm = kvm_vm();
     let spec: BlkSpec = format!("socket={},queue-size=64", socket.display())
@@ -430,8 +369,8 @@ fn qemu_storage_daemon_backend_end_to_end() {
 fn pvstack_blk_started_for_an_image_end_to_end() {
     init_logging();
     put_pvstack_blk_on_path();
-    let dir = TempDir::new("image");
-    let image = create_image(&dir.0);
+    let dir = ScratchDir::new("blk-frontend-image");
+    let image = create_image(&dir);
     let memory = guest_memory();
     let vm = kvm_vm();
     let spec: BlkSpec = format!("image={},id=disk,queue-size=64", image.display())
@@ -466,8 +405,8 @@ fn pvstack_blk_started_for_an_image_end_to_end() {
 fn driver_ok_with_no_queue_ready_then_a_real_start() {
     init_logging();
     put_pvstack_blk_on_path();
-    let dir = TempDir::new("no-queues");
-    let image = create_image(&dir.0);
+    let dir = ScratchDir::new("blk-frontend-no-queues");
+    let image = create_image(&dir);
     let memory = guest_memory();
     let vm = kvm_vm();
     let spec: BlkSpec = format!("image={},queue-size=64", image.display())
@@ -478,11 +417,14 @@ fn driver_ok_with_no_queue_ready_then_a_real_start() {
     // A driver may start the device without readying any queue: nothing
     // to serve (and no inflight log to ask for), but no failure either.
     driver.negotiate();
-    driver.write32(STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-    let status = driver.read32(STATUS);
+    driver.write32(
+        VIRTIO_MMIO_STATUS,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    );
+    let status = driver.read32(VIRTIO_MMIO_STATUS);
     assert_eq!(status & NEEDS_RESET, 0, "device failed to start");
     assert_ne!(status & DRIVER_OK, 0);
-    driver.write32(STATUS, 0);
+    driver.write32(VIRTIO_MMIO_STATUS, 0);
     exercise(&device, &memory, &image, 0);
 }
 
@@ -490,8 +432,8 @@ fn driver_ok_with_no_queue_ready_then_a_real_start() {
 fn second_queue_of_a_two_queue_pvstack_blk() {
     init_logging();
     put_pvstack_blk_on_path();
-    let dir = TempDir::new("two-queues");
-    let image = create_image(&dir.0);
+    let dir = ScratchDir::new("blk-frontend-two-queues");
+    let image = create_image(&dir);
     let memory = guest_memory();
     let vm = kvm_vm();
     let spec: BlkSpec = format!("image={},num-queues=2,queue-size=16", image.display())
@@ -501,12 +443,19 @@ fn second_queue_of_a_two_queue_pvstack_blk() {
     assert_eq!(device.config().num_queues, 2);
     let driver = Driver::new(&device, &memory, 1);
     let mut num_queues = [0u8; 2];
-    assert!(driver.bus.read(driver.base + CONFIG + 34, &mut num_queues));
+    assert!(driver.bus.read(
+        driver.base + u64::from(VIRTIO_MMIO_CONFIG) + 34,
+        &mut num_queues
+    ));
     assert_eq!(u16::from_le_bytes(num_queues), 2);
-    driver.write32(QUEUE_SEL, 1);
-    assert_eq!(driver.read32(QUEUE_NUM_MAX), 16);
-    driver.write32(QUEUE_SEL, 2);
-    assert_eq!(driver.read32(QUEUE_NUM_MAX), 0, "there is no third queue");
+    driver.write32(VIRTIO_MMIO_QUEUE_SEL, 1);
+    assert_eq!(driver.read32(VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+    driver.write32(VIRTIO_MMIO_QUEUE_SEL, 2);
+    assert_eq!(
+        driver.read32(VIRTIO_MMIO_QUEUE_NUM_MAX),
+        0,
+        "there is no third queue"
+    );
     exercise(&device, &memory, &image, 1);
 }
 
@@ -530,8 +479,8 @@ fn missing_socket_is_named() {
 #[test]
 fn backend_that_hangs_up_during_negotiation() {
     init_logging();
-    let dir = TempDir::new("hangup");
-    let socket = dir.0.join("hangup.sock");
+    let dir = ScratchDir::new("blk-frontend-hangup");
+    let socket = dir.path("hangup.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     // Accepts, reads the first request (SET_OWNER, a bare 12-byte
     // header), then hangs up without answering anything.
@@ -582,10 +531,10 @@ fn image_that_does_not_exist() {
 #[test]
 fn readonly_on_a_writable_backend_is_refused() {
     init_logging();
-    let dir = TempDir::new("ro");
-    let image = create_image(&dir.0);
-    let socket = dir.0.join("qsd.sock");
-    let _daemon = start_qemu_storage_daemon(&image, &socket);
+    let dir = ScratchDir::new("blk-frontend-ro");
+    let image = create_image(&dir);
+    let socket = dir.path("qsd.sock");
+    let _daemon = QsdProcess::start(&image, &socket, 1);
     let memory = guest_memory();
     let vm = kvm_vm();
     let spec: BlkSpec = format!("socket={},readonly", socket.display())

@@ -9,10 +9,8 @@
 //! so a region pvstack-blk wrote can be picked up by qemu-storage-daemon
 //! and the other way round.
 
-use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 use vm_memory::mmap::MmapRegion;
@@ -45,14 +43,10 @@ pub fn region_size(num_queues: u16, queue_size: u16) -> usize {
 /// A new, zeroed region (every queue's `desc_num` filled in) in a memfd,
 /// to hand to the frontend in answer to GET_INFLIGHT_FD.
 pub fn create_region(num_queues: u16, queue_size: u16) -> io::Result<File> {
-    const NAME: &CStr = c"pvstack-inflight";
-    // SAFETY: memfd_create with a valid C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = memfd::MemfdOptions::default()
+        .create("pvstack-inflight")
+        .map_err(memfd_io_error)?
+        .into_file();
     let size = region_size(num_queues, queue_size);
     file.set_len(size as u64)?;
     let region = InflightRegion::map(file.try_clone()?, 0, size as u64, num_queues, queue_size)?;
@@ -63,6 +57,13 @@ pub fn create_region(num_queues: u16, queue_size: u16) -> io::Result<File> {
             .map_err(io::Error::other)?;
     }
     Ok(file)
+}
+
+/// The system error behind a memfd failure.
+fn memfd_io_error(error: memfd::Error) -> io::Error {
+    match error {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => e,
+    }
 }
 
 /// A mapped inflight region, shared with the frontend (which keeps it

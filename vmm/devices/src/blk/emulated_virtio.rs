@@ -175,7 +175,7 @@ impl Served<'_> {
     /// request is left behind.
     fn drain(&self, ring: &mut Queue, call: &EventFd) {
         let (name, queue, mem) = (self.name, self.queue, self.memory);
-        let max_chain_len = usize::from(ring.size());
+        let queue_size = ring.size();
         loop {
             if let Err(e) = ring.disable_notification(mem) {
                 warn!("{name}: queue {queue}: cannot disable notifications: {e}");
@@ -190,7 +190,7 @@ impl Served<'_> {
             let any = !chains.is_empty();
             for chain in chains {
                 let head = chain.head_index();
-                let answered = answer(chain, mem, self.disk, max_chain_len);
+                let answered = answer(chain, mem, self.disk, queue_size);
                 if !matches!(answered.outcome, Outcome::Done) {
                     warn!("{name}: queue {queue}: {:?}", answered.outcome);
                 }
@@ -230,8 +230,7 @@ pub(super) fn create(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
     let limits = DiskLimits {
         capacity_sectors: image.capacity_sectors(),
         readonly: image.is_readonly(),
-        // Header and status take two of the queue's descriptors.
-        max_segments: u32::from(spec.queue_size.saturating_sub(2).max(1)),
+        max_segments: config::seg_max(spec.queue_size),
     };
     let mut serial = [0u8; ID_BYTES];
     let len = id.len().min(ID_BYTES);
@@ -279,12 +278,15 @@ mod tests {
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     };
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
         VIRTIO_CONFIG_S_FEATURES_OK,
     };
     use virtio_bindings::virtio_mmio::*;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{
+        VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
@@ -310,39 +312,123 @@ mod tests {
         t.write(u64::from(offset), &value.to_le_bytes());
     }
 
-    /// Three requests served by one QueueNotify that reached the VMM: a
-    /// read, a write and a read past the end of the disk.
-    #[test]
-    fn notification_serves_the_queue_in_the_vmm() {
-        let path: PathBuf = std::env::temp_dir().join(format!(
-            "pvstack-emulated-virtio-{}.img",
-            std::process::id()
-        ));
-        let file: Vec<u8> = (0..SECTORS * 512)
-            .map(|x| (x * 13 + x / 512) as u8)
-            .collect();
-        std::fs::write(&path, &file).unwrap();
-        let image = Arc::new(DiskImage::open(&path, false, false).unwrap());
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    /// The largest queue the device offers.
+    const QUEUE_MAX: u16 = 16;
+
+    /// A scratch image of SECTORS sectors, removed when dropped.
+    struct ScratchImage {
+        path: PathBuf,
+        bytes: Vec<u8>,
+    }
+
+    impl ScratchImage {
+        fn new(test: &str) -> ScratchImage {
+            let path = std::env::temp_dir().join(format!(
+                "pvstack-emulated-virtio-{test}-{}.img",
+                std::process::id()
+            ));
+            let bytes: Vec<u8> = (0..SECTORS * 512)
+                .map(|x| (x * 13 + x / 512) as u8)
+                .collect();
+            std::fs::write(&path, &bytes).unwrap();
+            ScratchImage { path, bytes }
+        }
+
+        fn now(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
+    impl Drop for ScratchImage {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// The device `create` builds for a disk whose queues hold up to
+    /// QUEUE_MAX entries, behind its MMIO transport, driven as far as
+    /// DRIVER_OK with `features` accepted and queue 0 of `queue_num`
+    /// entries at `queue`'s rings. Returns the transport, the interrupt
+    /// eventfd and the device's counters.
+    fn started(
+        image: &ScratchImage,
+        mem: &GuestMemoryMmap,
+        queue: &MockSplitQueue<GuestMemoryMmap>,
+        queue_num: u16,
+        features: u64,
+    ) -> (MmioTransport<EmulatedVirtioBlk>, EventFd, Arc<DiskStats>) {
+        let image = Arc::new(DiskImage::open(&image.path, false, false).unwrap());
         let limits = DiskLimits {
             capacity_sectors: SECTORS,
             readonly: false,
-            max_segments: 14,
+            max_segments: config::seg_max(QUEUE_MAX),
         };
         let shape = VirtioBlkShape {
             features: config::virtio_features(false) & super::super::features_passed_on(),
-            queue_max_sizes: vec![16],
+            queue_max_sizes: vec![QUEUE_MAX],
             config: config::config_space(&limits, 1, 512),
             limits,
             serial: [0; ID_BYTES],
         };
+        assert_eq!(
+            features & !shape.features,
+            0,
+            "features the device does not offer"
+        );
         let stats = Arc::new(DiskStats::default());
         let device = EmulatedVirtioBlk::new("blk-test", shape, image, mem.clone(), stats.clone());
         let events = DeviceEvents::new(1).unwrap();
         let call = events.call.try_clone().unwrap();
         let mut t = MmioTransport::new("blk-test", device, events);
 
-        let queue = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        write32(&mut t, VIRTIO_MMIO_STATUS, status);
+        for word in 0..2 {
+            write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, word);
+            write32(
+                &mut t,
+                VIRTIO_MMIO_DRIVER_FEATURES,
+                (features >> (32 * word)) as u32,
+            );
+        }
+        write32(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            status | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NUM, u32::from(queue_num));
+        write32(
+            &mut t,
+            VIRTIO_MMIO_QUEUE_DESC_LOW,
+            queue.desc_table_addr().0 as u32,
+        );
+        write32(
+            &mut t,
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+            queue.avail_addr().0 as u32,
+        );
+        write32(
+            &mut t,
+            VIRTIO_MMIO_QUEUE_USED_LOW,
+            queue.used_addr().0 as u32,
+        );
+        write32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        let status = status | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+        write32(&mut t, VIRTIO_MMIO_STATUS, status);
+        assert!(t.device().running.is_some(), "DRIVER_OK started the device");
+        (t, call, stats)
+    }
+
+    const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+
+    /// Three requests served by one QueueNotify that reached the VMM: a
+    /// read, a write and a read past the end of the disk.
+    #[test]
+    fn notification_serves_the_queue_in_the_vmm() {
+        let image = ScratchImage::new("direct");
+        let file = &image.bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let queue = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_MAX);
         header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, 2);
         header(&mem, 0x1_0100, VIRTIO_BLK_T_OUT, 10);
         header(&mem, 0x1_0200, VIRTIO_BLK_T_IN, SECTORS);
@@ -364,36 +450,7 @@ mod tests {
                 0,
             )
             .unwrap();
-
-        let status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
-        write32(&mut t, VIRTIO_MMIO_STATUS, status);
-        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        write32(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
-        write32(
-            &mut t,
-            VIRTIO_MMIO_STATUS,
-            status | VIRTIO_CONFIG_S_FEATURES_OK,
-        );
-        write32(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
-        write32(
-            &mut t,
-            VIRTIO_MMIO_QUEUE_DESC_LOW,
-            queue.desc_table_addr().0 as u32,
-        );
-        write32(
-            &mut t,
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW,
-            queue.avail_addr().0 as u32,
-        );
-        write32(
-            &mut t,
-            VIRTIO_MMIO_QUEUE_USED_LOW,
-            queue.used_addr().0 as u32,
-        );
-        write32(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
-        let status = status | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
-        write32(&mut t, VIRTIO_MMIO_STATUS, status);
-        assert!(t.device().running.is_some(), "DRIVER_OK started the device");
+        let (mut t, call, stats) = started(&image, &mem, &queue, QUEUE_MAX, VERSION_1);
 
         write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
 
@@ -406,13 +463,69 @@ mod tests {
         let mut read = vec![0u8; 1024];
         mem.read_slice(&mut read, GuestAddress(0x2_0000)).unwrap();
         assert_eq!(read, &file[2 * 512..4 * 512]);
-        let after = std::fs::read(&path).unwrap();
+        let after = image.now();
         assert_eq!(&after[10 * 512..11 * 512], &[0x5a; 512][..]);
         assert_eq!(&after[..10 * 512], &file[..10 * 512]);
         assert_eq!(stats.requests(), 3);
         // No NO_INTERRUPT and no EVENT_IDX: the driver gets one interrupt.
         assert_eq!(stats.interrupts(), 1);
         assert_eq!(call.read().unwrap(), 1);
-        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// The device offers indirect descriptors and seg_max for its largest
+    /// queue; a driver that sets a smaller queue sends a request of seg_max
+    /// segments in one indirect table, longer than its queue.
+    #[test]
+    fn seg_max_segments_in_an_indirect_table_on_a_smaller_queue() {
+        let image = ScratchImage::new("indirect");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let queue_num = QUEUE_MAX / 2;
+        let queue = MockSplitQueue::create(&mem, GuestAddress(0), queue_num);
+        let segments = config::seg_max(QUEUE_MAX) as u64;
+        assert!(segments + 2 > u64::from(queue_num));
+        let (table, data, status) = (0x1_0000, 0x2_0000, 0x3_0000);
+        header(&mem, 0x1_1000, VIRTIO_BLK_T_IN, 4);
+        let mut entries = vec![desc(0x1_1000, 16, false, Some(1))];
+        for i in 0..segments {
+            let next = Some(i as u16 + 2);
+            entries.push(desc(data + 0x1000 * i, 512, true, next));
+        }
+        entries.push(desc(status, 1, true, None));
+        for (i, entry) in entries.iter().enumerate() {
+            let entry = SplitDescriptor::from(*entry);
+            mem.write_obj(entry, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let len = 16 * entries.len() as u32;
+        let head = RawDescriptor::from(SplitDescriptor::new(
+            table,
+            len,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        ));
+        queue.add_desc_chains(&[head], 0).unwrap();
+        let features = VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        let (mut t, _call, stats) = started(&image, &mem, &queue, queue_num, features);
+
+        write32(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+
+        assert_eq!(stats.requests(), 1);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
+        let used_len: u32 = mem.read_obj(GuestAddress(queue.used_addr().0 + 8)).unwrap();
+        assert_eq!(u64::from(used_len), segments * 512 + 1);
+        for i in 0..segments {
+            let mut read = vec![0u8; 512];
+            mem.read_slice(&mut read, GuestAddress(data + 0x1000 * i))
+                .unwrap();
+            let sector = (4 + i) as usize;
+            assert_eq!(
+                read,
+                &image.bytes[sector * 512..(sector + 1) * 512],
+                "segment {i}"
+            );
+        }
     }
 }

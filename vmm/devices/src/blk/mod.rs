@@ -15,6 +15,7 @@ pub use stats::DiskStats;
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use log::info;
@@ -29,7 +30,7 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{
-    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -243,6 +244,28 @@ fn open_image(spec: &BlkSpec) -> Result<Arc<pvstack_block::image::DiskImage>> {
     )?))
 }
 
+/// The arguments of the pvstack-blk that `image=` starts: it must allow
+/// the queue size the driver is offered.
+fn backend_args(spec: &BlkSpec, image: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--image".into(),
+        image.into(),
+        "--queue-size".into(),
+        spec.queue_size.to_string().into(),
+        "--exit-on-disconnect".into(),
+    ];
+    if spec.readonly {
+        args.push("--readonly".into());
+    }
+    if let Some(n) = spec.num_queues {
+        args.extend(["--num-queues".into(), n.to_string().into()]);
+    }
+    if spec.mode == BlkMode::VhostUserPoll {
+        args.extend(["--poll-us".into(), POLL_US.to_string().into()]);
+    }
+    args
+}
+
 /// Connects to the backend, starting it first for `image=`.
 fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     match &spec.source {
@@ -258,21 +281,8 @@ fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> 
                     path: image.clone(),
                     source,
                 })?;
-            let mut args: Vec<OsString> = vec![
-                "--image".into(),
-                image.into(),
-                "--exit-on-disconnect".into(),
-            ];
-            if spec.readonly {
-                args.push("--readonly".into());
-            }
-            if let Some(n) = spec.num_queues {
-                args.extend(["--num-queues".into(), n.to_string().into()]);
-            }
-            if spec.mode == BlkMode::VhostUserPoll {
-                args.extend(["--poll-us".into(), POLL_US.to_string().into()]);
-            }
-            let (process, stream) = BackendProcess::start(BACKEND_PROGRAM, &args)?;
+            let (process, stream) =
+                BackendProcess::start(BACKEND_PROGRAM, &backend_args(spec, image))?;
             let handle = VhostUserHandle::from_stream(stream, process.socket())?;
             Ok((handle, Some(process)))
         }
@@ -317,15 +327,15 @@ fn negotiate_shape(
     };
     let num_queues = spec.num_queues.map_or(backend_queues, u64::from);
     if num_queues == 0 || num_queues > backend_queues {
-        return Err(incompatible(
-            handle,
-            format!("{num_queues} queues wanted, but it serves {backend_queues}"),
-        ));
+        return Err(Error::TooFewQueues {
+            socket: handle.socket().to_path_buf(),
+            serves: backend_queues,
+            needed: num_queues.max(1),
+        });
     }
     // At most MAX_QUEUES (spec values are already within it), so it fits.
     let num_queues = num_queues.min(u64::from(MAX_QUEUES)) as u16;
-    let offset = offset_of!(virtio_blk_config, num_queues);
-    config_space[offset..offset + 2].copy_from_slice(&num_queues.to_le_bytes());
+    fit_config(&mut config_space, num_queues, spec.queue_size);
     let passed_on = features_passed_on();
     let shape = DeviceShape {
         device_id: VIRTIO_ID_BLOCK,
@@ -341,6 +351,21 @@ fn negotiate_shape(
         ..config
     };
     Ok((shape, config))
+}
+
+/// Makes the backend's configuration space the driver's: the queues the
+/// driver gets, and a seg_max no larger than what a chain on this device's
+/// queues carries (`pvstack_block::config::seg_max`): the backend sized
+/// its seg_max for queues it cannot know, and the driver reads it before
+/// it sets a queue's size.
+fn fit_config(space: &mut [u8], num_queues: u16, queue_size: u16) {
+    let at = offset_of!(virtio_blk_config, num_queues);
+    space[at..at + 2].copy_from_slice(&num_queues.to_le_bytes());
+    let at = offset_of!(virtio_blk_config, seg_max);
+    let mut seg_max = [0u8; 4];
+    seg_max.copy_from_slice(&space[at..at + 4]);
+    let fitted = u32::from_le_bytes(seg_max).min(pvstack_block::config::seg_max(queue_size));
+    space[at..at + 4].copy_from_slice(&fitted.to_le_bytes());
 }
 
 /// A block backend can take over only a disk of the same capacity.
@@ -375,6 +400,47 @@ mod tests {
         );
         assert_eq!(BlkConfig::parse(&space[..35]), None);
         assert_eq!(CONFIG_LEN, 96);
+    }
+
+    #[test]
+    fn the_driver_is_told_no_more_segments_than_its_queues_carry() {
+        let space_with = |seg_max: u32| {
+            let mut space = vec![0u8; CONFIG_LEN];
+            space[12..16].copy_from_slice(&seg_max.to_le_bytes());
+            space[34..36].copy_from_slice(&8u16.to_le_bytes());
+            space
+        };
+        let seg_max = |space: &[u8]| u32::from_le_bytes(space[12..16].try_into().unwrap());
+        // A backend that sized seg_max for its own larger queues.
+        let mut space = space_with(254);
+        fit_config(&mut space, 2, DEFAULT_QUEUE_SIZE);
+        assert_eq!(seg_max(&space), 126);
+        assert_eq!(u16::from_le_bytes([space[34], space[35]]), 2, "num_queues");
+        let mut space = space_with(126);
+        fit_config(&mut space, 1, 64);
+        assert_eq!(seg_max(&space), 62, "queue-size=64");
+        // A backend's smaller limit stands.
+        let mut space = space_with(30);
+        fit_config(&mut space, 1, DEFAULT_QUEUE_SIZE);
+        assert_eq!(seg_max(&space), 30);
+    }
+
+    #[test]
+    fn the_started_backend_allows_the_queue_size_the_driver_is_offered() {
+        let spec: BlkSpec = "image=disk.img,queue-size=1024,num-queues=2"
+            .parse()
+            .unwrap();
+        let args = backend_args(&spec, Path::new("disk.img"));
+        let at = args
+            .iter()
+            .position(|a| a == "--queue-size")
+            .expect("--queue-size");
+        assert_eq!(args[at + 1], "1024");
+        let at = args
+            .iter()
+            .position(|a| a == "--num-queues")
+            .expect("--num-queues");
+        assert_eq!(args[at + 1], "2");
     }
 
     #[test]

@@ -12,6 +12,9 @@ use crate::error::Error;
 pub const MAX_QUEUES: u16 = 64;
 /// Largest queue size virtio allows for split rings.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Smallest queue that carries a request without indirect descriptors
+/// (a header descriptor and a status descriptor, data merged into them).
+const MIN_QUEUE_SIZE: u16 = 2;
 /// Queue size when `queue-size` is not given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
@@ -199,10 +202,10 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
     let queue_size = match queue_size {
         None => DEFAULT_QUEUE_SIZE,
         Some(n) => match n.parse::<u16>() {
-            Ok(n) if n.is_power_of_two() && n <= MAX_QUEUE_SIZE => n,
+            Ok(n) if n.is_power_of_two() && (MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&n) => n,
             _ => {
                 return Err(format!(
-                    "queue-size must be a power of two in 1..={MAX_QUEUE_SIZE}, not {n:?}"
+                    "queue-size must be a power of two in {MIN_QUEUE_SIZE}..={MAX_QUEUE_SIZE}, not {n:?}"
                 ))
             }
         },
@@ -278,8 +281,8 @@ mod tests {
                 reconnect_timeout: Some(Duration::from_secs(30)),
             }
         );
-        let spec: BlkSpec = "socket=s,queue-size=1,num-queues=1".parse().unwrap();
-        assert_eq!((spec.queue_size, spec.num_queues), (1, Some(1)));
+        let spec: BlkSpec = "socket=s,queue-size=2,num-queues=1".parse().unwrap();
+        assert_eq!((spec.queue_size, spec.num_queues), (2, Some(1)));
     }
 
     #[test]
@@ -312,6 +315,7 @@ mod tests {
             ("socket=s,num-queues=65", "num-queues must be 1..=64"),
             ("socket=s,num-queues=two", "num-queues must be"),
             ("socket=s,queue-size=0", "queue-size must be a power of two"),
+            ("socket=s,queue-size=1", "power of two in 2..=32768"),
             (
                 "socket=s,queue-size=100",
                 "queue-size must be a power of two",

@@ -22,7 +22,7 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
 use crate::vhost_user::{
-    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
 use crate::virtio::DeviceEvents;
 
@@ -120,9 +120,10 @@ fn negotiate_shape(handle: &mut VhostUserHandle) -> Result<DeviceShape> {
         });
     }
     if handle.queue_num() < 2 {
-        return Err(Error::Incompatible {
+        return Err(Error::TooFewQueues {
             socket: handle.socket().to_path_buf(),
-            reason: format!("it serves {} queues, a console needs 2", handle.queue_num()),
+            serves: handle.queue_num(),
+            needed: 2,
         });
     }
     let config = handle.get_config(CONFIG_LEN)?;

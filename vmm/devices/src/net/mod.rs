@@ -24,7 +24,7 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{
-    BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;

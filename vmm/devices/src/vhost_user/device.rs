@@ -12,6 +12,7 @@ use log::{debug, error, info, warn};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
+use super::connection::BackendConnection;
 use super::handle::{avail_idx, used_idx, ActiveQueue, RingSetup, VhostUserHandle};
 use super::process::BackendProcess;
 use super::stall::StallStats;
@@ -47,9 +48,20 @@ pub enum ConfigSource {
     Vmm,
 }
 
+/// A connection to a backend, and the backend's process if pvstack started it.
+pub type Connected = (Box<dyn BackendConnection>, Option<BackendProcess>);
+
 /// Connects to the device's backend again (starting a new child for a
 /// backend pvstack runs itself): what crash recovery and `reconnect` use.
-pub type Reconnector = Box<dyn FnMut() -> Result<(VhostUserHandle, Option<BackendProcess>)> + Send>;
+pub type Reconnector = Box<dyn FnMut() -> Result<Connected> + Send>;
+
+/// Connects to the backend listening on a socket: what a swap uses.
+pub type Connector = fn(&Path) -> Result<Box<dyn BackendConnection>>;
+
+/// The real [`Connector`]: a vhost-user connection, negotiated.
+fn connect_vhost_user(socket: &Path) -> Result<Box<dyn BackendConnection>> {
+    Ok(Box::new(VhostUserHandle::connect(socket)?))
+}
 
 /// The connection to the backend as the control API reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +108,7 @@ pub struct VhostUserDevice {
     name: String,
     shape: DeviceShape,
     memory: GuestMemoryMmap,
-    handle: VhostUserHandle,
+    handle: Box<dyn BackendConnection>,
     /// What the backend was set up with, while the driver runs the device.
     rings: Option<RingSetup>,
     /// The backend process, if pvstack started it. Declared after the
@@ -104,6 +116,8 @@ pub struct VhostUserDevice {
     process: Option<BackendProcess>,
     /// How to reach the backend again after it hangs up.
     reconnector: Reconnector,
+    /// How to reach the backend a swap names.
+    connector: Connector,
     /// Counts the connections this device has had, so a watcher of an
     /// old one knows its hang-up no longer matters.
     connection: u64,
@@ -114,13 +128,41 @@ pub struct VhostUserDevice {
 impl VhostUserDevice {
     /// A device that `handle`'s backend serves in `memory`; `process` is
     /// the backend if pvstack started it (stopped when the device drops).
+    /// `reconnect` reaches the same backend again (see [`Reconnector`]).
     pub fn new(
         name: impl Into<String>,
         shape: DeviceShape,
         memory: GuestMemoryMmap,
         handle: VhostUserHandle,
         process: Option<BackendProcess>,
+        mut reconnect: impl FnMut() -> Result<(VhostUserHandle, Option<BackendProcess>)>
+            + Send
+            + 'static,
+    ) -> Self {
+        let reconnector: Reconnector = Box::new(move || {
+            let (handle, process) = reconnect()?;
+            Ok((Box::new(handle), process))
+        });
+        Self::with_connection(
+            name,
+            shape,
+            memory,
+            (Box::new(handle), process),
+            reconnector,
+            connect_vhost_user,
+        )
+    }
+
+    /// A device on any [`BackendConnection`]: `connected` serves it now,
+    /// `reconnector` reaches it again after a hang-up, `connector` reaches
+    /// the backend a swap names.
+    fn with_connection(
+        name: impl Into<String>,
+        shape: DeviceShape,
+        memory: GuestMemoryMmap,
+        (handle, process): Connected,
         reconnector: Reconnector,
+        connector: Connector,
     ) -> Self {
         VhostUserDevice {
             name: name.into(),
@@ -130,6 +172,7 @@ impl VhostUserDevice {
             rings: None,
             process,
             reconnector,
+            connector,
             connection: 0,
             state: BackendState::Connected,
             stats: BackendStats::default(),
@@ -144,11 +187,6 @@ impl VhostUserDevice {
     /// What the driver sees of the device.
     pub fn shape(&self) -> &DeviceShape {
         &self.shape
-    }
-
-    /// The connection to the backend.
-    pub fn handle(&self) -> &VhostUserHandle {
-        &self.handle
     }
 
     /// The backend process, if pvstack started it.
@@ -220,8 +258,8 @@ impl VhostUserDevice {
                 reason: "the device is reconnecting to its backend; swap once it is back".into(),
             });
         }
-        let mut new = VhostUserHandle::connect(socket)?;
-        self.check_config(&mut new)?;
+        let mut new = (self.connector)(socket)?;
+        self.check_config(new.as_mut())?;
         let mut began = Instant::now();
         if let Some(rings) = self.rings.as_mut() {
             new.check_takeover(rings)?;
@@ -266,22 +304,23 @@ impl VhostUserDevice {
         } else {
             let missing = self.shape.features & !new.backend_features();
             if missing != 0 {
-                return Err(Error::Incompatible {
+                return Err(Error::MissingFeatures {
                     socket: socket.to_path_buf(),
-                    reason: format!("it lacks offered features (missing bits {missing:#x})"),
+                    missing,
                 });
             }
         }
         let stall = began.elapsed();
         let socket = socket.to_path_buf();
         self.replace_connection(new, None);
-        self.reconnector = Box::new(move || Ok((VhostUserHandle::connect(&socket)?, None)));
+        let connect = self.connector;
+        self.reconnector = Box::new(move || Ok((connect(&socket)?, None)));
         Ok(stall)
     }
 
     /// Refuses a backend whose configuration space (disk capacity, for
     /// instance) differs from what the driver was shown.
-    fn check_config(&self, new: &mut VhostUserHandle) -> Result<()> {
+    fn check_config(&self, new: &mut dyn BackendConnection) -> Result<()> {
         let ConfigSource::Backend { takeover_check } = self.shape.config_source else {
             return Ok(());
         };
@@ -297,7 +336,11 @@ impl VhostUserDevice {
 
     /// Makes `handle` the device's connection; the old one is shut down
     /// so its backend (and any watcher) sees the hang-up.
-    fn replace_connection(&mut self, handle: VhostUserHandle, process: Option<BackendProcess>) {
+    fn replace_connection(
+        &mut self,
+        handle: Box<dyn BackendConnection>,
+        process: Option<BackendProcess>,
+    ) {
         let old = std::mem::replace(&mut self.handle, handle);
         old.shut_down();
         drop(old);
@@ -342,7 +385,7 @@ impl VhostUserDevice {
         // A crashed child is reaped before a new one starts.
         self.process = None;
         let (mut new, process) = (self.reconnector)()?;
-        self.check_config(&mut new)?;
+        self.check_config(new.as_mut())?;
         if let Some(rings) = self.rings.as_mut() {
             rewind_to_used(rings)?;
             new.check_takeover(rings)?;
@@ -483,5 +526,513 @@ impl VirtioDevice for VhostUserDevice {
         } else {
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device's swap, reconnect and rewind decisions, driven with
+    //! scripted connections in place of backends (the integration tests in
+    //! tests/ run the same paths against real pvstack-blk processes).
+
+    use std::os::unix::net::UnixStream;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::vhost_user::supervisor::{self, ReconnectPolicy};
+    use crate::virtio::{DeviceEvents, QueueConfig};
+
+    const VERSION_1: u64 = 1 << 32;
+    const EXTRA_FEATURE: u64 = 1 << 9;
+    const AVAIL_IDX: u64 = 0x2002;
+    const USED_IDX: u64 = 0x3002;
+
+    /// What a scripted backend offers and which of its steps fail.
+    #[derive(Clone)]
+    struct Script {
+        features: u64,
+        queues: u64,
+        fail_prepare: bool,
+        fail_resume: bool,
+        fail_stop: bool,
+    }
+
+    impl Default for Script {
+        fn default() -> Self {
+            Script {
+                features: VERSION_1,
+                queues: 1,
+                fail_prepare: false,
+                fail_resume: false,
+                fail_stop: false,
+            }
+        }
+    }
+
+    /// The steps every scripted backend of one test took, in order.
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    /// A backend that records each step in the test's log. It serves like
+    /// a well-behaved backend: `stop` completes every available request
+    /// and reports the available index as its base; `resume` completes
+    /// whatever waits.
+    struct Scripted {
+        name: String,
+        socket: PathBuf,
+        script: Script,
+        log: Log,
+        /// Our end of a socket pair whose other end the test may drop to
+        /// play a hang-up.
+        watched: UnixStream,
+    }
+
+    /// A backend a test registered: its socket, script, the test's log,
+    /// and its end of the connection until something connects.
+    type Registered = (PathBuf, Script, Log, Option<UnixStream>);
+
+    /// Backends tests registered, for [`connect_scripted`].
+    static BACKENDS: Mutex<Vec<Registered>> = Mutex::new(Vec::new());
+
+    /// Makes a scripted backend reachable at `socket`; returns the peer
+    /// end of its connection (drop it to hang up).
+    fn listen(socket: &str, script: Script, log: &Log) -> UnixStream {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        BACKENDS
+            .lock()
+            .unwrap()
+            .push((socket.into(), script, log.clone(), Some(ours)));
+        peer
+    }
+
+    /// The test [`Connector`]: the backend registered at `socket`, once.
+    fn connect_scripted(socket: &Path) -> Result<Box<dyn BackendConnection>> {
+        let mut backends = BACKENDS.lock().unwrap();
+        let found = backends
+            .iter_mut()
+            .find(|(path, _, _, stream)| path == socket && stream.is_some());
+        let Some((path, script, log, stream)) = found else {
+            return Err(Error::Connect {
+                socket: socket.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        };
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        log.lock().unwrap().push(format!("{name} connect"));
+        Ok(Box::new(Scripted {
+            name,
+            socket: path.clone(),
+            script: script.clone(),
+            log: log.clone(),
+            watched: stream.take().unwrap(),
+        }))
+    }
+
+    impl Scripted {
+        fn record(&self, step: String) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} {step}", self.name));
+        }
+
+        fn fail(&self, step: &'static str) -> Error {
+            Error::Incompatible {
+                socket: self.socket.clone(),
+                reason: format!("{step} refused by the script"),
+            }
+        }
+    }
+
+    impl BackendConnection for Scripted {
+        fn socket(&self) -> &Path {
+            &self.socket
+        }
+        fn backend_features(&self) -> u64 {
+            self.script.features
+        }
+        fn queue_num(&self) -> u64 {
+            self.script.queues
+        }
+        fn keeps_inflight_log(&self) -> bool {
+            false
+        }
+        fn get_config(&mut self, _len: u32) -> Result<Vec<u8>> {
+            Ok(Vec::new())
+        }
+        fn prepare(&mut self, _setup: &mut RingSetup) -> Result<()> {
+            self.record("prepare".into());
+            if self.script.fail_prepare {
+                return Err(self.fail("prepare"));
+            }
+            Ok(())
+        }
+        fn resume(&mut self, setup: &RingSetup) -> Result<()> {
+            let at: Vec<u16> = setup.queues.iter().map(|q| q.next_avail).collect();
+            self.record(format!("resume at {at:?}"));
+            if self.script.fail_resume {
+                return Err(self.fail("resume"));
+            }
+            let avail: u16 = setup.memory.read_obj(GuestAddress(AVAIL_IDX)).unwrap();
+            setup
+                .memory
+                .write_obj(avail, GuestAddress(USED_IDX))
+                .unwrap();
+            Ok(())
+        }
+        fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
+            self.record("stop".into());
+            if self.script.fail_stop {
+                return Err(self.fail("stop"));
+            }
+            let avail: u16 = setup.memory.read_obj(GuestAddress(AVAIL_IDX)).unwrap();
+            setup
+                .memory
+                .write_obj(avail, GuestAddress(USED_IDX))
+                .unwrap();
+            for queue in &mut setup.queues {
+                queue.next_avail = avail;
+            }
+            Ok(())
+        }
+        fn watch_fd(&self) -> Result<OwnedFd> {
+            Ok(self.watched.try_clone().unwrap().into())
+        }
+        fn shut_down(&self) {
+            self.record("shut down".into());
+        }
+    }
+
+    struct Rig {
+        device: VhostUserDevice,
+        log: Log,
+        memory: GuestMemoryMmap,
+        /// Keeps the first backend's connection open.
+        _first_peer: UnixStream,
+    }
+
+    /// A device on the scripted backend `<test>-a`, with the driver's
+    /// queue 0 (16 entries) started on it.
+    fn rig(test: &str, first: Script) -> Rig {
+        let log = Log::default();
+        let socket = format!("/scripted/{test}-a");
+        let first_peer = listen(&socket, first, &log);
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let shape = DeviceShape {
+            device_id: 2,
+            features: VERSION_1 | EXTRA_FEATURE,
+            queue_max_sizes: vec![16],
+            config: Vec::new(),
+            config_source: ConfigSource::Vmm,
+        };
+        let reconnect_socket = PathBuf::from(&socket);
+        let reconnector: Reconnector =
+            Box::new(move || Ok((connect_scripted(&reconnect_socket)?, None)));
+        let connection = connect_scripted(Path::new(&socket)).unwrap();
+        let mut device = VhostUserDevice::with_connection(
+            test,
+            shape,
+            memory.clone(),
+            (connection, None),
+            reconnector,
+            connect_scripted,
+        );
+        let queue = QueueConfig {
+            max_size: 16,
+            size: 16,
+            ready: true,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+        };
+        let events = DeviceEvents::new(1).unwrap();
+        device
+            .activate(Activation {
+                features: VERSION_1,
+                queues: &[queue],
+                events: &events,
+            })
+            .unwrap();
+        log.lock().unwrap().clear();
+        Rig {
+            device,
+            log,
+            memory,
+            _first_peer: first_peer,
+        }
+    }
+
+    impl Rig {
+        /// The driver has made `avail` requests available; the backend has
+        /// completed `used`.
+        fn rings(&self, avail: u16, used: u16) {
+            self.memory
+                .write_obj(avail, GuestAddress(AVAIL_IDX))
+                .unwrap();
+            self.memory.write_obj(used, GuestAddress(USED_IDX)).unwrap();
+        }
+
+        fn steps(&self) -> Vec<String> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    #[test]
+    fn a_swap_prepares_the_new_backend_then_moves_the_rings_where_the_old_one_stopped() {
+        let mut rig = rig("swap", Script::default());
+        rig.rings(5, 3);
+        let _peer = listen("/scripted/swap-b", Script::default(), &rig.log);
+        rig.device.swap(Path::new("/scripted/swap-b")).unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "swap-b connect",
+                "swap-b prepare",
+                "swap-a stop",
+                "swap-b resume at [5]",
+                "swap-a shut down"
+            ]
+        );
+        let status = rig.device.status();
+        assert_eq!(status.socket, Path::new("/scripted/swap-b"));
+        assert_eq!(status.stats.swaps.count, 1);
+        assert_eq!(status.stats.refused_swaps, 0);
+        // After the swap, reconnecting reaches the new backend's socket.
+        let _again = listen("/scripted/swap-b", Script::default(), &rig.log);
+        rig.device.reconnect().unwrap();
+        assert_eq!(
+            rig.steps()[..3],
+            ["swap-b stop", "swap-b shut down", "swap-b connect"]
+        );
+    }
+
+    #[test]
+    fn a_swap_target_serving_too_few_queues_is_refused_before_the_old_backend_stops() {
+        let mut rig = rig("few", Script::default());
+        let no_queues = Script {
+            queues: 0,
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/few-b", no_queues, &rig.log);
+        let err = rig.device.swap(Path::new("/scripted/few-b")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TooFewQueues {
+                    serves: 0,
+                    needed: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Nothing was asked of the old backend, which serves on.
+        assert_eq!(rig.steps(), ["few-b connect"]);
+        let status = rig.device.status();
+        assert_eq!(status.socket, Path::new("/scripted/few-a"));
+        assert_eq!(status.stats.refused_swaps, 1);
+        // A socket with no backend behind it is refused the same way.
+        let err = rig.device.swap(Path::new("/scripted/few-c")).unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        assert_eq!(rig.device.status().stats.refused_swaps, 2);
+    }
+
+    #[test]
+    fn a_swap_target_may_lack_features_the_driver_did_not_accept() {
+        // The device offers EXTRA_FEATURE; the driver accepted VERSION_1 only.
+        let mut rig = rig("unused", Script::default());
+        let without_extra = Script {
+            features: VERSION_1,
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/unused-b", without_extra, &rig.log);
+        rig.device.swap(Path::new("/scripted/unused-b")).unwrap();
+        assert_eq!(rig.device.status().stats.swaps.count, 1);
+    }
+
+    #[test]
+    fn a_swap_target_lacking_a_feature_the_driver_uses_is_refused() {
+        let mut rig = rig("lack", Script::default());
+        let lacking = Script {
+            features: 0,
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/lack-b", lacking, &rig.log);
+        let err = rig.device.swap(Path::new("/scripted/lack-b")).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MissingFeatures {
+                    missing: VERSION_1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(rig.steps(), ["lack-b connect"]);
+        assert_eq!(rig.device.status().socket, Path::new("/scripted/lack-a"));
+    }
+
+    #[test]
+    fn a_new_backend_that_fails_to_resume_gives_the_rings_back_to_the_old_one() {
+        let mut rig = rig("back", Script::default());
+        rig.rings(7, 4);
+        let failing = Script {
+            fail_resume: true,
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/back-b", failing, &rig.log);
+        rig.device.swap(Path::new("/scripted/back-b")).unwrap_err();
+        assert_eq!(
+            rig.steps(),
+            [
+                "back-b connect",
+                "back-b prepare",
+                "back-a stop",
+                "back-b resume at [7]",
+                "back-a prepare",
+                "back-a resume at [7]"
+            ]
+        );
+        let status = rig.device.status();
+        assert_eq!(status.socket, Path::new("/scripted/back-a"));
+        assert_eq!(status.state, BackendState::Connected);
+        assert_eq!(status.stats.refused_swaps, 1);
+    }
+
+    #[test]
+    fn an_old_backend_that_cannot_stop_is_taken_over_from_the_used_ring() {
+        let broken = Script {
+            fail_stop: true,
+            ..Script::default()
+        };
+        let mut rig = rig("rewind", broken);
+        // Requests 3 and 4 were taken and never completed by the old
+        // backend: the new one serves them again.
+        rig.rings(5, 3);
+        let _peer = listen("/scripted/rewind-b", Script::default(), &rig.log);
+        rig.device.swap(Path::new("/scripted/rewind-b")).unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "rewind-b connect",
+                "rewind-b prepare",
+                "rewind-a stop",
+                "rewind-b resume at [3]",
+                "rewind-a shut down"
+            ]
+        );
+    }
+
+    #[test]
+    fn after_a_hang_up_the_rings_resume_at_the_used_index_on_the_reconnected_backend() {
+        let mut rig = rig("hangup", Script::default());
+        rig.rings(9, 6);
+        rig.device.mark_lost();
+        assert_eq!(rig.device.status().state, BackendState::Reconnecting);
+        // A swap is refused while no backend is connected.
+        assert!(rig.device.swap(Path::new("/scripted/hangup-b")).is_err());
+        // The backend is not back yet: the attempt fails, the state stays.
+        assert!(rig.device.try_reconnect(Instant::now()).is_err());
+        assert_eq!(rig.device.status().state, BackendState::Reconnecting);
+        let _peer = listen("/scripted/hangup-a", Script::default(), &rig.log);
+        rig.device.try_reconnect(Instant::now()).unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "hangup-a connect",
+                "hangup-a prepare",
+                "hangup-a resume at [6]",
+                "hangup-a shut down"
+            ]
+        );
+        let status = rig.device.status();
+        assert_eq!(status.state, BackendState::Connected);
+        assert_eq!(status.stats.reconnects.count, 1);
+        assert_eq!(status.stats.refused_swaps, 1);
+    }
+
+    #[test]
+    fn a_requested_reconnect_stops_the_rings_cleanly_first() {
+        let mut rig = rig("request", Script::default());
+        rig.rings(4, 1);
+        let _peer = listen("/scripted/request-a", Script::default(), &rig.log);
+        rig.device.reconnect().unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "request-a stop",
+                "request-a shut down",
+                "request-a connect",
+                "request-a prepare",
+                "request-a resume at [4]",
+                "request-a shut down"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_driver_reset_stops_the_rings() {
+        let mut rig = rig("reset", Script::default());
+        rig.device.reset();
+        assert_eq!(rig.steps(), ["reset-a stop"]);
+        assert!(!rig.device.is_active());
+        assert_eq!(rig.device.interrupt_status(), 0);
+    }
+
+    #[test]
+    fn the_supervisor_reconnects_after_a_hang_up_and_gives_up_after_its_window() {
+        let Rig {
+            device,
+            log,
+            _first_peer: first_peer,
+            ..
+        } = rig("supervised", Script::default());
+        let transport = supervisor::supervised(
+            device,
+            DeviceEvents::new(1).unwrap(),
+            ReconnectPolicy {
+                window: Some(Duration::from_millis(300)),
+            },
+        )
+        .unwrap();
+        let state = || transport.lock().unwrap().device().status().state;
+        let wait_for = |wanted: BackendState| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while state() != wanted {
+                assert!(Instant::now() < deadline, "never {wanted:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        // The backend comes back on its socket: the supervisor reconnects.
+        let second_peer = listen("/scripted/supervised-a", Script::default(), &log);
+        drop(first_peer);
+        wait_for(BackendState::Connected);
+        let reconnects = || {
+            transport
+                .lock()
+                .unwrap()
+                .device()
+                .status()
+                .stats
+                .reconnects
+                .count
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while reconnects() == 0 {
+            assert!(Instant::now() < deadline, "no reconnect");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // It hangs up again and never returns: after the window, failed.
+        drop(second_peer);
+        wait_for(BackendState::Failed);
+        assert_eq!(reconnects(), 1);
+        let steps = log.lock().unwrap().clone();
+        assert!(
+            steps.contains(&"supervised-a resume at [0]".to_string()),
+            "{steps:?}"
+        );
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! Two phases. [`VhostUserHandle::from_stream`] negotiates when the device
 //! is created (ownership, features, protocol features, queue count), and
-//! [`VhostUserHandle::start`] sets the backend up from a [`RingSetup`]
-//! recorded when the driver set DRIVER_OK. `start` is the one place that
-//! knows that sequence, so moving a device to a new or restarted backend is
-//! a new handle plus `start` with the same, recorded setup.
+//! [`BackendConnection::start`] sets the backend up from a [`RingSetup`]
+//! recorded when the driver set DRIVER_OK. `prepare` and `resume` here are
+//! the one place that knows that sequence, so moving a device to a new or
+//! restarted backend is a new handle plus `start` with the same, recorded
+//! setup.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
@@ -24,6 +26,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::connection::BackendConnection;
 use super::watchdog::ReplyWatchdog;
 use crate::error::{Error, Result};
 use crate::virtio::QueueConfig;
@@ -105,6 +108,8 @@ impl std::fmt::Debug for InflightLog {
 /// A negotiated connection to one vhost-user backend.
 pub struct VhostUserHandle {
     socket: PathBuf,
+    /// A duplicate of the connection, to watch it for hang-up and to end it.
+    stream: UnixStream,
     watchdog: ReplyWatchdog,
     frontend: Frontend,
     backend_features: u64,
@@ -132,13 +137,17 @@ impl VhostUserHandle {
             what,
             source,
         };
-        let watched = stream
-            .try_clone()
-            .map_err(|e| socket_error("cannot duplicate the socket for the reply watchdog", e))?;
-        let watchdog = ReplyWatchdog::new(watched.into(), REPLY_TIMEOUT)
+        let duplicate = || {
+            stream
+                .try_clone()
+                .map_err(|e| socket_error("cannot duplicate the socket", e))
+        };
+        let watchdog = ReplyWatchdog::new(duplicate()?, REPLY_TIMEOUT)
             .map_err(|e| socket_error("cannot start the reply watchdog", e))?;
+        let stream_copy = duplicate()?;
         let mut handle = VhostUserHandle {
             socket,
+            stream: stream_copy,
             watchdog,
             frontend: Frontend::from_stream(stream, 1),
             backend_features: 0,
@@ -178,79 +187,6 @@ impl VhostUserHandle {
         Ok(())
     }
 
-    /// The socket the backend listens on.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// Virtio features the backend offers (including
-    /// VHOST_USER_F_PROTOCOL_FEATURES, which is not for the driver).
-    pub fn backend_features(&self) -> u64 {
-        self.backend_features
-    }
-
-    /// Whether the backend keeps an inflight log (INFLIGHT_SHMFD), so a
-    /// restarted one serves exactly the requests its predecessor left.
-    pub fn keeps_inflight_log(&self) -> bool {
-        self.protocol_features
-            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-    }
-
-    /// Most queues the backend serves.
-    pub fn queue_num(&self) -> u64 {
-        self.queue_num
-    }
-
-    /// The first `len` bytes of the device's configuration space (GET_CONFIG).
-    pub fn get_config(&mut self, len: u32) -> Result<Vec<u8>> {
-        if !self
-            .protocol_features
-            .contains(VhostUserProtocolFeatures::CONFIG)
-        {
-            return Err(self.incompatible(
-                "it does not offer the CONFIG protocol feature, so the device's configuration cannot be read".to_string(),
-            ));
-        }
-        let request = vec![0u8; len as usize];
-        let (_, config) = self.step("GET_CONFIG", |f| {
-            f.get_config(0, len, VhostUserConfigFlags::empty(), &request)
-        })?;
-        Ok(config)
-    }
-
-    /// Sets the backend up to serve `setup`'s queues: [`Self::prepare`]
-    /// then [`Self::resume`].
-    pub fn start(&mut self, setup: &mut RingSetup) -> Result<()> {
-        self.prepare(setup)?;
-        self.resume(setup)
-    }
-
-    /// The part of the setup that does not depend on where the rings
-    /// stand, so a swap can do it while the old backend still serves:
-    /// the inflight log (GET_INFLIGHT_FD when `setup` has none yet, then
-    /// SET_INFLIGHT_FD), SET_FEATURES, SET_MEM_TABLE, and per queue
-    /// SET_VRING_NUM and _CALL (the call fd goes before the kick so that
-    /// nothing the backend completes on its first kick goes unsignalled).
-    pub fn prepare(&mut self, setup: &mut RingSetup) -> Result<()> {
-        // A driver that readied no queue has nothing to log.
-        if self.keeps_inflight_log() && !setup.queues.is_empty() {
-            self.share_inflight_log(setup)?;
-        }
-        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let features = setup.features | (self.backend_features & protocol_bit);
-        self.step("SET_FEATURES", |f| f.set_features(features))?;
-        let regions = memory_regions(&setup.memory)?;
-        self.step("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
-        for queue in &setup.queues {
-            let index = usize::from(queue.index);
-            self.step("SET_VRING_NUM", |f| {
-                f.set_vring_num(index, queue.config.size)
-            })?;
-            self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
-        }
-        Ok(())
-    }
-
     /// Gives the backend `setup`'s inflight log, asking it for a new one
     /// first if there is none.
     fn share_inflight_log(&mut self, setup: &mut RingSetup) -> Result<()> {
@@ -278,62 +214,6 @@ impl VhostUserHandle {
         shared
     }
 
-    /// Starts the prepared backend where `setup`'s queues stand: per queue
-    /// SET_VRING_BASE, _ADDR (after which the backend reads the used
-    /// ring's index, so every earlier request must be complete), _KICK and
-    /// _ENABLE, then one kick.
-    pub fn resume(&mut self, setup: &RingSetup) -> Result<()> {
-        for queue in &setup.queues {
-            let index = usize::from(queue.index);
-            let addresses = ring_addresses(&setup.memory, queue)?;
-            self.step("SET_VRING_BASE", |f| {
-                f.set_vring_base(index, queue.next_avail)
-            })?;
-            self.step("SET_VRING_ADDR", |f| f.set_vring_addr(index, &addresses))?;
-            self.step("SET_VRING_KICK", |f| f.set_vring_kick(index, &queue.kick))?;
-            self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
-            // A kick the driver sent while no backend watched this queue
-            // may have been consumed by the previous backend as it
-            // stopped; one more kick makes the new backend look at the
-            // ring, and costs an empty look if nothing is waiting.
-            queue.kick.write(1).map_err(|source| Error::EventFd {
-                what: format!("queue {index} kick"),
-                source,
-            })?;
-        }
-        debug!(
-            "vhost-user backend {}: started {} queues",
-            self.socket.display(),
-            setup.queues.len()
-        );
-        Ok(())
-    }
-
-    /// Stops the backend's rings (SET_VRING_ENABLE 0, then GET_VRING_BASE,
-    /// which the backend answers once it has stopped taking requests),
-    /// waits until every request it took is completed (the used ring's
-    /// index catches up with the returned base), and records in `setup`
-    /// where each queue left off, so `start` can resume there.
-    pub fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
-        for queue in &mut setup.queues {
-            let index = usize::from(queue.index);
-            self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
-            let base = self.step("GET_VRING_BASE", |f| f.get_vring_base(index))?;
-            // The ring index is 16 bits wide; the upper bits carry only
-            // packed-ring wrap state, which this frontend never negotiates.
-            queue.next_avail = base as u16;
-        }
-        for queue in &setup.queues {
-            self.wait_for_completions(&setup.memory, queue)?;
-        }
-        debug!(
-            "vhost-user backend {}: stopped {} queues",
-            self.socket.display(),
-            setup.queues.len()
-        );
-        Ok(())
-    }
-
     /// Waits until the backend has completed every request it took from
     /// `queue` (a backend may answer GET_VRING_BASE while requests it has
     /// taken are still being served; pvstack-blk does).
@@ -353,57 +233,6 @@ impl VhostUserHandle {
                 )));
             }
             std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-
-    /// Checks that this (new) backend can take over the rings of `setup`
-    /// from another: it offers every feature the driver accepted and
-    /// serves enough queues.
-    pub fn check_takeover(&self, setup: &RingSetup) -> Result<()> {
-        let missing = setup.features & !self.backend_features;
-        if missing != 0 {
-            return Err(self.incompatible(format!(
-                "it lacks features the driver uses (missing bits {missing:#x})"
-            )));
-        }
-        let needed = setup
-            .queues
-            .iter()
-            .map(|q| u64::from(q.index) + 1)
-            .max()
-            .unwrap_or(0);
-        if self.queue_num < needed {
-            return Err(self.incompatible(format!(
-                "it serves {} queues, the driver uses {needed}",
-                self.queue_num
-            )));
-        }
-        Ok(())
-    }
-
-    /// A duplicate of the connection's socket, to watch for hang-up.
-    pub fn watch_fd(&self) -> Result<OwnedFd> {
-        // SAFETY: the frontend owns this descriptor and keeps it open for
-        // the duration of the borrow, which ends before this returns.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) };
-        fd.try_clone_to_owned().map_err(|source| Error::Socket {
-            socket: self.socket.clone(),
-            what: "cannot duplicate the socket to watch it",
-            source,
-        })
-    }
-
-    /// Ends the connection now, even while a duplicate of its socket
-    /// (a watcher's) is still open, so the backend sees the hang-up.
-    pub fn shut_down(&self) {
-        // SAFETY: shutdown(2) on a socket this handle owns; no memory is passed.
-        let rc = unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
-        if rc != 0 {
-            debug!(
-                "vhost-user backend {}: shutdown: {}",
-                self.socket.display(),
-                std::io::Error::last_os_error()
-            );
         }
     }
 
@@ -437,6 +266,151 @@ impl VhostUserHandle {
         Error::Incompatible {
             socket: self.socket.clone(),
             reason,
+        }
+    }
+}
+
+impl BackendConnection for VhostUserHandle {
+    /// The socket the backend listens on.
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Virtio features the backend offers (including
+    /// VHOST_USER_F_PROTOCOL_FEATURES, which is not for the driver).
+    fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    /// Whether the backend keeps an inflight log (INFLIGHT_SHMFD), so a
+    /// restarted one serves exactly the requests its predecessor left.
+    fn keeps_inflight_log(&self) -> bool {
+        self.protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// Most queues the backend serves.
+    fn queue_num(&self) -> u64 {
+        self.queue_num
+    }
+
+    /// The first `len` bytes of the device's configuration space (GET_CONFIG).
+    fn get_config(&mut self, len: u32) -> Result<Vec<u8>> {
+        if !self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            return Err(self.incompatible(
+                "it does not offer the CONFIG protocol feature, so the device's configuration cannot be read".to_string(),
+            ));
+        }
+        let request = vec![0u8; len as usize];
+        let (_, config) = self.step("GET_CONFIG", |f| {
+            f.get_config(0, len, VhostUserConfigFlags::empty(), &request)
+        })?;
+        Ok(config)
+    }
+
+    /// The part of the setup that does not depend on where the rings
+    /// stand, so a swap can do it while the old backend still serves:
+    /// the inflight log (GET_INFLIGHT_FD when `setup` has none yet, then
+    /// SET_INFLIGHT_FD), SET_FEATURES, SET_MEM_TABLE, and per queue
+    /// SET_VRING_NUM and _CALL (the call fd goes before the kick so that
+    /// nothing the backend completes on its first kick goes unsignalled).
+    fn prepare(&mut self, setup: &mut RingSetup) -> Result<()> {
+        // A driver that readied no queue has nothing to log.
+        if self.keeps_inflight_log() && !setup.queues.is_empty() {
+            self.share_inflight_log(setup)?;
+        }
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = setup.features | (self.backend_features & protocol_bit);
+        self.step("SET_FEATURES", |f| f.set_features(features))?;
+        let regions = memory_regions(&setup.memory)?;
+        self.step("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        for queue in &setup.queues {
+            let index = usize::from(queue.index);
+            self.step("SET_VRING_NUM", |f| {
+                f.set_vring_num(index, queue.config.size)
+            })?;
+            self.step("SET_VRING_CALL", |f| f.set_vring_call(index, &setup.call))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the prepared backend where `setup`'s queues stand: per queue
+    /// SET_VRING_BASE, _ADDR (after which the backend reads the used
+    /// ring's index, so every earlier request must be complete), _KICK and
+    /// _ENABLE, then one kick.
+    fn resume(&mut self, setup: &RingSetup) -> Result<()> {
+        for queue in &setup.queues {
+            let index = usize::from(queue.index);
+            let addresses = ring_addresses(&setup.memory, queue)?;
+            self.step("SET_VRING_BASE", |f| {
+                f.set_vring_base(index, queue.next_avail)
+            })?;
+            self.step("SET_VRING_ADDR", |f| f.set_vring_addr(index, &addresses))?;
+            self.step("SET_VRING_KICK", |f| f.set_vring_kick(index, &queue.kick))?;
+            self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
+            // A kick the driver sent while no backend watched this queue
+            // may have been consumed by the previous backend as it
+            // stopped; one more kick makes the new backend look at the
+            // ring, and costs an empty look if nothing is waiting.
+            queue.kick.write(1).map_err(|source| Error::EventFd {
+                what: format!("queue {index} kick"),
+                source,
+            })?;
+        }
+        debug!(
+            "vhost-user backend {}: started {} queues",
+            self.socket.display(),
+            setup.queues.len()
+        );
+        Ok(())
+    }
+
+    /// Stops the backend's rings (SET_VRING_ENABLE 0, then GET_VRING_BASE,
+    /// which the backend answers once it has stopped taking requests),
+    /// waits until every request it took is completed (the used ring's
+    /// index catches up with the returned base), and records in `setup`
+    /// where each queue left off, so `start` can resume there.
+    fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
+        for queue in &mut setup.queues {
+            let index = usize::from(queue.index);
+            self.step("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
+            let base = self.step("GET_VRING_BASE", |f| f.get_vring_base(index))?;
+            // The ring index is 16 bits wide; the upper bits carry only
+            // packed-ring wrap state, which this frontend never negotiates.
+            queue.next_avail = base as u16;
+        }
+        for queue in &setup.queues {
+            self.wait_for_completions(&setup.memory, queue)?;
+        }
+        debug!(
+            "vhost-user backend {}: stopped {} queues",
+            self.socket.display(),
+            setup.queues.len()
+        );
+        Ok(())
+    }
+
+    /// A duplicate of the connection's socket, to watch for hang-up.
+    fn watch_fd(&self) -> Result<OwnedFd> {
+        let stream = self.stream.try_clone().map_err(|source| Error::Socket {
+            socket: self.socket.clone(),
+            what: "cannot duplicate the socket to watch it",
+            source,
+        })?;
+        Ok(stream.into())
+    }
+
+    /// Ends the connection now, even while a duplicate of its socket
+    /// (a watcher's) is still open, so the backend sees the hang-up.
+    fn shut_down(&self) {
+        if let Err(e) = self.stream.shutdown(Shutdown::Both) {
+            debug!(
+                "vhost-user backend {}: shutdown: {e}",
+                self.socket.display()
+            );
         }
     }
 }
@@ -523,8 +497,6 @@ fn ring_addresses(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<Vring
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
     use vm_memory::FileOffset;
 
     fn queue(desc: u64, avail: u64, used: u64) -> ActiveQueue {
@@ -570,11 +542,10 @@ mod tests {
             memory_regions(&anonymous),
             Err(Error::MemoryNotShareable { addr: 0 })
         ));
-        // SAFETY: memfd_create with a valid C string; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"handle-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
+        let file = memfd::MemfdOptions::default()
+            .create("handle-test")
+            .expect("memfd_create")
+            .into_file();
         file.set_len(0x1000).unwrap();
         let backed = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0x2000),

@@ -1,11 +1,12 @@
-//! The vhost-user side of devices: the conversation with a backend
-//! ([`handle`]), a virtio device whose queues a backend serves
+//! The vhost-user side of devices: what a device needs of its backend
+//! ([`connection`]), the vhost-user conversation with one ([`handle`]), a virtio device whose queues a backend serves
 //! ([`device`]), backend processes that pvstack starts itself
 //! ([`process`]), and the thread that reconnects a device whose backend
 //! hung up ([`supervisor`]), and a bound on how long a backend may take to
 //! reply ([`watchdog`]). Every vhost-user device type (block, net,
 //! console) is a [`VhostUserDevice`] with its own [`DeviceShape`].
 
+pub mod connection;
 pub mod device;
 pub mod handle;
 pub mod process;
@@ -13,6 +14,7 @@ pub mod stall;
 pub mod supervisor;
 mod watchdog;
 
+pub use connection::BackendConnection;
 pub use device::{
     BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector,
     VhostUserDevice,

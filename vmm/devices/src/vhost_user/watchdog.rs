@@ -8,7 +8,8 @@
 //! deadline; the blocked receive then sees end-of-file and the request
 //! fails, and the handle reports it as a backend that did not reply.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,9 +52,9 @@ pub struct Armed<'a> {
 }
 
 impl ReplyWatchdog {
-    /// Watches `socket` (a duplicate of the connection's descriptor: shutting
-    /// it down ends the connection for every descriptor of the socket).
-    pub fn new(socket: OwnedFd, timeout: Duration) -> std::io::Result<Self> {
+    /// Watches `socket` (a duplicate of the connection: shutting it down
+    /// ends the connection for every descriptor of the socket).
+    pub fn new(socket: UnixStream, timeout: Duration) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let thread = std::thread::Builder::new()
             .name("vhost-user-watchdog".into())
@@ -105,7 +106,7 @@ impl Drop for ReplyWatchdog {
     }
 }
 
-fn watch(shared: &Shared, socket: &OwnedFd) {
+fn watch(shared: &Shared, socket: &UnixStream) {
     let mut state = shared.lock();
     while !state.closing {
         state = match state.deadline {
@@ -116,9 +117,9 @@ fn watch(shared: &Shared, socket: &OwnedFd) {
             Some(deadline) => {
                 let now = Instant::now();
                 if now >= deadline {
-                    // SAFETY: shutdown(2) on a socket descriptor this thread
-                    // owns; no memory is passed.
-                    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+                    // Fails only if the peer already closed it, which ends
+                    // the request just as well.
+                    let _ = socket.shutdown(Shutdown::Both);
                     state.fired = true;
                     state.deadline = None;
                     continue;
@@ -143,8 +144,7 @@ mod tests {
     fn a_late_reply_ends_the_connection() {
         let (mut ours, _backend) = UnixStream::pair().unwrap();
         let watchdog =
-            ReplyWatchdog::new(ours.try_clone().unwrap().into(), Duration::from_millis(20))
-                .unwrap();
+            ReplyWatchdog::new(ours.try_clone().unwrap(), Duration::from_millis(20)).unwrap();
         let armed = watchdog.arm();
         let mut byte = [0u8; 1];
         // The silent peer never writes: only the watchdog ends this read.
@@ -157,7 +157,7 @@ mod tests {
     fn a_disarmed_request_leaves_the_socket_alone() {
         let (ours, mut backend) = UnixStream::pair().unwrap();
         let watchdog =
-            ReplyWatchdog::new(ours.try_clone().unwrap().into(), Duration::from_millis(5)).unwrap();
+            ReplyWatchdog::new(ours.try_clone().unwrap(), Duration::from_millis(5)).unwrap();
         drop(watchdog.arm());
         std::thread::sleep(Duration::from_millis(20));
         assert!(!watchdog.fired());

@@ -1,0 +1,271 @@
+//! Running pvstack under nested SVM: scripts/nested-run boots an L1 Linux
+//! under QEMU in software emulation (`-cpu max` emulates AMD SVM with
+//! nested paging), loads KVM there and runs a shell script in it, with
+//! this profile's pvstack binaries at the same paths as here. That is the
+//! VMX/SVM path (the guest at CPL0), which the host's own KVM (PVM) never
+//! takes.
+//!
+//! A test builds the L1's script from named steps; each step's output is
+//! framed by `BEGIN name` / `END name` lines followed by `STATUS name N`,
+//! so the test reads each step's exit status, RESULT lines and output.
+//! Booting an L1 takes seconds and everything in it runs emulated, so runs
+//! are serialized within a test process and their hang timeout is long.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use base64::prelude::{Engine, BASE64_STANDARD};
+
+use crate::qemu::GuestRun;
+use crate::{parse_result, run_to_end_within, target_profile_dir, ScratchDir};
+
+/// Longest one L1 run (boot, script, power-off) may take before the
+/// harness kills it: a hang, never a timing requirement.
+const L1_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// Shell functions every script can use.
+const PRELUDE: &str = r#"
+# wait_until WHAT COMMAND...: runs COMMAND every 0.1 s until it succeeds;
+# gives up (status 1) after 10 minutes, which only turns a hang into a
+# failure.
+wait_until() {
+    what=$1
+    shift
+    tries=0
+    until "$@"; do
+        tries=$((tries + 1))
+        if [ "$tries" -ge 6000 ]; then
+            echo "gave up waiting for $what"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+"#;
+
+/// One L1 runs at a time: two would share the host's cores and memory.
+static L1: Mutex<()> = Mutex::new(());
+
+/// An L1 run being put together: its script steps and extra files.
+pub struct Nested {
+    name: String,
+    script: String,
+    harness_args: Vec<String>,
+}
+
+impl Nested {
+    /// A run named `name` (in scratch paths and messages).
+    pub fn new(name: &str) -> Nested {
+        Nested {
+            name: name.to_string(),
+            script: PRELUDE.to_string(),
+            harness_args: Vec::new(),
+        }
+    }
+
+    /// Adds step `name`: `commands` (busybox sh) run in a subshell with
+    /// stderr merged into stdout; the step's status is the subshell's.
+    pub fn step(mut self, name: &str, commands: &str) -> Nested {
+        assert!(
+            !name.is_empty() && !name.contains(char::is_whitespace) && !name.contains('\''),
+            "step names are single words: {name:?}"
+        );
+        self.script.push_str(&format!(
+            "echo 'BEGIN {name}'\n(\n{commands}\n) 2>&1\nstep_status=$?\necho 'END {name}'\necho \"STATUS {name} $step_status\"\n"
+        ));
+        self
+    }
+
+    /// Copies the host file `host` into the L1 at `l1` (with the libraries
+    /// `ldd` lists, if it is a dynamically linked program).
+    pub fn file(mut self, host: &Path, l1: &Path) -> Nested {
+        self.harness_args.push("--file".to_string());
+        self.harness_args
+            .push(format!("{}:{}", host.display(), l1.display()));
+        self
+    }
+
+    /// Copies the host program `name` (found on PATH) into the L1 at the
+    /// same path, with its libraries. Panics if the host has none.
+    pub fn program(self, name: &str) -> Nested {
+        let path = host_program(name);
+        self.file(&path, &path)
+    }
+
+    /// Also copies QEMU (qemu-system-x86_64, its libraries and firmware)
+    /// into the L1.
+    pub fn with_qemu(mut self) -> Nested {
+        self.harness_args.push("--with-qemu".to_string());
+        self
+    }
+
+    /// Boots the L1, runs the steps and returns what its console showed.
+    /// Panics (with the harness's error and the console) if the L1 did not
+    /// run the script to its end.
+    pub fn run(self) -> NestedRun {
+        let scratch = ScratchDir::new(&format!("nested-{}", self.name));
+        let script = scratch.path("l1-script.sh");
+        std::fs::write(&script, &self.script)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", script.display()));
+        let mut command = Command::new(harness());
+        command
+            .arg("--bin-dir")
+            .arg(target_profile_dir())
+            .arg("--timeout")
+            .arg(L1_TIMEOUT.as_secs().to_string())
+            .args(&self.harness_args)
+            .arg("--script")
+            .arg(&script);
+        let _one_at_a_time = L1.lock().unwrap_or_else(PoisonError::into_inner);
+        let started = Instant::now();
+        // The harness stops QEMU itself at L1_TIMEOUT; this only guards
+        // against the harness hanging.
+        let finished = run_to_end_within(&mut command, L1_TIMEOUT + Duration::from_secs(60));
+        eprintln!(
+            "nested run {}: {:.1} s (L1 boot, script, power-off)",
+            self.name,
+            started.elapsed().as_secs_f64()
+        );
+        let console = finished.stdout;
+        let Some(status) = exit_marker(&console) else {
+            panic!(
+                "the L1 of {} did not finish its script ({}): {}\nconsole:\n{console}",
+                self.name,
+                finished.status,
+                finished.stderr.trim_end()
+            );
+        };
+        NestedRun {
+            run: GuestRun {
+                console,
+                script_status: Some(status),
+            },
+        }
+    }
+}
+
+/// What an L1 run printed, step by step.
+pub struct NestedRun {
+    /// The L1's console; `script_status` is the script's exit status.
+    pub run: GuestRun,
+}
+
+impl NestedRun {
+    /// Step `name`'s output (stdout and stderr), one string.
+    pub fn output(&self, name: &str) -> String {
+        self.run.section(name).join("\n")
+    }
+
+    /// Step `name`'s exit status.
+    pub fn status(&self, name: &str) -> i32 {
+        let prefix = format!("STATUS {name} ");
+        self.run
+            .console
+            .lines()
+            .find_map(|line| line.trim_end().strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or_else(|| panic!("no `{prefix}N` line on the console:\n{}", self.run.console))
+    }
+
+    /// Asserts that step `name` exited with `expected`, showing its output
+    /// if not.
+    pub fn assert_status(&self, name: &str, expected: i32) {
+        assert_eq!(
+            self.status(name),
+            expected,
+            "step {name} exited with another status; its output:\n{}",
+            self.output(name)
+        );
+    }
+
+    /// The values of the `RESULT <workload> ...` line in step `name`'s
+    /// output; panics with the output if there is none.
+    pub fn result(&self, name: &str, workload: &str) -> BTreeMap<String, String> {
+        let output = self.output(name);
+        parse_result(&output, workload)
+            .unwrap_or_else(|| panic!("step {name} printed no `RESULT {workload}`:\n{output}"))
+    }
+
+    /// The bytes step `name` printed in base64 (e.g. `base64 FILE`: a file
+    /// of the L1 brought back); panics if its output is not base64.
+    pub fn bytes(&self, name: &str) -> Vec<u8> {
+        let text: String = self.run.section(name).concat();
+        BASE64_STANDARD
+            .decode(text.trim())
+            .unwrap_or_else(|e| panic!("step {name} printed no base64 ({e}):\n{text}"))
+    }
+
+    /// The rest of the first line of step `name`'s output that starts
+    /// with `prefix`; panics with the output if there is none.
+    pub fn line_after(&self, name: &str, prefix: &str) -> String {
+        let output = self.output(name);
+        output
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("step {name} printed no line `{prefix}...`:\n{output}"))
+    }
+}
+
+/// The status in the L1 init's last `NESTED-EXIT <n>` line.
+fn exit_marker(console: &str) -> Option<i32> {
+    console
+        .lines()
+        .filter_map(|line| line.trim_end().strip_prefix("NESTED-EXIT ")?.parse().ok())
+        .next_back()
+}
+
+/// scripts/nested-run, the harness.
+pub fn harness() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nested-run")
+}
+
+/// The absolute path of host program `name`, from PATH.
+fn host_program(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{name} is not installed on this host (scripts/install-deps)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_exit_marker_counts() {
+        let console = "NESTED-START\nNESTED-EXIT 3 (not a marker)\nNESTED-EXIT 9\r\nNESTED-EXIT 4\n[ 1.0] reboot: Power down\n";
+        assert_eq!(exit_marker(console), Some(4));
+        assert_eq!(exit_marker("NESTED-START\n[ 1.0] Kernel panic\n"), None);
+    }
+
+    #[test]
+    fn steps_are_framed_with_their_status() {
+        // The script as the L1 runs it, with busybox sh, here.
+        let nested = Nested::new("framing")
+            .step("hello", "echo hi; echo 'RESULT hello ok=1' >&2; exit 3")
+            .step("waits", "wait_until 'a file' test -e /; echo waited")
+            .step("file", "printf 'pv\\000stack' | base64");
+        let output = Command::new("/bin/busybox")
+            .args(["sh", "-c", &nested.script])
+            .output()
+            .expect("busybox sh runs");
+        let run = NestedRun {
+            run: GuestRun {
+                console: String::from_utf8_lossy(&output.stdout).into_owned(),
+                script_status: Some(0),
+            },
+        };
+        assert_eq!(run.output("hello"), "hi\nRESULT hello ok=1");
+        assert_eq!(run.status("hello"), 3);
+        assert_eq!(run.result("hello", "hello")["ok"], "1");
+        assert_eq!(run.line_after("hello", "RESULT "), "hello ok=1");
+        assert_eq!(run.output("waits"), "waited");
+        run.assert_status("waits", 0);
+        assert_eq!(run.bytes("file"), b"pv\0stack");
+    }
+}
