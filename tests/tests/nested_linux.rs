@@ -9,27 +9,32 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use pvstack_tests::nested::Nested;
 
 /// The L2 kernel and initramfs, made by scripts/fetch-linux-guest (run
-/// here if they are missing; it does nothing when they exist).
-fn linux_guest() -> (PathBuf, PathBuf) {
-    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
-    let status = Command::new(scripts.join("fetch-linux-guest"))
-        .status()
-        .expect("scripts/fetch-linux-guest runs");
-    assert!(status.success(), "scripts/fetch-linux-guest failed");
-    let assets = scripts.join("assets");
-    (assets.join("vmlinuz"), assets.join("initramfs.cpio.gz"))
+/// once per test process, and only makes them if they are missing: two
+/// runs at once would both download and replace them).
+fn linux_guest() -> &'static (PathBuf, PathBuf) {
+    static ASSETS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+        let status = Command::new(scripts.join("fetch-linux-guest"))
+            .status()
+            .expect("scripts/fetch-linux-guest runs");
+        assert!(status.success(), "scripts/fetch-linux-guest failed");
+        let assets = scripts.join("assets");
+        (assets.join("vmlinuz"), assets.join("initramfs.cpio.gz"))
+    })
 }
 
 /// Puts the L2 kernel and initramfs at /l2 in the L1.
 fn with_linux(nested: Nested) -> Nested {
     let (kernel, initramfs) = linux_guest();
     nested
-        .file(&kernel, Path::new("/l2/vmlinuz"))
-        .file(&initramfs, Path::new("/l2/initramfs.cpio.gz"))
+        .file(kernel, Path::new("/l2/vmlinuz"))
+        .file(initramfs, Path::new("/l2/initramfs.cpio.gz"))
 }
 
 /// An L1 step that writes the L2's test script to /tmp/guest.sh and its
