@@ -13,11 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image};
+use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, utf8};
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
     parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
 };
+use serde_json::Value;
 
 /// Blocks the workload cycles over (1 MiB).
 const BLOCKS: usize = 256;
@@ -127,7 +128,8 @@ impl Vm {
         )
     }
 
-    fn ctl_ok(&self, args: &[&str]) -> String {
+    /// `pvstack ctl ARGS...`, which must succeed; the response's `result`.
+    fn ctl_ok(&self, args: &[&str]) -> Value {
         let out = self.ctl(args);
         assert_eq!(
             out.code(),
@@ -135,8 +137,30 @@ impl Vm {
             "pvstack ctl {args:?}: {out:#?}\npvstack log:\n{}",
             self.log()
         );
-        assert!(out.stdout.contains(r#""api_version":1"#), "{out:#?}");
-        out.stdout
+        let response = response(&out.stdout);
+        assert_eq!(response["ok"], true, "{out:#?}");
+        response["result"].clone()
+    }
+
+    /// `pvstack ctl ARGS...`, which must be refused; the response's `error`.
+    fn ctl_refused(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert_eq!(out.code(), 1, "pvstack ctl {args:?}: {out:#?}");
+        refusal(&response(&out.stdout))
+    }
+
+    /// The result of `info`.
+    fn info(&self) -> Value {
+        self.ctl_ok(&["info"])
+    }
+
+    /// The one device, blk0, in `info`.
+    fn blk0(&self) -> Value {
+        let info = self.info();
+        let devices = info["devices"].as_array().expect("info lists devices");
+        assert_eq!(devices.len(), 1, "{info:#}");
+        assert_eq!(devices[0]["id"], "blk0", "{info:#}");
+        devices[0].clone()
     }
 
     /// Waits for the guest to finish; returns the RESULT values.
@@ -158,6 +182,32 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One response line of the control API, parsed; it must carry API
+/// version 1 and `ok`.
+fn response(line: &str) -> Value {
+    let response: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("the API answered with something not JSON ({e}): {line}"));
+    assert_eq!(response["api_version"], 1, "{response:#}");
+    assert!(response["ok"].is_boolean(), "{response:#}");
+    response
+}
+
+/// The error message of a refused request.
+fn refusal(response: &Value) -> String {
+    assert_eq!(response["ok"], false, "{response:#}");
+    response["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a refusal without an error message: {response:#}"))
+        .to_string()
+}
+
+/// The `count` of the device's `swaps` or `reconnects` statistics.
+fn count(device: &Value, events: &str) -> u64 {
+    device[events]["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {events} count: {device:#}"))
 }
 
 /// Sends raw bytes to the API socket and returns the first response line.
@@ -182,10 +232,6 @@ fn assert_image_matches(image: &Path, result: &std::collections::BTreeMap<String
     assert_swap_verify_image(&read_image(image), BLOCKS, result);
 }
 
-fn info(vm: &Vm) -> String {
-    vm.ctl_ok(&["info"])
-}
-
 #[test]
 fn swap_between_two_pvstack_blk_20_times() {
     let (dir, image) = scratch_with_image("swap-two-blk");
@@ -206,15 +252,13 @@ fn swap_between_two_pvstack_blk_20_times() {
             "--socket",
             target.to_str().unwrap(),
         ]);
-        assert!(out.contains("stall_us"), "{out}");
+        assert_eq!(out["device"], "blk0", "{out:#}");
+        assert!(out["stall_us"].is_u64(), "{out:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let info = info(&vm);
-    assert!(info.contains(r#""swaps":{"count":20"#), "{info}");
-    assert!(
-        info.contains(&format!(r#""socket":"{}""#, sockets[0].display())),
-        "{info}"
-    );
+    let blk0 = vm.blk0();
+    assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
+    assert_eq!(blk0["socket"], utf8(&sockets[0]), "{blk0:#}");
     let result = vm.finish();
     assert_image_matches(&image, &result);
 }
@@ -241,11 +285,16 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
         ]);
         // pvstack-blk keeps an inflight log; qemu-storage-daemon 10 offers none.
         let on_pvstack_blk = swap % 2 == 0;
-        let inflight = format!(r#""inflight_log":{on_pvstack_blk}"#);
-        assert!(info(&vm).contains(&inflight), "after swap {swap}");
+        let blk0 = vm.blk0();
+        assert_eq!(
+            blk0["inflight_log"], on_pvstack_blk,
+            "after swap {swap}: {blk0:#}"
+        );
+        assert_eq!(blk0["socket"], utf8(target), "after swap {swap}: {blk0:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(info(&vm).contains(r#""swaps":{"count":20"#));
+    let blk0 = vm.blk0();
+    assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
     let result = vm.finish();
     assert_image_matches(&image, &result);
 }
@@ -273,10 +322,11 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         std::thread::sleep(Duration::from_millis(50));
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
-        let counted = format!(r#""reconnects":{{"count":{crash},"#);
-        wait_until("pvstack reconnects", || info(&vm).contains(&counted));
+        wait_until("pvstack reconnects", || {
+            count(&vm.blk0(), "reconnects") == crash
+        });
     }
-    assert!(info(&vm).contains(r#""inflight_log":true"#));
+    assert_eq!(vm.blk0()["inflight_log"], true);
     let result = vm.finish();
     resubmitted.push(requests_served_again(&backend.log()));
     eprintln!("requests served again after each restart: {resubmitted:?}");
@@ -296,8 +346,9 @@ fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
         backend.kill();
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
-        let counted = format!(r#""reconnects":{{"count":{crash},"#);
-        wait_until("pvstack reconnects", || info(&vm).contains(&counted));
+        wait_until("pvstack reconnects", || {
+            count(&vm.blk0(), "reconnects") == crash
+        });
         // At most one of them (the last returned) can have reached the
         // used ring before the kill.
         wait_until(
@@ -421,24 +472,19 @@ fn refused_swaps_leave_the_old_backend_serving() {
         (&small_socket, "sectors"),
         (&one_queue, "queues"),
     ] {
-        let out = vm.ctl(&[
+        let error = vm.ctl_refused(&[
             "device",
             "swap",
             "blk0",
             "--socket",
             target.to_str().unwrap(),
         ]);
-        assert_eq!(out.code(), 1, "{out:#?}");
-        assert!(out.stdout.contains(r#""ok":false"#), "{out:#?}");
-        assert!(out.stdout.contains(reason), "`{reason}` missing: {out:#?}");
+        assert!(error.contains(reason), "`{reason}` missing: {error}");
     }
-    let info = info(&vm);
-    assert!(info.contains(r#""refused_swaps":3"#), "{info}");
-    assert!(info.contains(r#""swaps":{"count":0"#), "{info}");
-    assert!(
-        info.contains(&format!(r#""socket":"{}""#, socket.display())),
-        "{info}"
-    );
+    let blk0 = vm.blk0();
+    assert_eq!(blk0["refused_swaps"], 3, "{blk0:#}");
+    assert_eq!(count(&blk0, "swaps"), 0, "{blk0:#}");
+    assert_eq!(blk0["socket"], utf8(&socket), "{blk0:#}");
     let result = vm.finish();
     assert_image_matches(&image, &result);
 }
@@ -460,40 +506,49 @@ fn api_survives_bad_requests_and_silent_clients() {
         (b"{\"command\":\"reboot\"}\n", "unknown variant"),
         (
             b"{\"command\":\"device-swap\",\"id\":\"blk9\",\"socket\":\"/x\"}\n",
-            "no device \\\"blk9\\\"",
+            "no device \"blk9\"",
         ),
         (b"{\"command\":\"device-reconnect\"}\n", "missing field"),
         (b"[1,2,3]\n", "bad request"),
     ] {
-        let response = raw_request(&vm.api, request);
-        assert!(
-            response.starts_with(r#"{"api_version":1,"ok":false"#),
-            "{response}"
-        );
-        assert!(response.contains(needle), "`{needle}` missing: {response}");
+        let error = refusal(&response(&raw_request(&vm.api, request)));
+        assert!(error.contains(needle), "`{needle}` missing: {error}");
     }
     let long = vec![b'x'; 70 * 1024];
-    assert!(raw_request(&vm.api, &long).contains("longer than"));
+    let error = refusal(&response(&raw_request(&vm.api, &long)));
+    assert!(error.contains("longer than"), "{error}");
     drop(silent);
-    assert!(info(&vm).contains(r#""state":"running""#));
-    assert!(vm.ctl_ok(&["pause"]).contains(r#""state":"paused""#));
-    assert!(vm.ctl_ok(&["resume"]).contains(r#""state":"running""#));
+    assert_eq!(vm.info()["state"], "running");
+    assert_eq!(
+        vm.ctl_ok(&["pause"]),
+        serde_json::json!({"state": "paused"})
+    );
+    assert_eq!(vm.info()["state"], "paused");
+    assert_eq!(
+        vm.ctl_ok(&["resume"]),
+        serde_json::json!({"state": "running"})
+    );
+    assert_eq!(vm.info()["state"], "running");
     let out = vm.ctl_ok(&["device", "reconnect", "blk0"]);
-    assert!(out.contains("stall_us"), "{out}");
-    assert!(info(&vm).contains(r#""reconnects":{"count":1"#));
-    vm.ctl_ok(&["shutdown"]);
+    assert_eq!(out["device"], "blk0", "{out:#}");
+    assert!(out["stall_us"].is_u64(), "{out:#}");
+    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert_eq!(
+        vm.ctl_ok(&["shutdown"]),
+        serde_json::json!({"state": "shutting-down"})
+    );
     let mut vm = vm;
     let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
     assert!(status.success(), "{status}\n{}", vm.log());
 }
 
-/// The `backend_pid` in `info`.
-fn backend_pid(info: &str) -> libc::pid_t {
-    let (_, rest) = info
-        .split_once(r#""backend_pid":"#)
-        .unwrap_or_else(|| panic!("no backend_pid: {info}"));
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().expect("a pid")
+/// The `backend_pid` of blk0 in `info`.
+fn backend_pid(vm: &Vm) -> libc::pid_t {
+    let blk0 = vm.blk0();
+    blk0["backend_pid"]
+        .as_i64()
+        .and_then(|pid| libc::pid_t::try_from(pid).ok())
+        .unwrap_or_else(|| panic!("no backend_pid: {blk0:#}"))
 }
 
 #[test]
@@ -502,14 +557,13 @@ fn sigkill_of_the_vmms_own_child_restarts_it() {
     let vm = Vm::start(&dir, &format!("image={}", image.display()), &guest_args());
     for crash in 1..=5 {
         std::thread::sleep(Duration::from_millis(200));
-        let pid = backend_pid(&info(&vm));
+        let pid = backend_pid(&vm);
         // SAFETY: kill() with the pid of pvstack's child backend.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        let counted = format!(r#""reconnects":{{"count":{crash},"#);
         wait_until("pvstack restarts its backend", || {
-            info(&vm).contains(&counted)
+            count(&vm.blk0(), "reconnects") == crash
         });
-        assert_ne!(backend_pid(&info(&vm)), pid, "a new child");
+        assert_ne!(backend_pid(&vm), pid, "a new child");
     }
     let result = vm.finish();
     assert_image_matches(&image, &result);
@@ -527,7 +581,7 @@ fn reconnecting_gives_up_after_the_configured_window() {
     );
     backend.kill();
     wait_until("the device gives up", || {
-        info(&vm).contains(r#""backend_state":"failed""#)
+        vm.blk0()["backend_state"] == "failed"
     });
     // The guest's requests wait for ever; the VM itself still obeys.
     vm.ctl_ok(&["shutdown"]);
