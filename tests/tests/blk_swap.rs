@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -305,31 +306,53 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
-    // Requests each restarted pvstack-blk found in its predecessor's
-    // inflight log and served again.
-    let mut resubmitted = Vec::new();
+    let mut log = inflight_log_of(backend.pid());
+    let log_inode = log.metadata().expect("inflight log metadata").ino();
+    // Per restart: requests the killed backend's log showed in flight, and
+    // how many its successor served again.
+    let mut counts = Vec::new();
     for crash in 1..=20 {
         std::thread::sleep(Duration::from_millis(150));
-        let log = backend.log();
-        assert!(
-            log.contains("inflight region set for 1 queues"),
-            "pvstack gave backend {crash} no inflight log:\n{log}"
-        );
-        if crash > 1 {
-            resubmitted.push(requests_served_again(&log));
-        }
         backend.kill();
-        std::thread::sleep(Duration::from_millis(50));
+        // Dead, the backend writes nothing more: this is what it left.
+        let left = LogSnapshot::read(&mut log);
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
         wait_until("pvstack reconnects", || {
             count(&vm.blk0(), "reconnects") == crash
         });
+        assert_eq!(
+            inflight_log_of(backend.pid())
+                .metadata()
+                .expect("inflight log metadata")
+                .ino(),
+            log_inode,
+            "pvstack gave backend {} another inflight log:\n{}",
+            crash + 1,
+            backend.log()
+        );
+        counts.push(served_again_after(&backend, &left, &mut log));
     }
     assert_eq!(vm.blk0()["inflight_log"], true);
     let result = vm.finish();
-    resubmitted.push(requests_served_again(&backend.log()));
-    eprintln!("requests served again after each restart: {resubmitted:?}");
+    // The last backend's totals, logged when pvstack hung up, agree with
+    // what it said it served again.
+    backend.wait_for_output("of the requests left by a previous backend)");
+    let totals = backend.log();
+    let resubmitted: u64 = totals
+        .lines()
+        .find_map(|line| {
+            let (_, rest) = line.split_once(" interrupts (")?;
+            rest.strip_suffix(" of the requests left by a previous backend)")
+        })
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no totals line:\n{totals}"));
+    assert_eq!(
+        Some(resubmitted),
+        counts.last().map(|&(_, served)| served),
+        "{totals}"
+    );
+    eprintln!("(in flight at the kill, served again) per restart: {counts:?}");
     assert_image_matches(&image, &result);
 }
 
@@ -342,32 +365,26 @@ fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
     // Per crash: requests the log showed in flight, and served again.
     let mut counts = Vec::new();
     for crash in 1..=3 {
-        let in_flight = stop_with_requests_in_flight(&mut backend);
+        let mut log = inflight_log_of(backend.pid());
+        let left = stop_with_requests_in_flight(&mut backend, &mut log);
         backend.kill();
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
         wait_until("pvstack reconnects", || {
             count(&vm.blk0(), "reconnects") == crash
         });
-        // At most one of them (the last returned) can have reached the
-        // used ring before the kill.
-        wait_until(
-            "the new backend serves the dead one's requests again",
-            || requests_served_again(&backend.log()) + 1 >= in_flight,
-        );
-        counts.push((in_flight, requests_served_again(&backend.log())));
+        counts.push(served_again_after(&backend, &left, &mut log));
     }
     eprintln!("(in flight at the kill, served again) per crash: {counts:?}");
     let result = vm.finish();
     assert_image_matches(&image, &result);
 }
 
-/// Stops `backend` (SIGSTOP) at a moment its inflight log shows at least
-/// two requests taken and not completed; returns how many. Tries again
-/// (SIGCONT, a short run, SIGSTOP) until it catches one.
-fn stop_with_requests_in_flight(backend: &mut BlkProcess) -> u64 {
+/// Stops `backend` (SIGSTOP) at a moment its inflight `log` shows at least
+/// two requests taken and not completed; returns the log as it stands.
+/// Tries again (SIGCONT, a short run, SIGSTOP) until it catches one.
+fn stop_with_requests_in_flight(backend: &mut BlkProcess, log: &mut File) -> LogSnapshot {
     let pid = backend.pid();
-    let mut log = inflight_log_of(pid);
     let started = Instant::now();
     loop {
         assert!(
@@ -376,9 +393,9 @@ fn stop_with_requests_in_flight(backend: &mut BlkProcess) -> u64 {
         );
         signal(pid, libc::SIGSTOP);
         wait_until("pvstack-blk stops", || all_threads_stopped(pid));
-        let in_flight = requests_in_flight(&mut log);
-        if in_flight >= 2 {
-            return in_flight;
+        let snapshot = LogSnapshot::read(log);
+        if snapshot.in_flight() >= 2 {
+            return snapshot;
         }
         signal(pid, libc::SIGCONT);
         std::thread::sleep(Duration::from_millis(3));
@@ -402,7 +419,7 @@ fn all_threads_stopped(pid: u32) -> bool {
 }
 
 /// pvstack-blk's inflight log (the memfd pvstack handed it), opened
-/// through /proc.
+/// through /proc once the backend holds it.
 fn inflight_log_of(pid: u32) -> File {
     wait_until("pvstack-blk maps its inflight log", || {
         find_inflight_log(pid).is_some()
@@ -424,18 +441,88 @@ fn find_inflight_log(pid: u32) -> Option<File> {
         .and_then(|fd| File::open(fd.path()).ok())
 }
 
-/// Descriptors queue 0's log marks in flight (the vhost-user layout: a
-/// 16-byte header with desc_num at offset 10, then 16 bytes per
-/// descriptor, the first of them the flag).
-fn requests_in_flight(log: &mut File) -> u64 {
-    use std::io::Seek;
-    let mut header = [0u8; 16];
-    log.rewind().expect("rewind the log");
-    log.read_exact(&mut header).expect("log header");
-    let desc_num = usize::from(u16::from_le_bytes([header[10], header[11]]));
-    let mut states = vec![0u8; 16 * desc_num];
-    log.read_exact(&mut states).expect("descriptor states");
-    states.chunks(16).filter(|state| state[0] == 1).count() as u64
+/// Queue 0's inflight log at one moment, in the vhost-user layout: a
+/// 16-byte header (last_batch_head at offset 12, desc_num at 10), then 16
+/// bytes per descriptor: the in-flight flag first, the counter (the order
+/// it was taken in) at 8.
+struct LogSnapshot {
+    last_batch_head: u16,
+    /// Per descriptor: (in flight, counter).
+    states: Vec<(bool, u64)>,
+}
+
+impl LogSnapshot {
+    fn read(log: &mut File) -> LogSnapshot {
+        use std::io::Seek;
+        let mut header = [0u8; 16];
+        log.rewind().expect("rewind the log");
+        log.read_exact(&mut header).expect("log header");
+        let desc_num = usize::from(u16::from_le_bytes([header[10], header[11]]));
+        let mut states = vec![0u8; 16 * desc_num];
+        log.read_exact(&mut states).expect("descriptor states");
+        LogSnapshot {
+            last_batch_head: u16::from_le_bytes([header[12], header[13]]),
+            states: states
+                .chunks(16)
+                .map(|state| {
+                    let counter = state[8..16].try_into().expect("8 bytes");
+                    (state[0] == 1, u64::from_le_bytes(counter))
+                })
+                .collect(),
+        }
+    }
+
+    /// Requests taken and not completed.
+    fn in_flight(&self) -> u64 {
+        self.states.iter().filter(|(flag, _)| *flag).count() as u64
+    }
+
+    /// Whether the last request the backend began to return is still
+    /// logged in flight: if it died after moving the used index and before
+    /// clearing the flag, its successor rightly does not serve it again.
+    fn last_returned_in_flight(&self) -> bool {
+        self.states
+            .get(usize::from(self.last_batch_head))
+            .is_some_and(|(flag, _)| *flag)
+    }
+
+    /// Whether `now` shows every request in flight here done (flag
+    /// cleared) or taken again (a new counter): the next backend has
+    /// recovered this log.
+    fn all_moved_on(&self, now: &LogSnapshot) -> bool {
+        self.states
+            .iter()
+            .zip(&now.states)
+            .all(|(&(was, counter), &now)| !was || now != (true, counter))
+    }
+}
+
+/// Waits until `backend` has recovered the log its killed predecessor
+/// `left`, then checks that it served again exactly the requests left in
+/// flight: all of them, or all but the one whose completion had reached
+/// the used ring (see [`LogSnapshot::last_returned_in_flight`]). Returns
+/// (in flight, served again).
+fn served_again_after(backend: &BlkProcess, left: &LogSnapshot, log: &mut File) -> (u64, u64) {
+    let in_flight = left.in_flight();
+    if in_flight > 0 {
+        // Recovery logs the count, then serves and returns every one of
+        // them before the backend takes anything new.
+        wait_until("the new backend recovers the inflight log", || {
+            left.all_moved_on(&LogSnapshot::read(log))
+        });
+    }
+    // Nothing in flight: nothing to serve again, and nothing is logged.
+    let served = requests_served_again(&backend.log());
+    let exact = served == in_flight;
+    let all_but_the_returned_one = served + 1 == in_flight && left.last_returned_in_flight();
+    assert!(
+        exact || all_but_the_returned_one,
+        "{in_flight} requests were in flight at the kill (the last returned one among them: {}), \
+         the new backend served {served} again:\n{}",
+        left.last_returned_in_flight(),
+        backend.log()
+    );
+    (in_flight, served)
 }
 
 /// How many requests a pvstack-blk served again from its predecessor's
