@@ -656,20 +656,83 @@ fn sigkill_of_the_vmms_own_child_restarts_it() {
     assert_image_matches(&image, &result);
 }
 
+/// blk0's `backend_state`.
+fn backend_state(vm: &Vm) -> String {
+    let blk0 = vm.blk0();
+    blk0["backend_state"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no backend_state: {blk0:#}"))
+        .to_string()
+}
+
+/// Waits until blk0 is no longer connected after its backend was killed;
+/// it must then be reconnecting, not failed.
+fn wait_for_reconnecting(vm: &Vm) {
+    let mut state = String::new();
+    wait_until("pvstack notices the hang-up", || {
+        state = backend_state(vm);
+        state != "connected"
+    });
+    assert_eq!(state, "reconnecting", "gave up at once:\n{}", vm.log());
+}
+
 #[test]
 fn reconnecting_gives_up_after_the_configured_window() {
+    const WINDOW: Duration = Duration::from_secs(2);
     let (dir, image) = scratch_with_image("swap-window");
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
+    // A second backend listens elsewhere from the start, so that it can
+    // appear on the device's socket at a moment the test chooses, in an
+    // instant (a rename), rather than after a process start.
+    let spare_socket = dir.path("spare.sock");
+    let mut spare = start_backend(&spare_socket, &image, &[]);
     let vm = Vm::start(
         &dir,
-        &format!("socket={},reconnect-timeout=1", socket.display()),
+        &format!(
+            "socket={},reconnect-timeout={}",
+            socket.display(),
+            WINDOW.as_secs()
+        ),
         &guest_args(),
     );
+
+    // Inside the window pvstack keeps trying: a backend that appears
+    // while it is reconnecting is taken back.
     backend.kill();
-    wait_until("the device gives up", || {
-        vm.blk0()["backend_state"] == "failed"
+    wait_for_reconnecting(&vm);
+    std::fs::rename(&spare_socket, &socket).expect("move the spare backend's socket");
+    wait_until("pvstack reconnects to the backend that appeared", || {
+        let state = backend_state(&vm);
+        assert_ne!(
+            state,
+            "failed",
+            "gave up with a backend listening:\n{}",
+            vm.log()
+        );
+        state == "connected"
     });
+    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+
+    // With nobody listening, it gives up, and not before the window is
+    // over: pvstack counts the window from the hang-up it saw, which
+    // came after `killed` (a slow test only makes the wait longer).
+    let killed = Instant::now();
+    spare.kill();
+    wait_for_reconnecting(&vm);
+    wait_until("the device gives up", || backend_state(&vm) == "failed");
+    let gave_up_after = killed.elapsed();
+    assert!(
+        gave_up_after > WINDOW,
+        "gave up {gave_up_after:?} after the hang-up, inside the {WINDOW:?} window:\n{}",
+        vm.log()
+    );
+    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert!(
+        vm.log().contains("blk0: gave up reconnecting"),
+        "{}",
+        vm.log()
+    );
     // The guest's requests wait for ever; the VM itself still obeys.
     vm.ctl_ok(&["shutdown"]);
     let mut vm = vm;
