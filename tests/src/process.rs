@@ -58,8 +58,15 @@ impl LoggedProcess {
     /// Waits until its log contains `needle`; panics with the log if the
     /// process exits first or after [`HANG_TIMEOUT`].
     pub fn wait_for_output(&mut self, needle: &str) {
-        self.wait_until(&format!("printing {needle:?}"), |process| {
-            process.log().contains(needle)
+        self.wait_for_output_count(needle, 1);
+    }
+
+    /// Waits until its log contains `needle` at least `count` times;
+    /// panics with the log if the process exits first or after
+    /// [`HANG_TIMEOUT`].
+    pub fn wait_for_output_count(&mut self, needle: &str, count: usize) {
+        self.wait_until(&format!("printing {needle:?} {count} times"), |process| {
+            process.log().matches(needle).count() >= count
         });
     }
 
