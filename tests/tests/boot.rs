@@ -6,10 +6,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use pvstack_tests::{
-    guest_image, pvstack, run_pvstack, run_to_end_counting_cpu, send_signal, wait_or_kill,
-    ScratchDir,
-};
+use pvstack_tests::process::LoggedProcess;
+use pvstack_tests::{guest_image, pvstack, run_pvstack, run_to_end_counting_cpu, ScratchDir};
 
 #[test]
 fn builtin_guest_says_hello_and_exits_0() {
@@ -137,10 +135,17 @@ fn compute_runs_natively() {
     );
 }
 
+/// SIGTERM while the guest computes (for minutes, were it left alone):
+/// pvstack stops the running VM cleanly and exits with 128 + 15. Before
+/// the VM runs, a signal also ends pvstack with 143, but without stopping
+/// a VM; so the test waits for pvstack's record of the guest's first exit
+/// (the guest is running: it asked for its boot info) and then requires
+/// the log of the clean stop and no RESULT line (the guest never finished).
 #[test]
 fn sigterm_stops_a_running_vm_with_status_143() {
-    // A compute run long enough (seconds) to be interrupted.
-    let mut child = Command::new(pvstack())
+    let dir = ScratchDir::new("sigterm");
+    let mut command = Command::new(pvstack());
+    command
         .args([
             "run",
             "--cpus",
@@ -148,14 +153,22 @@ fn sigterm_stops_a_running_vm_with_status_143() {
             "--guest-args",
             "compute iterations=100000000000",
         ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
+        .env("RUST_LOG", "info");
+    let mut vm = LoggedProcess::spawn("pvstack", &mut command, dir.path("pvstack.log"))
         .expect("pvstack starts");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    send_signal(&child, libc::SIGTERM);
-    let status = wait_or_kill(&mut child).expect("pvstack ends after SIGTERM");
-    assert_eq!(status.code(), Some(143), "128 + SIGTERM, like a shell");
+    vm.wait_for_output("boot: first guest exit");
+    let status = vm.terminate();
+    let log = vm.log();
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "128 + SIGTERM, like a shell:\n{log}"
+    );
+    assert!(
+        log.contains("got signal 15; stopping the VM"),
+        "not the running VM's stop:\n{log}"
+    );
+    assert!(!log.contains("RESULT"), "the guest finished first:\n{log}");
 }
 
 #[test]
