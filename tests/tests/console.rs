@@ -14,8 +14,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use pvstack_guest::checksum::fnv1a64;
+use pvstack_tests::process::Background;
 use pvstack_tests::{
-    binary, guest_image, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
+    binary, guest_image, pvstack, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
 };
 
 /// What one client has received so far, with a signal for each arrival.
@@ -138,22 +139,29 @@ impl Client {
     }
 }
 
-/// A running `pvstack run` whose output is collected.
-struct Vm(JoinHandle<Finished>);
+/// A running `pvstack run` whose output (the hypercall console, and
+/// warnings) goes to a file the test can watch.
+struct Vm(Background);
 
 impl Vm {
-    fn start(args: &[&str]) -> Vm {
+    fn start(log: &Path, args: &[&str]) -> Vm {
         let mut command = Command::new(pvstack());
         command.arg("run").args(args).env("RUST_LOG", "warn");
-        Vm(thread::spawn(move || run_to_end(&mut command)))
+        Vm(Background::start("pvstack", command, log))
+    }
+
+    /// Waits until the output contains `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        self.0.wait_for(needle);
     }
 
     fn finish(self) -> Finished {
-        self.0.join().expect("pvstack runner")
+        self.0.finish()
     }
 }
 
-fn shell_vm(console: &str, extra: &[&str]) -> Vm {
+/// The guest shell on the console `console`, with the output in `log`.
+fn shell_vm(log: &Path, console: &str, extra: &[&str]) -> Vm {
     let image = guest_image();
     let mut args = vec![
         "--kernel",
@@ -164,7 +172,7 @@ fn shell_vm(console: &str, extra: &[&str]) -> Vm {
         console,
     ];
     args.extend_from_slice(extra);
-    Vm::start(&args)
+    Vm::start(log, &args)
 }
 
 #[test]
@@ -177,7 +185,7 @@ fn shell_commands_print_what_they_should() {
     let server = dir.path("console.sock");
     let blk = format!("image={}", disk.display());
     let console = format!("unix={}", server.display());
-    let vm = shell_vm(&console, &["--blk", &blk]);
+    let vm = shell_vm(&dir.path("vm.log"), &console, &["--blk", &blk]);
     let mut person = Client::attach(&server);
     person.wait_for("pvstack> ");
 
@@ -259,7 +267,11 @@ fn paste_text(len: usize) -> Vec<u8> {
 fn one_mib_paste_round_trips() {
     let dir = ScratchDir::new("console-paste");
     let server = dir.path("console.sock");
-    let vm = shell_vm(&format!("unix={}", server.display()), &[]);
+    let vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("unix={}", server.display()),
+        &[],
+    );
     let mut person = Client::attach(&server);
     person.wait_for("pvstack> ");
     let paste = paste_text(1 << 20);
@@ -284,7 +296,11 @@ fn one_mib_paste_round_trips() {
 fn clients_detach_and_reattach_mid_session() {
     let dir = ScratchDir::new("console-attach");
     let server = dir.path("console.sock");
-    let vm = shell_vm(&format!("unix={}", server.display()), &[]);
+    let vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("unix={}", server.display()),
+        &[],
+    );
     let mut first = Client::attach(&server);
     first.wait_for("pvstack> ");
     first.type_line("echo one-1");
@@ -315,7 +331,11 @@ fn clients_detach_and_reattach_mid_session() {
 fn flooding_client_does_not_wedge_the_guest() {
     let dir = ScratchDir::new("console-flood");
     let server = dir.path("console.sock");
-    let vm = shell_vm(&format!("unix={}", server.display()), &[]);
+    let vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("unix={}", server.display()),
+        &[],
+    );
     let mut reader = Client::attach(&server);
     reader.wait_for("pvstack> ");
     let mut flooder = Client::attach(&server);
@@ -377,7 +397,11 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
     let server = dir.path("console.sock");
     let mut backend = start_backend(&socket, &server, &dir.path("backend1.log"));
     wait_for_path(&socket);
-    let vm = shell_vm(&format!("socket={}", socket.display()), &[]);
+    let mut vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("socket={}", socket.display()),
+        &[],
+    );
     let mut person = Client::attach(&server);
     person.wait_for("pvstack> ");
     const TICKS: usize = 400;
@@ -386,8 +410,9 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
     backend.kill().expect("SIGKILL pvstack-console");
     backend.wait().expect("reap pvstack-console");
     let before = person.wait_closed();
-    // Down long enough for the guest's transmit ring to fill up.
-    thread::sleep(Duration::from_secs(1));
+    // The backend stays down until the guest's transmit ring has filled
+    // up and the shell has begun to drop lines.
+    vm.wait_for("shell: console output stalled for 100 ms; dropping lines");
     let mut backend = start_backend(&socket, &server, &dir.path("backend2.log"));
     let mut person = Client::attach(&server);
     let after = person.wait_for("ticks done");
@@ -415,7 +440,10 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
                 .ok()
         })
         .sum();
-    assert!(seen.len() < TICKS, "the gap should have cost some lines");
+    assert!(
+        seen.len() < TICKS,
+        "the shell said it dropped lines:\n{text}"
+    );
     assert_eq!(
         seen.len() + reported,
         TICKS,
