@@ -284,8 +284,7 @@ fn receive(socket: &UnixStream) -> io::Result<Message> {
     if len == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let mut reader = socket;
-    reader.read_exact(&mut header[len..])?;
+    read_rest(socket, &mut header[len..], "header")?;
     let size = u32_at(&header, 8) as usize;
     if size > MAX_PAYLOAD {
         return Err(io::Error::new(
@@ -295,8 +294,24 @@ fn receive(socket: &UnixStream) -> io::Result<Message> {
     }
     let mut bytes = vec![0u8; HEADER_LEN + size];
     bytes[..HEADER_LEN].copy_from_slice(&header);
-    reader.read_exact(&mut bytes[HEADER_LEN..])?;
+    read_rest(socket, &mut bytes[HEADER_LEN..], "payload")?;
     Ok(Message { bytes, fds })
+}
+
+/// Reads the rest of a message that has begun to arrive. A hang-up here
+/// cuts the message short, a protocol error, not the plain hang-up that
+/// ends a session between messages.
+fn read_rest(mut socket: &UnixStream, buf: &mut [u8], part: &str) -> io::Result<()> {
+    socket.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("hung up in the middle of a vhost-user message {part}"),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 #[cfg(test)]
@@ -338,6 +353,28 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         io::Write::write_all(&mut &a, &header[..5]).unwrap();
         drop(a);
-        assert!(receive(&b).is_err());
+        let err = receive(&b).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err
+            .to_string()
+            .contains("middle of a vhost-user message header"));
+        // A hang-up between messages is a plain end of the session.
+        assert_eq!(
+            receive(&b).err().unwrap().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    #[test]
+    fn a_payload_cut_short_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let message = Message::request(1, &[0; 8]);
+        io::Write::write_all(&mut &a, &message.bytes[..HEADER_LEN + 3]).unwrap();
+        drop(a);
+        let err = receive(&b).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err
+            .to_string()
+            .contains("middle of a vhost-user message payload"));
     }
 }

@@ -93,6 +93,42 @@ impl Backend {
         }
     }
 
+    /// SIGSTOP, and waits until every thread has stopped: its memory and
+    /// the log then stay as they are until it continues or dies.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGSTOP);
+        let started = Instant::now();
+        while !self.all_threads_stopped() {
+            assert!(started.elapsed() < HANG_GUARD, "pvstack-blk never stopped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets a stopped backend run for about `time`, then stops it again.
+    pub fn step(&mut self, time: Duration) {
+        self.signal(libc::SIGCONT);
+        std::thread::sleep(time);
+        self.stop();
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our child, not yet reaped; no memory is passed.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    fn all_threads_stopped(&self) -> bool {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap();
+        tasks.flatten().all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            stat.rsplit(") ")
+                .next()
+                .is_some_and(|rest| rest.starts_with('T'))
+        })
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();
