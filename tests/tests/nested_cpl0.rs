@@ -179,9 +179,9 @@ exit $vm_status
         assert_eq!(run.line_after("swaps", &format!("SWAP {i} ")), "0");
     }
     run.line_after("swaps", "WORKLOAD running after the swaps");
-    let info = run.line_after("swaps", "INFO ");
-    assert!(info.contains(r#""swaps":{"count":10"#), "{info}");
-    assert!(info.contains(r#""socket":"/tmp/a.sock""#), "{info}");
+    let disk = first_device(&run.line_after("swaps", "INFO "));
+    assert_eq!(disk["swaps"]["count"], 10, "{disk}");
+    assert_eq!(disk["socket"], "/tmp/a.sock", "{disk}");
     let result = run.result("swaps", "blk-swap-verify");
     assert_swap_verify_image(&run.bytes("swap-image"), SWAP_BLOCKS, &result);
 
@@ -189,9 +189,9 @@ exit $vm_status
     // one of the four got the inflight log.
     run.assert_status("crashes", 0);
     run.line_after("crashes", "WORKLOAD running after the crashes");
-    let info = run.line_after("crashes", "INFO ");
-    assert!(info.contains(r#""reconnects":{"count":3,"#), "{info}");
-    assert!(info.contains(r#""inflight_log":true"#), "{info}");
+    let disk = first_device(&run.line_after("crashes", "INFO "));
+    assert_eq!(disk["reconnects"]["count"], 3, "{disk}");
+    assert_eq!(disk["inflight_log"], true, "{disk}");
     assert_eq!(run.line_after("crashes", "INFLIGHT-LOGS "), "4");
     let result = run.result("crashes", "blk-swap-verify");
     assert_swap_verify_image(&run.bytes("crash-image"), SWAP_BLOCKS, &result);
@@ -274,4 +274,12 @@ fn host_md5(path: &Path) -> String {
         .next()
         .expect("md5sum prints a digest")
         .to_string()
+}
+
+/// The first device of a `pvstack ctl info` response.
+fn first_device(info: &str) -> serde_json::Value {
+    let response: serde_json::Value =
+        serde_json::from_str(info).unwrap_or_else(|e| panic!("info is not JSON ({e}): {info}"));
+    assert_eq!(response["ok"], true, "{info}");
+    response["result"]["devices"][0].clone()
 }
