@@ -123,10 +123,23 @@ mod tests {
             libc::sigaddset(&mut term, libc::SIGTERM);
             libc::pthread_sigmask(libc::SIG_BLOCK, &term, std::ptr::null_mut());
         }
-        let mut child = spawn(Command::new("sleep").arg("60")).unwrap();
+        let mut child = spawn(Command::new("sleep").arg("600")).unwrap();
         assert_eq!(try_wait(&mut child).unwrap(), None);
         terminate_all();
-        let status = wait(&mut child).unwrap();
+        // A generous bound that only turns "SIGTERM was ignored" into a
+        // failure instead of a 600 s wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = try_wait(&mut child).unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = wait(&mut child);
+                panic!("the child ignored SIGTERM: it inherited a blocked mask");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGTERM));
     }
