@@ -7,9 +7,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use pvstack_devices::blk::BlkMode;
+use pvstack_devices::blk::{BlkMode, POLL_US};
 
-use crate::backend::{Backend, QsdConfig, POLL_US};
+use crate::backend::{Backend, QsdConfig};
 use crate::child::{interrupts_per_request, parse_sample, Sample, VmRun};
 use crate::error::{Error, Result};
 use crate::fio::FioConfig;
@@ -142,6 +142,7 @@ impl<'a> DiskBench<'a> {
                     .pvstack_blk
                     .as_ref()
                     .ok_or_else(|| not_prepared(mode, "pvstack-blk"))?;
+                // The VMM's own mode=vhost-user-poll window.
                 let poll_us = if m == BlkMode::VhostUserPoll {
                     POLL_US
                 } else {
