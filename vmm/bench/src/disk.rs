@@ -22,6 +22,60 @@ use crate::workload::{DiskPattern, Workload};
 /// fails: a backend that dies mid-run becomes an error, not a hang.
 const RECONNECT_TIMEOUT_SECS: u32 = 10;
 
+/// The programs the chosen disk modes start, found before anything is
+/// made so that a missing one fails at once.
+pub struct DiskPrograms {
+    pvstack_blk: Option<PathBuf>,
+    qsd: Option<PathBuf>,
+    fio: Option<PathBuf>,
+}
+
+impl DiskPrograms {
+    /// Finds what `modes` need; one error line for the first one missing.
+    pub fn find(modes: &[DiskMode]) -> Result<DiskPrograms> {
+        let needs = |wanted: &[DiskMode]| modes.iter().any(|m| wanted.contains(m));
+        let find = |mode: &str, program: &str, hint: &str| {
+            programs::find(program).ok_or_else(|| Error::Bench {
+                what: mode.to_string(),
+                reason: format!("{program} is not installed ({hint})"),
+            })
+        };
+        let vhost_user = [
+            DiskMode::Pvstack(BlkMode::VhostUser),
+            DiskMode::Pvstack(BlkMode::VhostUserPoll),
+        ];
+        Ok(DiskPrograms {
+            pvstack_blk: needs(&vhost_user)
+                .then(|| {
+                    find(
+                        "vhost-user",
+                        "pvstack-blk",
+                        "build it: cargo build --release --bins",
+                    )
+                })
+                .transpose()?,
+            qsd: needs(&[DiskMode::Qsd])
+                .then(|| {
+                    find(
+                        "qsd",
+                        "qemu-storage-daemon",
+                        "scripts/install-deps installs Debian's qemu-system-x86",
+                    )
+                })
+                .transpose()?,
+            fio: needs(&[DiskMode::Host])
+                .then(|| {
+                    find(
+                        "host",
+                        "fio",
+                        "the host row runs it; scripts/install-deps installs Debian's fio",
+                    )
+                })
+                .transpose()?,
+        })
+    }
+}
+
 /// Everything the disk rows share.
 pub struct DiskBench<'a> {
     pub pvstack: &'a Path,
@@ -35,63 +89,32 @@ pub struct DiskBench<'a> {
 }
 
 impl<'a> DiskBench<'a> {
-    /// Finds the programs `modes` need, failing with one line for a
-    /// missing one, and settles qemu-storage-daemon's configuration.
+    /// Settles how qemu-storage-daemon and fio run on `image`.
     pub fn prepare(
         pvstack: &'a Path,
         kernel: Option<&'a Path>,
         image: &'a BenchImage,
         image_bytes: u64,
         secs: u64,
-        modes: &[DiskMode],
+        programs: DiskPrograms,
     ) -> Result<DiskBench<'a>> {
         let direct = image.storage().direct;
-        let needs = |wanted: &[DiskMode]| modes.iter().any(|m| wanted.contains(m));
-        let missing = |mode: &str, program: &str, hint: &str| Error::Bench {
-            what: mode.to_string(),
-            reason: format!("{program} is not installed ({hint})"),
-        };
-        let pvstack_blk = if needs(&[
-            DiskMode::Pvstack(BlkMode::VhostUser),
-            DiskMode::Pvstack(BlkMode::VhostUserPoll),
-        ]) {
-            Some(programs::find("pvstack-blk").ok_or_else(|| {
-                missing(
-                    "vhost-user",
-                    "pvstack-blk",
-                    "build it: cargo build --release --bins",
-                )
-            })?)
-        } else {
-            None
-        };
-        let qsd = if needs(&[DiskMode::Qsd]) {
-            let program = programs::find("qemu-storage-daemon").ok_or_else(|| {
-                missing(
-                    "qsd",
-                    "qemu-storage-daemon",
-                    "scripts/install-deps installs Debian's qemu-system-x86",
-                )
-            })?;
-            let config = QsdConfig::choose(&program, image.dir(), image.path(), direct)?;
-            Some((program, config))
-        } else {
-            None
-        };
-        let fio = if needs(&[DiskMode::Host]) {
-            Some(FioConfig::find(direct)?)
-        } else {
-            None
-        };
+        let qsd = programs
+            .qsd
+            .map(|program| {
+                QsdConfig::choose(&program, image.dir(), image.path(), direct)
+                    .map(|config| (program, config))
+            })
+            .transpose()?;
         Ok(DiskBench {
             pvstack,
             kernel,
             image,
             image_bytes,
             secs,
-            pvstack_blk,
+            pvstack_blk: programs.pvstack_blk,
             qsd,
-            fio,
+            fio: programs.fio.map(|program| FioConfig::new(program, direct)),
         })
     }
 

@@ -13,7 +13,6 @@ use serde_json::Value;
 
 use crate::child::{cpu_s_per_gib, Sample};
 use crate::error::{Error, Result};
-use crate::programs;
 use crate::running;
 use crate::workload::DiskPattern;
 
@@ -27,20 +26,13 @@ pub struct FioConfig {
 }
 
 impl FioConfig {
-    /// fio from PATH; a one-line error if it is not installed (never a
-    /// skipped row).
-    pub fn find(direct: bool) -> Result<FioConfig> {
-        let program = programs::find("fio").ok_or_else(|| Error::Bench {
-            what: "host".to_string(),
-            reason: "fio is not installed (the host row runs it; scripts/install-deps installs \
-                     Debian's fio)"
-                .to_string(),
-        })?;
-        Ok(FioConfig {
+    /// fio at `program`, with O_DIRECT if `direct`.
+    pub fn new(program: PathBuf, direct: bool) -> FioConfig {
+        FioConfig {
             program,
             ioengine: "io_uring",
             direct,
-        })
+        }
     }
 
     /// fio's command line for `pattern` over the first `size` bytes of

@@ -156,6 +156,11 @@ fn parse_byte_count(text: &str) -> std::result::Result<u64, String> {
 /// The termination signal that stopped the benchmark, or 0.
 static STOPPED_BY: AtomicI32 = AtomicI32::new(0);
 
+/// Whether SIGTERM or SIGINT has stopped the benchmark.
+fn stopped() -> bool {
+    STOPPED_BY.load(Ordering::SeqCst) != 0
+}
+
 /// How `pvstack bench` ended.
 pub enum BenchEnd {
     /// Every run finished; the report was printed.
@@ -178,21 +183,25 @@ pub fn run(args: &BenchArgs, wait_for_stop: fn() -> i32) -> Result<BenchEnd> {
     let (net_workloads, blk_workloads): (Vec<Workload>, Vec<Workload>) = distinct(&args.workloads)
         .into_iter()
         .partition(|w| w.is_net());
-    let image = if blk_workloads.is_empty() {
-        None
+    // Programs first: a missing one fails before an image is written.
+    let (image, programs) = if blk_workloads.is_empty() {
+        (None, None)
     } else {
-        Some(image::BenchImage::create(&args.image_dir, args.image_size)?)
+        let programs = disk::DiskPrograms::find(&modes)?;
+        let image = image::BenchImage::create(&args.image_dir, args.image_size)?;
+        (Some(image), Some(programs))
     };
     let disk = image
         .as_ref()
-        .map(|image| {
+        .zip(programs)
+        .map(|(image, programs)| {
             disk::DiskBench::prepare(
                 &pvstack,
                 args.kernel.as_deref(),
                 image,
                 args.image_size,
                 args.duration,
-                &modes,
+                programs,
             )
         })
         .transpose()?;
@@ -377,13 +386,18 @@ impl Runs {
                     modes: order.iter().map(|m| m.to_string()).collect(),
                 });
                 for mode in order {
+                    // A signal that came between runs (or while the image
+                    // was being written) ends the benchmark here.
+                    if stopped() {
+                        return Ok(None);
+                    }
                     self.done += 1;
                     progress(&format!(
                         "[{}/{}] rep {rep}/{}: {mode} {workload}",
                         self.done, self.total, self.reps
                     ));
                     let sample = once(mode, workload);
-                    if STOPPED_BY.load(Ordering::SeqCst) != 0 {
+                    if stopped() {
                         return Ok(None);
                     }
                     let sample = sample?;
