@@ -25,6 +25,7 @@ pub mod filter;
 pub mod inflight;
 mod logging;
 mod memory;
+pub mod poll;
 mod serve;
 mod signals;
 mod socket_path;

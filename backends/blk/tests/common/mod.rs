@@ -198,6 +198,18 @@ pub fn used_elements(memory: &GuestMemoryMmap, range: std::ops::Range<u16>) -> V
         .collect()
 }
 
+/// The used ring's elements in `range`, sorted by head: what was
+/// returned, whatever the order requests completed in (the io_uring engine
+/// returns them as they complete).
+pub fn used_elements_sorted(
+    memory: &GuestMemoryMmap,
+    range: std::ops::Range<u16>,
+) -> Vec<(u16, u32)> {
+    let mut elements = used_elements(memory, range);
+    elements.sort_unstable();
+    elements
+}
+
 pub fn used_ids(memory: &GuestMemoryMmap, range: std::ops::Range<u16>) -> Vec<u16> {
     used_elements(memory, range)
         .into_iter()
