@@ -16,6 +16,7 @@
 //! engine before it (so, in particular, every write the driver saw
 //! completed before it sent the FLUSH).
 
+mod barrier;
 pub mod sync;
 pub mod uring;
 

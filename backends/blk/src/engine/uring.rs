@@ -11,9 +11,9 @@
 //!   [`BOUNCE_BUDGET`] bounce buffers (a request that finds none waits for
 //!   one). A short transfer is continued where it stopped.
 //! - FLUSH is an fdatasync (IORING_OP_FSYNC with DATASYNC) started once
-//!   every write given to the engine before the FLUSH has completed, so it
-//!   covers them all, as the synchronous engine's does; requests behind
-//!   it are not held up.
+//!   every write given to the engine before the FLUSH has completed
+//!   ([`FlushBarrier`]), so it covers them all, as the synchronous
+//!   engine's does; requests behind it are not held up.
 //! - GET_ID, DISCARD and WRITE_ZEROES are done on the spot (the last two
 //!   with fallocate), as the synchronous engine does them.
 //!
@@ -22,7 +22,7 @@
 //! ([`Job::memory`]) until its last transfer has completed, and the engine
 //! waits for everything in the kernel before it is dropped.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -36,6 +36,7 @@ use pvstack_block::request::Operation;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::barrier::FlushBarrier;
 use super::{Engine, EngineDisk, Finished, Job};
 
 /// Bounce buffers one queue may hold at once (8 MiB with 1 MiB chunks).
@@ -88,13 +89,8 @@ pub struct UringEngine {
     bounces_made: usize,
     /// Slots waiting for a bounce buffer, oldest first.
     awaiting_bounce: VecDeque<usize>,
-    /// Writes are numbered in the order they are given to the engine;
-    /// the numbers of those not yet completed.
-    next_write: u64,
-    writes_in_flight: BTreeSet<u64>,
-    /// FLUSHes waiting for the writes before them: (first write number
-    /// not covered, slot), oldest first.
-    flushes_waiting: VecDeque<(u64, usize)>,
+    /// Writes in flight and the FLUSHes (slots) waiting for them.
+    barrier: FlushBarrier<usize>,
 }
 
 struct InFlight {
@@ -102,7 +98,7 @@ struct InFlight {
     status: GuestAddress,
     operation: Operation,
     memory: Arc<GuestMemoryMmap>,
-    /// A write's number (see `UringEngine::next_write`).
+    /// A write's number in the barrier.
     write_number: Option<u64>,
     transfer: Transfer,
 }
@@ -160,9 +156,7 @@ impl UringEngine {
             spare_bounces: Vec::new(),
             bounces_made: 0,
             awaiting_bounce: VecDeque::new(),
-            next_write: 0,
-            writes_in_flight: BTreeSet::new(),
-            flushes_waiting: VecDeque::new(),
+            barrier: FlushBarrier::default(),
         })
     }
 
@@ -208,12 +202,7 @@ impl UringEngine {
                 chunk_done: 0,
             }
         };
-        let write_number = writing.then(|| {
-            let number = self.next_write;
-            self.next_write += 1;
-            self.writes_in_flight.insert(number);
-            number
-        });
+        let write_number = writing.then(|| self.barrier.write_started());
         self.slots[slot] = Some(InFlight {
             head: job.head,
             status: job.status,
@@ -244,10 +233,8 @@ impl UringEngine {
             write_number: None,
             transfer: Transfer::Flush,
         });
-        if self.writes_in_flight.is_empty() {
+        if let Some(slot) = self.barrier.flush(slot) {
             self.push_fsync(slot);
-        } else {
-            self.flushes_waiting.push_back((self.next_write, slot));
         }
     }
 
@@ -478,13 +465,7 @@ impl UringEngine {
             }
         }
         if let Some(number) = request.write_number {
-            self.writes_in_flight.remove(&number);
-            let oldest = self.writes_in_flight.first().copied();
-            while let Some(&(covers, flush)) = self.flushes_waiting.front() {
-                if oldest.is_some_and(|oldest| oldest < covers) {
-                    break;
-                }
-                self.flushes_waiting.pop_front();
+            for flush in self.barrier.write_done(number) {
                 self.push_fsync(flush);
             }
         }
