@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pvstack_backend_common::inflight::{chain_at, InflightRegion, InflightSlot, QueueLog};
 use pvstack_backend_common::poll::{AdaptivePoll, PollReport};
-use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
+use pvstack_backend_common::{avail_pending, clone_exit_event, signal_if_needed, GuestMemorySlot};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -464,23 +464,6 @@ impl BlkBackend {
 
     fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
         self.shared.inflight.region(self.shared.connection)
-    }
-}
-
-/// Whether the driver has made chains available that the queue has not
-/// taken (false while the queue is stopped or disabled).
-fn avail_pending(vring: &VringRwLock, mem: &GuestMemoryMmap, queue: usize) -> bool {
-    let state = vring.get_ref();
-    let ring = state.get_queue();
-    if !state.is_enabled() || !ring.ready() {
-        return false;
-    }
-    match ring.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => idx.0 != ring.next_avail(),
-        Err(e) => {
-            log::warn!("queue {queue}: cannot read the available index: {e}");
-            false
-        }
     }
 }
 

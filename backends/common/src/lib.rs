@@ -38,4 +38,4 @@ pub use memory::GuestMemorySlot;
 pub use serve::{listen, serve_on, serve_with};
 pub use signals::{block_stop_signals, StopSignal};
 pub use socket_path::prepare_socket_path;
-pub use vring::{clone_exit_event, signal_if_needed};
+pub use vring::{avail_pending, clone_exit_event, signal_if_needed};

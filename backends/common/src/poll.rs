@@ -84,6 +84,11 @@ impl AdaptivePoll {
         self.window
     }
 
+    /// The bound; zero: never polls.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// Calls `found_work` until it returns true or the window has passed;
     /// returns whether it found work. The first call after serving starts
     /// the idle gap [`Self::woke`] measures.
