@@ -227,13 +227,19 @@ impl BlkBackend {
             }
             let QueueWorker { engine, poll, .. } = &mut *worker;
             let mem = memory.memory();
-            if poll.poll(|| engine.has_finished() || avail_pending(vring, &mem, queue)) {
+            // Work: a finished request, or a chain the engine has room for.
+            let work = |engine: &mut Box<dyn Engine>| {
+                engine.has_finished() || (engine.room() > 0 && avail_pending(vring, &mem, queue))
+            };
+            if poll.poll(|| work(engine)) {
                 continue;
             }
-            // Going to sleep: wake-ups on, then one more look.
-            worker.engine.notify_completions(true);
-            if self.set_notification(vring, true, queue) || worker.engine.has_finished() {
-                worker.engine.notify_completions(false);
+            // Going to sleep: wake-ups on, then one more look (the ring is
+            // looked at afresh: a stopped queue has nothing to take).
+            engine.notify_completions(true);
+            self.set_notification(vring, true, queue);
+            if work(engine) {
+                engine.notify_completions(false);
                 self.set_notification(vring, false, queue);
                 continue;
             }
@@ -241,18 +247,16 @@ impl BlkBackend {
         }
     }
 
-    /// Turns guest kicks on or off; turning them on returns whether the
-    /// driver made chains available meanwhile.
-    fn set_notification(&self, vring: &VringRwLock, on: bool, queue: usize) -> bool {
+    /// Turns guest kicks on or off.
+    fn set_notification(&self, vring: &VringRwLock, on: bool, queue: usize) {
         let result = if on {
-            vring.enable_notification()
+            vring.enable_notification().map(|_| ())
         } else {
-            vring.disable_notification().map(|()| false)
+            vring.disable_notification()
         };
-        result.unwrap_or_else(|e| {
+        if let Err(e) = result {
             log::warn!("queue {queue}: cannot change notifications: {e}");
-            false
-        })
+        }
     }
 
     /// Takes the available chains (no more than the engine has room for)

@@ -140,7 +140,13 @@ impl NetBackend {
             if poll.poll(|| avail_pending(vring, &mem, TX_QUEUE)) {
                 continue;
             }
-            if !toggle || !set_tx_notification(vring, true) {
+            if !toggle {
+                return;
+            }
+            // Kicks on, then one more look (afresh: a stopped queue has
+            // nothing to take).
+            set_tx_notification(vring, true);
+            if !avail_pending(vring, &mem, TX_QUEUE) {
                 return;
             }
             set_tx_notification(vring, false);
@@ -192,18 +198,16 @@ impl NetBackend {
     }
 }
 
-/// Turns the driver's transmit kicks on or off; turning them on returns
-/// whether it queued frames meanwhile.
-fn set_tx_notification(vring: &VringRwLock, on: bool) -> bool {
+/// Turns the driver's transmit kicks on or off.
+fn set_tx_notification(vring: &VringRwLock, on: bool) {
     let result = if on {
-        vring.enable_notification()
+        vring.enable_notification().map(|_| ())
     } else {
-        vring.disable_notification().map(|()| false)
+        vring.disable_notification()
     };
-    result.unwrap_or_else(|e| {
+    if let Err(e) = result {
         log::warn!("transmit queue: cannot change notifications: {e}");
-        false
-    })
+    }
 }
 
 impl VhostUserBackend for NetBackend {
