@@ -211,9 +211,9 @@ impl UringEngine {
             write_number,
             transfer,
         });
-        if direct || (self.awaiting_bounce.is_empty() && self.lend_bounce(slot)) {
+        if direct {
             self.advance(slot);
-        } else if self.slots[slot].is_some() {
+        } else if !self.awaiting_bounce.is_empty() || self.start_bounced(slot) {
             self.awaiting_bounce.push_back(slot);
         }
     }
@@ -366,22 +366,18 @@ impl UringEngine {
         }
     }
 
-    /// Gives slot `slot` a bounce buffer if it waits for one and one can
-    /// be had; returns whether it got one.
-    fn lend_bounce(&mut self, slot: usize) -> bool {
+    /// Gives slot `slot` a bounce buffer if one can be had now: a spare
+    /// one, or a new one while the queue holds fewer than
+    /// [`BOUNCE_BUDGET`]. Ok(false): none now (the slot waits).
+    fn lend_bounce(&mut self, slot: usize) -> io::Result<bool> {
         let buffer = match self.spare_bounces.pop() {
             Some(buffer) => buffer,
-            None if self.bounces_made < BOUNCE_BUDGET => match AlignedBuffer::chunk() {
-                Ok(buffer) => {
-                    self.bounces_made += 1;
-                    buffer
-                }
-                Err(e) => {
-                    self.complete(slot, Err(e));
-                    return false;
-                }
-            },
-            None => return false,
+            None if self.bounces_made < BOUNCE_BUDGET => {
+                let buffer = AlignedBuffer::chunk()?;
+                self.bounces_made += 1;
+                buffer
+            }
+            None => return Ok(false),
         };
         if let Some(InFlight {
             transfer: Transfer::Bounced { bounce, .. },
@@ -390,7 +386,23 @@ impl UringEngine {
         {
             *bounce = Some(buffer);
         }
-        true
+        Ok(true)
+    }
+
+    /// Starts slot `slot`'s bounced transfer if it gets a bounce buffer;
+    /// returns whether it must wait for one.
+    fn start_bounced(&mut self, slot: usize) -> bool {
+        match self.lend_bounce(slot) {
+            Ok(true) => {
+                self.advance(slot);
+                false
+            }
+            Ok(false) => true,
+            Err(e) => {
+                self.complete(slot, Err(e));
+                false
+            }
+        }
     }
 
     /// Handles the completion of slot `slot`'s operation, `result` bytes
@@ -456,12 +468,11 @@ impl UringEngine {
         } = request.transfer
         {
             self.spare_bounces.push(buffer);
-            while let Some(&waiting) = self.awaiting_bounce.front() {
-                if !self.lend_bounce(waiting) {
+            while let Some(waiting) = self.awaiting_bounce.pop_front() {
+                if self.start_bounced(waiting) {
+                    self.awaiting_bounce.push_front(waiting);
                     break;
                 }
-                self.awaiting_bounce.pop_front();
-                self.advance(waiting);
             }
         }
         if let Some(number) = request.write_number {
