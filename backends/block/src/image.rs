@@ -28,6 +28,8 @@ pub struct DiskImage {
     readonly: bool,
     direct: bool,
     alignment: DirectAlignment,
+    /// On tmpfs or ramfs: its bytes live in memory.
+    in_memory: bool,
 }
 
 /// What O_DIRECT asks of a transfer: buffer addresses aligned to
@@ -96,6 +98,7 @@ impl DiskImage {
             memory: DEFAULT_DIRECT_ALIGN,
             length: DEFAULT_DIRECT_ALIGN,
         });
+        let in_memory = in_memory(&file);
         Ok(DiskImage {
             file,
             path: path.to_owned(),
@@ -103,6 +106,7 @@ impl DiskImage {
             readonly,
             direct,
             alignment,
+            in_memory,
         })
     }
 
@@ -120,6 +124,12 @@ impl DiskImage {
 
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Whether the image lives in memory (tmpfs, ramfs): a read or write
+    /// is a copy that never waits for a device.
+    pub fn is_in_memory(&self) -> bool {
+        self.in_memory
     }
 
     /// The open file, for engines that submit I/O on it themselves.
@@ -351,4 +361,15 @@ fn direct_alignment(file: &File) -> Option<DirectAlignment> {
     );
     (memory.is_power_of_two() && length.is_power_of_two())
         .then_some(DirectAlignment { memory, length })
+}
+
+/// Whether `file` is on a memory file system (tmpfs, ramfs).
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on our own open descriptor writes only into `fs`.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
+    rc == 0 && matches!(fs.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
 }

@@ -90,8 +90,11 @@ impl AdaptivePoll {
     }
 
     /// Calls `found_work` until it returns true or the window has passed;
-    /// returns whether it found work. The first call after serving starts
-    /// the idle gap [`Self::woke`] measures.
+    /// returns whether it found work in time. The first call after serving
+    /// starts the idle gap [`Self::woke`] measures. Work found only after
+    /// the window passed (the thread lost its CPU meanwhile, to another
+    /// thread, perhaps the very vCPU that produces the work) counts as a
+    /// miss: polling did not pay.
     pub fn poll(&mut self, mut found_work: impl FnMut() -> bool) -> bool {
         let start = Instant::now();
         self.idle_since.get_or_insert(start);
@@ -101,13 +104,14 @@ impl AdaptivePoll {
         self.polls += 1;
         let deadline = start + self.window;
         loop {
-            if found_work() {
+            let found = found_work();
+            if Instant::now() > deadline {
+                return false;
+            }
+            if found {
                 self.hits += 1;
                 self.idle_since = None;
                 return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
             }
             std::hint::spin_loop();
         }
@@ -188,14 +192,19 @@ mod tests {
             calls += 1;
             calls == 3
         }));
+        // Work found only after the window passed is a miss.
+        assert!(!poll.poll(|| {
+            std::thread::sleep(FIRST_WINDOW * 4);
+            true
+        }));
         let started = Instant::now();
         assert!(!poll.poll(|| false));
         assert!(started.elapsed() >= poll.window());
         let report = poll.report();
-        assert_eq!((report.polls, report.hits), (2, 1));
+        assert_eq!((report.polls, report.hits), (3, 1));
         assert_eq!(
             report.to_string(),
-            "poll window 4 us (max 50000 us), polling found work in 1 of 2 windows"
+            "poll window 4 us (max 50000 us), polling found work in 1 of 3 windows"
         );
     }
 

@@ -15,7 +15,10 @@
 //!   ([`FlushBarrier`]), so it covers them all, as the synchronous
 //!   engine's does; requests behind it are not held up.
 //! - GET_ID, DISCARD and WRITE_ZEROES are done on the spot (the last two
-//!   with fallocate), as the synchronous engine does them.
+//!   with fallocate), as the synchronous engine does them; so are reads
+//!   and writes of an image in memory (tmpfs, ramfs): they are a copy,
+//!   and tmpfs has no non-blocking path, so io_uring would hand each to a
+//!   kernel worker thread, a round trip dearer than the copy itself.
 //!
 //! Guest buffers are handed to the kernel as addresses in this process's
 //! mapping of guest memory; each request keeps that mapping alive
@@ -158,6 +161,17 @@ impl UringEngine {
             awaiting_bounce: VecDeque::new(),
             barrier: FlushBarrier::default(),
         })
+    }
+
+    /// Runs `job` to its end now, as the synchronous engine does.
+    fn run_inline(&mut self, job: Job) {
+        let result = execute(
+            &job.operation,
+            &self.disk.image,
+            &job.memory,
+            &self.disk.serial,
+        );
+        self.finish_now(job, result);
     }
 
     /// Answers `job` at once with `result`.
@@ -533,6 +547,9 @@ fn consume(iovecs: &mut [libc::iovec], first: &mut usize, mut moved: usize) {
 impl Engine for UringEngine {
     fn submit(&mut self, job: Job) {
         match &job.operation {
+            Operation::Read { .. } | Operation::Write { .. } if self.disk.image.is_in_memory() => {
+                self.run_inline(job)
+            }
             &Operation::Read { sector, .. } => self.start_transfer(job, sector, false),
             &Operation::Write { sector, .. } => self.start_transfer(job, sector, true),
             Operation::Flush => self.start_flush(job),
