@@ -1,6 +1,7 @@
 //! `pvstack check`: what this host offers pvstack, one line per item, in
 //! the spirit of libvirt's virt-host-validate.
 
+use pvstack_sandbox::probe::HostProtections;
 use std::fmt;
 use std::path::Path;
 
@@ -84,7 +85,79 @@ pub fn check_host(kvm_device: &Path) -> Vec<Item> {
     items.push(memfd());
     items.push(io_uring());
     items.push(tun());
+    items.extend(protections());
     items
+}
+
+/// The confinement pvstack and its backends use (pvstack_sandbox).
+fn protections() -> Vec<Item> {
+    let host = HostProtections::probe();
+    let seccomp = match (&host.seccomp_actions, host.seccomp_usable()) {
+        (Ok(actions), true) => item(
+            Verdict::Ok,
+            "seccomp",
+            format!(
+                "filters with kill_process and log (actions: {actions}); kills {}",
+                if host.kills_logged {
+                    "are logged (dmesg | grep type=1326)"
+                } else {
+                    "are NOT logged (kill_process missing from actions_logged)"
+                }
+            ),
+        ),
+        (Ok(actions), false) => item(
+            Verdict::Warn,
+            "seccomp",
+            format!("actions {actions} lack kill_process or log: run with --seccomp off"),
+        ),
+        (Err(e), _) => item(
+            Verdict::Warn,
+            "seccomp",
+            format!("{e}: no seccomp filters; run with --seccomp off"),
+        ),
+    };
+    let landlock = match &host.landlock_abi {
+        Ok(abi) => item(
+            Verdict::Ok,
+            "Landlock",
+            format!(
+                "ABI {abi}: backends' file access is limited to what they use{}",
+                if *abi >= 8 {
+                    ""
+                } else {
+                    " (threads started before the restriction escape it below ABI 8)"
+                }
+            ),
+        ),
+        Err(e) => item(
+            Verdict::Warn,
+            "Landlock",
+            format!("{e}: backends run without file access restrictions"),
+        ),
+    };
+    let no_new_privs = if host.no_new_privs {
+        item(Verdict::Ok, "no_new_privs", "supported")
+    } else {
+        item(
+            Verdict::Warn,
+            "no_new_privs",
+            "not supported by this kernel",
+        )
+    };
+    let kmsg = item(
+        if host.kernel_log_readable {
+            Verdict::Ok
+        } else {
+            Verdict::Warn
+        },
+        "kernel log",
+        if host.kernel_log_readable {
+            "readable: pvstack names the system call a seccomp kill was for"
+        } else {
+            "/dev/kmsg not readable: find seccomp kills with `dmesg | grep type=1326` as root"
+        },
+    );
+    vec![seccomp, landlock, no_new_privs, kmsg]
 }
 
 fn kvm_capabilities(kvm: &Kvm) -> Vec<Item> {

@@ -8,6 +8,7 @@ use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
 use crate::flavour::Privilege;
+use crate::sandbox::SandboxOptions;
 
 /// What pvstack's own guest runs without --guest-args.
 pub const DEFAULT_GUEST_ARGS: &str = "hello";
@@ -15,6 +16,9 @@ pub const DEFAULT_GUEST_ARGS: &str = "hello";
 /// Options of `pvstack run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxOptions,
+
     /// The guest kernel, one of: pvstack's own guest ELF (static x86-64,
     /// loaded at or above 0x200000); a Linux bzImage; an ELF vmlinux with
     /// a PVH entry note. Which one it is is detected. Without it, the

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong in pvstack.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The seccomp filters could not be built or installed.
+    #[error("sandbox: {0}")]
+    Sandbox(String),
     /// The KVM device could not be opened.
     #[error("cannot open KVM device {path}: {source}")]
     KvmOpen {

@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod memory;
 pub mod run;
+pub mod sandbox;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

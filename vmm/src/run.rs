@@ -26,6 +26,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     if guest.is_linux() {
         check_linux_options(args)?;
     }
+    crate::sandbox::configure_children(&args.sandbox);
     let console = match &args.console_log {
         Some(path) => Console::file(path)?,
         None => Console::stdout(),
@@ -67,6 +68,8 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
             .collect();
         vm.serve_api(ApiServer::bind(path, devices)?);
     }
+    // Set up: from here on every thread keeps to pvstack's allow-list.
+    crate::sandbox::confine_vmm(args.sandbox.seccomp)?;
     let end = vm.run(guest, console);
     drop(disks);
     drop(nics);

@@ -90,6 +90,10 @@ pub fn spawn(vcpu: Vcpu, machine: Arc<Machine>, launch: Launch) -> Result<JoinHa
 }
 
 fn run_thread(mut vcpu: Vcpu, machine: &Machine, launch: Launch) {
+    if let Err(e) = crate::sandbox::confine_vcpu_thread() {
+        machine.lifecycle.end(VmEnd::Failed(e));
+        return;
+    }
     let start = match launch {
         Launch::At(start) => Some(start),
         Launch::OnCpuStart => match machine.lifecycle.wait_for_start(vcpu.index) {

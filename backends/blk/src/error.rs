@@ -2,6 +2,8 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
+    Sandbox(#[from] pvstack_sandbox::Error),
+    #[error(transparent)]
     Image(#[from] pvstack_block::Error),
     #[error(transparent)]
     Serve(#[from] pvstack_backend_common::Error),

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod syscalls;
 pub mod vhost_features;
 
 pub use error::Error;

@@ -16,6 +16,8 @@ use pvstack_blk::engine::{self, EngineChoice};
 use pvstack_blk::Error;
 use pvstack_block::config::{self, ID_BYTES};
 use pvstack_block::image::DiskImage;
+use pvstack_sandbox::landlock::{Access, Rule};
+use pvstack_sandbox::{backend::SERVE, runtime::RUNTIME, SandboxArgs};
 
 const DEVICE: &str = "pvstack-blk";
 
@@ -39,6 +41,9 @@ const DEFAULT_POLL_US: u32 = 50;
 struct Args {
     #[command(flatten)]
     socket: SocketArgs,
+
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 
     /// Raw image file (or block device) holding the disk's contents.
     #[arg(long, value_name = "FILE")]
@@ -93,6 +98,34 @@ struct Args {
     serial: String,
 }
 
+/// Set up: from here on the image, the socket directory and the
+/// allow-list are all this process has (pvstack_sandbox::confine).
+fn confine(args: &Args) -> Result<(), Error> {
+    let mut files = pvstack_sandbox::serving_files(&args.socket.socket);
+    files.push(Rule {
+        path: args.image.clone(),
+        access: if args.readonly {
+            Access::ReadFile
+        } else {
+            Access::ReadWriteFile
+        },
+    });
+    // The filter's daemon listens on the public path with `.daemon`
+    // appended (FilteredSocket).
+    let mut daemon_socket = args.socket.socket.clone().into_os_string();
+    daemon_socket.push(".daemon");
+    pvstack_sandbox::confine_backend(
+        &args.sandbox,
+        &pvstack_sandbox::Confinement {
+            program: DEVICE,
+            syscalls: &[RUNTIME, SERVE, pvstack_blk::syscalls::BLK],
+            sockets: vec![args.socket.socket.clone(), daemon_socket.into()],
+            files,
+        },
+    )?;
+    Ok(())
+}
+
 fn parse_serial(text: &str) -> Result<String, String> {
     if text.len() > ID_BYTES {
         return Err(format!("{} bytes, at most {ID_BYTES} fit", text.len()));
@@ -143,6 +176,7 @@ fn run(args: &Args) -> Result<(), Error> {
             queue_size,
         ))
     })?;
+    confine(args)?;
     // The daemon is made from the backend; the backend's completions are
     // then registered with the daemon's workers.
     let newest = RefCell::new(None);

@@ -3,6 +3,8 @@ use std::io;
 /// Why pvstack-console stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Sandbox(#[from] pvstack_sandbox::Error),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(transparent)]

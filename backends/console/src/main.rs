@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgGroup, Parser};
-use pvstack_backend_common::{backend_main, block_stop_signals, serve_with, SocketArgs};
+use pvstack_backend_common::{backend_main, block_stop_signals, listen, serve_on, SocketArgs};
 use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT};
 use pvstack_console::error::Error;
 use pvstack_console::host::{pty, server, stdio};
 use pvstack_console::hub::Hub;
+use pvstack_sandbox::{backend::SERVE, runtime::RUNTIME, SandboxArgs};
 use vmm_sys_util::epoll::EventSet;
 
 const DEVICE: &str = "pvstack-console";
@@ -27,6 +28,9 @@ const DEVICE: &str = "pvstack-console";
 struct Args {
     #[command(flatten)]
     socket: SocketArgs,
+
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 
     /// Guest output to stdout, stdin to the guest.
     #[arg(long)]
@@ -50,6 +54,31 @@ struct Args {
 
 fn main() -> ExitCode {
     backend_main(DEVICE, |args: &Args| &args.socket, run)
+}
+
+/// Set up: from here on the host side, the socket directories (and the
+/// log's) and the allow-list are all this process has
+/// (pvstack_sandbox::confine).
+fn confine(args: &Args) -> Result<(), Error> {
+    let mut files = pvstack_sandbox::serving_files(&args.socket.socket);
+    let mut sockets = vec![args.socket.socket.clone()];
+    if let Some(path) = &args.listen {
+        sockets.push(path.clone());
+        files.push(pvstack_sandbox::confine::directory_of(path));
+    }
+    if let Some(path) = &args.log {
+        files.push(pvstack_sandbox::confine::directory_of(path));
+    }
+    pvstack_sandbox::confine_backend(
+        &args.sandbox,
+        &pvstack_sandbox::Confinement {
+            program: DEVICE,
+            syscalls: &[RUNTIME, SERVE, pvstack_console::syscalls::CONSOLE],
+            sockets,
+            files,
+        },
+    )?;
+    Ok(())
 }
 
 fn run(args: &Args) -> Result<(), Error> {
@@ -86,10 +115,13 @@ fn run(args: &Args) -> Result<(), Error> {
     } else if let Some(path) = &args.listen {
         _server = Some(server::start(&hub, path)?);
     }
+    let listener = listen(&args.socket.socket)?;
+    confine(args)?;
     log::info!("serving a virtio console");
-    serve_with(
+    serve_on(
         DEVICE,
         &args.socket,
+        listener,
         || ConsoleBackend::new(Arc::clone(&hub)),
         |daemon| {
             // One worker serves both queues; input wakes it too.

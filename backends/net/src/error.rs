@@ -4,6 +4,8 @@ use std::path::PathBuf;
 /// Why pvstack-net cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Sandbox(#[from] pvstack_sandbox::Error),
     #[error("invalid TAP name: {reason}")]
     TapName { reason: String },
     #[error("cannot open /dev/net/tun: {source}")]

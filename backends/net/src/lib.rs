@@ -16,6 +16,7 @@ pub mod frame;
 pub mod link;
 pub mod peer;
 pub mod stats;
+pub mod syscalls;
 pub mod tap;
 
 pub use error::Error;

@@ -5,7 +5,6 @@
 
 mod backend;
 mod early_enable;
-
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +16,7 @@ use pvstack_backend_common::{
     backend_main, filter::FilteredSocket, listen, parse_queue_size, prepare_socket_path, serve_on,
     SocketArgs,
 };
+use pvstack_sandbox::{backend::SERVE, runtime::RUNTIME, SandboxArgs};
 use vmm_sys_util::epoll::EventSet;
 
 use pvstack_net::link::Link;
@@ -38,6 +38,9 @@ const DEVICE: &str = "pvstack-net";
 struct Args {
     #[command(flatten)]
     socket: SocketArgs,
+
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 
     /// TAP device to attach to, created if it does not exist (needs
     /// CAP_NET_ADMIN in the current network namespace); 1-15 bytes.
@@ -75,6 +78,36 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     poll_us: u32,
+}
+
+/// Set up: from here on the link, the socket directory (and the peer
+/// socket's) and the allow-list are all this process has
+/// (pvstack_sandbox::confine).
+fn confine(args: &Args) -> Result<(), Error> {
+    let mut files = pvstack_sandbox::serving_files(&args.socket.socket);
+    let mut sockets = vec![args.socket.socket.clone()];
+    if args.filter_early_vring_enable {
+        // The filter's daemon listens on the public path with `.daemon`
+        // appended (FilteredSocket).
+        let mut daemon_socket = args.socket.socket.clone().into_os_string();
+        daemon_socket.push(".daemon");
+        sockets.push(daemon_socket.into());
+    }
+    if let Some(local) = &args.peer_bind {
+        // Removed at exit.
+        sockets.push(local.clone());
+        files.push(pvstack_sandbox::confine::directory_of(local));
+    }
+    pvstack_sandbox::confine_backend(
+        &args.sandbox,
+        &pvstack_sandbox::Confinement {
+            program: DEVICE,
+            syscalls: &[RUNTIME, SERVE, pvstack_net::syscalls::NET],
+            sockets,
+            files,
+        },
+    )?;
+    Ok(())
 }
 
 fn parse_tap_name(text: &str) -> Result<String, String> {
@@ -119,6 +152,7 @@ fn run(args: &Args) -> Result<(), Error> {
     } else {
         (None, listen(&args.socket.socket)?)
     };
+    confine(args)?;
     serve_on(
         DEVICE,
         &args.socket,

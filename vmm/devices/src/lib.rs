@@ -30,3 +30,4 @@ pub use console::{
 pub use context::DeviceContext;
 pub use error::{Error, Result};
 pub use net::{create_net, NetDevice, NetSpec};
+pub use vhost_user::process::set_child_sandbox;

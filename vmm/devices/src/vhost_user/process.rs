@@ -8,13 +8,16 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
+use pvstack_sandbox::{SeccompMode, User};
 
 use crate::error::{Error, Result};
 
@@ -25,6 +28,22 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Interval between checks while waiting for a backend.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// What every backend child is told: `--seccomp` and `--user`.
+struct ChildSandbox {
+    seccomp: SeccompMode,
+    user: Option<User>,
+}
+
+static CHILD_SANDBOX: OnceLock<ChildSandbox> = OnceLock::new();
+
+/// Sets what the backend children pvstack starts from now on are told:
+/// the seccomp mode and the user to switch to (their socket directory is
+/// then handed to that user). The first call wins; without one, children
+/// get their defaults and keep pvstack's user.
+pub fn set_child_sandbox(seccomp: SeccompMode, user: Option<User>) {
+    let _ = CHILD_SANDBOX.set(ChildSandbox { seccomp, user });
+}
 
 /// A running backend process that pvstack started.
 #[derive(Debug)]
@@ -57,6 +76,20 @@ impl BackendProcess {
         let socket = socket_dir.join("vhost-user.sock");
         let mut command = Command::new(&program);
         command.arg("--socket").arg(&socket).args(args).stdin(stdin);
+        if let Some(sandbox) = CHILD_SANDBOX.get() {
+            command.arg("--seccomp").arg(sandbox.seccomp.to_string());
+            if let Some(user) = &sandbox.user {
+                // The child binds its sockets as pvstack's user, then
+                // needs to enter the directory as its own.
+                std::os::unix::fs::chown(&socket_dir, Some(user.uid), Some(user.gid)).map_err(
+                    |source| Error::SocketDir {
+                        dir: socket_dir.clone(),
+                        source,
+                    },
+                )?;
+                command.arg("--user").arg(&user.spec);
+            }
+        }
         // SAFETY: getpid is async-signal-safe.
         let parent = unsafe { libc::getpid() };
         // SAFETY: the closure runs in the child between fork and exec and
@@ -130,6 +163,7 @@ impl BackendProcess {
                 source,
             })?;
             if let Some(status) = exited {
+                self.explain_sigsys(status);
                 return Err(Error::ChildExited {
                     program: self.program.clone(),
                     status,
@@ -147,10 +181,23 @@ impl BackendProcess {
         }
     }
 
+    /// A child killed by its seccomp filter cannot say why: the kernel's
+    /// record names the system call.
+    fn explain_sigsys(&self, status: std::process::ExitStatus) {
+        if status.signal() == Some(libc::SIGSYS) {
+            error!(
+                "{}: {}",
+                self.program.display(),
+                pvstack_sandbox::audit::explain_kill(self.child.id())
+            );
+        }
+    }
+
     /// SIGTERM, a grace period, then SIGKILL; always reaps the child.
     fn stop(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             debug!("{} had already exited ({status})", self.program.display());
+            self.explain_sigsys(status);
             return;
         }
         let pid = self.child.id() as libc::pid_t;
@@ -162,6 +209,7 @@ impl BackendProcess {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
                     info!("{} (pid {pid}) exited ({status})", self.program.display());
+                    self.explain_sigsys(status);
                     return;
                 }
                 Ok(None) => sleep(POLL_INTERVAL),

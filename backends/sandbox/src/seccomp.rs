@@ -1,0 +1,114 @@
+//! Allow-list seccomp filters, compiled with seccompiler.
+//!
+//! A filter allows exactly the union of the lists it is built from; any
+//! other system call kills the whole process (`--seccomp on`), or is
+//! allowed and logged by the kernel (`--seccomp log`). Filters stack: a
+//! thread that installs its own filter on top of the process's gets what
+//! both allow, so a thread kind's list narrows the process's.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use syscalls::Sysno;
+
+use crate::{Error, SeccompMode};
+
+/// Which threads a filter applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The calling thread, and the threads and processes it starts later.
+    Thread,
+    /// Every thread of the process (SECCOMP_FILTER_FLAG_TSYNC), and what
+    /// they start later.
+    Process,
+}
+
+/// Installs the filter called `name` allowing the union of `lists` on
+/// `scope`, as `mode` says (nothing for `off`). Sets no_new_privs first,
+/// which an unprivileged process needs to install a filter.
+pub fn install(
+    name: &str,
+    lists: &[&[Sysno]],
+    scope: Scope,
+    mode: SeccompMode,
+) -> Result<(), Error> {
+    let Some(program) = compile(name, lists, mode)? else {
+        return Ok(());
+    };
+    let installed = match scope {
+        Scope::Thread => seccompiler::apply_filter(&program),
+        Scope::Process => seccompiler::apply_filter_all_threads(&program),
+    };
+    installed.map_err(|e| Error::InstallFilter {
+        list: name.to_owned(),
+        message: e.to_string(),
+    })?;
+    log::info!(
+        "seccomp {mode}: the {name} filter allows {} system calls ({})",
+        count(lists),
+        match scope {
+            Scope::Thread => "this thread",
+            Scope::Process => "every thread",
+        }
+    );
+    Ok(())
+}
+
+/// The BPF program for `lists` in `mode`, or None for `off`.
+pub fn compile(
+    name: &str,
+    lists: &[&[Sysno]],
+    mode: SeccompMode,
+) -> Result<Option<BpfProgram>, Error> {
+    let mismatch = match mode {
+        SeccompMode::On => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+        SeccompMode::Off => return Ok(None),
+    };
+    let build_error = |message: String| Error::BuildFilter {
+        list: name.to_owned(),
+        message,
+    };
+    // An empty rule chain allows the system call whatever its arguments.
+    let rules: BTreeMap<i64, Vec<_>> = lists
+        .iter()
+        .flat_map(|list| list.iter())
+        .map(|sysno| (i64::from(sysno.id()), Vec::new()))
+        .collect();
+    let arch = TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|e| build_error(format!("architecture: {e}")))?;
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+        .map_err(|e| build_error(e.to_string()))?;
+    let program = BpfProgram::try_from(filter).map_err(|e| build_error(e.to_string()))?;
+    Ok(Some(program))
+}
+
+/// How many distinct system calls the union of `lists` holds.
+fn count(lists: &[&[Sysno]]) -> usize {
+    let mut all: Vec<Sysno> = lists.iter().flat_map(|list| list.iter().copied()).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RUNTIME;
+
+    #[test]
+    fn off_builds_nothing_and_on_builds_a_program() {
+        assert!(compile("test", &[RUNTIME], SeccompMode::Off)
+            .unwrap()
+            .is_none());
+        let program = compile("test", &[RUNTIME], SeccompMode::On)
+            .unwrap()
+            .unwrap();
+        assert!(program.len() > RUNTIME.len());
+    }
+
+    #[test]
+    fn duplicates_count_once() {
+        assert_eq!(count(&[&[Sysno::read, Sysno::write], &[Sysno::read]]), 2);
+    }
+}

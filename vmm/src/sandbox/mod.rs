@@ -1,0 +1,95 @@
+//! Confining `pvstack run` once the VM is set up: a process-wide seccomp
+//! filter, a narrower one on each vCPU thread, and what the backends it
+//! starts are told (`--seccomp`, `--user`).
+
+mod syscalls;
+
+use std::sync::OnceLock;
+
+use clap::Args;
+use pvstack_sandbox::backend::SERVE;
+use pvstack_sandbox::runtime::RUNTIME;
+use pvstack_sandbox::seccomp::{self, Scope};
+use pvstack_sandbox::{SeccompMode, User};
+
+use crate::error::{Error, Result};
+
+/// `pvstack run`'s sandbox options.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxOptions {
+    /// The seccomp allow-lists, installed once the VM is set up (one for
+    /// the whole process, a narrower one on each vCPU thread) and passed
+    /// on to the backends pvstack starts: `on` kills the process on any
+    /// other system call (find it with `dmesg | grep type=1326`: the
+    /// `syscall=N` field), `log` allows and logs it there, `off` installs
+    /// none. Also taken from PVSTACK_SECCOMP.
+    #[arg(long, value_name = "MODE", value_enum, env = "PVSTACK_SECCOMP", default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
+
+    /// The user the backends pvstack starts (`image=`, `tap=`, `stdio`,
+    /// `pty`, `unix=`) switch to once they have opened what they need: a
+    /// name or UID[:GID], or `keep` to leave them pvstack's user. Only
+    /// root can switch, so a pvstack that is not root keeps its user.
+    #[arg(long, value_name = "NAME|UID[:GID]|keep", default_value = "nobody", value_parser = parse_backend_user)]
+    pub backend_user: BackendUser,
+}
+
+/// `--backend-user`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendUser {
+    Keep,
+    Switch(User),
+}
+
+fn parse_backend_user(text: &str) -> std::result::Result<BackendUser, String> {
+    if text == "keep" {
+        return Ok(BackendUser::Keep);
+    }
+    User::parse(text).map(BackendUser::Switch)
+}
+
+/// The mode the vCPU threads' filters use, set by [`confine_vmm`].
+static MODE: OnceLock<SeccompMode> = OnceLock::new();
+
+/// What pvstack's backend children are told, from `options`; call before
+/// any backend starts.
+pub fn configure_children(options: &SandboxOptions) {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let root = unsafe { libc::geteuid() } == 0;
+    let user = match &options.backend_user {
+        BackendUser::Switch(user) if root => Some(user.clone()),
+        _ => None,
+    };
+    pvstack_devices::set_child_sandbox(options.seccomp, user);
+}
+
+/// Installs the process-wide filter on every thread; vCPU threads started
+/// afterwards add theirs ([`confine_vcpu_thread`]).
+pub fn confine_vmm(mode: SeccompMode) -> Result<()> {
+    let _ = MODE.set(mode);
+    seccomp::install(
+        "pvstack",
+        &[
+            RUNTIME,
+            syscalls::VMM,
+            syscalls::BACKEND_START,
+            SERVE,
+            pvstack_blk::syscalls::BLK,
+            pvstack_net::syscalls::NET,
+            pvstack_console::syscalls::CONSOLE,
+        ],
+        Scope::Process,
+        mode,
+    )
+    .map_err(sandbox_error)
+}
+
+/// Narrows the calling vCPU thread to [`syscalls::VCPU`].
+pub fn confine_vcpu_thread() -> Result<()> {
+    let mode = MODE.get().copied().unwrap_or(SeccompMode::Off);
+    seccomp::install("vCPU", &[RUNTIME, syscalls::VCPU], Scope::Thread, mode).map_err(sandbox_error)
+}
+
+fn sandbox_error(e: pvstack_sandbox::Error) -> Error {
+    Error::Sandbox(e.to_string())
+}
