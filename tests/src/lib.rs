@@ -5,6 +5,7 @@
 
 pub mod blk_process;
 pub mod blk_vm;
+pub mod inject;
 pub mod nested;
 pub mod net;
 pub mod process;

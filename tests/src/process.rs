@@ -171,6 +171,11 @@ impl Background {
         Background(process)
     }
 
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+
     /// What it printed so far.
     pub fn output(&self) -> String {
         self.0.log()

@@ -148,6 +148,7 @@ impl Backend {
         direct: bool,
         poll_us: u32,
         queues: u16,
+        confined: bool,
     ) -> Result<Backend> {
         let socket = dir.join("pvstack-blk.sock");
         let mut command = Command::new(program);
@@ -164,6 +165,13 @@ impl Backend {
         }
         if poll_us > 0 {
             command.args(["--poll-us", &poll_us.to_string()]);
+        }
+        if !confined {
+            command.args(["--seccomp", "off"]);
+        } else if let Some(user) = sandbox_user(dir)? {
+            // As pvstack runs its own children: switched to `nobody` once
+            // set up, in a directory handed to it.
+            command.args(["--user", user]);
         }
         let mut backend = Backend::spawn("pvstack-blk", command, socket, dir)?;
         backend.exits_on_disconnect = true;
@@ -377,4 +385,24 @@ mod tests {
         );
         assert_eq!(args[6..], ["--pidfile", "/d/qsd.pid"]);
     }
+}
+
+/// The user a confined pvstack-blk switches to, with `dir` handed to it:
+/// `nobody` when the bench runs as root, none otherwise (only root can
+/// switch).
+fn sandbox_user(dir: &Path) -> Result<Option<&'static str>> {
+    const USER: &str = "nobody";
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let user = pvstack_sandbox::User::parse(USER).map_err(|reason| Error::Bench {
+        what: "vhost-user".into(),
+        reason,
+    })?;
+    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(|e| Error::Bench {
+        what: "vhost-user".into(),
+        reason: format!("cannot hand {} to {user}: {e}", dir.display()),
+    })?;
+    Ok(Some(USER))
 }

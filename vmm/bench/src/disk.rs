@@ -43,6 +43,7 @@ impl DiskPrograms {
         let vhost_user = [
             DiskMode::Pvstack(BlkMode::VhostUser),
             DiskMode::Pvstack(BlkMode::VhostUserPoll),
+            DiskMode::Unconfined,
         ];
         Ok(DiskPrograms {
             pvstack_blk: needs(&vhost_user)
@@ -160,13 +161,13 @@ impl<'a> DiskBench<'a> {
                 return fio.run_once(image, self.image_bytes, &pattern, self.secs);
             }
             DiskMode::Pvstack(m) if m.is_emulated() => None,
-            DiskMode::Pvstack(m) => {
+            DiskMode::Unconfined | DiskMode::Pvstack(_) => {
                 let program = self
                     .pvstack_blk
                     .as_ref()
                     .ok_or_else(|| not_prepared(mode, "pvstack-blk"))?;
                 // The VMM's own mode=vhost-user-poll window.
-                let poll_us = if m == BlkMode::VhostUserPoll {
+                let poll_us = if mode == DiskMode::Pvstack(BlkMode::VhostUserPoll) {
                     POLL_US
                 } else {
                     0
@@ -178,6 +179,7 @@ impl<'a> DiskBench<'a> {
                     direct,
                     poll_us,
                     pattern.queues,
+                    mode != DiskMode::Unconfined,
                 )?)
             }
             DiskMode::Qsd => {
@@ -203,11 +205,15 @@ impl<'a> DiskBench<'a> {
             }
             None => emulated_spec(image, mode, &pattern),
         };
+        let mut devices = vec!["--blk".into(), blk];
+        if mode == DiskMode::Unconfined {
+            devices.extend(["--seccomp".into(), "off".into()]);
+        }
         let run = VmRun {
             pvstack: self.pvstack,
             kernel: self.kernel,
             netns: None,
-            devices: vec!["--blk".into(), blk],
+            devices,
             guest_args: workload.guest_args(self.secs, 0),
             started: "disk 0:",
             result: "RESULT blk-bench",

@@ -76,7 +76,11 @@ pub struct BenchArgs {
     /// Disk modes to compare, comma separated: emulated-legacy,
     /// emulated-virtio, vhost-user, vhost-user-poll (pvstack's), qsd
     /// (qemu-storage-daemon at its best: io_uring, an iothread that polls,
-    /// O_DIRECT on a disk), host (fio on the image, no VM: the ceiling).
+    /// O_DIRECT on a disk), host (fio on the image, no VM: the ceiling),
+    /// vhost-user-unconfined (vhost-user with pvstack and pvstack-blk
+    /// under no seccomp filter and pvstack-blk keeping root: compared with
+    /// vhost-user, whose pvstack-blk also switches to nobody, it measures
+    /// what the sandbox costs).
     #[arg(
         long,
         value_name = "LIST",
