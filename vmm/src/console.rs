@@ -23,7 +23,7 @@ impl Console {
         let file = File::create(path).map_err(|source| Error::File {
             action: "create console log",
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Ok(Console::from_writer(Box::new(file)))
     }

@@ -28,7 +28,7 @@ pub fn create(size: u64) -> Result<GuestMemory> {
             )
         })
         .collect();
-    Ok(GuestMemory::from_ranges_with_files(regions)?)
+    GuestMemory::from_ranges_with_files(regions).map_err(Error::MemoryMap)
 }
 
 /// The non-empty RAM ranges as `(guest address, length, offset in the memfd)`.
@@ -46,7 +46,10 @@ fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
 }
 
 fn create_memfd(size: u64) -> Result<File> {
-    let memory_error = |source| Error::Memory { size, source };
+    let memory_error = |source| Error::Memory {
+        size,
+        cause: source,
+    };
     let file = memfd::MemfdOptions::default()
         .create("pvstack-guest-ram")
         .map_err(|e| match e {
@@ -65,12 +68,12 @@ pub fn host_mem_total(meminfo: &Path) -> Result<u64> {
     let text = std::fs::read_to_string(meminfo).map_err(|source| Error::File {
         action: "read",
         path: meminfo.to_path_buf(),
-        source,
+        cause: source,
     })?;
     parse_mem_total(&text).ok_or_else(|| Error::File {
         action: "find MemTotal in",
         path: meminfo.to_path_buf(),
-        source: std::io::ErrorKind::InvalidData.into(),
+        cause: std::io::ErrorKind::InvalidData.into(),
     })
 }
 

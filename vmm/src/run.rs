@@ -87,7 +87,7 @@ fn guest(args: &RunArgs) -> Result<Guest> {
     let image = std::fs::read(path).map_err(|source| Error::File {
         action: "open kernel",
         path: path.clone(),
-        source,
+        cause: source,
     })?;
     let name = path.display().to_string();
     let kind = KernelKind::detect(&image).ok_or_else(|| Error::BadImage {
@@ -168,7 +168,10 @@ fn attach_disks(vm: &mut Vm, specs: &[BlkSpec]) -> Result<Vec<BlkDevice>> {
     for (index, spec) in (0u32..).zip(specs) {
         let slot = index;
         let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
-        let disk = create_blk(spec, &context).map_err(|source| Error::Blk { index, source })?;
+        let disk = create_blk(spec, &context).map_err(|source| Error::Blk {
+            index,
+            cause: source,
+        })?;
         vm.add_device(slot, disk.bus_device(), disk.info())?;
         disks.push(disk);
     }
@@ -182,7 +185,10 @@ fn attach_nics(vm: &mut Vm, specs: &[NetSpec], first_slot: u32) -> Result<Vec<Ne
     for (index, spec) in (0u32..).zip(specs) {
         let slot = first_slot + index;
         let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
-        let nic = create_net(spec, &context).map_err(|source| Error::Net { index, source })?;
+        let nic = create_net(spec, &context).map_err(|source| Error::Net {
+            index,
+            cause: source,
+        })?;
         vm.add_device(slot, nic.bus_device(), nic.info())?;
         nics.push(nic);
     }
@@ -206,7 +212,7 @@ fn attach_consoles(vm: &mut Vm, args: &RunArgs, first_slot: u32, linux: bool) ->
         let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, 0);
         let console = create_console(spec, &context).map_err(|source| Error::Console {
             option: "console",
-            source,
+            cause: source,
         })?;
         vm.add_device(slot, console.bus_device(), console.info())?;
         virtio = Some(console);
@@ -215,7 +221,7 @@ fn attach_consoles(vm: &mut Vm, args: &RunArgs, first_slot: u32, linux: bool) ->
     let serial = args.serial || args.console == Some(ConsoleSpec::Uart);
     let serial_error = |source| Error::Console {
         option: "serial",
-        source,
+        cause: source,
     };
     if serial && linux {
         let port = create_serial_port(
@@ -237,7 +243,7 @@ fn attach_consoles(vm: &mut Vm, args: &RunArgs, first_slot: u32, linux: bool) ->
         let device = create_uart(&context, Box::new(std::io::stdout())).map_err(|source| {
             Error::Console {
                 option: "serial",
-                source,
+                cause: source,
             }
         })?;
         vm.add_device(slot, device.bus_device(), device.info())?;

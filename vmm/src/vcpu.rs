@@ -56,7 +56,7 @@ extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
 pub fn install_kick_handler() -> Result<()> {
     register_signal_handler(kick_signal(), kick_handler).map_err(|e| Error::Os {
         what: "install the vCPU kick signal handler",
-        source: std::io::Error::from_raw_os_error(e.errno()),
+        cause: std::io::Error::from_raw_os_error(e.errno()),
     })
 }
 
@@ -85,7 +85,7 @@ pub fn spawn(vcpu: Vcpu, machine: Arc<Machine>, launch: Launch) -> Result<JoinHa
         .spawn(move || run_thread(vcpu, &machine, launch))
         .map_err(|source| Error::Os {
             what: "spawn a vCPU thread",
-            source,
+            cause: source,
         })
 }
 
@@ -246,7 +246,7 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
             counters.record(ExitKind::Other);
             Step::Fail(Error::Kvm {
                 what: "run a vCPU",
-                source,
+                cause: source,
             })
         }
     }

@@ -128,7 +128,7 @@ pub struct Vm {
 pub fn open_kvm(path: &Path) -> Result<Kvm> {
     let open_error = |source| Error::KvmOpen {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     // A path from the command line cannot hold a NUL byte; refuse it anyway.
     let c_path = CString::new(path.as_os_str().as_bytes())

@@ -151,7 +151,7 @@ impl FilteredSocket {
         let listener = UnixListener::bind(&args.socket).map_err(|source| Error::Filter {
             path: args.socket.clone(),
             what: "cannot listen",
-            source,
+            cause: source,
         })?;
         let filtered = FilteredSocket {
             public: args.socket.clone(),
@@ -169,7 +169,7 @@ impl FilteredSocket {
             .map_err(|source| Error::Filter {
                 path: args.socket.clone(),
                 what: "cannot start the filter thread",
-                source,
+                cause: source,
             })?;
         Ok((filtered, daemon))
     }

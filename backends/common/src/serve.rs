@@ -45,7 +45,7 @@ pub fn listen(path: &Path) -> Result<Listener, Error> {
     prepare_socket_path(path)?;
     Listener::new(path, false).map_err(|source| Error::Listen {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -75,7 +75,7 @@ where
         }
         let backend = new_backend().map_err(|source| Error::NewBackend {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
         let daemon_error = |e: vhost_user_backend::Error| Error::Daemon {
             path: path.to_owned(),
@@ -86,7 +86,7 @@ where
             VhostUserDaemon::new(device.to_owned(), backend, memory).map_err(daemon_error)?;
         attach(&daemon).map_err(|source| Error::NewBackend {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
         daemon.start(&mut listener).map_err(daemon_error)?;
         log::info!("frontend connected");
@@ -148,7 +148,7 @@ fn wait_for_frontend(listener: &Listener, stop: &StopSignal, path: &Path) -> Res
             }
             return Err(Error::Poll {
                 path: path.to_owned(),
-                source: e,
+                cause: e,
             });
         }
         if stop.requested() {

@@ -15,7 +15,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
         Err(source) => {
             return Err(Error::InspectSocket {
                 path: path.to_owned(),
-                source,
+                cause: source,
             })
         }
     };
@@ -32,7 +32,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
     log::info!("removing stale socket file");
     std::fs::remove_file(path).map_err(|source| Error::RemoveStaleSocket {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 

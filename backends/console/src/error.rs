@@ -3,8 +3,8 @@ use std::io;
 /// Why pvstack-console stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: io::Error },
     #[error(transparent)]
     Serve(#[from] pvstack_backend_common::Error),
 }

@@ -26,7 +26,7 @@ impl PeerSocket {
         let peer_error = |what: &'static str, source: io::Error| Error::Peer {
             path: local.to_path_buf(),
             what,
-            source,
+            cause: source,
         };
         match std::fs::symlink_metadata(local) {
             Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(local)

@@ -20,22 +20,22 @@ pub enum Error {
         reason: String,
     },
     /// Connecting to a backend's socket failed.
-    #[error("vhost-user socket {socket}: cannot connect: {source}")]
-    Connect { socket: PathBuf, source: io::Error },
+    #[error("vhost-user socket {socket}: cannot connect: {cause}")]
+    Connect { socket: PathBuf, cause: io::Error },
     /// Configuring the connection to a backend failed.
-    #[error("vhost-user socket {socket}: {what}: {source}")]
+    #[error("vhost-user socket {socket}: {what}: {cause}")]
     Socket {
         socket: PathBuf,
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
     /// One step of the vhost-user conversation failed.
-    #[error("vhost-user backend {socket}: {step} failed: {source}")]
+    #[error("vhost-user backend {socket}: {step} failed: {cause}")]
     VhostUser {
         socket: PathBuf,
         /// The request that failed (`GET_FEATURES`, `SET_MEM_TABLE`, ...).
         step: &'static str,
-        source: vhost::Error,
+        cause: vhost::Error,
     },
     /// The backend did not answer a request in time; the connection was
     /// shut down.
@@ -60,18 +60,18 @@ pub enum Error {
         needed: u64,
     },
     /// Creating an eventfd failed.
-    #[error("cannot create the eventfd for {what}: {source}")]
-    EventFd { what: String, source: io::Error },
+    #[error("cannot create the eventfd for {what}: {cause}")]
+    EventFd { what: String, cause: io::Error },
     /// Binding a queue's notify register to its ioeventfd failed.
-    #[error("cannot register the ioeventfd of queue {queue} at MMIO {addr:#x}: {source}")]
+    #[error("cannot register the ioeventfd of queue {queue} at MMIO {addr:#x}: {cause}")]
     IoEvent {
         queue: u16,
         addr: u64,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     /// Binding the device's interrupt eventfd to its GSI failed.
-    #[error("cannot register the irqfd for GSI {gsi}: {source}")]
-    IrqFd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot register the irqfd for GSI {gsi}: {cause}")]
+    IrqFd { gsi: u32, cause: kvm_ioctls::Error },
     /// A guest memory region is not backed by a file descriptor, so a
     /// backend process cannot map it.
     #[error("guest memory region at {addr:#x} has no file descriptor to share with a backend")]
@@ -80,8 +80,8 @@ pub enum Error {
     #[error("queue {queue}: {reason}")]
     InvalidQueue { queue: u16, reason: String },
     /// A disk image cannot be used.
-    #[error("image {path}: {source}")]
-    Image { path: PathBuf, source: io::Error },
+    #[error("image {path}: {cause}")]
+    Image { path: PathBuf, cause: io::Error },
     /// The image of a disk the VMM serves itself cannot be opened.
     #[error(transparent)]
     DiskImage(#[from] pvstack_block::Error),
@@ -89,14 +89,14 @@ pub enum Error {
     #[error("{program} not found next to {exe_dir} or on PATH")]
     ProgramNotFound { program: String, exe_dir: PathBuf },
     /// Creating the private directory for a child backend's socket failed.
-    #[error("cannot create the socket directory {dir}: {source}")]
-    SocketDir { dir: PathBuf, source: io::Error },
+    #[error("cannot create the socket directory {dir}: {cause}")]
+    SocketDir { dir: PathBuf, cause: io::Error },
     /// Starting or watching a child backend failed.
-    #[error("{program}: {what}: {source}")]
+    #[error("{program}: {what}: {cause}")]
     Child {
         program: PathBuf,
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
     /// A child backend exited before it accepted our connection.
     #[error("{program} exited ({status}) before accepting connections on {socket}")]
@@ -113,8 +113,8 @@ pub enum Error {
         seconds: u64,
     },
     /// Starting a device's helper thread failed.
-    #[error("cannot start the {what} thread: {source}")]
-    Thread { what: String, source: io::Error },
+    #[error("cannot start the {what} thread: {cause}")]
+    Thread { what: String, cause: io::Error },
 }
 
 impl Error {

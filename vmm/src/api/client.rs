@@ -19,7 +19,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
         move |source| Error::File {
             action,
             path: socket.to_path_buf(),
-            source,
+            cause: source,
         }
     };
     let mut stream = UnixStream::connect(socket).map_err(io_error("connect to the API socket"))?;

@@ -65,7 +65,7 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(|source| Error::File {
             action: "bind the API socket",
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         info!("control API on {}", path.display());
         Ok(ApiServer {
@@ -86,7 +86,7 @@ impl ApiServer {
                 .spawn(move || self.serve(&vm, &stop))
                 .map_err(|source| Error::Os {
                     what: "spawn the control API thread",
-                    source,
+                    cause: source,
                 })?
         };
         Ok(RunningApi {

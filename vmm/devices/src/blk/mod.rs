@@ -281,7 +281,7 @@ fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> 
                 .open(image)
                 .map_err(|source| Error::Image {
                     path: image.clone(),
-                    source,
+                    cause: source,
                 })?;
             let (process, stream) =
                 BackendProcess::start(BACKEND_PROGRAM, &backend_args(spec, image))?;

@@ -76,7 +76,7 @@ impl Uart16550 {
         let drained = new_eventfd("uart input")?;
         let events = InputDrained(drained.try_clone().map_err(|source| Error::EventFd {
             what: "uart input".into(),
-            source,
+            cause: source,
         })?);
         let serial = Serial::with_events(IrqTrigger(irq), events, out);
         Ok((Uart16550 { serial }, drained))
@@ -189,7 +189,7 @@ pub fn create_serial_port(
             .spawn(move || feed_input(&feeder, &drained, input))
             .map_err(|source| Error::Thread {
                 what: "uart input".into(),
-                source,
+                cause: source,
             })?;
     }
     info!("uart: emulated 16550 at I/O port {COM1_PORT:#x} IRQ {COM1_IRQ} (ttyS0)");
@@ -255,7 +255,7 @@ fn lock(uart: &Mutex<Uart16550>) -> std::sync::MutexGuard<'_, Uart16550> {
 fn new_eventfd(what: &str) -> Result<EventFd> {
     EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
         what: what.into(),
-        source,
+        cause: source,
     })
 }
 
@@ -263,7 +263,7 @@ fn new_eventfd(what: &str) -> Result<EventFd> {
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
     let irq = new_eventfd("uart interrupts")?;
     vm.register_irqfd(&irq, gsi)
-        .map_err(|source| Error::IrqFd { gsi, source })?;
+        .map_err(|source| Error::IrqFd { gsi, cause: source })?;
     Ok(irq)
 }
 

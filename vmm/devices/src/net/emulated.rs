@@ -86,7 +86,7 @@ impl EmulatedNet {
         })?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
             what: format!("{name} receive wake-ups"),
-            source,
+            cause: source,
         })?;
         let link = Link::Tap(tap);
         let features = backend_features::offered(link.offloads()) & passed_on;
@@ -106,7 +106,7 @@ impl EmulatedNet {
             .spawn(move || receive_loop(&thread_shared))
             .map_err(|source| Error::Thread {
                 what: format!("{name} receive thread"),
-                source,
+                cause: source,
             })?;
         Ok(EmulatedNet {
             features,

@@ -122,7 +122,7 @@ impl VhostUserHandle {
     pub fn connect(socket: &Path) -> Result<Self> {
         let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
             socket: socket.to_path_buf(),
-            source,
+            cause: source,
         })?;
         Self::from_stream(stream, socket)
     }
@@ -135,7 +135,7 @@ impl VhostUserHandle {
         let socket_error = |what, source| Error::Socket {
             socket: socket.clone(),
             what,
-            source,
+            cause: source,
         };
         let duplicate = || {
             stream
@@ -256,7 +256,7 @@ impl VhostUserHandle {
                 Error::VhostUser {
                     socket: self.socket.clone(),
                     step,
-                    source,
+                    cause: source,
                 }
             }
         })
@@ -357,7 +357,7 @@ impl BackendConnection for VhostUserHandle {
             // ring, and costs an empty look if nothing is waiting.
             queue.kick.write(1).map_err(|source| Error::EventFd {
                 what: format!("queue {index} kick"),
-                source,
+                cause: source,
             })?;
         }
         debug!(
@@ -398,7 +398,7 @@ impl BackendConnection for VhostUserHandle {
         let stream = self.stream.try_clone().map_err(|source| Error::Socket {
             socket: self.socket.clone(),
             what: "cannot duplicate the socket to watch it",
-            source,
+            cause: source,
         })?;
         Ok(stream.into())
     }

@@ -77,7 +77,7 @@ impl BackendProcess {
         let child = command.spawn().map_err(|source| Error::Child {
             program: program.clone(),
             what: "cannot start it",
-            source,
+            cause: source,
         })?;
         info!(
             "started {} (pid {}) on {}",
@@ -120,14 +120,14 @@ impl BackendProcess {
                 Err(source) => {
                     return Err(Error::Connect {
                         socket: self.socket.clone(),
-                        source,
+                        cause: source,
                     })
                 }
             }
             let exited = self.child.try_wait().map_err(|source| Error::Child {
                 program: self.program.clone(),
                 what: "cannot check whether it is running",
-                source,
+                cause: source,
             })?;
             if let Some(status) = exited {
                 return Err(Error::ChildExited {
@@ -224,7 +224,7 @@ fn create_socket_dir(program_name: &str) -> Result<PathBuf> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 debug!("{} exists; trying the next name", dir.display());
             }
-            Err(source) => return Err(Error::SocketDir { dir, source }),
+            Err(source) => return Err(Error::SocketDir { dir, cause: source }),
         }
     }
 }

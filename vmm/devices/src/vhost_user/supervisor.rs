@@ -58,7 +58,7 @@ pub fn supervised(
     let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
     spawn(&id, &transport, policy).map_err(|source| Error::Thread {
         what: format!("{id} supervisor"),
-        source,
+        cause: source,
     })?;
     Ok(transport)
 }

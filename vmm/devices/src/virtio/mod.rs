@@ -120,7 +120,10 @@ impl DeviceEvents {
     /// Eventfds that nothing is bound to yet.
     pub fn new(queues: u16) -> Result<Self> {
         let eventfd = |what: String| {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { what, source })
+            EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+                what,
+                cause: source,
+            })
         };
         let kicks = (0..queues)
             .map(|queue| eventfd(format!("queue {queue} notifications")))
@@ -140,7 +143,7 @@ impl DeviceEvents {
                 .map_err(|source| Error::IoEvent {
                     queue,
                     addr,
-                    source,
+                    cause: source,
                 })?;
         }
         Ok(events)
@@ -153,7 +156,7 @@ impl DeviceEvents {
     pub fn register_call(vm: &VmFd, gsi: u32, queues: u16) -> Result<Self> {
         let events = Self::new(queues)?;
         vm.register_irqfd(&events.call, gsi)
-            .map_err(|source| Error::IrqFd { gsi, source })?;
+            .map_err(|source| Error::IrqFd { gsi, cause: source })?;
         Ok(events)
     }
 }
@@ -161,8 +164,10 @@ impl DeviceEvents {
 /// A second handle on `fd` (for whoever serves a device's queues);
 /// `what` names the eventfd in the error.
 pub fn clone_eventfd(fd: &EventFd, what: String) -> Result<EventFd> {
-    fd.try_clone()
-        .map_err(|source| Error::EventFd { what, source })
+    fd.try_clone().map_err(|source| Error::EventFd {
+        what,
+        cause: source,
+    })
 }
 
 /// What the transport hands a device when the driver sets DRIVER_OK.
