@@ -12,3 +12,4 @@ pub mod host;
 pub mod hub;
 pub mod input;
 pub mod stamp;
+pub mod stats;

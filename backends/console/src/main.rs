@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use clap::{ArgGroup, Parser};
 use pvstack_backend_common::{backend_main, block_stop_signals, serve_with, SocketArgs};
-use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT};
+use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT, MAX_CHAIN_OUTPUT};
 use pvstack_console::error::Error;
 use pvstack_console::host::{pty, server, stdio};
 use pvstack_console::hub::Hub;
+use pvstack_console::stats::ConsoleStats;
 use vmm_sys_util::epoll::EventSet;
 
 const DEVICE: &str = "pvstack-console";
@@ -87,10 +88,11 @@ fn run(args: &Args) -> Result<(), Error> {
         _server = Some(server::start(&hub, path)?);
     }
     log::info!("serving a virtio console");
+    let stats = Arc::new(ConsoleStats::default());
     serve_with(
         DEVICE,
         &args.socket,
-        || ConsoleBackend::new(Arc::clone(&hub)),
+        || ConsoleBackend::new(Arc::clone(&hub), Arc::clone(&stats)),
         |daemon| {
             // One worker serves both queues; input wakes it too.
             let handlers = daemon.get_epoll_handlers();
@@ -104,6 +106,6 @@ fn run(args: &Args) -> Result<(), Error> {
             )
         },
     )?;
-    log::info!("stopped");
+    log::info!("stopped; {}", stats.summary(MAX_CHAIN_OUTPUT));
     Ok(())
 }
