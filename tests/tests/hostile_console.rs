@@ -1,8 +1,9 @@
 //! A hostile guest and frontend against a real pvstack-console, with the
 //! test as its vhost-user frontend laying out the rings by hand: chains
-//! that claim gigabytes or point outside memory.
+//! that claim gigabytes or point outside memory, and input that arrives
+//! before the guest has set up its receive queue.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -11,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::{
-    negotiate, share, start_backend, start_ring, Held, Ram, Ring, DESC_F_NEXT, VIRTIO_F_VERSION_1,
+    negotiate, share, start_backend, start_ring, Held, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE,
+    VIRTIO_F_VERSION_1,
 };
 use pvstack_tests::{ScratchDir, HANG_TIMEOUT};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+const RX: u32 = 0;
 const TX: u32 = 1;
 const RAM: usize = 1 << 20;
 /// The most one transmit chain may put out (README, pvstack-console).
@@ -161,5 +164,50 @@ fn a_transmit_chain_beyond_the_limit_is_cut_and_counted() {
     assert!(
         log.contains(&format!("{} bytes beyond", 3 * (64 << 10))),
         "no count of the dropped bytes:\n{log}"
+    );
+}
+
+/// Input typed after the frontend connected but before the guest set up
+/// its receive queue: pvstack-console must neither spin on it (before the
+/// fix its level-triggered input eventfd stayed readable and the worker
+/// woke in a loop) nor lose it once the queue is there.
+#[test]
+fn input_before_the_receive_queue_neither_spins_nor_is_lost() {
+    let dir = ScratchDir::new("hostile-console-early-input");
+    let (mut backend, socket, server) = console(&dir);
+    let mut frontend = negotiate(
+        &socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let mut client = Client::attach(&server);
+    client.stream.write_all(b"echo early\n").expect("type");
+    // Give a spinning worker time to show itself: an idle process uses
+    // no CPU while it waits.
+    let before = Held::of(backend.pid());
+    thread::sleep(Duration::from_millis(1500));
+    let after = Held::of(backend.pid());
+    let used = after.cpu_ticks - before.cpu_ticks;
+    assert!(
+        used < 15,
+        "pvstack-console used {used} ticks of CPU in 1.5 s with nothing to do:\n{}",
+        backend.log()
+    );
+
+    let ram = Ram::new(RAM);
+    share(&mut frontend, &ram);
+    let mut rx = Ring::new(RX, 16, 0x1000);
+    rx.put(&ram, 0, (0x8000, 64, DESC_F_WRITE, 0));
+    rx.offer(&ram, 0);
+    let _started = start_ring(&mut frontend, &ram, &rx);
+    rx.wait_used(&ram, 1, &mut backend);
+    let (head, len) = rx.used(&ram, 0);
+    assert_eq!((head, len), (0, 11));
+    assert_eq!(ram.read(0x8000, 11), b"echo early\n");
+    let log = backend.log();
+    assert!(
+        log.lines().count() < 40,
+        "{} log lines for one early input:\n{log}",
+        log.lines().count()
     );
 }

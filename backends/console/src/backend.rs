@@ -115,7 +115,6 @@ impl ConsoleBackend {
 
     /// Fills receive buffers with waiting input, as long as both last.
     fn receive(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) {
-        self.hub.input().clear_ready();
         let mut filled = false;
         while !self.hub.input().is_empty() {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
@@ -157,9 +156,15 @@ impl ConsoleBackend {
         }
     }
 
+    /// Serves the transmit queue and, for `receive`, waiting input. Input
+    /// that cannot go in yet (no memory table, receive queue not set up)
+    /// waits in the hub: the driver's next receive-queue kick, or the
+    /// queue being enabled, brings the worker back for it.
     fn serve(&self, vrings: &[VringRwLock], receive: bool, transmit: bool) {
         let Some(mem) = self.memory() else {
-            log::warn!("queue event before the memory table was set");
+            if transmit {
+                warn_limited!("transmit queue kicked before the memory table was set");
+            }
             return;
         };
         let ready = |queue: u16| {
@@ -231,8 +236,15 @@ impl VhostUserBackend for ConsoleBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         match u64::from(device_event) {
-            // The driver posted receive buffers, or input arrived.
-            e if e == u64::from(RX_QUEUE) || e == INPUT_EVENT => self.serve(vrings, true, false),
+            // The driver posted receive buffers.
+            e if e == u64::from(RX_QUEUE) => self.serve(vrings, true, false),
+            e if e == INPUT_EVENT => {
+                // Cleared whether or not the input can go in now: the
+                // eventfd is level-triggered, and left readable it would
+                // wake this worker in a loop until the guest is ready.
+                self.hub.input().clear_ready();
+                self.serve(vrings, true, false);
+            }
             e if e == u64::from(TX_QUEUE) => self.serve(vrings, false, true),
             other => warn_limited!("event for unknown source {other}"),
         }
