@@ -62,6 +62,13 @@ impl Message {
         Message { bytes, fds }
     }
 
+    /// Asks for a REPLY_ACK answer (as a frontend that negotiated
+    /// REPLY_ACK does).
+    pub fn set_need_reply(&mut self) {
+        let flags = u32_at(&self.bytes, 4) | FLAG_NEED_REPLY;
+        self.bytes[4..8].copy_from_slice(&flags.to_le_bytes());
+    }
+
     /// The request code (vhost's `FrontendReq` values).
     pub fn code(&self) -> u32 {
         u32_at(&self.bytes, 0)
@@ -118,6 +125,21 @@ pub trait Filter: Send {
     /// An error ends the connection (logged), as a protocol error in the
     /// daemon would.
     fn request(&mut self, message: Message) -> io::Result<Verdict>;
+}
+
+/// Refuses `message`: a REPLY_ACK failure if the frontend wants an
+/// answer, otherwise an error that ends the connection.
+pub fn refuse(message: &Message, why: &str) -> io::Result<Verdict> {
+    let code = message.code();
+    if message.wants_ack() {
+        log::warn!("refused request {code}: {why}");
+        let failure = Message::reply(code, &1u64.to_le_bytes(), Vec::new());
+        return Ok(Verdict::answer(Some(failure)));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("request {code}: {why}"),
+    ))
 }
 
 /// The public socket, with the filter listening on it; removed when this

@@ -24,7 +24,7 @@ use pvstack_net::stats::NetStats;
 use pvstack_net::tap::{self, Tap};
 use pvstack_net::Error;
 
-use crate::backend::{NetBackend, LINK_EVENT};
+use crate::backend::{NetBackend, LINK_EVENT, NUM_QUEUES};
 use crate::early_enable::EarlyEnableFilter;
 
 const DEVICE: &str = "pvstack-net";
@@ -103,8 +103,9 @@ fn run(args: &Args) -> Result<(), Error> {
     let link_fd = link.as_raw_fd();
     // With the filter, the daemon listens beside the public socket.
     let (_filtered, listener) = if args.filter_early_vring_enable {
-        let (filtered, daemon) =
-            FilteredSocket::start(&args.socket, || Box::new(EarlyEnableFilter::default()))?;
+        let (filtered, daemon) = FilteredSocket::start(&args.socket, || {
+            Box::new(EarlyEnableFilter::new(NUM_QUEUES as u32))
+        })?;
         (Some(filtered), daemon)
     } else {
         (None, listen(&args.socket.socket)?)
