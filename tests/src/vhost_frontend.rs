@@ -28,6 +28,7 @@ pub const DESC_F_WRITE: u16 = 2;
 pub const DESC_F_INDIRECT: u16 = 4;
 /// vhost-user request codes the raw helpers send.
 pub mod request {
+    pub const GET_FEATURES: u32 = 1;
     pub const SET_OWNER: u32 = 3;
     pub const SET_MEM_TABLE: u32 = 5;
     pub const SET_VRING_NUM: u32 = 8;
@@ -319,13 +320,17 @@ pub fn recv_u64(stream: &UnixStream) -> Option<u64> {
 }
 
 /// A raw connection that has sent SET_OWNER and negotiated the protocol
-/// features MQ and REPLY_ACK.
+/// features MQ and REPLY_ACK (which the backend honours only once it was
+/// asked for its features).
 pub fn raw_negotiated(socket: &Path) -> UnixStream {
     let stream = UnixStream::connect(socket).expect("connect");
     stream
         .set_read_timeout(Some(HANG_TIMEOUT))
         .expect("read timeout");
     send_raw(&stream, request::SET_OWNER, FLAG_VERSION, &[], &[]);
+    send_raw(&stream, request::GET_FEATURES, FLAG_VERSION, &[], &[]);
+    let features = recv_u64(&stream).expect("features");
+    assert_ne!(features & PROTOCOL_FEATURES, 0, "features {features:#x}");
     send_raw(
         &stream,
         request::GET_PROTOCOL_FEATURES,

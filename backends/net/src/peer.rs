@@ -81,7 +81,7 @@ impl PeerSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
             };
-            if self.from_peer(&sender) {
+            if self.sent_by_peer(&sender) {
                 return Ok(Some(len));
             }
             let count = self.strangers.fetch_add(1, Ordering::Relaxed) + 1;
@@ -96,7 +96,7 @@ impl PeerSocket {
     }
 
     /// Whether `sender` is the socket bound at the peer's path.
-    fn from_peer(&self, sender: &SocketAddr) -> bool {
+    fn sent_by_peer(&self, sender: &SocketAddr) -> bool {
         let Some(sender) = sender.as_pathname() else {
             return false;
         };
