@@ -1,6 +1,7 @@
 //! The vhost-user device: what the frontend negotiates, and the per-queue
 //! workers that pop descriptor chains, run them and return them.
 
+use pvstack_logging::warn_limited;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,6 +76,14 @@ impl Drop for Shared {
             self.signalled.load(Ordering::Relaxed),
             self.resubmitted.load(Ordering::Relaxed)
         );
+        // The whole count of what the rate-limited lines may have left out.
+        let (rejected, unanswerable) = (
+            self.rejected.load(Ordering::Relaxed),
+            self.unanswerable.load(Ordering::Relaxed),
+        );
+        if rejected + unanswerable > 0 {
+            log::info!("rejected {rejected} requests, returned {unanswerable} chains unanswered");
+        }
     }
 }
 
@@ -124,7 +133,7 @@ impl BlkBackend {
     /// each batch.
     fn process_queue(&self, vring: &VringRwLock, queue: usize) {
         let Some(mem) = self.memory() else {
-            log::warn!("queue {queue} kicked before the memory table was set");
+            warn_limited!("queue {queue} kicked before the memory table was set");
             return;
         };
         let region = self.inflight_region();
@@ -137,7 +146,7 @@ impl BlkBackend {
         loop {
             if event_idx || poll.is_some() {
                 if let Err(e) = vring.disable_notification() {
-                    log::warn!("queue {queue}: cannot disable notifications: {e}");
+                    warn_limited!("queue {queue}: cannot disable notifications: {e}");
                 }
             }
             let (chains, queue_size): (Vec<_>, u16) = {
@@ -147,7 +156,7 @@ impl BlkBackend {
                 match queue_state.iter(mem.memory()) {
                     Ok(iter) => (iter.collect::<Vec<_>>(), queue_size),
                     Err(e) => {
-                        log::warn!("queue {queue}: cannot read the available ring: {e}");
+                        warn_limited!("queue {queue}: cannot read the available ring: {e}");
                         return;
                     }
                 }
@@ -177,7 +186,7 @@ impl BlkBackend {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    log::warn!("queue {queue}: cannot enable notifications: {e}");
+                    warn_limited!("queue {queue}: cannot enable notifications: {e}");
                     return;
                 }
             }
@@ -197,7 +206,7 @@ impl BlkBackend {
             log.returning(head);
         }
         if let Err(e) = vring.add_used(head, used_len) {
-            log::warn!("queue {queue}: cannot return chain {head}: {e}");
+            warn_limited!("queue {queue}: cannot return chain {head}: {e}");
         }
         if let Some(log) = log {
             log.returned(head, vring.get_ref().get_queue().next_used());
@@ -225,14 +234,14 @@ impl BlkBackend {
         let used_idx = match vring.queue_used_idx() {
             Ok(idx) => idx,
             Err(e) => {
-                log::warn!("queue {queue}: cannot read the used index to recover: {e}");
+                warn_limited!("queue {queue}: cannot read the used index to recover: {e}");
                 return;
             }
         };
         let heads = match log.recover(used_idx) {
             Ok(heads) => heads,
             Err(why) => {
-                log::warn!("queue {queue}: ignoring the inflight log: {why}");
+                warn_limited!("queue {queue}: ignoring the inflight log: {why}");
                 return;
             }
         };
@@ -254,7 +263,7 @@ impl BlkBackend {
                 Ok(chain) => self.serve_chain(chain, mem, size, queue),
                 Err(why) => {
                     let count = self.shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
-                    log::warn!(
+                    warn_limited!(
                         "queue {queue}: returned a chain unanswered ({count} so far): {why}"
                     );
                     0
@@ -283,13 +292,13 @@ impl BlkBackend {
             Outcome::Done => {}
             Outcome::Unanswerable(why) => {
                 let count = shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
+                warn_limited!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
             }
             Outcome::Rejected(rejection) => {
                 let count = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("queue {queue}: rejected a request ({count} so far): {rejection}");
+                warn_limited!("queue {queue}: rejected a request ({count} so far): {rejection}");
             }
-            Outcome::Failed { operation, error } => log::warn!(
+            Outcome::Failed { operation, error } => warn_limited!(
                 "queue {queue}: {operation:?} on {} failed: {error}",
                 shared.image.path().display()
             ),
@@ -317,7 +326,7 @@ fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryMmap, poll: Duration, queue:
             Ok(idx) if idx.0 != ring.next_avail() => return true,
             Ok(_) => {}
             Err(e) => {
-                log::warn!("queue {queue}: cannot read the available index: {e}");
+                warn_limited!("queue {queue}: cannot read the available index: {e}");
                 return false;
             }
         }
@@ -381,13 +390,13 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            log::warn!("queue {thread_id}: unexpected event set {evset:?}");
+            warn_limited!("queue {thread_id}: unexpected event set {evset:?}");
             return Ok(());
         }
         // Each worker owns exactly one queue: the vring at index 0 of its list.
         match vrings.get(usize::from(device_event)) {
             Some(vring) => self.process_queue(vring, thread_id),
-            None => log::warn!("queue {thread_id}: event for unknown vring {device_event}"),
+            None => warn_limited!("queue {thread_id}: event for unknown vring {device_event}"),
         }
         Ok(())
     }

@@ -1,3 +1,4 @@
+use pvstack_logging::warn_limited;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -109,7 +110,7 @@ where
 
         match &outcome {
             Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => log::warn!("dropped the frontend connection: {e}"),
+            Err(e) => warn_limited!("dropped the frontend connection: {e}"),
         }
         if stop.requested() {
             return Ok(());
