@@ -122,3 +122,58 @@ fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
         backend.log()
     );
 }
+
+/// 64 KiB of guest output with `--log-max-bytes 4096`: the log and its
+/// one rotated copy stay within the limit and hold the newest output.
+/// Before the fix the log grew with everything the guest wrote.
+#[test]
+fn the_console_log_stays_within_its_limit() {
+    let dir = ScratchDir::new("hostile-guest-console-log");
+    let socket = dir.path("console.sock");
+    let output = dir.path("console.out");
+    let mut backend = start_backend(
+        "pvstack-console",
+        &socket,
+        &[
+            "--listen",
+            dir.path("server.sock").to_str().expect("UTF-8 path"),
+            "--log",
+            output.to_str().expect("UTF-8 path"),
+            "--log-max-bytes",
+            "4096",
+        ],
+    );
+    let mut frontend = negotiate(
+        &socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let ram = Ram::new(RAM);
+    share(&mut frontend, &ram);
+    let mut tx = Ring::new(1, 16, 0x1000);
+    let started = start_ring(&mut frontend, &ram, &tx);
+    let mut last = String::new();
+    for chunk in 0..64u16 {
+        let text: String = (0..128).map(|n| format!("{chunk:03}:{n:03}\n")).collect();
+        ram.write(0x10000, text.as_bytes());
+        tx.put(&ram, 0, (0x10000, text.len() as u32, 0, 0));
+        tx.offer(&ram, 0);
+        started.kick();
+        tx.wait_used(&ram, chunk + 1, &mut backend);
+        last = text;
+    }
+    backend.terminate_cleanly();
+    let current = std::fs::read(&output).expect("read the log");
+    let rotated = std::fs::read(dir.path("console.out.1")).expect("read the rotated log");
+    assert!(
+        current.len() <= 4096 && rotated.len() <= 4096,
+        "{} and {} bytes",
+        current.len(),
+        rotated.len()
+    );
+    assert!(
+        current.ends_with(last.as_bytes()),
+        "the newest output is not in the log"
+    );
+    assert!(lines_with(&backend, "rotated to") <= BURST + 1);
+}
