@@ -183,24 +183,59 @@ pub fn run_to_end(command: &mut Command) -> Finished {
 /// [`run_to_end`] with another hang timeout, for commands that are slow by
 /// nature (a whole VM under software emulation).
 pub fn run_to_end_within(command: &mut Command, hang_timeout: Duration) -> Finished {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-    let stdout = drain(child.stdout.take().expect("stdout is piped"));
-    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let (mut child, output) = Captured::spawn(command);
     let status = wait_or_kill_after(&mut child, hang_timeout);
-    let stdout = stdout.join().expect("stdout reader");
-    let stderr = stderr.join().expect("stderr reader");
-    let Some(status) = status else {
-        panic!("{command:?} still ran after {hang_timeout:?}; killed it. stdout: {stdout} stderr: {stderr}");
-    };
-    Finished {
-        status,
-        stdout,
-        stderr,
+    output.finish(command, status, hang_timeout)
+}
+
+/// As [`run_to_end`], also returning the CPU time (user and system) the
+/// process used, with that of the children it waited for, from wait4(2).
+pub fn run_to_end_counting_cpu(command: &mut Command) -> (Finished, Duration) {
+    let (mut child, output) = Captured::spawn(command);
+    let waited = wait4_or_kill(&mut child);
+    let cpu = waited.map_or(Duration::ZERO, |(_, cpu)| cpu);
+    let status = waited.map(|(status, _)| status);
+    (output.finish(command, status, HANG_TIMEOUT), cpu)
+}
+
+/// The output of a child being read, into strings, as it runs.
+struct Captured {
+    stdout: thread::JoinHandle<String>,
+    stderr: thread::JoinHandle<String>,
+}
+
+impl Captured {
+    /// Starts `command` with no stdin and its stdout and stderr read.
+    fn spawn(command: &mut Command) -> (Child, Captured) {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        let stdout = drain(child.stdout.take().expect("stdout is piped"));
+        let stderr = drain(child.stderr.take().expect("stderr is piped"));
+        (child, Captured { stdout, stderr })
+    }
+
+    /// What the child left, once it ended with `status`; panics if it
+    /// did not (`None`: killed after `hang_timeout`).
+    fn finish(
+        self,
+        command: &Command,
+        status: Option<ExitStatus>,
+        hang_timeout: Duration,
+    ) -> Finished {
+        let stdout = self.stdout.join().expect("stdout reader");
+        let stderr = self.stderr.join().expect("stderr reader");
+        let Some(status) = status else {
+            panic!("{command:?} still ran after {hang_timeout:?}; killed it. stdout: {stdout} stderr: {stderr}");
+        };
+        Finished {
+            status,
+            stdout,
+            stderr,
+        }
     }
 }
 
@@ -224,6 +259,41 @@ pub fn wait_or_kill_after(child: &mut Child, hang_timeout: Duration) -> Option<E
             return None;
         }
         thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// As [`wait_or_kill`], reaping `child` with wait4(2) to learn the CPU
+/// time it and its waited-for children used. `child` must not be waited
+/// for (or signalled) again afterwards: std does not know it is reaped.
+fn wait4_or_kill(child: &mut Child) -> Option<(ExitStatus, Duration)> {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    let started = Instant::now();
+    // Set once the child has been killed for hanging: then reap it,
+    // blocking, and report the hang.
+    let mut hung = false;
+    loop {
+        let mut status = 0;
+        // SAFETY: all-zero is a valid rusage, which wait4 then fills.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let flags = if hung { 0 } else { libc::WNOHANG };
+        // SAFETY: wait4 on our own unreaped child, writing into the two
+        // locals.
+        let rc = unsafe { libc::wait4(pid, &mut status, flags, &mut usage) };
+        if rc == pid {
+            let seconds = |t: libc::timeval| {
+                Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+            };
+            let cpu = seconds(usage.ru_utime) + seconds(usage.ru_stime);
+            return (!hung).then(|| (ExitStatus::from_raw(status), cpu));
+        }
+        assert_eq!(rc, 0, "wait4({pid}): {}", std::io::Error::last_os_error());
+        if started.elapsed() > HANG_TIMEOUT {
+            let _ = child.kill();
+            hung = true;
+        } else {
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -303,6 +373,23 @@ mod tests {
             stderr: String::new(),
         };
         assert_eq!(run.result_u64("blk-checksum", "fnv"), 0xab6b_6eb0_7c6b_9f71);
+    }
+
+    #[test]
+    fn cpu_time_of_a_busy_child_is_counted_and_of_a_sleeping_one_not() {
+        let (busy, busy_cpu) = run_to_end_counting_cpu(Command::new("sh").args([
+            "-c",
+            "i=0; while [ $i -lt 50000 ]; do i=$((i+1)); done; echo $i; exit 4",
+        ]));
+        assert_eq!((busy.code(), busy.stdout.as_str()), (4, "50000\n"));
+        let (sleeper, sleeper_cpu) = run_to_end_counting_cpu(Command::new("sleep").arg("0.3"));
+        assert_eq!(sleeper.code(), 0);
+        // The loop's work is fixed, so its CPU time does not depend on
+        // the machine's load; sleep's is next to nothing.
+        assert!(
+            busy_cpu > 10 * sleeper_cpu && busy_cpu > Duration::from_millis(20),
+            "busy {busy_cpu:?}, sleeping {sleeper_cpu:?}"
+        );
     }
 
     #[test]

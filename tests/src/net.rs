@@ -5,10 +5,10 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 
-use crate::process::LoggedProcess;
-use crate::{binary, guest_image, pvstack, Finished};
+pub use crate::process::Background;
+use crate::{binary, guest_image, pvstack};
 
 /// A network namespace that exists for the life of this value.
 pub struct NetNs {
@@ -81,49 +81,6 @@ pub fn run_ok(command: &mut Command) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// A process running in the background with its output (stdout and
-/// stderr) in a file; a [`LoggedProcess`] that ends in a [`Finished`].
-pub struct Background(LoggedProcess);
-
-impl Background {
-    /// Starts `command` with stdout and stderr going to `log`.
-    pub fn start(name: &str, mut command: Command, log: &Path) -> Background {
-        let process = LoggedProcess::spawn(name, &mut command, log.to_path_buf())
-            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
-        Background(process)
-    }
-
-    /// What it printed so far.
-    pub fn output(&self) -> String {
-        self.0.log()
-    }
-
-    /// Waits until its output contains `needle`; panics if it exits first.
-    pub fn wait_for(&mut self, needle: &str) {
-        self.0.wait_for_output(needle);
-    }
-
-    /// Waits for it to exit by itself; its status and output.
-    pub fn finish(mut self) -> Finished {
-        let status = self.0.wait();
-        self.finished(status)
-    }
-
-    /// SIGTERM, then waits.
-    pub fn terminate(mut self) -> Finished {
-        let status = self.0.terminate();
-        self.finished(status)
-    }
-
-    fn finished(&self, status: ExitStatus) -> Finished {
-        Finished {
-            status,
-            stdout: self.output(),
-            stderr: String::new(),
-        }
-    }
 }
 
 /// `pvstack-net --socket SOCKET ARGS...` (inside `ns` if given), once it listens.

@@ -2,7 +2,8 @@
 //! qemu-storage-daemon, pvstack-net, a pvstack VM) with its output in a log
 //! file: waited for until it listens on its socket or prints what the test
 //! waits for, stopped with SIGTERM or SIGKILL, and killed if the test drops
-//! it while it still runs.
+//! it while it still runs; [`Background`], one whose output ends up as a
+//! [`Finished`].
 
 use std::fs::File;
 use std::io;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{send_signal, wait_or_kill, HANG_TIMEOUT};
+use crate::{send_signal, wait_or_kill, Finished, HANG_TIMEOUT};
 
 /// A running child process whose stdout and stderr go to a file.
 pub struct LoggedProcess {
@@ -58,8 +59,15 @@ impl LoggedProcess {
     /// Waits until its log contains `needle`; panics with the log if the
     /// process exits first or after [`HANG_TIMEOUT`].
     pub fn wait_for_output(&mut self, needle: &str) {
-        self.wait_until(&format!("printing {needle:?}"), |process| {
-            process.log().contains(needle)
+        self.wait_for_output_count(needle, 1);
+    }
+
+    /// Waits until its log contains `needle` at least `count` times;
+    /// panics with the log if the process exits first or after
+    /// [`HANG_TIMEOUT`].
+    pub fn wait_for_output_count(&mut self, needle: &str, count: usize) {
+        self.wait_until(&format!("printing {needle:?} {count} times"), |process| {
+            process.log().matches(needle).count() >= count
         });
     }
 
@@ -147,6 +155,49 @@ impl Drop for LoggedProcess {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A process running in the background with its output (stdout and
+/// stderr) in a file; a [`LoggedProcess`] that ends in a [`Finished`].
+pub struct Background(LoggedProcess);
+
+impl Background {
+    /// Starts `command` with stdout and stderr going to `log`.
+    pub fn start(name: &str, mut command: Command, log: &Path) -> Background {
+        let process = LoggedProcess::spawn(name, &mut command, log.to_path_buf())
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+        Background(process)
+    }
+
+    /// What it printed so far.
+    pub fn output(&self) -> String {
+        self.0.log()
+    }
+
+    /// Waits until its output contains `needle`; panics if it exits first.
+    pub fn wait_for(&mut self, needle: &str) {
+        self.0.wait_for_output(needle);
+    }
+
+    /// Waits for it to exit by itself; its status and output.
+    pub fn finish(mut self) -> Finished {
+        let status = self.0.wait();
+        self.finished(status)
+    }
+
+    /// SIGTERM, then waits.
+    pub fn terminate(mut self) -> Finished {
+        let status = self.0.terminate();
+        self.finished(status)
+    }
+
+    fn finished(&self, status: ExitStatus) -> Finished {
+        Finished {
+            status,
+            stdout: self.output(),
+            stderr: String::new(),
         }
     }
 }

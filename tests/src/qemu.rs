@@ -21,28 +21,27 @@ pub struct LinuxGuestAssets {
     pub initramfs: PathBuf,
 }
 
-/// Returns the assets, running scripts/fetch-linux-guest first if they are
-/// missing. Panics (never skips) if they cannot be made.
+/// Returns the assets, running scripts/fetch-linux-guest first (it does
+/// nothing when they exist and are current). Panics (never skips) if they
+/// cannot be made.
 pub fn linux_guest_assets() -> LinuxGuestAssets {
     let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
     let assets = LinuxGuestAssets {
         kernel: scripts.join("assets/vmlinuz"),
         initramfs: scripts.join("assets/initramfs.cpio.gz"),
     };
-    if !assets.kernel.is_file() || !assets.initramfs.is_file() {
-        let fetch = scripts.join("fetch-linux-guest");
-        let output = Command::new(&fetch)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", fetch.display()));
-        assert!(
-            output.status.success(),
-            "{} failed ({}): {}{}",
-            fetch.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    let fetch = scripts.join("fetch-linux-guest");
+    let output = Command::new(&fetch)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", fetch.display()));
+    assert!(
+        output.status.success(),
+        "{} failed ({}): {}{}",
+        fetch.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(
         assets.kernel.is_file(),
         "{} missing after fetch-linux-guest",

@@ -160,25 +160,52 @@ fn malformed_command_lines_exit_with_status_2() {
     }
 }
 
+/// The warning pvstack-blk logs for each frontend connection it drops.
+const DROPPED: &str = "dropped the frontend connection: ";
+
+/// What pvstack-blk's connection filter logged as reasons for dropping
+/// frontend connections, in order.
+fn dropped_connections(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter_map(|line| line.split_once(DROPPED).map(|(_, why)| why))
+        .collect()
+}
+
+/// Waits until pvstack-blk is done with its `nth` frontend connection (1
+/// is the first): it then listens for the next. The filter logs why it
+/// dropped a connection before it hangs up the daemon's side, so by then
+/// that warning, if any, is in the log.
+fn wait_until_done_with_connection(backend: &mut BlkProcess, nth: usize) {
+    backend.wait_for_output_count("listening for the next vhost-user frontend", nth);
+}
+
 #[test]
 fn garbage_from_a_frontend_drops_that_connection_only() {
     let dir = ScratchDir::new("blk-garbage");
     let image = image(&dir, 1 << 20);
     let socket = dir.path("blk.sock");
     let mut backend = BlkProcess::start(&socket, &["--image", &image]);
+    // Why each garbage connection below must be dropped: one warning each.
+    let mut reasons = Vec::new();
 
     // A truncated header, then hang up.
     let mut frontend = UnixStream::connect(&socket).expect("connect");
     frontend.write_all(&[1, 0, 0, 0, 1, 0, 0]).expect("send");
     drop(frontend);
+    reasons.push("hung up in the middle of a vhost-user message header".to_string());
+    wait_until_done_with_connection(&mut backend, 1);
+    assert_eq!(dropped_connections(&backend.log()), reasons);
 
-    // A full header with a bogus request code and version; the backend must
-    // hang up on us rather than answer or die.
+    // A full header with a bogus request code, flags and size; the backend
+    // must hang up on us rather than answer or die.
     let mut frontend = UnixStream::connect(&socket).expect("connect");
     frontend.write_all(&[0xff; 12]).expect("send");
     let mut rest = Vec::new();
     let _ = frontend.read_to_end(&mut rest);
     assert!(rest.is_empty(), "backend answered garbage with {rest:?}");
+    reasons.push(format!("a {}-byte vhost-user payload", u32::MAX));
+    wait_until_done_with_connection(&mut backend, 2);
+    assert_eq!(dropped_connections(&backend.log()), reasons);
 
     // A header claiming a huge payload, then random bytes.
     let mut frontend = UnixStream::connect(&socket).expect("connect");
@@ -189,6 +216,9 @@ fn garbage_from_a_frontend_drops_that_connection_only() {
     message.extend_from_slice(&[0xa5; 64]);
     frontend.write_all(&message).expect("send");
     drop(frontend);
+    reasons.push(format!("a {}-byte vhost-user payload", 0x7fff_ffff));
+    wait_until_done_with_connection(&mut backend, 3);
+    assert_eq!(dropped_connections(&backend.log()), reasons);
 
     assert!(
         backend.is_running(),
@@ -198,11 +228,9 @@ fn garbage_from_a_frontend_drops_that_connection_only() {
     assert_serves_a_frontend(&socket);
     backend.terminate_cleanly();
     assert!(!socket.exists(), "socket file left behind");
+    // No warning for the good frontend.
     let log = backend.log();
-    assert!(
-        log.contains("dropped the frontend connection"),
-        "log:\n{log}"
-    );
+    assert_eq!(dropped_connections(&log), reasons, "log:\n{log}");
 }
 
 #[test]

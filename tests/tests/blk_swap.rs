@@ -7,25 +7,24 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image};
+use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, stop_swap_verify, utf8};
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
     parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
 };
+use serde_json::Value;
 
 /// Blocks the workload cycles over (1 MiB).
 const BLOCKS: usize = 256;
 /// Image size: room for the workload's blocks and then some.
 const IMAGE_LEN: usize = 4 << 20;
-/// How long the guest keeps writing: long enough for every swap or crash
-/// a test makes (they take a few seconds), never a pass/fail limit.
-const WORKLOAD_SECS: u32 = 20;
 
 /// Starts a pvstack-blk serving `image` on `socket`, logging to a file of
 /// its own (a restarted backend on the same socket keeps the old log).
@@ -127,7 +126,8 @@ impl Vm {
         )
     }
 
-    fn ctl_ok(&self, args: &[&str]) -> String {
+    /// `pvstack ctl ARGS...`, which must succeed; the response's `result`.
+    fn ctl_ok(&self, args: &[&str]) -> Value {
         let out = self.ctl(args);
         assert_eq!(
             out.code(),
@@ -135,12 +135,36 @@ impl Vm {
             "pvstack ctl {args:?}: {out:#?}\npvstack log:\n{}",
             self.log()
         );
-        assert!(out.stdout.contains(r#""api_version":1"#), "{out:#?}");
-        out.stdout
+        let response = response(&out.stdout);
+        assert_eq!(response["ok"], true, "{out:#?}");
+        response["result"].clone()
     }
 
-    /// Waits for the guest to finish; returns the RESULT values.
-    fn finish(mut self) -> std::collections::BTreeMap<String, String> {
+    /// `pvstack ctl ARGS...`, which must be refused; the response's `error`.
+    fn ctl_refused(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert_eq!(out.code(), 1, "pvstack ctl {args:?}: {out:#?}");
+        refusal(&response(&out.stdout))
+    }
+
+    /// The result of `info`.
+    fn info(&self) -> Value {
+        self.ctl_ok(&["info"])
+    }
+
+    /// The one device, blk0, in `info`.
+    fn blk0(&self) -> Value {
+        let info = self.info();
+        let devices = info["devices"].as_array().expect("info lists devices");
+        assert_eq!(devices.len(), 1, "{info:#}");
+        assert_eq!(devices[0]["id"], "blk0", "{info:#}");
+        devices[0].clone()
+    }
+
+    /// Stops the guest's `blk-swap-verify stop=1` on `image` and waits for
+    /// it to finish; returns the RESULT values.
+    fn finish(mut self, image: &Path) -> std::collections::BTreeMap<String, String> {
+        stop_swap_verify(image, BLOCKS);
         let status = wait_or_kill(&mut self.child).expect("pvstack ends");
         let console = self.console();
         assert!(
@@ -160,6 +184,32 @@ impl Drop for Vm {
     }
 }
 
+/// One response line of the control API, parsed; it must carry API
+/// version 1 and `ok`.
+fn response(line: &str) -> Value {
+    let response: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("the API answered with something not JSON ({e}): {line}"));
+    assert_eq!(response["api_version"], 1, "{response:#}");
+    assert!(response["ok"].is_boolean(), "{response:#}");
+    response
+}
+
+/// The error message of a refused request.
+fn refusal(response: &Value) -> String {
+    assert_eq!(response["ok"], false, "{response:#}");
+    response["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a refusal without an error message: {response:#}"))
+        .to_string()
+}
+
+/// The `count` of the device's `swaps` or `reconnects` statistics.
+fn count(device: &Value, events: &str) -> u64 {
+    device[events]["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {events} count: {device:#}"))
+}
+
 /// Sends raw bytes to the API socket and returns the first response line.
 fn raw_request(api: &Path, bytes: &[u8]) -> String {
     let mut stream = UnixStream::connect(api).expect("connect to the API");
@@ -172,18 +222,16 @@ fn raw_request(api: &Path, bytes: &[u8]) -> String {
     line
 }
 
+/// The guest writes and verifies until the test stops it ([`Vm::finish`]),
+/// however long the test's swaps or crashes take.
 fn guest_args() -> String {
-    format!("blk-swap-verify blocks={BLOCKS} secs={WORKLOAD_SECS} depth=8")
+    format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=8")
 }
 
 /// Checks the workload's verdict and that the image holds exactly the
 /// writes the guest completed.
 fn assert_image_matches(image: &Path, result: &std::collections::BTreeMap<String, String>) {
     assert_swap_verify_image(&read_image(image), BLOCKS, result);
-}
-
-fn info(vm: &Vm) -> String {
-    vm.ctl_ok(&["info"])
 }
 
 #[test]
@@ -206,16 +254,14 @@ fn swap_between_two_pvstack_blk_20_times() {
             "--socket",
             target.to_str().unwrap(),
         ]);
-        assert!(out.contains("stall_us"), "{out}");
+        assert_eq!(out["device"], "blk0", "{out:#}");
+        assert!(out["stall_us"].is_u64(), "{out:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let info = info(&vm);
-    assert!(info.contains(r#""swaps":{"count":20"#), "{info}");
-    assert!(
-        info.contains(&format!(r#""socket":"{}""#, sockets[0].display())),
-        "{info}"
-    );
-    let result = vm.finish();
+    let blk0 = vm.blk0();
+    assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
+    assert_eq!(blk0["socket"], utf8(&sockets[0]), "{blk0:#}");
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -241,12 +287,17 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
         ]);
         // pvstack-blk keeps an inflight log; qemu-storage-daemon 10 offers none.
         let on_pvstack_blk = swap % 2 == 0;
-        let inflight = format!(r#""inflight_log":{on_pvstack_blk}"#);
-        assert!(info(&vm).contains(&inflight), "after swap {swap}");
+        let blk0 = vm.blk0();
+        assert_eq!(
+            blk0["inflight_log"], on_pvstack_blk,
+            "after swap {swap}: {blk0:#}"
+        );
+        assert_eq!(blk0["socket"], utf8(target), "after swap {swap}: {blk0:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(info(&vm).contains(r#""swaps":{"count":20"#));
-    let result = vm.finish();
+    let blk0 = vm.blk0();
+    assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -256,30 +307,53 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
     let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
-    // Requests each restarted pvstack-blk found in its predecessor's
-    // inflight log and served again.
-    let mut resubmitted = Vec::new();
+    let mut log = inflight_log_of(backend.pid());
+    let log_inode = log.metadata().expect("inflight log metadata").ino();
+    // Per restart: requests the killed backend's log showed in flight, and
+    // how many its successor served again.
+    let mut counts = Vec::new();
     for crash in 1..=20 {
         std::thread::sleep(Duration::from_millis(150));
-        let log = backend.log();
-        assert!(
-            log.contains("inflight region set for 1 queues"),
-            "pvstack gave backend {crash} no inflight log:\n{log}"
-        );
-        if crash > 1 {
-            resubmitted.push(requests_served_again(&log));
-        }
         backend.kill();
-        std::thread::sleep(Duration::from_millis(50));
+        // Dead, the backend writes nothing more: this is what it left.
+        let left = LogSnapshot::read(&mut log);
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
-        let counted = format!(r#""reconnects":{{"count":{crash},"#);
-        wait_until("pvstack reconnects", || info(&vm).contains(&counted));
+        wait_until("pvstack reconnects", || {
+            count(&vm.blk0(), "reconnects") == crash
+        });
+        assert_eq!(
+            inflight_log_of(backend.pid())
+                .metadata()
+                .expect("inflight log metadata")
+                .ino(),
+            log_inode,
+            "pvstack gave backend {} another inflight log:\n{}",
+            crash + 1,
+            backend.log()
+        );
+        counts.push(served_again_after(&backend, &left, &mut log));
     }
-    assert!(info(&vm).contains(r#""inflight_log":true"#));
-    let result = vm.finish();
-    resubmitted.push(requests_served_again(&backend.log()));
-    eprintln!("requests served again after each restart: {resubmitted:?}");
+    assert_eq!(vm.blk0()["inflight_log"], true);
+    let result = vm.finish(&image);
+    // The last backend's totals, logged when pvstack hung up, agree with
+    // what it said it served again.
+    backend.wait_for_output("of the requests left by a previous backend)");
+    let totals = backend.log();
+    let resubmitted: u64 = totals
+        .lines()
+        .find_map(|line| {
+            let (_, rest) = line.split_once(" interrupts (")?;
+            rest.strip_suffix(" of the requests left by a previous backend)")
+        })
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no totals line:\n{totals}"));
+    assert_eq!(
+        Some(resubmitted),
+        counts.last().map(|&(_, served)| served),
+        "{totals}"
+    );
+    eprintln!("(in flight at the kill, served again) per restart: {counts:?}");
     assert_image_matches(&image, &result);
 }
 
@@ -292,31 +366,26 @@ fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
     // Per crash: requests the log showed in flight, and served again.
     let mut counts = Vec::new();
     for crash in 1..=3 {
-        let in_flight = stop_with_requests_in_flight(&mut backend);
+        let mut log = inflight_log_of(backend.pid());
+        let left = stop_with_requests_in_flight(&mut backend, &mut log);
         backend.kill();
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
-        let counted = format!(r#""reconnects":{{"count":{crash},"#);
-        wait_until("pvstack reconnects", || info(&vm).contains(&counted));
-        // At most one of them (the last returned) can have reached the
-        // used ring before the kill.
-        wait_until(
-            "the new backend serves the dead one's requests again",
-            || requests_served_again(&backend.log()) + 1 >= in_flight,
-        );
-        counts.push((in_flight, requests_served_again(&backend.log())));
+        wait_until("pvstack reconnects", || {
+            count(&vm.blk0(), "reconnects") == crash
+        });
+        counts.push(served_again_after(&backend, &left, &mut log));
     }
     eprintln!("(in flight at the kill, served again) per crash: {counts:?}");
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
-/// Stops `backend` (SIGSTOP) at a moment its inflight log shows at least
-/// two requests taken and not completed; returns how many. Tries again
-/// (SIGCONT, a short run, SIGSTOP) until it catches one.
-fn stop_with_requests_in_flight(backend: &mut BlkProcess) -> u64 {
+/// Stops `backend` (SIGSTOP) at a moment its inflight `log` shows at least
+/// two requests taken and not completed; returns the log as it stands.
+/// Tries again (SIGCONT, a short run, SIGSTOP) until it catches one.
+fn stop_with_requests_in_flight(backend: &mut BlkProcess, log: &mut File) -> LogSnapshot {
     let pid = backend.pid();
-    let mut log = inflight_log_of(pid);
     let started = Instant::now();
     loop {
         assert!(
@@ -325,9 +394,9 @@ fn stop_with_requests_in_flight(backend: &mut BlkProcess) -> u64 {
         );
         signal(pid, libc::SIGSTOP);
         wait_until("pvstack-blk stops", || all_threads_stopped(pid));
-        let in_flight = requests_in_flight(&mut log);
-        if in_flight >= 2 {
-            return in_flight;
+        let snapshot = LogSnapshot::read(log);
+        if snapshot.in_flight() >= 2 {
+            return snapshot;
         }
         signal(pid, libc::SIGCONT);
         std::thread::sleep(Duration::from_millis(3));
@@ -351,7 +420,7 @@ fn all_threads_stopped(pid: u32) -> bool {
 }
 
 /// pvstack-blk's inflight log (the memfd pvstack handed it), opened
-/// through /proc.
+/// through /proc once the backend holds it.
 fn inflight_log_of(pid: u32) -> File {
     wait_until("pvstack-blk maps its inflight log", || {
         find_inflight_log(pid).is_some()
@@ -373,18 +442,88 @@ fn find_inflight_log(pid: u32) -> Option<File> {
         .and_then(|fd| File::open(fd.path()).ok())
 }
 
-/// Descriptors queue 0's log marks in flight (the vhost-user layout: a
-/// 16-byte header with desc_num at offset 10, then 16 bytes per
-/// descriptor, the first of them the flag).
-fn requests_in_flight(log: &mut File) -> u64 {
-    use std::io::Seek;
-    let mut header = [0u8; 16];
-    log.rewind().expect("rewind the log");
-    log.read_exact(&mut header).expect("log header");
-    let desc_num = usize::from(u16::from_le_bytes([header[10], header[11]]));
-    let mut states = vec![0u8; 16 * desc_num];
-    log.read_exact(&mut states).expect("descriptor states");
-    states.chunks(16).filter(|state| state[0] == 1).count() as u64
+/// Queue 0's inflight log at one moment, in the vhost-user layout: a
+/// 16-byte header (last_batch_head at offset 12, desc_num at 10), then 16
+/// bytes per descriptor: the in-flight flag first, the counter (the order
+/// it was taken in) at 8.
+struct LogSnapshot {
+    last_batch_head: u16,
+    /// Per descriptor: (in flight, counter).
+    states: Vec<(bool, u64)>,
+}
+
+impl LogSnapshot {
+    fn read(log: &mut File) -> LogSnapshot {
+        use std::io::Seek;
+        let mut header = [0u8; 16];
+        log.rewind().expect("rewind the log");
+        log.read_exact(&mut header).expect("log header");
+        let desc_num = usize::from(u16::from_le_bytes([header[10], header[11]]));
+        let mut states = vec![0u8; 16 * desc_num];
+        log.read_exact(&mut states).expect("descriptor states");
+        LogSnapshot {
+            last_batch_head: u16::from_le_bytes([header[12], header[13]]),
+            states: states
+                .chunks(16)
+                .map(|state| {
+                    let counter = state[8..16].try_into().expect("8 bytes");
+                    (state[0] == 1, u64::from_le_bytes(counter))
+                })
+                .collect(),
+        }
+    }
+
+    /// Requests taken and not completed.
+    fn in_flight(&self) -> u64 {
+        self.states.iter().filter(|(flag, _)| *flag).count() as u64
+    }
+
+    /// Whether the last request the backend began to return is still
+    /// logged in flight: if it died after moving the used index and before
+    /// clearing the flag, its successor rightly does not serve it again.
+    fn last_returned_in_flight(&self) -> bool {
+        self.states
+            .get(usize::from(self.last_batch_head))
+            .is_some_and(|(flag, _)| *flag)
+    }
+
+    /// Whether `now` shows every request in flight here done (flag
+    /// cleared) or taken again (a new counter): the next backend has
+    /// recovered this log.
+    fn all_moved_on(&self, now: &LogSnapshot) -> bool {
+        self.states
+            .iter()
+            .zip(&now.states)
+            .all(|(&(was, counter), &now)| !was || now != (true, counter))
+    }
+}
+
+/// Waits until `backend` has recovered the log its killed predecessor
+/// `left`, then checks that it served again exactly the requests left in
+/// flight: all of them, or all but the one whose completion had reached
+/// the used ring (see [`LogSnapshot::last_returned_in_flight`]). Returns
+/// (in flight, served again).
+fn served_again_after(backend: &BlkProcess, left: &LogSnapshot, log: &mut File) -> (u64, u64) {
+    let in_flight = left.in_flight();
+    if in_flight > 0 {
+        // Recovery logs the count, then serves and returns every one of
+        // them before the backend takes anything new.
+        wait_until("the new backend recovers the inflight log", || {
+            left.all_moved_on(&LogSnapshot::read(log))
+        });
+    }
+    // Nothing in flight: nothing to serve again, and nothing is logged.
+    let served = requests_served_again(&backend.log());
+    let exact = served == in_flight;
+    let all_but_the_returned_one = served + 1 == in_flight && left.last_returned_in_flight();
+    assert!(
+        exact || all_but_the_returned_one,
+        "{in_flight} requests were in flight at the kill (the last returned one among them: {}), \
+         the new backend served {served} again:\n{}",
+        left.last_returned_in_flight(),
+        backend.log()
+    );
+    (in_flight, served)
 }
 
 /// How many requests a pvstack-blk served again from its predecessor's
@@ -413,7 +552,7 @@ fn refused_swaps_leave_the_old_backend_serving() {
     let vm = Vm::start(
         &dir,
         &format!("socket={}", socket.display()),
-        &format!("blk-swap-verify blocks={BLOCKS} secs=8 depth=4 queues=2"),
+        &format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=4 queues=2"),
     );
     let missing = dir.path("missing.sock");
     for (target, reason) in [
@@ -421,25 +560,20 @@ fn refused_swaps_leave_the_old_backend_serving() {
         (&small_socket, "sectors"),
         (&one_queue, "queues"),
     ] {
-        let out = vm.ctl(&[
+        let error = vm.ctl_refused(&[
             "device",
             "swap",
             "blk0",
             "--socket",
             target.to_str().unwrap(),
         ]);
-        assert_eq!(out.code(), 1, "{out:#?}");
-        assert!(out.stdout.contains(r#""ok":false"#), "{out:#?}");
-        assert!(out.stdout.contains(reason), "`{reason}` missing: {out:#?}");
+        assert!(error.contains(reason), "`{reason}` missing: {error}");
     }
-    let info = info(&vm);
-    assert!(info.contains(r#""refused_swaps":3"#), "{info}");
-    assert!(info.contains(r#""swaps":{"count":0"#), "{info}");
-    assert!(
-        info.contains(&format!(r#""socket":"{}""#, socket.display())),
-        "{info}"
-    );
-    let result = vm.finish();
+    let blk0 = vm.blk0();
+    assert_eq!(blk0["refused_swaps"], 3, "{blk0:#}");
+    assert_eq!(count(&blk0, "swaps"), 0, "{blk0:#}");
+    assert_eq!(blk0["socket"], utf8(&socket), "{blk0:#}");
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -460,40 +594,49 @@ fn api_survives_bad_requests_and_silent_clients() {
         (b"{\"command\":\"reboot\"}\n", "unknown variant"),
         (
             b"{\"command\":\"device-swap\",\"id\":\"blk9\",\"socket\":\"/x\"}\n",
-            "no device \\\"blk9\\\"",
+            "no device \"blk9\"",
         ),
         (b"{\"command\":\"device-reconnect\"}\n", "missing field"),
         (b"[1,2,3]\n", "bad request"),
     ] {
-        let response = raw_request(&vm.api, request);
-        assert!(
-            response.starts_with(r#"{"api_version":1,"ok":false"#),
-            "{response}"
-        );
-        assert!(response.contains(needle), "`{needle}` missing: {response}");
+        let error = refusal(&response(&raw_request(&vm.api, request)));
+        assert!(error.contains(needle), "`{needle}` missing: {error}");
     }
     let long = vec![b'x'; 70 * 1024];
-    assert!(raw_request(&vm.api, &long).contains("longer than"));
+    let error = refusal(&response(&raw_request(&vm.api, &long)));
+    assert!(error.contains("longer than"), "{error}");
     drop(silent);
-    assert!(info(&vm).contains(r#""state":"running""#));
-    assert!(vm.ctl_ok(&["pause"]).contains(r#""state":"paused""#));
-    assert!(vm.ctl_ok(&["resume"]).contains(r#""state":"running""#));
+    assert_eq!(vm.info()["state"], "running");
+    assert_eq!(
+        vm.ctl_ok(&["pause"]),
+        serde_json::json!({"state": "paused"})
+    );
+    assert_eq!(vm.info()["state"], "paused");
+    assert_eq!(
+        vm.ctl_ok(&["resume"]),
+        serde_json::json!({"state": "running"})
+    );
+    assert_eq!(vm.info()["state"], "running");
     let out = vm.ctl_ok(&["device", "reconnect", "blk0"]);
-    assert!(out.contains("stall_us"), "{out}");
-    assert!(info(&vm).contains(r#""reconnects":{"count":1"#));
-    vm.ctl_ok(&["shutdown"]);
+    assert_eq!(out["device"], "blk0", "{out:#}");
+    assert!(out["stall_us"].is_u64(), "{out:#}");
+    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert_eq!(
+        vm.ctl_ok(&["shutdown"]),
+        serde_json::json!({"state": "shutting-down"})
+    );
     let mut vm = vm;
     let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
     assert!(status.success(), "{status}\n{}", vm.log());
 }
 
-/// The `backend_pid` in `info`.
-fn backend_pid(info: &str) -> libc::pid_t {
-    let (_, rest) = info
-        .split_once(r#""backend_pid":"#)
-        .unwrap_or_else(|| panic!("no backend_pid: {info}"));
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().expect("a pid")
+/// The `backend_pid` of blk0 in `info`.
+fn backend_pid(vm: &Vm) -> libc::pid_t {
+    let blk0 = vm.blk0();
+    blk0["backend_pid"]
+        .as_i64()
+        .and_then(|pid| libc::pid_t::try_from(pid).ok())
+        .unwrap_or_else(|| panic!("no backend_pid: {blk0:#}"))
 }
 
 #[test]
@@ -502,33 +645,95 @@ fn sigkill_of_the_vmms_own_child_restarts_it() {
     let vm = Vm::start(&dir, &format!("image={}", image.display()), &guest_args());
     for crash in 1..=5 {
         std::thread::sleep(Duration::from_millis(200));
-        let pid = backend_pid(&info(&vm));
+        let pid = backend_pid(&vm);
         // SAFETY: kill() with the pid of pvstack's child backend.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        let counted = format!(r#""reconnects":{{"count":{crash},"#);
         wait_until("pvstack restarts its backend", || {
-            info(&vm).contains(&counted)
+            count(&vm.blk0(), "reconnects") == crash
         });
-        assert_ne!(backend_pid(&info(&vm)), pid, "a new child");
+        assert_ne!(backend_pid(&vm), pid, "a new child");
     }
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
+}
+
+/// blk0's `backend_state`.
+fn backend_state(vm: &Vm) -> String {
+    let blk0 = vm.blk0();
+    blk0["backend_state"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no backend_state: {blk0:#}"))
+        .to_string()
+}
+
+/// Waits until blk0 is no longer connected after its backend was killed;
+/// it must then be reconnecting, not failed.
+fn wait_for_reconnecting(vm: &Vm) {
+    let mut state = String::new();
+    wait_until("pvstack notices the hang-up", || {
+        state = backend_state(vm);
+        state != "connected"
+    });
+    assert_eq!(state, "reconnecting", "gave up at once:\n{}", vm.log());
 }
 
 #[test]
 fn reconnecting_gives_up_after_the_configured_window() {
+    const WINDOW: Duration = Duration::from_secs(2);
     let (dir, image) = scratch_with_image("swap-window");
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
+    // A second backend listens elsewhere from the start, so that it can
+    // appear on the device's socket at a moment the test chooses, in an
+    // instant (a rename), rather than after a process start.
+    let spare_socket = dir.path("spare.sock");
+    let mut spare = start_backend(&spare_socket, &image, &[]);
     let vm = Vm::start(
         &dir,
-        &format!("socket={},reconnect-timeout=1", socket.display()),
+        &format!(
+            "socket={},reconnect-timeout={}",
+            socket.display(),
+            WINDOW.as_secs()
+        ),
         &guest_args(),
     );
+
+    // Inside the window pvstack keeps trying: a backend that appears
+    // while it is reconnecting is taken back.
     backend.kill();
-    wait_until("the device gives up", || {
-        info(&vm).contains(r#""backend_state":"failed""#)
+    wait_for_reconnecting(&vm);
+    std::fs::rename(&spare_socket, &socket).expect("move the spare backend's socket");
+    wait_until("pvstack reconnects to the backend that appeared", || {
+        let state = backend_state(&vm);
+        assert_ne!(
+            state,
+            "failed",
+            "gave up with a backend listening:\n{}",
+            vm.log()
+        );
+        state == "connected"
     });
+    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+
+    // With nobody listening, it gives up, and not before the window is
+    // over: pvstack counts the window from the hang-up it saw, which
+    // came after `killed` (a slow test only makes the wait longer).
+    let killed = Instant::now();
+    spare.kill();
+    wait_for_reconnecting(&vm);
+    wait_until("the device gives up", || backend_state(&vm) == "failed");
+    let gave_up_after = killed.elapsed();
+    assert!(
+        gave_up_after > WINDOW,
+        "gave up {gave_up_after:?} after the hang-up, inside the {WINDOW:?} window:\n{}",
+        vm.log()
+    );
+    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert!(
+        vm.log().contains("blk0: gave up reconnecting"),
+        "{}",
+        vm.log()
+    );
     // The guest's requests wait for ever; the VM itself still obeys.
     vm.ctl_ok(&["shutdown"]);
     let mut vm = vm;

@@ -14,8 +14,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use pvstack_guest::checksum::fnv1a64;
+use pvstack_tests::process::Background;
 use pvstack_tests::{
-    binary, guest_image, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
+    binary, guest_image, pvstack, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
 };
 
 /// What one client has received so far, with a signal for each arrival.
@@ -138,22 +139,29 @@ impl Client {
     }
 }
 
-/// A running `pvstack run` whose output is collected.
-struct Vm(JoinHandle<Finished>);
+/// A running `pvstack run` whose output (the hypercall console, and
+/// warnings) goes to a file the test can watch.
+struct Vm(Background);
 
 impl Vm {
-    fn start(args: &[&str]) -> Vm {
+    fn start(log: &Path, args: &[&str]) -> Vm {
         let mut command = Command::new(pvstack());
         command.arg("run").args(args).env("RUST_LOG", "warn");
-        Vm(thread::spawn(move || run_to_end(&mut command)))
+        Vm(Background::start("pvstack", command, log))
+    }
+
+    /// Waits until the output contains `needle`.
+    fn wait_for(&mut self, needle: &str) {
+        self.0.wait_for(needle);
     }
 
     fn finish(self) -> Finished {
-        self.0.join().expect("pvstack runner")
+        self.0.finish()
     }
 }
 
-fn shell_vm(console: &str, extra: &[&str]) -> Vm {
+/// The guest shell on the console `console`, with the output in `log`.
+fn shell_vm(log: &Path, console: &str, extra: &[&str]) -> Vm {
     let image = guest_image();
     let mut args = vec![
         "--kernel",
@@ -164,7 +172,7 @@ fn shell_vm(console: &str, extra: &[&str]) -> Vm {
         console,
     ];
     args.extend_from_slice(extra);
-    Vm::start(&args)
+    Vm::start(log, &args)
 }
 
 #[test]
@@ -177,7 +185,7 @@ fn shell_commands_print_what_they_should() {
     let server = dir.path("console.sock");
     let blk = format!("image={}", disk.display());
     let console = format!("unix={}", server.display());
-    let vm = shell_vm(&console, &["--blk", &blk]);
+    let vm = shell_vm(&dir.path("vm.log"), &console, &["--blk", &blk]);
     let mut person = Client::attach(&server);
     person.wait_for("pvstack> ");
 
@@ -259,7 +267,11 @@ fn paste_text(len: usize) -> Vec<u8> {
 fn one_mib_paste_round_trips() {
     let dir = ScratchDir::new("console-paste");
     let server = dir.path("console.sock");
-    let vm = shell_vm(&format!("unix={}", server.display()), &[]);
+    let vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("unix={}", server.display()),
+        &[],
+    );
     let mut person = Client::attach(&server);
     person.wait_for("pvstack> ");
     let paste = paste_text(1 << 20);
@@ -284,7 +296,11 @@ fn one_mib_paste_round_trips() {
 fn clients_detach_and_reattach_mid_session() {
     let dir = ScratchDir::new("console-attach");
     let server = dir.path("console.sock");
-    let vm = shell_vm(&format!("unix={}", server.display()), &[]);
+    let vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("unix={}", server.display()),
+        &[],
+    );
     let mut first = Client::attach(&server);
     first.wait_for("pvstack> ");
     first.type_line("echo one-1");
@@ -315,7 +331,11 @@ fn clients_detach_and_reattach_mid_session() {
 fn flooding_client_does_not_wedge_the_guest() {
     let dir = ScratchDir::new("console-flood");
     let server = dir.path("console.sock");
-    let vm = shell_vm(&format!("unix={}", server.display()), &[]);
+    let vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("unix={}", server.display()),
+        &[],
+    );
     let mut reader = Client::attach(&server);
     reader.wait_for("pvstack> ");
     let mut flooder = Client::attach(&server);
@@ -377,7 +397,11 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
     let server = dir.path("console.sock");
     let mut backend = start_backend(&socket, &server, &dir.path("backend1.log"));
     wait_for_path(&socket);
-    let vm = shell_vm(&format!("socket={}", socket.display()), &[]);
+    let mut vm = shell_vm(
+        &dir.path("vm.log"),
+        &format!("socket={}", socket.display()),
+        &[],
+    );
     let mut person = Client::attach(&server);
     person.wait_for("pvstack> ");
     const TICKS: usize = 400;
@@ -386,8 +410,9 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
     backend.kill().expect("SIGKILL pvstack-console");
     backend.wait().expect("reap pvstack-console");
     let before = person.wait_closed();
-    // Down long enough for the guest's transmit ring to fill up.
-    thread::sleep(Duration::from_secs(1));
+    // The backend stays down until the guest's transmit ring has filled
+    // up and the shell has begun to drop lines.
+    vm.wait_for("shell: console output stalled for 100 ms; dropping lines");
     let mut backend = start_backend(&socket, &server, &dir.path("backend2.log"));
     let mut person = Client::attach(&server);
     let after = person.wait_for("ticks done");
@@ -415,7 +440,10 @@ fn killed_backend_is_replaced_and_lost_lines_are_reported() {
                 .ok()
         })
         .sum();
-    assert!(seen.len() < TICKS, "the gap should have cost some lines");
+    assert!(
+        seen.len() < TICKS,
+        "the shell said it dropped lines:\n{text}"
+    );
     assert_eq!(
         seen.len() + reported,
         TICKS,
@@ -438,6 +466,43 @@ fn bench_pattern(bytes: usize) -> Vec<u8> {
             }
         })
         .collect()
+}
+
+/// Asserts that `got` is exactly console-bench's `bytes`-byte output,
+/// naming the first byte that differs rather than printing a megabyte.
+fn assert_bench_pattern(what: &str, got: &[u8], bytes: usize) {
+    let expected = bench_pattern(bytes);
+    if got == expected.as_slice() {
+        return;
+    }
+    let first = got
+        .iter()
+        .zip(&expected)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(expected.len()));
+    let around = |data: &[u8]| {
+        String::from_utf8_lossy(&data[first.saturating_sub(16)..data.len().min(first + 16)])
+            .into_owned()
+    };
+    panic!(
+        "{what}: {} bytes where {bytes} were written, the first difference at offset {first}: \
+         {:?} instead of {:?}",
+        got.len(),
+        around(got),
+        around(&expected)
+    );
+}
+
+/// Asserts that a console-bench run's stdout is all `bytes` of the
+/// pattern and then the RESULT line, nothing else.
+fn assert_bench_stdout(via: &str, run: &Finished, bytes: usize) {
+    let at = run
+        .stdout
+        .rfind("RESULT console-bench ")
+        .unwrap_or_else(|| panic!("{via}: no RESULT line: {}", run.stderr));
+    let (data, result) = run.stdout.split_at(at);
+    assert_eq!(result.lines().count(), 1, "{via}: {result}");
+    assert_bench_pattern(via, data.as_bytes(), bytes);
 }
 
 #[test]
@@ -477,22 +542,15 @@ fn console_bench_moves_the_bytes_with_the_expected_exits() {
     assert_eq!(exits, 0);
     backend.kill().expect("stop pvstack-console");
     wait_or_kill(&mut backend);
-    assert!(
-        fs::read(&log).unwrap() == bench_pattern(1 << 20),
-        "virtio log differs"
-    );
+    assert_bench_pattern("virtio log", &fs::read(&log).unwrap(), 1 << 20);
 
-    // The hypercall console: one exit per 4 KiB.
+    // The hypercall console: one exit per 4 KiB, and every byte on stdout.
     let (run, exits) = bench("hypercall", 1 << 20, &[]);
     assert_eq!(exits, 256);
-    assert!(run
-        .stdout
-        .contains(std::str::from_utf8(&bench_pattern(8192)).unwrap()));
+    assert_bench_stdout("hypercall", &run, 1 << 20);
 
     // The UART: an exit per byte, and one per 16 for the line status.
     let (run, exits) = bench("uart", 8192, &["--serial"]);
     assert_eq!(exits, 8192 + 8192 / 16);
-    assert!(run
-        .stdout
-        .contains(std::str::from_utf8(&bench_pattern(8192)).unwrap()));
+    assert_bench_stdout("uart", &run, 8192);
 }

@@ -80,6 +80,7 @@ pub fn check_host(kvm_device: &Path) -> Vec<Item> {
             format!("{e}: pvstack cannot create VMs"),
         )),
     }
+    items.push(linux_guests(flavour));
     items.push(memfd());
     items.push(io_uring());
     items.push(tun());
@@ -125,6 +126,28 @@ fn kvm_capabilities(kvm: &Kvm) -> Vec<Item> {
         ),
     ));
     items
+}
+
+/// Whether a stock Linux kernel can run here: it runs at CPL0, which only
+/// VMX and SVM run natively.
+fn linux_guests(flavour: Flavour) -> Item {
+    match flavour {
+        Flavour::Vmx | Flavour::Svm => item(
+            Verdict::Ok,
+            "Linux guests",
+            format!("yes: {flavour} runs a stock kernel's CPL0 code natively"),
+        ),
+        Flavour::Pvm => item(
+            Verdict::Warn,
+            "Linux guests",
+            "no: PVM runs only CPL3 natively and emulates a kernel's CPL0 code instruction by instruction; use a VMX or SVM host",
+        ),
+        Flavour::Unknown => item(
+            Verdict::Warn,
+            "Linux guests",
+            "unknown: no VMX or SVM found; a stock kernel needs one",
+        ),
+    }
 }
 
 fn memfd() -> Item {
@@ -178,6 +201,15 @@ fn tun() -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linux_guests_need_vmx_or_svm() {
+        assert_eq!(linux_guests(Flavour::Svm).verdict, Verdict::Ok);
+        assert_eq!(linux_guests(Flavour::Vmx).verdict, Verdict::Ok);
+        let pvm = linux_guests(Flavour::Pvm);
+        assert_eq!(pvm.verdict, Verdict::Warn);
+        assert!(pvm.detail.starts_with("no: "));
+    }
 
     #[test]
     fn unopenable_device_fails_the_check() {

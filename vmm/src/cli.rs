@@ -9,13 +9,29 @@ use pvstack_protocols::layout;
 
 use crate::flavour::Privilege;
 
+/// What pvstack's own guest runs without --guest-args.
+pub const DEFAULT_GUEST_ARGS: &str = "hello";
+
 /// Options of `pvstack run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest ELF image (static x86-64, loaded at or above 0x200000).
-    /// Without it, the built-in pvstack-guest runs.
+    /// The guest kernel, one of: pvstack's own guest ELF (static x86-64,
+    /// loaded at or above 0x200000); a Linux bzImage; an ELF vmlinux with
+    /// a PVH entry note. Which one it is is detected. Without it, the
+    /// built-in pvstack-guest runs. A Linux kernel needs a VMX or SVM
+    /// host (see `pvstack check`).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+
+    /// Linux only: the initial ramdisk, loaded as high in guest memory as
+    /// the kernel allows.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Linux only: the kernel command line, e.g. "console=ttyS0" with
+    /// --serial, "console=hvc0" with --console (default: empty).
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
 
     /// Guest RAM: bytes, or with a suffix K, M, G (powers of 1024), e.g.
     /// 256M, 1G, 4096K; a multiple of 4K between 4M and 63G, and no more
@@ -23,22 +39,28 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory_size)]
     pub memory: u64,
 
-    /// Number of vCPUs; vCPU 0 boots, the guest starts the others.
+    /// Number of vCPUs. pvstack's own guest starts on vCPU 0 and starts
+    /// the others with a hypercall; Linux brings them all up.
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(layout::MAX_VCPUS)))]
     pub cpus: u32,
 
-    /// The guest command line: a workload and its arguments, e.g.
-    /// "hello", "exit 7", "selftest", "compute", "fault".
-    #[arg(long, value_name = "WORKLOAD ARGS", default_value = "hello")]
-    pub guest_args: String,
+    /// pvstack's own guest's command line: a workload and its arguments,
+    /// e.g. "hello" (the default), "exit 7", "selftest", "compute",
+    /// "fault". (A Linux kernel's is --cmdline.)
+    #[arg(long, value_name = "WORKLOAD ARGS")]
+    pub guest_args: Option<String>,
 
     /// Privilege level of the guest's code. Default: user (CPL3) on PVM
-    /// hosts, where only CPL3 runs natively; kernel (CPL0) on VMX/SVM.
+    /// hosts, where only CPL3 runs natively; kernel (CPL0) on VMX/SVM. A
+    /// Linux kernel always runs at CPL0; on a PVM host pvstack refuses to
+    /// start one unless this is `kernel`.
     #[arg(long, value_name = "LEVEL")]
     pub guest_privilege: Option<Privilege>,
 
-    /// Write the guest console to FILE instead of stdout.
+    /// Write pvstack's own guest's hypercall console to FILE instead of
+    /// stdout (a Linux guest has none: its consoles are --serial and
+    /// --console).
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
 
@@ -85,8 +107,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     pub console: Option<ConsoleSpec>,
 
-    /// An emulated 16550 UART (every register access traps to the VMM,
-    /// the console baseline); what the guest sends it goes to stdout.
+    /// An emulated 16550 UART (every register access traps to the VMM).
+    /// For pvstack's own guest, a UART in a device slot (MMIO), output to
+    /// stdout: the console baseline. For a Linux guest, the PC's COM1 at
+    /// I/O port 0x3f8, IRQ 4 (ttyS0: pass console=ttyS0), output to
+    /// stdout and input from stdin.
     #[arg(long)]
     pub serial: bool,
 
@@ -180,13 +205,32 @@ impl RunArgs {
     /// Checks what clap cannot check value by value; the message is a
     /// usage error.
     pub fn validate(&self) -> Result<(), String> {
-        if self.guest_args.len() > CMDLINE_MAX {
-            return Err(format!(
-                "--guest-args is {} bytes, longer than the guest command line limit of {CMDLINE_MAX}",
-                self.guest_args.len()
-            ));
+        if let Some(args) = &self.guest_args {
+            if args.len() > CMDLINE_MAX {
+                return Err(format!(
+                    "--guest-args is {} bytes, longer than the guest command line limit of {CMDLINE_MAX}",
+                    args.len()
+                ));
+            }
+        }
+        if self.kernel.is_none() {
+            for (given, option) in [
+                (self.initrd.is_some(), "--initrd"),
+                (self.cmdline.is_some(), "--cmdline"),
+            ] {
+                if given {
+                    return Err(format!(
+                        "{option} is for a Linux kernel (--kernel); pvstack's own guest takes --guest-args"
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// pvstack's own guest's command line.
+    pub fn own_guest_args(&self) -> &str {
+        self.guest_args.as_deref().unwrap_or(DEFAULT_GUEST_ARGS)
     }
 }
 

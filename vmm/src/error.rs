@@ -59,9 +59,22 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The guest image is not a usable ELF.
+    /// The guest image is not a usable kernel.
     #[error("{image}: {reason}")]
     BadImage { image: String, reason: String },
+    /// The options do not fit together or do not fit the kernel (exit
+    /// status 2, like a command-line error).
+    #[error("{0}")]
+    Usage(String),
+    /// A Linux kernel on a host where it cannot run.
+    #[error("{image} is a Linux kernel: a stock Linux kernel runs at CPL0, which PVM does not run natively (it emulates every instruction and soon fails); run it on a VMX or SVM host (--guest-privilege kernel tries anyway)")]
+    LinuxOnPvm { image: String },
+    /// The initial ramdisk cannot be used.
+    #[error("initrd {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+    /// KVM refused one of the boot MSRs.
+    #[error("KVM: cannot set MSR {index:#x}")]
+    Msr { index: u32 },
     /// A `--blk` device could not be created.
     #[error("--blk number {index}: {source}")]
     Blk {
@@ -101,6 +114,12 @@ impl Error {
     /// A KVM ioctl failure with what pvstack was trying to do.
     pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
         move |source| Error::Kvm { what, source }
+    }
+
+    /// Whether the error is the user's command line (exit status 2)
+    /// rather than a runtime failure (exit status 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Usage(_))
     }
 
     /// A failed write of a VMM structure into guest memory.

@@ -160,10 +160,12 @@ mod tests {
         Machine {
             memory: crate::memory::create(layout::MIN_MEMORY).unwrap(),
             bus: Bus::new(),
+            pio: Bus::new(),
+            linux: false,
             boot_info,
             console: Console::from_writer(Box::new(console)),
             counters: ExitCounters::default(),
-            lifecycle: Lifecycle::new(2),
+            lifecycle: Arc::new(Lifecycle::new(2)),
             created: Instant::now(),
         }
     }

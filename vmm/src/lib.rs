@@ -1,11 +1,14 @@
-//! pvstack's VMM core: a KVM VM with memfd-backed guest memory, an ELF
-//! loader, 64-bit long-mode vCPU threads, the paravirtual hypercalls of
-//! `pvstack_protocols`, the MMIO bus devices attach to, the control API
-//! and the host check. The `pvstack` binary's subcommands `run`, `ctl` and
+//! pvstack's VMM core: a KVM VM with memfd-backed guest memory, two boot
+//! paths into it (pvstack's own guest, and a stock Linux kernel with its
+//! ACPI tables), vCPU threads, the paravirtual hypercalls of
+//! `pvstack_protocols`, the MMIO and port buses devices attach to, the
+//! control API and the host check. The `pvstack` binary's subcommands `run`, `ctl` and
 //! `check` are thin wrappers over them; `bench` is the pvstack-bench crate.
 
 pub mod abi;
+pub mod acpi;
 pub mod api;
+pub mod boot;
 pub mod check;
 pub mod cli;
 pub mod console;
@@ -15,7 +18,6 @@ pub mod error;
 pub mod flavour;
 pub mod hypercall;
 pub mod lifecycle;
-pub mod loader;
 pub mod machine;
 pub mod memory;
 pub mod run;

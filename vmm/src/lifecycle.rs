@@ -20,6 +20,12 @@ pub enum VmEnd {
     Signal(i32),
     /// The control API asked the VM to shut down.
     Shutdown,
+    /// A Linux guest powered the machine off (ACPI S5).
+    PowerOff,
+    /// A Linux guest reset the machine; pvstack does not restart guests,
+    /// so the VM ends. `how` names the register (or the triple fault);
+    /// `report` is the crash report of a triple fault.
+    Reset { how: String, report: Option<String> },
     /// The VMM itself failed while the VM ran.
     Failed(Error),
 }
@@ -72,6 +78,15 @@ impl Lifecycle {
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
         }
+    }
+
+    /// A VM of `cpus` vCPUs that all run from the start (a Linux guest:
+    /// the secondary ones wait in KVM for INIT/SIPI), so CPU_START has
+    /// nothing to start.
+    pub fn all_running(cpus: u32) -> Lifecycle {
+        let lifecycle = Lifecycle::new(cpus);
+        lifecycle.lock().cpus.fill(CpuState::Running);
+        lifecycle
     }
 
     /// Asks the vCPUs to stop running the guest until [`Self::resume`]; a
@@ -191,6 +206,12 @@ mod tests {
         assert_eq!(life.start_cpu(1, START), status::OK);
         assert_eq!(life.start_cpu(1, START), status::BUSY);
         assert_eq!(life.wait_for_start(1), Some(START));
+        assert_eq!(life.start_cpu(1, START), status::BUSY);
+    }
+
+    #[test]
+    fn all_running_has_nothing_to_start() {
+        let life = Lifecycle::all_running(2);
         assert_eq!(life.start_cpu(1, START), status::BUSY);
     }
 

@@ -1,5 +1,6 @@
 //! What the vCPU threads of one running VM share.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use pvstack_devices::bus::Bus;
@@ -15,11 +16,17 @@ pub struct Machine {
     pub memory: GuestMemory,
     /// Device register windows; fixed once the VM runs.
     pub bus: Bus,
+    /// Device I/O ports (a Linux guest's legacy PC devices); fixed once
+    /// the VM runs.
+    pub pio: Bus,
+    /// Whether the guest is Linux (a triple fault is its reset) rather
+    /// than pvstack's own guest (a triple fault is a crash).
+    pub linux: bool,
     /// What BOOT_INFO hands the guest.
     pub boot_info: BootInfo,
     pub console: Console,
     pub counters: ExitCounters,
-    pub lifecycle: Lifecycle,
+    pub lifecycle: Arc<Lifecycle>,
     /// When VM creation began; TIME_NS counts from here.
     pub created: Instant,
 }

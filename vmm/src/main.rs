@@ -13,16 +13,19 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 const EXIT_STATUS_HELP: &str = "\
-Exit status of `pvstack run`: the guest's EXIT code (0..=255); 1 if pvstack
-failed or the guest crashed (the crash report with the exit reason and the
-vCPU registers goes to stderr); 2 for bad usage; 128+N when stopped by
-signal N (143 for SIGTERM, 130 for SIGINT), like a shell.
+Exit status of `pvstack run`: the guest's EXIT code (0..=255), or 0 when a
+Linux guest powers off; 1 if pvstack failed, the guest crashed (the crash
+report with the exit reason and the vCPU registers goes to stderr) or a
+Linux guest rebooted (pvstack does not restart guests; a kernel that panics
+with panic=N reboots too); 2 for bad usage; 128+N when stopped by signal N
+(143 for SIGTERM, 130 for SIGINT), like a shell.
 `pvstack check`: 0 if pvstack can run on this host, 1 if not.
 Logging goes to stderr at level info (flavour, boot time); set RUST_LOG to
 change it, e.g. RUST_LOG=warn.";
 
 /// pvstack: a thin KVM VMM with a paravirtual hypercall ABI, running its
-/// own no_std guest (or another ELF) at native speed.
+/// own no_std guest (or another ELF) at native speed, or a stock Linux
+/// kernel on VMX/SVM hosts.
 #[derive(Debug, Parser)]
 #[command(name = "pvstack", version, after_help = EXIT_STATUS_HELP)]
 struct Cli {
@@ -41,7 +44,8 @@ enum Command {
     Ctl(CtlArgs),
     /// Run the same guest block workloads on every disk mode (emulated
     /// legacy controller, emulated virtio, vhost-user, vhost-user with
-    /// polling), several times each, and print medians with min and max.
+    /// polling, qemu-storage-daemon, and fio on the host as the ceiling),
+    /// interleaved, several times each, and print medians with min and max.
     Bench(pvstack_bench::BenchArgs),
 }
 
@@ -121,7 +125,11 @@ fn run_command(args: &RunArgs) -> ExitCode {
         Ok(end) => exit_status(end),
         Err(e) => {
             eprintln!("pvstack: error: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(if e.is_usage() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }
@@ -164,7 +172,16 @@ fn exit_status(end: VmEnd) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
         VmEnd::Signal(signal) => ExitCode::from(128u8.saturating_add(signal as u8)),
-        VmEnd::Shutdown => ExitCode::SUCCESS,
+        VmEnd::Shutdown | VmEnd::PowerOff => ExitCode::SUCCESS,
+        VmEnd::Reset { how, report } => {
+            if let Some(report) = report {
+                eprint!("{report}");
+            }
+            eprintln!(
+                "pvstack: the guest reset the machine ({how}); pvstack does not restart guests"
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
         VmEnd::Failed(e) => {
             eprintln!("pvstack: error: {e}");
             ExitCode::from(EXIT_FAILURE)
@@ -189,6 +206,14 @@ mod tests {
             run.validate()
         };
         assert!(parse("a".repeat(CMDLINE_MAX)).is_ok());
+        let linux_only = Cli::try_parse_from(["pvstack", "run", "--cmdline", "quiet"]).unwrap();
+        let Command::Run(run) = linux_only.command else {
+            panic!("not run")
+        };
+        assert!(run
+            .validate()
+            .unwrap_err()
+            .contains("--cmdline is for a Linux kernel"));
         assert!(parse("a".repeat(CMDLINE_MAX + 1))
             .unwrap_err()
             .contains("1025 bytes"));

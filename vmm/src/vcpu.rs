@@ -1,6 +1,8 @@
-//! One vCPU thread: waits for its start (vCPU 0 starts at once, the others
-//! on CPU_START), then runs the guest and dispatches its exits: hypercall
-//! doorbells, device MMIO on the bus, everything else ends the VM.
+//! One vCPU thread: waits for its start (pvstack's own guest: vCPU 0 at
+//! once, the others on CPU_START; a Linux guest: all at once, the
+//! secondary ones then waiting in KVM for INIT/SIPI), then runs the guest
+//! and dispatches its exits: hypercall doorbells, device MMIO and port
+//! I/O on the buses; everything else ends the VM.
 //!
 //! Stopping: whoever ends the VM sets the lifecycle's stop flag, then sends
 //! [`kick_signal`] to every vCPU thread. Its handler sets `immediate_exit`
@@ -64,28 +66,43 @@ pub struct Vcpu {
     pub fd: VcpuFd,
 }
 
-/// Spawns the thread of `vcpu`. vCPU 0 starts at `boot` right away.
-pub fn spawn(vcpu: Vcpu, machine: Arc<Machine>, boot: Option<CpuStart>) -> Result<JoinHandle<()>> {
+/// How a vCPU thread begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launch {
+    /// Start at this entry right away (pvstack's own guest's vCPU 0).
+    At(CpuStart),
+    /// Wait for the guest's CPU_START (its other vCPUs).
+    OnCpuStart,
+    /// Run as the boot path configured it (a Linux guest's vCPUs: the
+    /// first at the kernel's entry, the others waiting for INIT/SIPI).
+    Configured,
+}
+
+/// Spawns the thread of `vcpu`, which begins as `launch` says.
+pub fn spawn(vcpu: Vcpu, machine: Arc<Machine>, launch: Launch) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{}", vcpu.index))
-        .spawn(move || run_thread(vcpu, &machine, boot))
+        .spawn(move || run_thread(vcpu, &machine, launch))
         .map_err(|source| Error::Os {
             what: "spawn a vCPU thread",
             source,
         })
 }
 
-fn run_thread(mut vcpu: Vcpu, machine: &Machine, boot: Option<CpuStart>) {
-    let start = match boot {
-        Some(start) => start,
-        None => match machine.lifecycle.wait_for_start(vcpu.index) {
-            Some(start) => start,
+fn run_thread(mut vcpu: Vcpu, machine: &Machine, launch: Launch) {
+    let start = match launch {
+        Launch::At(start) => Some(start),
+        Launch::OnCpuStart => match machine.lifecycle.wait_for_start(vcpu.index) {
+            Some(start) => Some(start),
             None => return,
         },
+        Launch::Configured => None,
     };
-    if let Err(e) = cpu::set_entry(&vcpu.fd, start.entry, start.stack_top, start.arg) {
-        machine.lifecycle.end(VmEnd::Failed(e));
-        return;
+    if let Some(start) = start {
+        if let Err(e) = cpu::set_entry(&vcpu.fd, start.entry, start.stack_top, start.arg) {
+            machine.lifecycle.end(VmEnd::Failed(e));
+            return;
+        }
     }
     KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run()));
     if let Some(end) = run_loop(&mut vcpu, machine) {
@@ -99,6 +116,8 @@ enum Step {
     Continue,
     Stop,
     Crash(String),
+    /// A triple fault of a Linux guest: what resets a PC.
+    Reset(String),
     Fail(Error),
 }
 
@@ -128,6 +147,13 @@ fn run_loop(vcpu: &mut Vcpu, machine: &Machine) -> Option<VmEnd> {
                     &reason,
                     &mut vcpu.fd,
                 )))
+            }
+            Step::Reset(reason) => {
+                return Some(VmEnd::Reset {
+                    how: "triple fault: how Linux resets when its other ways fail, or a crash"
+                        .into(),
+                    report: Some(crash_report::report(vcpu.index, &reason, &mut vcpu.fd)),
+                });
             }
             Step::Fail(e) => return Some(VmEnd::Failed(e)),
         }
@@ -180,22 +206,33 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
             }
             Step::Continue
         }
+        // Linux probes many legacy PC ports pvstack does not emulate (PCI
+        // configuration, other serial ports, the POST port 0x80), so
+        // unmapped ports are logged at debug level only.
         Ok(VcpuExit::IoOut(port, data)) => {
             counters.record(ExitKind::Pio);
-            log::warn!(
-                "guest wrote {} bytes to unmapped port {port:#x}; dropped",
-                data.len()
-            );
+            if !machine.pio.write(u64::from(port), data) {
+                log::debug!(
+                    "guest wrote {} bytes to unmapped port {port:#x}; dropped",
+                    data.len()
+                );
+            }
             Step::Continue
         }
         Ok(VcpuExit::IoIn(port, data)) => {
             counters.record(ExitKind::Pio);
-            log::warn!(
-                "guest read {} bytes of unmapped port {port:#x}; all ones",
-                data.len()
-            );
-            data.fill(0xff);
+            if !machine.pio.read(u64::from(port), data) {
+                log::debug!(
+                    "guest read {} bytes of unmapped port {port:#x}; all ones",
+                    data.len()
+                );
+                data.fill(0xff);
+            }
             Step::Continue
+        }
+        Ok(VcpuExit::Shutdown) if machine.linux => {
+            counters.record(ExitKind::Other);
+            Step::Reset(describe_fatal_exit(&VcpuExit::Shutdown))
         }
         Ok(other) => {
             counters.record(ExitKind::Other);

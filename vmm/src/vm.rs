@@ -1,11 +1,13 @@
-//! Building and running a VM: KVM, guest memory, devices, the guest image,
-//! then one thread per vCPU until the VM ends.
+//! Building and running a VM: KVM, guest memory, devices, the guest (one
+//! of the two boot paths of `crate::boot`), then one thread per vCPU
+//! until the VM ends.
 //!
 //! ```text
-//! let mut vm = Vm::new(&config)?;          // KVM VM, memory, irqchip
+//! let mut vm = Vm::new(&config)?;          // KVM VM, memory, irqchip (+ PIT and
+//!                                          // legacy ports for a Linux guest)
 //! vm.add_device(slot, device, info)?;      // as many as needed
-//! vm.load_kernel(image, "name")?;
-//! let end = vm.run(console)?;              // blocks until the VM ends
+//! vm.add_serial_port(port)?;               // Linux: COM1
+//! let end = vm.run(guest, console)?;       // loads the guest, blocks until the VM ends
 //! ```
 
 use std::collections::BTreeMap;
@@ -16,25 +18,34 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use pvstack_devices::bus::{Bus, SharedDevice};
-use pvstack_protocols::boot::{BootInfo, DeviceInfo, BOOT_INFO_MAGIC, CMDLINE_MAX};
+use pvstack_devices::console::uart;
+use pvstack_devices::legacy::{self, AcpiPowerRegisters, PowerEvent, PowerHandler, I8042};
+use pvstack_devices::SerialPort;
+use pvstack_protocols::boot::{device_kind, BootInfo, DeviceInfo, BOOT_INFO_MAGIC, CMDLINE_MAX};
 use pvstack_protocols::hypercall::ABI_VERSION;
 use pvstack_protocols::layout;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
 
+use crate::acpi::AcpiPlatform;
 use crate::api::{ApiServer, VmControl};
+use crate::boot::{own_guest, Guest};
 use crate::console::Console;
 use crate::counters::ExitCounters;
 use crate::error::{Error, Result};
 use crate::flavour::{Flavour, Privilege};
-use crate::lifecycle::{CpuStart, Lifecycle, VmEnd};
+use crate::lifecycle::{Lifecycle, VmEnd};
 use crate::machine::Machine;
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{self, Vcpu};
-use crate::{loader, signals, x86};
+use crate::vcpu::{self, Launch, Vcpu};
+use crate::x86::cpuid::Topology;
+use crate::{signals, x86};
 
 /// The KVM API version every KVM since Linux 2.6.22 reports.
 pub const KVM_API_VERSION: i32 = 12;
@@ -55,8 +66,13 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest privilege; `None` picks the flavour's default.
     pub privilege: Option<Privilege>,
-    /// The guest command line (at most [`CMDLINE_MAX`] bytes).
+    /// pvstack's own guest's command line (at most [`CMDLINE_MAX`]
+    /// bytes), for its boot info.
     pub cmdline: String,
+    /// The VM boots a Linux kernel: it gets a PIT, the legacy PC ports
+    /// (i8042 reset, ACPI power registers) and all vCPUs run from the
+    /// start.
+    pub linux: bool,
 }
 
 impl VmConfig {
@@ -94,12 +110,16 @@ pub struct Vm {
     vm_fd: Arc<VmFd>,
     memory: GuestMemory,
     bus: Bus,
+    pio: Bus,
     devices: BTreeMap<u32, DeviceInfo>,
+    serial_port: bool,
     flavour: Flavour,
     privilege: Privilege,
     cpus: u32,
     cmdline: String,
-    entry: Option<u64>,
+    linux: bool,
+    tsc_deadline: bool,
+    lifecycle: Arc<Lifecycle>,
     created: Instant,
     api: Option<ApiServer>,
 }
@@ -153,7 +173,11 @@ impl Vm {
             }
         }
         let flavour = Flavour::detect();
-        let privilege = config.privilege.unwrap_or(flavour.default_privilege());
+        let privilege = if config.linux {
+            Privilege::Kernel
+        } else {
+            config.privilege.unwrap_or(flavour.default_privilege())
+        };
         log::info!(
             "KVM flavour {flavour}; guest runs at CPL{} ({privilege:?})",
             privilege.cpl()
@@ -174,19 +198,43 @@ impl Vm {
 
         let memory = memory::create(config.memory_size)?;
         register_memory(&vm_fd, &memory)?;
-        x86::write_tables(&memory, privilege)?;
+
+        let lifecycle = Arc::new(if config.linux {
+            Lifecycle::all_running(config.cpus)
+        } else {
+            Lifecycle::new(config.cpus)
+        });
+        let mut pio = Bus::new();
+        if config.linux {
+            // The in-kernel PIT (with port 0x61's speaker bits), for a
+            // kernel that calibrates or ticks with it; Linux on this
+            // hardware-reduced ACPI platform runs on kvmclock and the
+            // LAPIC's TSC-deadline timer instead.
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm_fd
+                .create_pit2(pit)
+                .map_err(Error::kvm("create the in-kernel PIT"))?;
+            add_legacy_ports(&mut pio, power_handler(&lifecycle))?;
+        }
 
         Ok(Vm {
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
             kvm,
             vm_fd: Arc::new(vm_fd),
             memory,
             bus: Bus::new(),
+            pio,
             devices: BTreeMap::new(),
+            serial_port: false,
             flavour,
             privilege,
             cpus: config.cpus,
             cmdline: config.cmdline.clone(),
-            entry: None,
+            linux: config.linux,
+            lifecycle,
             created,
             api: None,
         })
@@ -241,25 +289,59 @@ impl Vm {
         Ok(())
     }
 
+    /// Puts a Linux guest's COM1 on its I/O ports (0x3f8..0x400); the
+    /// ACPI tables then list it.
+    pub fn add_serial_port(&mut self, port: &SerialPort) -> Result<()> {
+        self.pio
+            .insert(
+                u64::from(uart::COM1_PORT),
+                uart::REGISTERS,
+                port.bus_device(),
+            )
+            .map_err(|e| Error::Config(format!("COM1: {e}")))?;
+        self.serial_port = true;
+        Ok(())
+    }
+
     /// Serves the control API while the VM runs.
     pub fn serve_api(&mut self, server: ApiServer) {
         self.api = Some(server);
     }
 
-    /// Loads the guest ELF `image` (`name` says which, in errors).
-    pub fn load_kernel(&mut self, image: &[u8], name: &str) -> Result<()> {
-        self.entry = Some(loader::load(&self.memory, image, name)?);
-        Ok(())
+    /// What the ACPI tables of a Linux guest describe.
+    fn acpi_platform(&self) -> AcpiPlatform {
+        AcpiPlatform {
+            cpus: self.cpus,
+            virtio_mmio: self
+                .devices
+                .values()
+                .filter(|d| d.kind == device_kind::VIRTIO_MMIO)
+                .copied()
+                .collect(),
+            serial: self.serial_port,
+        }
     }
 
-    /// Runs the VM until it ends; console output goes to `console`.
-    /// Blocks SIGTERM and SIGINT in the calling process and turns them into
-    /// [`VmEnd::Signal`]. Loads the built-in guest if no image was loaded.
-    pub fn run(mut self, console: Console) -> Result<VmEnd> {
-        let entry = match self.entry {
-            Some(entry) => entry,
-            None => loader::load(&self.memory, loader::BUILTIN_GUEST, "built-in guest")?,
-        };
+    /// Loads `guest` into memory and sets up `vcpus` as its boot path
+    /// wants them; returns how each vCPU thread begins.
+    fn boot(&self, guest: &Guest, vcpus: &[Vcpu]) -> Result<Vec<Launch>> {
+        match guest {
+            Guest::Own { image, name } => {
+                own_guest::start(&self.memory, image, name, self.privilege, vcpus)
+            }
+            Guest::Linux(linux) if self.linux => {
+                linux.start(&self.memory, &self.acpi_platform(), vcpus)
+            }
+            Guest::Linux(_) => Err(Error::Config(
+                "a Linux guest in a VM not set up for Linux".into(),
+            )),
+        }
+    }
+
+    /// Loads `guest` and runs the VM until it ends; console output of
+    /// pvstack's own guest goes to `console`. Blocks SIGTERM and SIGINT
+    /// in the calling process and turns them into [`VmEnd::Signal`].
+    pub fn run(mut self, guest: Guest, console: Console) -> Result<VmEnd> {
         let supported_cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -267,29 +349,27 @@ impl Vm {
         let vcpus = (0..self.cpus)
             .map(|index| self.create_vcpu(index, &supported_cpuid))
             .collect::<Result<Vec<_>>>()?;
+        let launches = self.boot(&guest, &vcpus)?;
+        drop(guest);
         let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
 
         let machine = Arc::new(Machine {
             boot_info: self.boot_info(tsc_khz),
             memory: self.memory,
             bus: std::mem::take(&mut self.bus),
+            pio: std::mem::take(&mut self.pio),
+            linux: self.linux,
             console,
             counters: ExitCounters::default(),
-            lifecycle: Lifecycle::new(self.cpus),
+            lifecycle: self.lifecycle.clone(),
             created: self.created,
         });
         let signals_to_vm = signals::forward_termination(machine.clone());
         vcpu::install_kick_handler()?;
 
-        let boot = CpuStart {
-            entry,
-            stack_top: layout::stack_top(0),
-            arg: 0,
-        };
         let mut threads = Vec::new();
-        for vcpu in vcpus {
-            let start = (vcpu.index == 0).then_some(boot);
-            match vcpu::spawn(vcpu, machine.clone(), start) {
+        for (vcpu, launch) in vcpus.into_iter().zip(launches) {
+            match vcpu::spawn(vcpu, machine.clone(), launch) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     machine.lifecycle.end(VmEnd::Failed(e));
@@ -347,8 +427,12 @@ impl Vm {
             .vm_fd
             .create_vcpu(u64::from(index))
             .map_err(Error::kvm("create a vCPU"))?;
-        x86::cpu::set_cpuid(&fd, supported_cpuid, index)?;
-        x86::cpu::set_long_mode(&fd, self.privilege.cpl())?;
+        let topology = Topology {
+            cpus: self.cpus,
+            tsc_deadline: self.tsc_deadline,
+        };
+        x86::cpuid::set_cpuid(&fd, supported_cpuid, index, topology)?;
+        x86::fpu::set_fpu(&fd)?;
         Ok(Vcpu { index, fd })
     }
 
@@ -373,6 +457,39 @@ impl Vm {
         info.cmdline_len = cmdline.len() as u32;
         info
     }
+}
+
+/// Ends the VM when a Linux guest powers off or resets it.
+fn power_handler(lifecycle: &Arc<Lifecycle>) -> PowerHandler {
+    let lifecycle = lifecycle.clone();
+    Arc::new(move |event| {
+        lifecycle.end(match event {
+            PowerEvent::PowerOff => VmEnd::PowerOff,
+            PowerEvent::Reset(how) => VmEnd::Reset {
+                how: how.to_string(),
+                report: None,
+            },
+        })
+    })
+}
+
+/// The i8042's reset line and the ACPI power registers on the port bus.
+fn add_legacy_ports(pio: &mut Bus, handler: PowerHandler) -> Result<()> {
+    let bus_error = |e: pvstack_devices::bus::BusError| Error::Config(format!("legacy ports: {e}"));
+    let i8042: SharedDevice = Arc::new(std::sync::Mutex::new(I8042::new(handler.clone())));
+    pio.insert(
+        u64::from(legacy::i8042::I8042_PORT),
+        legacy::i8042::I8042_PORTS,
+        i8042,
+    )
+    .map_err(bus_error)?;
+    let power: SharedDevice = Arc::new(std::sync::Mutex::new(AcpiPowerRegisters::new(handler)));
+    pio.insert(
+        u64::from(legacy::power::SLEEP_CONTROL_PORT),
+        legacy::power::PORTS,
+        power,
+    )
+    .map_err(bus_error)
 }
 
 /// Refuses more guest RAM than the host has at all.
@@ -417,6 +534,7 @@ mod tests {
             cpus: 2,
             privilege: None,
             cmdline: "hello".into(),
+            linux: false,
         }
     }
 

@@ -512,14 +512,8 @@ fn receive(socket: &UnixStream, rest_within: Option<Duration>) -> io::Result<Mes
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     let deadline = rest_within.map(|within| Instant::now() + within);
-    let stalled = |e: io::Error| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(format!(
-            "a message did not arrive whole within {} s of its first bytes",
-            rest_within.unwrap_or_default().as_secs_f32()
-        )),
-        _ => e,
-    };
-    read_exact_by(socket, &mut header[len..], deadline).map_err(stalled)?;
+    let rest = |buf: &mut [u8], part| read_rest(socket, buf, part, rest_within, deadline);
+    rest(&mut header[len..], "header")?;
     let size = u32_at(&header, 8) as usize;
     if size > MAX_PAYLOAD {
         return Err(io::Error::new(
@@ -529,8 +523,34 @@ fn receive(socket: &UnixStream, rest_within: Option<Duration>) -> io::Result<Mes
     }
     let mut bytes = vec![0u8; HEADER_LEN + size];
     bytes[..HEADER_LEN].copy_from_slice(&header);
-    read_exact_by(socket, &mut bytes[HEADER_LEN..], deadline).map_err(stalled)?;
+    rest(&mut bytes[HEADER_LEN..], "payload")?;
     Ok(Message { bytes, fds })
+}
+
+/// Reads the rest of a message that has begun to arrive. A hang-up here
+/// cuts the message short, a protocol error, not the plain hang-up that
+/// ends a session between messages.
+/// The rest of a message whose first bytes are in, by `deadline` (sent
+/// `within` after them) if there is one: a hang-up or a stall now is an
+/// error that says so.
+fn read_rest(
+    socket: &UnixStream,
+    buf: &mut [u8],
+    part: &str,
+    within: Option<Duration>,
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    read_exact_by(socket, buf, deadline).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("hung up in the middle of a vhost-user message {part}"),
+        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(format!(
+            "a message did not arrive whole within {} s of its first bytes",
+            within.unwrap_or_default().as_secs_f32()
+        )),
+        _ => e,
+    })
 }
 
 #[cfg(test)]
@@ -612,6 +632,28 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         io::Write::write_all(&mut &a, &header[..5]).unwrap();
         drop(a);
-        assert!(receive(&b, None).is_err());
+        let err = receive(&b, None).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err
+            .to_string()
+            .contains("middle of a vhost-user message header"));
+        // A hang-up between messages is a plain end of the session.
+        assert_eq!(
+            receive(&b, None).err().unwrap().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    #[test]
+    fn a_payload_cut_short_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let message = Message::request(1, &[0; 8]);
+        io::Write::write_all(&mut &a, &message.bytes[..HEADER_LEN + 3]).unwrap();
+        drop(a);
+        let err = receive(&b, None).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err
+            .to_string()
+            .contains("middle of a vhost-user message payload"));
     }
 }

@@ -1,8 +1,11 @@
-//! The MMIO bus: address ranges mapped to the devices that emulate them.
+//! A bus: address ranges mapped to the devices that emulate them. The VM
+//! has two, one for MMIO and one for port I/O (ports are addresses too,
+//! only 16 bits wide).
 //!
-//! A vCPU thread that gets an MMIO exit looks the address up here and calls
-//! the device with the offset inside its window. Devices sit behind a mutex
-//! because several vCPUs may touch the same device.
+//! A vCPU thread that gets an MMIO or port exit looks the address up on
+//! the matching bus and calls the device with the offset inside its
+//! window. Devices sit behind a mutex because several vCPUs may touch the
+//! same device.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,10 +26,10 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
     /// The new window is empty or wraps around the address space.
-    #[error("MMIO window at {base:#x} of {len:#x} bytes is empty or wraps")]
+    #[error("bus window at {base:#x} of {len:#x} bytes is empty or wraps")]
     InvalidRange { base: u64, len: u64 },
     /// The new window overlaps one already on the bus.
-    #[error("MMIO window at {base:#x} of {len:#x} bytes overlaps the one at {other:#x}")]
+    #[error("bus window at {base:#x} of {len:#x} bytes overlaps the one at {other:#x}")]
     Overlap { base: u64, len: u64, other: u64 },
 }
 

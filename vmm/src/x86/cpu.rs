@@ -1,8 +1,18 @@
-//! The architectural state a vCPU starts in: 64-bit long mode with the
-//! identity page tables and GDT written by [`super::write_tables`],
-//! segments at the guest's privilege, SSE usable, interrupts off.
+//! The architectural state a vCPU starts in, one function per entry
+//! protocol:
+//!
+//! - [`set_long_mode`] + [`set_entry`]: pvstack's own guest, in 64-bit
+//!   long mode on the identity page tables and GDT of
+//!   [`super::write_tables`], segments at the guest's privilege;
+//! - [`set_linux64_entry`]: Linux's 64-bit boot protocol (a bzImage's
+//!   entry at its load address + 0x200), long mode at CPL0 with the boot
+//!   parameters' address in RSI;
+//! - [`set_pvh_entry`]: the PVH entry of an ELF vmlinux, 32-bit protected
+//!   mode without paging, the start info's address in RBX.
+//!
+//! Interrupts are off in every case.
 
-use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, CpuId, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_sregs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 use pvstack_protocols::layout;
 
@@ -23,35 +33,26 @@ const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
 /// RFLAGS bit 1 is always set; everything else (IF included) clear.
 const RFLAGS_RESERVED: u64 = 1 << 1;
-/// x87 control word and MXCSR at reset: all exceptions masked.
-const FPU_CONTROL_WORD: u16 = 0x37f;
-const MXCSR_DEFAULT: u32 = 0x1f80;
 
-/// CPUID leaf 1 and the bits of its EBX holding the initial APIC ID.
-const CPUID_LEAF_FEATURES: u32 = 1;
-const APIC_ID_SHIFT: u32 = 24;
-
-/// Hands the vCPU the CPUID KVM supports (so SSE and friends are enabled
-/// for the guest), with the APIC ID of vCPU `index`.
-pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u32) -> Result<()> {
-    let mut cpuid = supported.clone();
-    for entry in cpuid.as_mut_slice() {
-        if entry.function == CPUID_LEAF_FEATURES {
-            entry.ebx = (entry.ebx & !(0xff << APIC_ID_SHIFT)) | (index << APIC_ID_SHIFT);
-        }
-    }
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(Error::kvm("set the vCPU's CPUID"))
-}
-
-/// Long mode, paging, segments with DPL `cpl`, a clean FPU/SSE state.
-pub fn set_long_mode(vcpu: &VcpuFd, cpl: u8) -> Result<()> {
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(Error::kvm("read special registers"))?;
+/// Segments and control registers for 64-bit code at `cpl` on the
+/// identity page tables.
+fn long_mode_sregs(mut sregs: kvm_sregs, cpl: u8) -> kvm_sregs {
     let rpl = u16::from(cpl);
     let code = Segment::code64(cpl).to_kvm(gdt::CODE_SELECTOR | rpl);
     let data = Segment::data(cpl).to_kvm(gdt::DATA_SELECTOR | rpl);
+    set_segments(&mut sregs, code, data);
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    sregs.cr3 = layout::PML4_ADDR;
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+    sregs
+}
+
+fn set_segments(
+    sregs: &mut kvm_sregs,
+    code: kvm_bindings::kvm_segment,
+    data: kvm_bindings::kvm_segment,
+) {
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;
@@ -61,22 +62,29 @@ pub fn set_long_mode(vcpu: &VcpuFd, cpl: u8) -> Result<()> {
     sregs.tr = Segment::tss().to_kvm(gdt::TSS_SELECTOR);
     sregs.gdt.base = layout::GDT_ADDR;
     sregs.gdt.limit = gdt::gdt_limit();
-    // No IDT: the guest handles no exceptions (see vmm/README.md).
+    // No IDT: the guest installs its own before it enables interrupts
+    // (pvstack's own guest handles none, see vmm/README.md).
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
-    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    sregs.cr3 = layout::PML4_ADDR;
-    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
-    vcpu.set_sregs(&sregs)
-        .map_err(Error::kvm("set special registers"))?;
+}
 
-    let fpu = kvm_fpu {
-        fcw: FPU_CONTROL_WORD,
-        mxcsr: MXCSR_DEFAULT,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(Error::kvm("set the FPU state"))
+fn get_sregs(vcpu: &VcpuFd) -> Result<kvm_sregs> {
+    vcpu.get_sregs()
+        .map_err(Error::kvm("read special registers"))
+}
+
+fn set_sregs(vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<()> {
+    vcpu.set_sregs(sregs)
+        .map_err(Error::kvm("set special registers"))
+}
+
+fn set_regs(vcpu: &VcpuFd, regs: kvm_regs) -> Result<()> {
+    vcpu.set_regs(&regs).map_err(Error::kvm("set registers"))
+}
+
+/// Long mode, paging, segments with DPL `cpl` (pvstack's own guest).
+pub fn set_long_mode(vcpu: &VcpuFd, cpl: u8) -> Result<()> {
+    set_sregs(vcpu, &long_mode_sregs(get_sregs(vcpu)?, cpl))
 }
 
 /// Where the vCPU starts: `entry` with stack `stack_top` and `arg` in RDI.
@@ -87,12 +95,79 @@ pub fn set_entry(vcpu: &VcpuFd, entry: u64, stack_top: u64, arg: u64) -> Result<
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
     .map_err(Error::kvm("make the vCPU runnable"))?;
-    let regs = kvm_regs {
-        rip: entry,
-        rsp: stack_top,
-        rdi: arg,
-        rflags: RFLAGS_RESERVED,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(Error::kvm("set registers"))
+    set_regs(
+        vcpu,
+        kvm_regs {
+            rip: entry,
+            rsp: stack_top,
+            rdi: arg,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        },
+    )
+}
+
+/// Linux's 64-bit boot protocol (Documentation/arch/x86/boot.rst): long
+/// mode at CPL0 on identity page tables that cover the kernel, its boot
+/// parameters (`boot_params`, in RSI) and command line; `entry` is the
+/// 64-bit entry point.
+pub fn set_linux64_entry(
+    vcpu: &VcpuFd,
+    entry: u64,
+    boot_params: u64,
+    stack_top: u64,
+) -> Result<()> {
+    set_sregs(vcpu, &long_mode_sregs(get_sregs(vcpu)?, 0))?;
+    set_regs(
+        vcpu,
+        kvm_regs {
+            rip: entry,
+            rsi: boot_params,
+            rsp: stack_top,
+            rbp: stack_top,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        },
+    )
+}
+
+/// The PVH entry (xen/include/public/arch-x86/hvm/start_info.h): 32-bit
+/// protected mode, paging off, flat 4 GiB code and data segments, the
+/// `hvm_start_info` address in RBX.
+pub fn set_pvh_entry(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
+    let mut sregs = get_sregs(vcpu)?;
+    let code = Segment::code32(0).to_kvm(gdt::CODE_SELECTOR);
+    let data = Segment::data(0).to_kvm(gdt::DATA_SELECTOR);
+    set_segments(&mut sregs, code, data);
+    sregs.cr0 = CR0_PE | CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    set_sregs(vcpu, &sregs)?;
+    set_regs(
+        vcpu,
+        kvm_regs {
+            rip: entry,
+            rbx: start_info,
+            rflags: RFLAGS_RESERVED,
+            ..Default::default()
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_mode_has_paging_and_64_bit_code_at_the_cpl() {
+        let sregs = long_mode_sregs(kvm_sregs::default(), 3);
+        assert_eq!((sregs.cs.l, sregs.cs.dpl, sregs.cs.selector), (1, 3, 0x0b));
+        assert_eq!(sregs.ss.dpl, 3);
+        assert_ne!(sregs.cr0 & CR0_PG, 0);
+        assert_ne!(sregs.efer & EFER_LMA, 0);
+        assert_eq!(sregs.cr3, layout::PML4_ADDR);
+        let kernel = long_mode_sregs(kvm_sregs::default(), 0);
+        assert_eq!((kernel.cs.dpl, kernel.cs.selector), (0, 0x08));
+    }
 }

@@ -1,6 +1,8 @@
-//! The guest's GDT: a flat 64-bit code segment, a flat data segment (both
-//! with DPL = the guest's privilege) and a TSS, which x86-64 insists on
-//! having loaded even though the guest never switches stacks through it.
+//! The guest's GDT: a flat code segment (64-bit, or 32-bit for a PVH
+//! entry), a flat data segment (both with DPL = the guest's privilege) and
+//! a TSS, which x86-64 insists on having loaded even though the guest
+//! never switches stacks through it. A Linux guest replaces it with its
+//! own before it loads any selector.
 //!
 //! The same [`Segment`] gives both the descriptor written into guest
 //! memory and the hidden segment state handed to KVM, so the two agree.
@@ -54,6 +56,15 @@ impl Segment {
             long: true,
             big: false,
             granular: true,
+        }
+    }
+
+    /// Flat 32-bit code, execute/read, accessed: the PVH entry's CS.
+    pub fn code32(dpl: u8) -> Segment {
+        Segment {
+            long: false,
+            big: true,
+            ..Segment::code64(dpl)
         }
     }
 
@@ -122,12 +133,29 @@ impl Segment {
     }
 }
 
+/// What the code segment runs: 64-bit code in long mode, or 32-bit code
+/// in protected mode (the PVH entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeMode {
+    Long,
+    Protected32,
+}
+
+impl CodeMode {
+    fn segment(self, dpl: u8) -> Segment {
+        match self {
+            CodeMode::Long => Segment::code64(dpl),
+            CodeMode::Protected32 => Segment::code32(dpl),
+        }
+    }
+}
+
 /// The GDT's descriptors, in slot order.
-pub fn gdt_entries(dpl: u8) -> [u64; 5] {
+pub fn gdt_entries(dpl: u8, code: CodeMode) -> [u64; 5] {
     let tss = Segment::tss();
     [
         0,
-        Segment::code64(dpl).descriptor(),
+        code.segment(dpl).descriptor(),
         Segment::data(dpl).descriptor(),
         tss.descriptor(),
         tss.base >> 32, // upper half of the 16-byte system descriptor
@@ -140,8 +168,8 @@ pub fn gdt_limit() -> u16 {
 }
 
 /// Writes the GDT and an empty TSS into guest memory.
-pub fn write(mem: &GuestMemory, dpl: u8) -> Result<()> {
-    for (slot, entry) in gdt_entries(dpl).iter().enumerate() {
+pub fn write(mem: &GuestMemory, dpl: u8, code: CodeMode) -> Result<()> {
+    for (slot, entry) in gdt_entries(dpl, code).iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(layout::GDT_ADDR + slot as u64 * 8))
             .map_err(Error::guest_write("the GDT"))?;
     }
@@ -166,6 +194,8 @@ mod tests {
         assert_eq!(Segment::data(3).descriptor(), 0x00cf_f300_0000_ffff);
         // TSS at 0x1800, limit 0x67, type 0xb (busy), present.
         assert_eq!(Segment::tss().descriptor(), 0x0000_8b00_1800_0067);
+        // The 32-bit flat code segment of a PVH entry.
+        assert_eq!(Segment::code32(0).descriptor(), 0x00cf_9b00_0000_ffff);
     }
 
     #[test]
@@ -181,7 +211,7 @@ mod tests {
     #[test]
     fn gdt_lands_in_memory() {
         let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
-        write(&mem, 3).unwrap();
+        write(&mem, 3, CodeMode::Long).unwrap();
         let code: u64 = mem
             .read_obj(GuestAddress(layout::GDT_ADDR + u64::from(CODE_SELECTOR)))
             .unwrap();

@@ -2,7 +2,9 @@
 //! pages covering [`layout::MAPPED_GIB`] GiB of guest physical space, RAM
 //! and MMIO hole alike, except the first 2 MiB: they are mapped in 4 KiB
 //! pages so that page 0 can stay unmapped and catch null pointers, as the
-//! layout promises. A CPL3 guest needs the U bit at every level; the MMIO
+//! layout promises to pvstack's own guest. (A Linux kernel reads the BIOS
+//! data area in page 0 before it switches to its own tables, so it gets
+//! page 0 mapped.) A CPL3 guest needs the U bit at every level; the MMIO
 //! hole is mapped uncached so device register accesses are not combined or
 //! reordered.
 
@@ -56,10 +58,22 @@ fn page_directories(user: bool) -> Vec<u8> {
         .collect()
 }
 
-/// The low page table's bytes: 4 KiB pages for the first 2 MiB, all but
-/// page 0.
-fn low_page_table(user: bool) -> Vec<u8> {
-    std::iter::once(0)
+/// Whether page 0 is mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageZero {
+    /// Left out, so null pointers fault (pvstack's own guest).
+    Unmapped,
+    /// Mapped like the rest (a Linux guest reads the BIOS data area).
+    Mapped,
+}
+
+/// The low page table's bytes: 4 KiB pages for the first 2 MiB.
+fn low_page_table(user: bool, page_zero: PageZero) -> Vec<u8> {
+    let first = match page_zero {
+        PageZero::Unmapped => 0,
+        PageZero::Mapped => base_flags(user),
+    };
+    std::iter::once(first)
         .chain((1..ENTRIES_PER_TABLE).map(|page| (page * PAGE_SIZE_4K) | base_flags(user)))
         .flat_map(u64::to_le_bytes)
         .collect()
@@ -73,7 +87,7 @@ fn pdpt(user: bool) -> Vec<u8> {
 }
 
 /// Writes the page tables; CR3 is then [`layout::PML4_ADDR`].
-pub fn write(mem: &GuestMemory, user: bool) -> Result<()> {
+pub fn write(mem: &GuestMemory, user: bool, page_zero: PageZero) -> Result<()> {
     let write_error = Error::guest_write;
     mem.write_obj(
         layout::PDPT_ADDR | base_flags(user),
@@ -84,7 +98,7 @@ pub fn write(mem: &GuestMemory, user: bool) -> Result<()> {
         .map_err(write_error("the PDPT"))?;
     mem.write_slice(&page_directories(user), GuestAddress(layout::PD_ADDR))
         .map_err(write_error("the page directories"))?;
-    mem.write_slice(&low_page_table(user), GuestAddress(LOW_PT_ADDR))
+    mem.write_slice(&low_page_table(user, page_zero), GuestAddress(LOW_PT_ADDR))
         .map_err(write_error("the low page table"))
 }
 
@@ -117,7 +131,7 @@ mod tests {
     #[test]
     fn identity_maps_ram_and_the_hole() {
         let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
-        write(&mem, true).unwrap();
+        write(&mem, true, PageZero::Unmapped).unwrap();
         for addr in [
             0x1000,
             layout::STACK_AREA_END - 8,
@@ -144,16 +158,18 @@ mod tests {
     #[test]
     fn page_zero_is_unmapped() {
         let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
-        write(&mem, true).unwrap();
+        write(&mem, true, PageZero::Unmapped).unwrap();
         assert_eq!(walk(&mem, 0x8).0, None);
         assert_eq!(walk(&mem, 0xfff).0, None);
         assert_eq!(walk(&mem, 0x1000).0, Some(0x1000));
+        write(&mem, false, PageZero::Mapped).unwrap();
+        assert_eq!(walk(&mem, 0x413).0, Some(0x413));
     }
 
     #[test]
     fn kernel_tables_lack_the_user_bit() {
         let mem = crate::memory::create(layout::MIN_MEMORY).unwrap();
-        write(&mem, false).unwrap();
+        write(&mem, false, PageZero::Unmapped).unwrap();
         let (phys, flags) = walk(&mem, 0x30_0000);
         assert_eq!(phys, Some(0x30_0000));
         assert!(flags.iter().all(|f| f & USER == 0));

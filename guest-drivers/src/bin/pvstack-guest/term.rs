@@ -8,6 +8,7 @@
 use core::fmt::{self, Write};
 
 use pvstack_guest::clock::{rdtsc, Clock};
+use pvstack_guest::println;
 use pvstack_guest::stamp::write_stamp;
 use pvstack_guest::virtio::console::ConsoleDevice;
 use pvstack_guest::virtio::VirtioError;
@@ -64,6 +65,12 @@ impl Output {
         let start = rdtsc();
         while self.device.tx_room()? < bytes.len() {
             if self.dropping || self.clock.us_since(start) > STALL_LIMIT_US {
+                if !self.dropping {
+                    // Once per stall, on the console that cannot fill up.
+                    println!(
+                        "shell: console output stalled for 100 ms; dropping lines until it drains"
+                    );
+                }
                 self.dropping = true;
                 self.lost += 1;
                 self.lost_total += 1;

@@ -6,15 +6,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
+
 use crate::error::Error;
 
 /// Most queues a block device may have.
 pub const MAX_QUEUES: u16 = 64;
-/// Largest queue size virtio allows for split rings.
-pub const MAX_QUEUE_SIZE: u16 = 32768;
-/// Smallest queue that carries a request without indirect descriptors
-/// (a header descriptor and a status descriptor, data merged into them).
-const MIN_QUEUE_SIZE: u16 = 2;
 /// Queue size when `queue-size` is not given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
@@ -27,11 +24,13 @@ pub enum BlkMode {
     /// virtio-blk whose queue the VMM processes when a QueueNotify write
     /// exits to it (no ioeventfd: every kick exits).
     EmulatedVirtio,
-    /// virtio-blk served by a vhost-user backend, kicked by ioeventfd.
+    /// virtio-blk served by a vhost-user backend, kicked by ioeventfd
+    /// (pvstack-blk polls adaptively, within its default bound).
     #[default]
     VhostUser,
-    /// As `VhostUser`, with pvstack-blk busy-polling the available ring
-    /// after each batch (`--poll-us`), so the guest skips most kicks.
+    /// As `VhostUser`, with pvstack-blk's adaptive polling allowed a far
+    /// longer window (`--poll-us`), so a guest that pauses between
+    /// requests still finds the backend polling and skips its kicks.
     VhostUserPoll,
 }
 
@@ -124,59 +123,33 @@ impl FromStr for BlkSpec {
     }
 }
 
+/// The keys `--blk` takes.
+const KEYS: Keys = Keys {
+    valued: &[
+        "socket",
+        "image",
+        "mode",
+        "id",
+        "num-queues",
+        "queue-size",
+        "reconnect-timeout",
+    ],
+    flags: &["readonly"],
+};
+
 fn parse(value: &str) -> Result<BlkSpec, String> {
-    let mut socket = None;
-    let mut image = None;
-    let mut id = None;
-    let mut num_queues = None;
-    let mut queue_size = None;
-    let mut mode = None;
-    let mut reconnect_timeout = None;
-    let mut readonly = false;
-    for item in value.split(',') {
-        let (key, val) = match item.split_once('=') {
-            Some((key, val)) => (key, Some(val)),
-            None => (item, None),
-        };
-        if key == "readonly" {
-            if val.is_some() {
-                return Err("readonly takes no value".to_string());
-            }
-            if readonly {
-                return Err("readonly given twice".to_string());
-            }
-            readonly = true;
-            continue;
-        }
-        let slot: &mut Option<String> = match key {
-            "socket" => &mut socket,
-            "image" => &mut image,
-            "id" => &mut id,
-            "num-queues" => &mut num_queues,
-            "queue-size" => &mut queue_size,
-            "mode" => &mut mode,
-            "reconnect-timeout" => &mut reconnect_timeout,
-            _ => {
-                return Err(format!(
-                    "unknown key {key:?} (expected socket, image, mode, id, num-queues, queue-size, reconnect-timeout or readonly)"
-                ))
-            }
-        };
-        let val = val.filter(|val| !val.is_empty());
-        let Some(val) = val else {
-            return Err(format!("{key} needs a value ({key}=...)"));
-        };
-        if slot.replace(val.to_string()).is_some() {
-            return Err(format!("{key} given twice"));
-        }
-    }
+    let list = OptionList::parse(value, KEYS)?;
+    let (socket, image) = (list.get("socket"), list.get("image"));
+    let num_queues = list.get("num-queues");
     let source = match (socket, image) {
         (Some(socket), None) => BlkSource::Socket(socket.into()),
         (None, Some(image)) => BlkSource::Image(image.into()),
         (Some(_), Some(_)) => return Err("give socket= or image=, not both".to_string()),
         (None, None) => return Err("missing socket=PATH or image=PATH".to_string()),
     };
-    let mode = mode.map_or(Ok(BlkMode::default()), |m| m.parse())?;
+    let mode = list
+        .get("mode")
+        .map_or(Ok(BlkMode::default()), str::parse)?;
     if mode != BlkMode::VhostUser && matches!(source, BlkSource::Socket(_)) {
         return Err(format!(
             "mode={mode} needs image=PATH: pvstack serves or starts that disk itself"
@@ -185,32 +158,19 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
     if mode == BlkMode::EmulatedLegacy && num_queues.is_some() {
         return Err("mode=emulated-legacy has no queues (num-queues)".to_string());
     }
-    if let Some(id) = &id {
-        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-        if !id.chars().all(valid) {
-            return Err(format!(
-                "id {id:?} may only hold letters, digits, '-', '_' and '.'"
-            ));
-        }
-    }
+    let id = list.get("id");
+    id.map(check_id).transpose()?;
     let num_queues = num_queues
         .map(|n| match n.parse::<u16>() {
             Ok(n) if (1..=MAX_QUEUES).contains(&n) => Ok(n),
             _ => Err(format!("num-queues must be 1..={MAX_QUEUES}, not {n:?}")),
         })
         .transpose()?;
-    let queue_size = match queue_size {
-        None => DEFAULT_QUEUE_SIZE,
-        Some(n) => match n.parse::<u16>() {
-            Ok(n) if n.is_power_of_two() && (MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&n) => n,
-            _ => {
-                return Err(format!(
-                    "queue-size must be a power of two in {MIN_QUEUE_SIZE}..={MAX_QUEUE_SIZE}, not {n:?}"
-                ))
-            }
-        },
-    };
-    let reconnect_timeout = reconnect_timeout
+    let queue_size = list
+        .get("queue-size")
+        .map_or(Ok(DEFAULT_QUEUE_SIZE), parse_queue_size)?;
+    let reconnect_timeout = list
+        .get("reconnect-timeout")
         .map(|secs| match secs.parse::<u64>() {
             Ok(secs) => Ok(Duration::from_secs(secs)),
             _ => Err(format!(
@@ -220,10 +180,10 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
         .transpose()?;
     Ok(BlkSpec {
         source,
-        id,
+        id: id.map(str::to_string),
         num_queues,
         queue_size,
-        readonly,
+        readonly: list.flag("readonly"),
         mode,
         reconnect_timeout,
     })

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use pvstack_options::{Keys, OptionList};
+
 use crate::error::Error;
 
 /// Where the guest's console goes.
@@ -30,32 +32,39 @@ impl ConsoleSpec {
     }
 }
 
+/// The forms `--console` takes: exactly one of these.
+const KEYS: Keys = Keys {
+    valued: &["socket", "unix"],
+    flags: &["stdio", "pty", "uart"],
+};
+
 impl FromStr for ConsoleSpec {
     type Err = Error;
 
     fn from_str(value: &str) -> Result<Self, Error> {
-        let invalid = |reason: &str| Error::InvalidOption {
+        parse(value).map_err(|reason| Error::InvalidOption {
             option: "console",
             value: value.to_string(),
-            reason: reason.to_string(),
-        };
-        let path = |path: &str| {
-            if path.is_empty() {
-                Err(invalid("the path is empty"))
-            } else {
-                Ok(PathBuf::from(path))
-            }
-        };
-        match value.split_once('=') {
-            Some(("socket", p)) => Ok(ConsoleSpec::Socket(path(p)?)),
-            Some(("unix", p)) => Ok(ConsoleSpec::Unix(path(p)?)),
-            None if value == "stdio" => Ok(ConsoleSpec::Stdio),
-            None if value == "pty" => Ok(ConsoleSpec::Pty),
-            None if value == "uart" => Ok(ConsoleSpec::Uart),
-            _ => Err(invalid(
-                "expected socket=PATH, stdio, pty, unix=PATH or uart",
-            )),
-        }
+            reason,
+        })
+    }
+}
+
+fn parse(value: &str) -> Result<ConsoleSpec, String> {
+    let list = OptionList::parse(value, KEYS)?;
+    let mut given = [
+        list.get("socket")
+            .map(|path| ConsoleSpec::Socket(path.into())),
+        list.get("unix").map(|path| ConsoleSpec::Unix(path.into())),
+        list.flag("stdio").then_some(ConsoleSpec::Stdio),
+        list.flag("pty").then_some(ConsoleSpec::Pty),
+        list.flag("uart").then_some(ConsoleSpec::Uart),
+    ]
+    .into_iter()
+    .flatten();
+    match (given.next(), given.next()) {
+        (Some(spec), None) => Ok(spec),
+        _ => Err("expected one of socket=PATH, stdio, pty, unix=PATH or uart".to_string()),
     }
 }
 
@@ -76,7 +85,15 @@ mod tests {
         assert_eq!("stdio".parse::<ConsoleSpec>().unwrap(), ConsoleSpec::Stdio);
         assert_eq!("pty".parse::<ConsoleSpec>().unwrap(), ConsoleSpec::Pty);
         assert_eq!("uart".parse::<ConsoleSpec>().unwrap(), ConsoleSpec::Uart);
-        for bad in ["", "socket=", "tty", "unix", "file=x"] {
+        for bad in [
+            "",
+            "socket=",
+            "tty",
+            "unix",
+            "file=x",
+            "stdio,pty",
+            "socket=a,unix=b",
+        ] {
             let err = bad.parse::<ConsoleSpec>().unwrap_err().to_string();
             assert!(err.starts_with("invalid --console value"), "{bad}: {err}");
         }

@@ -5,14 +5,14 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
+
 use crate::error::Error;
 
 /// Queue size when `queue-size` is not given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// MTU when `mtu` is not given.
 pub const DEFAULT_MTU: u16 = 1500;
-/// Largest queue size virtio allows for split rings.
-const MAX_QUEUE_SIZE: u16 = 32768;
 /// Smallest MTU IPv4 allows.
 const MIN_MTU: u16 = 68;
 /// Linux's limit on interface names, with the terminating NUL.
@@ -108,33 +108,15 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
+/// The keys `--net` takes.
+const KEYS: Keys = Keys {
+    valued: &["socket", "tap", "id", "mac", "mtu", "queue-size", "mode"],
+    flags: &[],
+};
+
 fn parse(value: &str) -> Result<NetSpec, String> {
-    let mut fields: [(&str, Option<&str>); 7] = [
-        ("socket", None),
-        ("tap", None),
-        ("id", None),
-        ("mac", None),
-        ("mtu", None),
-        ("queue-size", None),
-        ("mode", None),
-    ];
-    for item in value.split(',') {
-        let Some((key, val)) = item.split_once('=') else {
-            return Err(format!("{item:?} is not key=value"));
-        };
-        let Some(slot) = fields.iter_mut().find(|(k, _)| *k == key) else {
-            return Err(format!(
-                "unknown key {key:?} (expected socket, tap, id, mac, mtu, queue-size or mode)"
-            ));
-        };
-        if val.is_empty() {
-            return Err(format!("{key} needs a value ({key}=...)"));
-        }
-        if slot.1.replace(val).is_some() {
-            return Err(format!("{key} given twice"));
-        }
-    }
-    let [socket, tap, id, mac, mtu, queue_size, mode] = fields.map(|(_, v)| v);
+    let list = OptionList::parse(value, KEYS)?;
+    let (socket, tap) = (list.get("socket"), list.get("tap"));
     let source = match (socket, tap) {
         (Some(socket), None) => NetSource::Socket(socket.into()),
         (None, Some(tap)) => {
@@ -151,7 +133,7 @@ fn parse(value: &str) -> Result<NetSpec, String> {
         (Some(_), Some(_)) => return Err("give socket= or tap=, not both".to_string()),
         (None, None) => return Err("missing socket=PATH or tap=NAME".to_string()),
     };
-    let mode = match mode {
+    let mode = match list.get("mode") {
         None | Some("vhost-user") => NetMode::VhostUser,
         Some("emulated") => NetMode::Emulated,
         Some(other) => {
@@ -163,33 +145,19 @@ fn parse(value: &str) -> Result<NetSpec, String> {
     if mode == NetMode::Emulated && !matches!(source, NetSource::Tap(_)) {
         return Err("mode=emulated needs tap=NAME: the VMM opens the TAP itself".to_string());
     }
-    if let Some(id) = id {
-        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-        if !id.chars().all(valid) {
-            return Err(format!(
-                "id {id:?} may only hold letters, digits, '-', '_' and '.'"
-            ));
-        }
-    }
-    let mac = mac.map(parse_mac).transpose()?;
-    let mtu = match mtu {
+    let id = list.get("id");
+    id.map(check_id).transpose()?;
+    let mac = list.get("mac").map(parse_mac).transpose()?;
+    let mtu = match list.get("mtu") {
         None => DEFAULT_MTU,
         Some(n) => match n.parse::<u16>() {
             Ok(n) if n >= MIN_MTU => n,
             _ => return Err(format!("mtu must be {MIN_MTU}..=65535, not {n:?}")),
         },
     };
-    let queue_size = match queue_size {
-        None => DEFAULT_QUEUE_SIZE,
-        Some(n) => match n.parse::<u16>() {
-            Ok(n) if n >= 2 && n.is_power_of_two() && n <= MAX_QUEUE_SIZE => n,
-            _ => {
-                return Err(format!(
-                    "queue-size must be a power of two in 2..={MAX_QUEUE_SIZE}, not {n:?}"
-                ))
-            }
-        },
-    };
+    let queue_size = list
+        .get("queue-size")
+        .map_or(Ok(DEFAULT_QUEUE_SIZE), parse_queue_size)?;
     Ok(NetSpec {
         source,
         id: id.map(str::to_string),

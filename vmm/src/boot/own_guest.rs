@@ -1,6 +1,10 @@
-//! Loads a guest ELF image into guest memory, refusing images that are not
-//! for x86-64 or whose segments would land outside guest RAM or on the
-//! VMM's own structures below [`layout::GUEST_IMAGE_MIN`].
+//! The boot path of pvstack's own guest (and of any static x86-64 ELF
+//! written for its ABI): the GDT and identity page tables below 2 MiB,
+//! then the image's segments, refusing images that are not for x86-64 or
+//! whose segments would land outside guest RAM or on the VMM's own
+//! structures below [`layout::GUEST_IMAGE_MIN`]. vCPU 0 starts at the ELF
+//! entry; the others when the guest asks with CPU_START. What the guest
+//! needs to know it asks for with the BOOT_INFO hypercall.
 
 use std::ops::Range;
 
@@ -13,7 +17,11 @@ use pvstack_protocols::layout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::error::{Error, Result};
+use crate::flavour::Privilege;
+use crate::lifecycle::CpuStart;
 use crate::memory::GuestMemory;
+use crate::vcpu::{Launch, Vcpu};
+use crate::x86;
 
 /// The pvstack-guest image built by build.rs, embedded in the binary.
 pub static BUILTIN_GUEST: &[u8] = include_bytes!(env!("PVSTACK_GUEST_ELF"));
@@ -23,6 +31,36 @@ struct Segment<'a> {
     addr: u64,
     data: &'a [u8],
     mem_size: u64,
+}
+
+/// Writes the tables the guest runs on at `privilege`, loads `image`
+/// (see [`load`]) and puts every vCPU in long mode at that privilege;
+/// returns how each vCPU thread begins: vCPU 0 at the entry point, the
+/// others when the guest asks with CPU_START.
+pub fn start(
+    mem: &GuestMemory,
+    image: &[u8],
+    name: &str,
+    privilege: Privilege,
+    vcpus: &[Vcpu],
+) -> Result<Vec<Launch>> {
+    x86::write_tables(mem, privilege)?;
+    let entry = load(mem, image, name)?;
+    for vcpu in vcpus {
+        x86::cpu::set_long_mode(&vcpu.fd, privilege.cpl())?;
+    }
+    let first = CpuStart {
+        entry,
+        stack_top: layout::stack_top(0),
+        arg: 0,
+    };
+    Ok(vcpus
+        .iter()
+        .map(|vcpu| match vcpu.index {
+            0 => Launch::At(first),
+            _ => Launch::OnCpuStart,
+        })
+        .collect())
 }
 
 /// Copies the loadable segments of `image` into `mem` and returns the entry
