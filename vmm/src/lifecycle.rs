@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use kvm_ioctls::VcpuFd;
+
 use pvstack_protocols::hypercall::status;
 
 use crate::error::Error;
@@ -45,10 +47,18 @@ enum CpuState {
     Running,
 }
 
+/// Work for a parked vCPU's thread, done with its vCPU (KVM wants a
+/// vCPU's state read by the thread that runs it): see [`Lifecycle::park`].
+pub type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct State {
     end: Option<VmEnd>,
     ended: bool,
     cpus: Vec<CpuState>,
+    /// Which vCPU threads wait in [`Lifecycle::park`].
+    parked: Vec<bool>,
+    /// A job posted for each parked vCPU.
+    jobs: Vec<Option<VcpuJob>>,
 }
 
 /// The end of the VM (first reason wins) and the vCPU start requests.
@@ -72,6 +82,8 @@ impl Lifecycle {
             state: Mutex::new(State {
                 end: None,
                 ended: false,
+                parked: vec![false; states.len()],
+                jobs: (0..states.len()).map(|_| None).collect(),
                 cpus: states,
             }),
             changed: Condvar::new(),
@@ -113,6 +125,78 @@ impl Lifecycle {
         let mut state = self.lock();
         while self.is_paused() && !state.ended {
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks vCPU `index`'s thread while the VM is paused and not ending,
+    /// as [`Self::wait_while_paused`], and meanwhile runs the jobs posted
+    /// for it with its vCPU `fd` ([`Self::run_on_parked`]).
+    pub fn park(&self, index: u32, fd: &mut VcpuFd) {
+        let slot = index as usize;
+        let mut state = self.lock();
+        if let Some(parked) = state.parked.get_mut(slot) {
+            *parked = true;
+        }
+        self.changed.notify_all();
+        loop {
+            if let Some(job) = state.jobs.get_mut(slot).and_then(Option::take) {
+                drop(state);
+                job(fd);
+                state = self.lock();
+                continue;
+            }
+            if !self.is_paused() || state.ended {
+                break;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(parked) = state.parked.get_mut(slot) {
+            *parked = false;
+        }
+    }
+
+    /// Waits until every vCPU that has been started sits in
+    /// [`Self::park`] (the VM must be paused and its vCPUs kicked).
+    /// Returns which vCPUs had been started, or `None` if the VM ended.
+    pub fn wait_until_parked(&self) -> Option<Vec<bool>> {
+        let mut state = self.lock();
+        loop {
+            if state.ended {
+                return None;
+            }
+            let all_parked = state
+                .cpus
+                .iter()
+                .zip(&state.parked)
+                .all(|(cpu, &parked)| *cpu == CpuState::Waiting || parked);
+            if all_parked {
+                return Some(state.cpus.iter().map(|c| *c != CpuState::Waiting).collect());
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Posts `job` for parked vCPU `index`; its thread runs it before it
+    /// leaves [`Self::park`]. The job reports back through whatever it
+    /// captured (dropped unrun if the VM ends first).
+    pub fn run_on_parked(&self, index: u32, job: VcpuJob) {
+        let mut state = self.lock();
+        if let Some(slot) = state.jobs.get_mut(index as usize) {
+            *slot = Some(job);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Marks the vCPUs of a restored VM as the snapshot had them: those
+    /// in `started` run, the others wait for CPU_START.
+    pub fn set_started(&self, started: &[bool]) {
+        let mut state = self.lock();
+        for (cpu, &running) in state.cpus.iter_mut().zip(started) {
+            *cpu = if running {
+                CpuState::Running
+            } else {
+                CpuState::Waiting
+            };
         }
     }
 

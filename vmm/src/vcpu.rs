@@ -130,7 +130,7 @@ fn run_loop(vcpu: &mut Vcpu, machine: &Machine) -> Option<VmEnd> {
             return None;
         }
         if machine.lifecycle.is_paused() {
-            machine.lifecycle.wait_while_paused();
+            machine.lifecycle.park(vcpu.index, &mut vcpu.fd);
             continue;
         }
         let step = handle_exit(vcpu.fd.run(), machine);

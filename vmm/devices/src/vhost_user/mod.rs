@@ -16,10 +16,10 @@ mod watchdog;
 
 pub use connection::BackendConnection;
 pub use device::{
-    BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector,
+    BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector, RingPosition,
     VhostUserDevice,
 };
-pub use handle::{ActiveQueue, RingSetup, VhostUserHandle};
+pub use handle::{ActiveQueue, InflightLog, InflightShape, RingSetup, VhostUserHandle};
 pub use process::BackendProcess;
 pub use stall::StallStats;
 pub use supervisor::{ReconnectPolicy, SharedVhostUserDevice};
