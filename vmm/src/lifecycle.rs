@@ -47,6 +47,10 @@ enum CpuState {
     Running,
 }
 
+/// How often [`Lifecycle::pause_until_parked`] kicks vCPUs that have not
+/// parked yet.
+const KICK_INTERVAL: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Work for a parked vCPU's thread, done with its vCPU (KVM wants a
 /// vCPU's state read by the thread that runs it): see [`Lifecycle::park`].
 pub type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
@@ -155,10 +159,14 @@ impl Lifecycle {
         }
     }
 
-    /// Waits until every vCPU that has been started sits in
-    /// [`Self::park`] (the VM must be paused and its vCPUs kicked).
-    /// Returns which vCPUs had been started, or `None` if the VM ended.
-    pub fn wait_until_parked(&self) -> Option<Vec<bool>> {
+    /// Pauses the VM and waits until every vCPU that has been started
+    /// sits in [`Self::park`], calling `kick` (which must kick every vCPU
+    /// thread out of `KVM_RUN`) at once and again every [`KICK_INTERVAL`]
+    /// meanwhile: a vCPU that had to finish an instruction first may have
+    /// re-entered the guest. Returns which vCPUs had been started, or
+    /// `None` if the VM is ending.
+    pub fn pause_until_parked(&self, kick: &dyn Fn()) -> Option<Vec<bool>> {
+        self.pause();
         let mut state = self.lock();
         loop {
             if state.ended {
@@ -172,7 +180,12 @@ impl Lifecycle {
             if all_parked {
                 return Some(state.cpus.iter().map(|c| *c != CpuState::Waiting).collect());
             }
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            kick();
+            state = self
+                .changed
+                .wait_timeout(state, KICK_INTERVAL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 

@@ -83,8 +83,6 @@ pub enum Reply {
     Info(VmInfo),
     /// `device-swap` and `device-reconnect`: how long the rings were held.
     Stall { device: String, stall_us: u64 },
-    /// `pause`, `resume`, `shutdown`: the VM's state afterwards.
-    State { state: VmState },
     /// `snapshot`: what was written and how long the VM was paused.
     Snapshot {
         dir: String,
@@ -96,6 +94,9 @@ pub enum Reply {
     /// `upgrade`: the process that now runs the VM, and how long the
     /// guest was paused (from pause to the new process's resume).
     Upgrade { pid: u32, paused_us: u64 },
+    /// `pause`, `resume`, `shutdown`: the VM's state afterwards. Last:
+    /// the untagged replies above also carry a state.
+    State { state: VmState },
 }
 
 /// The VM's run state.

@@ -185,8 +185,8 @@ impl ApiServer {
         match request {
             Request::Info {} => Response::ok(Reply::Info(self.info(vm))),
             Request::Pause {} => {
-                lifecycle.pause();
-                (vm.kick_vcpus)();
+                // Returns once every vCPU has stopped running guest code.
+                lifecycle.pause_until_parked(&*vm.kick_vcpus);
                 info!("control API: VM paused");
                 state_reply(vm)
             }

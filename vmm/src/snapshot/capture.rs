@@ -105,15 +105,12 @@ impl LiveVm {
     pub fn pause<'a>(&self, control: &'a VmControl) -> Result<Paused<'a>> {
         let lifecycle = &control.machine.lifecycle;
         let was_paused = lifecycle.is_paused();
-        lifecycle.pause();
-        (control.kick_vcpus)();
-        let paused = Paused {
-            lifecycle,
-            started: Vec::new(),
-            resume: !was_paused,
-        };
-        match lifecycle.wait_until_parked() {
-            Some(started) => Ok(Paused { started, ..paused }),
+        match lifecycle.pause_until_parked(&*control.kick_vcpus) {
+            Some(started) => Ok(Paused {
+                lifecycle,
+                started,
+                resume: !was_paused,
+            }),
             None => Err(Error::Takeover("the VM is shutting down".into())),
         }
     }

@@ -1,7 +1,6 @@
 //! One vCPU's state: read by the vCPU's own thread while it is parked
-//! (after a `KVM_RUN` with `immediate_exit`, which completes an MMIO or
-//! port access KVM still owes the guest, so a write is not done twice),
-//! and set on a new vCPU before its thread starts.
+//! (a vCPU parks only once KVM owes the guest nothing, see
+//! `crate::vcpu`), and set on a new vCPU before its thread starts.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -51,8 +50,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Vec<(u32, u64)>, bool)> 
 }
 
 /// Reads the state of a parked vCPU; `msrs` from [`readable_msrs`].
-pub fn capture(vcpu: &mut VcpuFd, msrs: &[u32]) -> Result<VcpuRegisters> {
-    complete_pending_io(vcpu);
+pub fn capture(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuRegisters> {
     let (msr_values, complete) = read_msrs(vcpu, msrs)?;
     if !complete {
         return Err(Error::Takeover(format!(
@@ -80,17 +78,6 @@ pub fn capture(vcpu: &mut VcpuFd, msrs: &[u32]) -> Result<VcpuRegisters> {
             .map_err(Error::kvm("read the MP state"))?,
         tsc_khz: vcpu.get_tsc_khz().map_err(Error::kvm("read the TSC rate"))?,
     })
-}
-
-/// A `KVM_RUN` that enters no guest code: KVM finishes the instruction of
-/// the last MMIO or port exit (a read gets its value, RIP moves past a
-/// write), so the registers read next are consistent.
-fn complete_pending_io(vcpu: &mut VcpuFd) {
-    vcpu.set_kvm_immediate_exit(1);
-    if let Ok(exit) = vcpu.run() {
-        log::debug!("KVM_RUN with immediate_exit returned {exit:?}");
-    }
-    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// Sets `saved` on a new vCPU (CPUID already set). `advance_ns` moves the
@@ -201,14 +188,14 @@ mod tests {
         let kvm = Kvm::new().expect("this host has KVM");
         let vm = kvm.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
-        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let msrs = readable_msrs(&kvm, &vcpu).unwrap();
         assert!(msrs.contains(&MSR_IA32_TSC), "{msrs:x?}");
         let mut regs = vcpu.get_regs().unwrap();
         regs.rax = 0x1234_5678;
         regs.rip = 0x20_0000;
         vcpu.set_regs(&regs).unwrap();
-        let saved = capture(&mut vcpu, &msrs).unwrap();
+        let saved = capture(&vcpu, &msrs).unwrap();
         let other = vm.create_vcpu(1).unwrap();
         restore(&other, &saved, 0).unwrap();
         let back = other.get_regs().unwrap();
