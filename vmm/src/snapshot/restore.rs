@@ -45,7 +45,8 @@ pub fn restore(args: &RestoreArgs) -> Result<VmEnd> {
     restore_devices(&devices, &state.devices, None)?;
     let devices_ready = began.elapsed();
     devices.serve(&mut vm, spec, None)?;
-    let (vcpus, launches) = restore_vcpus(&vm, &state, 0)?;
+    let vcpus = vm.create_vcpus()?;
+    let launches = restore_vcpus(&vm, &vcpus, &state, 0)?;
     log::info!(
         "restore: {} ready to run {:.1} ms after the restore began (memory {:.1} ms as {:?}, devices {:.1} ms)",
         dir.display(),
@@ -196,16 +197,16 @@ pub(crate) fn restore_devices(
     Ok(())
 }
 
-/// Creates the vCPUs and sets the saved state on them and on the VM's
-/// in-kernel devices; returns them with how each thread begins.
+/// Sets the saved state on the new `vcpus` and on the VM's in-kernel
+/// devices; returns how each vCPU thread begins.
 /// `advance_ns`: how far the guest's clocks move on (see
 /// [`vcpu::restore`]).
 pub(crate) fn restore_vcpus(
     vm: &Vm,
+    vcpus: &[Vcpu],
     state: &VmState,
     advance_ns: u64,
-) -> Result<(Vec<Vcpu>, Vec<Launch>)> {
-    let vcpus = vm.create_vcpus()?;
+) -> Result<Vec<Launch>> {
     if state.vcpus.len() != vcpus.len() {
         return Err(Error::Takeover(format!(
             "the state has {} vCPUs, the VM {}",
@@ -226,5 +227,5 @@ pub(crate) fn restore_vcpus(
             None => launches.push(Launch::OnCpuStart),
         }
     }
-    Ok((vcpus, launches))
+    Ok(launches)
 }
