@@ -52,6 +52,21 @@ use crate::memory;
 use crate::run::Devices;
 use crate::vm::Vm;
 
+/// Test-only fault injection: with this variable set to `prepared` or
+/// `state`, the new process dies (SIGKILL) right after that step, as a
+/// process killed in the middle of a take-over would; the tests check
+/// that the old one then resumes the guest.
+const DIE_AT_VARIABLE: &str = "PVSTACK_TEST_TAKE_OVER_DIE_AT";
+
+/// Dies by SIGKILL if [`DIE_AT_VARIABLE`] names `step`.
+fn die_if_asked(step: &str) {
+    if std::env::var(DIE_AT_VARIABLE).is_ok_and(|at| at == step) {
+        log::warn!("take-over: dying after {step}, as {DIE_AT_VARIABLE} asks");
+        // SAFETY: raise(2) with a valid signal number.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
 /// The file descriptor the new process finds its end of the socket on.
 const CHANNEL_FD: RawFd = 3;
 /// How long either side waits for the other's next message: generous,
@@ -407,6 +422,7 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
     let console = own_console(&spec)?;
     channel.send(&Message::Prepared, &[])?;
     log::info!("take-over: VM prepared, waiting for its state");
+    die_if_asked("prepared");
 
     let (message, fds) = channel.receive()?;
     let Message::State {
@@ -417,6 +433,7 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
     else {
         return Err(Error::Takeover(format!("expected the state, got {message:?}")));
     };
+    die_if_asked("state");
     state.check_host(Path::new("the handed-over state"))?;
     let mut fds = fds.into_iter();
     let mut take = |what: &str| {
