@@ -68,8 +68,9 @@ impl Backends {
                 .arg(bind)
                 .arg("--peer-connect")
                 .arg(connect);
-            let mut process = LoggedProcess::spawn(name, &mut command, dir.path(&format!("{name}.log")))
-                .expect("start pvstack-net");
+            let mut process =
+                LoggedProcess::spawn(name, &mut command, dir.path(&format!("{name}.log")))
+                    .expect("start pvstack-net");
             process.wait_until_listening(socket, |_| true);
             process
         };
@@ -82,8 +83,12 @@ impl Backends {
             .arg(&console_socket)
             .arg("--listen")
             .arg(dir.path("console-server.sock"));
-        let mut console = LoggedProcess::spawn("pvstack-console", &mut command, dir.path("pvstack-console.log"))
-            .expect("start pvstack-console");
+        let mut console = LoggedProcess::spawn(
+            "pvstack-console",
+            &mut command,
+            dir.path("pvstack-console.log"),
+        )
+        .expect("start pvstack-console");
         console.wait_until_listening(&console_socket, |_| true);
         let specs = vec![
             format!("--blk=socket={}", utf8(&blk_socket)),
@@ -136,7 +141,11 @@ impl Vm {
             .expect("spawn pvstack");
         self.child = Some(child);
         wait_until("the VM's API answers", || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!(
                     "pvstack {args:?} exited early ({status}):\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
@@ -179,7 +188,10 @@ impl Vm {
 
     fn logs(&self) -> String {
         (1..=self.logs)
-            .map(|n| std::fs::read_to_string(self.dir.join(format!("pvstack-{n}.log"))).unwrap_or_default())
+            .map(|n| {
+                std::fs::read_to_string(self.dir.join(format!("pvstack-{n}.log")))
+                    .unwrap_or_default()
+            })
             .collect()
     }
 
@@ -219,7 +231,9 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
     let backends = Backends::start(&dir, &image);
     let mut vm = Vm::new(&dir);
     vm.spawn(&run_args(&backends, &vm, "blk-swap-verify secs=40"));
-    wait_until("the workload runs", || vm.console().contains("blk-swap-verify: running"));
+    wait_until("the workload runs", || {
+        vm.console().contains("blk-swap-verify: running")
+    });
 
     let began = Instant::now();
     for cycle in 0..SNAPSHOT_CYCLES {
@@ -257,7 +271,10 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
         TAKEOVER_CYCLES,
         "every new process ran the VM"
     );
-    assert_eq!(logs.matches("rings restored on").count(), SNAPSHOT_CYCLES * 1);
+    assert_eq!(
+        logs.matches("rings restored on").count(),
+        SNAPSHOT_CYCLES * 1
+    );
 }
 
 #[test]
@@ -305,9 +322,16 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
     };
     let cases = [
         (dir.path("missing"), "no such directory"),
-        (copy("truncated", &state[..state.len() / 2], None), "not a complete pvstack VM state"),
         (
-            copy("version", &state.replacen("\"version\":1", "\"version\":99", 1), None),
+            copy("truncated", &state[..state.len() / 2], None),
+            "not a complete pvstack VM state",
+        ),
+        (
+            copy(
+                "version",
+                &state.replacen("\"version\":1", "\"version\":99", 1),
+                None,
+            ),
             "state version 99",
         ),
         (copy("short", &state, Some(8 << 20)), "holds 8388608 bytes"),
@@ -316,7 +340,13 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
         let other_api = dir.path("other-api.sock");
         let run = run_to_end(
             Command::new(pvstack())
-                .args(["restore", "--from", utf8(&bad), "--api-socket", utf8(&other_api)])
+                .args([
+                    "restore",
+                    "--from",
+                    utf8(&bad),
+                    "--api-socket",
+                    utf8(&other_api),
+                ])
                 .env("RUST_LOG", "warn"),
         );
         run.assert_error("pvstack", 1, &[needle]);
@@ -347,7 +377,11 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
     // A binary that dies at once, and a pvstack killed after each step.
     let dies = dir.path("dies.sh");
     std::fs::write(&dies, "#!/bin/sh\nkill -9 $$\n").expect("script");
-    std::process::Command::new("chmod").arg("755").arg(&dies).status().expect("chmod");
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&dies)
+        .status()
+        .expect("chmod");
     let killed_at = |step: &str| {
         let script = dir.path(&format!("dies-at-{step}.sh"));
         std::fs::write(
@@ -358,15 +392,27 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
             ),
         )
         .expect("script");
-        std::process::Command::new("chmod").arg("755").arg(&script).status().expect("chmod");
+        std::process::Command::new("chmod")
+            .arg("755")
+            .arg(&script)
+            .status()
+            .expect("chmod");
         script
     };
-    for binary in [dies, killed_at("prepared"), killed_at("state"), dir.path("no-such-binary")] {
+    for binary in [
+        dies,
+        killed_at("prepared"),
+        killed_at("state"),
+        dir.path("no-such-binary"),
+    ] {
         let out = vm.ctl(&["upgrade", "--binary", utf8(&binary)]);
         assert_eq!(out.code(), 1, "{out:#?}");
         let response: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
         let error = response["error"].as_str().expect("error");
-        assert!(error.starts_with("upgrade failed, the VM runs on here"), "{error}");
+        assert!(
+            error.starts_with("upgrade failed, the VM runs on here"),
+            "{error}"
+        );
         let info = vm.ctl_ok(&["info"]);
         assert_eq!(info["state"], "running", "{info}");
     }

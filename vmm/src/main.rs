@@ -71,9 +71,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run_command(&args),
         Command::Restore(args) => vm_command(|| pvstack::snapshot::restore::restore(&args)),
-        Command::TakeOver(args) => {
-            vm_command(|| pvstack::snapshot::takeover::take_over(&args))
-        }
+        Command::TakeOver(args) => vm_command(|| pvstack::snapshot::takeover::take_over(&args)),
         Command::Check(args) => check_command(&args),
         Command::Ctl(args) => ctl_command(args),
         Command::Bench(args) => bench_command(&args),

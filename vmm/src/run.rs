@@ -16,8 +16,6 @@ use pvstack_devices::virtio::mmio::MmioTransport;
 use pvstack_devices::InheritedDevice;
 
 use crate::api::{ApiDevice, ApiServer};
-use crate::snapshot::state::{DeviceKind, VmSpec};
-use crate::snapshot::{LiveDevice, LiveVm};
 use crate::boot::linux::LinuxGuest;
 use crate::boot::{own_guest, Guest, KernelKind};
 use crate::cli::RunArgs;
@@ -25,6 +23,8 @@ use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::flavour::{Flavour, Privilege};
 use crate::lifecycle::VmEnd;
+use crate::snapshot::state::{DeviceKind, VmSpec};
+use crate::snapshot::{LiveDevice, LiveVm};
 use crate::vm::{Vm, VmConfig};
 
 /// Builds the VM `args` describe, runs it and returns how it ended.
@@ -88,7 +88,11 @@ impl Devices {
     /// the console, the UART) and records in `spec` the names and MACs
     /// they got, so a snapshot names them the same. `inherited` gives
     /// what a take-over hands over for each slot.
-    pub(crate) fn attach(vm: &mut Vm, spec: &mut VmSpec, inherited: &Inheritance<'_>) -> Result<Devices> {
+    pub(crate) fn attach(
+        vm: &mut Vm,
+        spec: &mut VmSpec,
+        inherited: &Inheritance<'_>,
+    ) -> Result<Devices> {
         let disks = attach_disks(vm, &spec.blk, inherited)?;
         let nics = attach_nics(vm, &spec.net, disks.len() as u32, inherited)?;
         let (consoles, console) = attach_consoles(
@@ -312,7 +316,11 @@ fn context<'a>(
 }
 
 /// Creates the `--blk` devices, in slots 0, 1, ... in command-line order.
-fn attach_disks(vm: &mut Vm, specs: &[BlkSpec], inherited: &Inheritance<'_>) -> Result<Vec<BlkDevice>> {
+fn attach_disks(
+    vm: &mut Vm,
+    specs: &[BlkSpec],
+    inherited: &Inheritance<'_>,
+) -> Result<Vec<BlkDevice>> {
     let mut disks = Vec::with_capacity(specs.len());
     for (index, spec) in (0u32..).zip(specs) {
         let slot = index;
@@ -366,12 +374,13 @@ fn attach_consoles(
     let mut virtio = None;
     let mut transport = None;
     if let Some(spec) = console.filter(|spec| spec.is_virtio()) {
-        let device = create_console(spec, &context(vm, slot, 0, inherited(slot))).map_err(|source| {
-            Error::Console {
-                option: "console",
-                source,
-            }
-        })?;
+        let device =
+            create_console(spec, &context(vm, slot, 0, inherited(slot))).map_err(|source| {
+                Error::Console {
+                    option: "console",
+                    source,
+                }
+            })?;
         vm.add_device(slot, device.bus_device(), device.info())?;
         transport = Some(device.transport().clone());
         virtio = Some(device);

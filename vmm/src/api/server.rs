@@ -238,7 +238,9 @@ impl ApiServer {
                         pid: done.pid,
                         paused_us: micros(done.paused),
                     }),
-                    Err(err) => Response::error(format!("upgrade failed, the VM runs on here: {err}")),
+                    Err(err) => {
+                        Response::error(format!("upgrade failed, the VM runs on here: {err}"))
+                    }
                 }
             }
         }

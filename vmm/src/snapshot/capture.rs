@@ -235,9 +235,9 @@ impl LiveVm {
                     let _ = tx.send(result);
                 }),
             );
-            let (registers, list) = rx
-                .recv()
-                .map_err(|_| Error::Takeover(format!("vCPU {index} ended before its state was read")))??;
+            let (registers, list) = rx.recv().map_err(|_| {
+                Error::Takeover(format!("vCPU {index} ended before its state was read"))
+            })??;
             msrs = Some(list);
             states.push(VcpuState {
                 index,

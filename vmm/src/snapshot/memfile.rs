@@ -85,7 +85,8 @@ fn copy_extent(from: &File, to: &File, offset: u64, len: u64, target: &Path) -> 
         let chunk = (len - done).min(1 << 30) as usize;
         // SAFETY: sendfile between two borrowed fds; `in_offset` is a
         // valid off_t the call updates.
-        let sent = unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut in_offset, chunk) };
+        let sent =
+            unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut in_offset, chunk) };
         if sent < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
@@ -164,7 +165,13 @@ pub fn load(path: &Path, size: u64, mode: MemoryMode) -> Result<File> {
         MemoryMode::Copy => {
             let memfd = crate::memory::create_memfd(size)?;
             for (offset, len) in data_extents(&file, size)? {
-                copy_extent(&file, &memfd, offset, len, Path::new("memfd:pvstack-guest-ram"))?;
+                copy_extent(
+                    &file,
+                    &memfd,
+                    offset,
+                    len,
+                    Path::new("memfd:pvstack-guest-ram"),
+                )?;
             }
             Ok(memfd)
         }
@@ -197,7 +204,9 @@ mod tests {
             assert_eq!(&buf, b"far away");
             assert_eq!(data_extents(&loaded, size).unwrap().len(), 2, "{mode:?}");
         }
-        let err = load(&path, size * 2, MemoryMode::Copy).unwrap_err().to_string();
+        let err = load(&path, size * 2, MemoryMode::Copy)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("holds 67108864 bytes"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

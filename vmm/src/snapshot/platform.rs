@@ -52,7 +52,8 @@ pub fn restore(vm: &VmFd, saved: &PlatformState, advance_ns: u64) -> Result<()> 
     // The flags say which other fields KVM filled in on the old VM; a
     // set with them would ask KVM to use those (host TSC, real time).
     clock.flags = 0;
-    vm.set_clock(&clock).map_err(Error::kvm("set the KVM clock"))
+    vm.set_clock(&clock)
+        .map_err(Error::kvm("set the KVM clock"))
 }
 
 #[cfg(test)]

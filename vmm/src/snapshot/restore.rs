@@ -40,7 +40,10 @@ pub fn restore(args: &RestoreArgs) -> Result<VmEnd> {
     let console = own_console(&spec)?;
     let file = memfile::load(&dir.join(MEMORY_FILE), spec.memory_size, args.memory)?;
     let memory_ready = began.elapsed();
-    let mut vm = Vm::with_memory(&vm_config(&spec), memory::from_file(file, spec.memory_size)?)?;
+    let mut vm = Vm::with_memory(
+        &vm_config(&spec),
+        memory::from_file(file, spec.memory_size)?,
+    )?;
     let devices = Devices::attach(&mut vm, &mut spec, &|_| None)?;
     restore_devices(&devices, &state.devices, None)?;
     let devices_ready = began.elapsed();
@@ -88,8 +91,8 @@ pub(crate) fn own_console(spec: &VmSpec) -> Result<Console> {
 fn override_spec(spec: &mut VmSpec, args: &RestoreArgs) -> Result<()> {
     for value in &args.blk {
         let (id, text) = split_override("blk", value)?;
-        let mut replacement = BlkSpec::from_str(text)
-            .map_err(|e| Error::Usage(format!("--blk {value}: {e}")))?;
+        let mut replacement =
+            BlkSpec::from_str(text).map_err(|e| Error::Usage(format!("--blk {value}: {e}")))?;
         replacement.id = Some(id.to_string());
         let ids: Vec<String> = spec.blk.iter().filter_map(|b| b.id.clone()).collect();
         let slot = spec
@@ -106,8 +109,8 @@ fn override_spec(spec: &mut VmSpec, args: &RestoreArgs) -> Result<()> {
     }
     for value in &args.net {
         let (id, text) = split_override("net", value)?;
-        let mut replacement = NetSpec::from_str(text)
-            .map_err(|e| Error::Usage(format!("--net {value}: {e}")))?;
+        let mut replacement =
+            NetSpec::from_str(text).map_err(|e| Error::Usage(format!("--net {value}: {e}")))?;
         let ids: Vec<String> = spec.net.iter().filter_map(|n| n.id.clone()).collect();
         let slot = spec
             .net
@@ -127,7 +130,8 @@ fn override_spec(spec: &mut VmSpec, args: &RestoreArgs) -> Result<()> {
     if let Some(console) = &args.console {
         if spec.console.as_ref().map(|c| c.is_virtio()) != Some(console.is_virtio()) {
             return Err(Error::Usage(
-                "--console: the snapshot's console is of another kind; only its backend can change".into(),
+                "--console: the snapshot's console is of another kind; only its backend can change"
+                    .into(),
             ));
         }
         spec.console = Some(console.clone());
@@ -177,7 +181,10 @@ pub(crate) fn restore_devices(
         )));
     }
     for device in saved {
-        let Some(target) = live.iter().find(|l| l.id == device.id && l.kind == device.kind) else {
+        let Some(target) = live
+            .iter()
+            .find(|l| l.id == device.id && l.kind == device.kind)
+        else {
             return Err(Error::Takeover(format!(
                 "the saved device {} ({:?}) is not in this VM",
                 device.id, device.kind

@@ -82,7 +82,11 @@ pub fn snapshot(live: &LiveVm, control: &VmControl, dir: &Path, resume: bool) ->
         written.data_bytes,
         written.memory_bytes,
         written.paused.as_micros(),
-        if resume { ", resumed" } else { ", stays paused" }
+        if resume {
+            ", resumed"
+        } else {
+            ", stays paused"
+        }
     );
     Ok(written)
 }

@@ -66,10 +66,7 @@ impl CpuModel {
     /// The CPU this process runs on.
     pub fn host() -> CpuModel {
         // CPUID leaves 0 and 1 exist on every x86-64 CPU.
-        let (leaf0, leaf1) = (
-            std::arch::x86_64::__cpuid(0),
-            std::arch::x86_64::__cpuid(1),
-        );
+        let (leaf0, leaf1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
         let mut vendor = Vec::with_capacity(12);
         for word in [leaf0.ebx, leaf0.edx, leaf0.ecx] {
             vendor.extend_from_slice(&word.to_le_bytes());
@@ -232,7 +229,8 @@ struct Header {
 impl VmState {
     /// The state as JSON.
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::Takeover(format!("cannot encode the VM state: {e}")))
+        serde_json::to_vec(self)
+            .map_err(|e| Error::Takeover(format!("cannot encode the VM state: {e}")))
     }
 
     /// Reads a state from JSON (`origin` names it in errors): refuses
@@ -243,7 +241,9 @@ impl VmState {
             reason,
         };
         let header: Header = serde_json::from_slice(bytes).map_err(|e| {
-            bad(format!("{STATE_FILE} is not a complete pvstack VM state ({e})"))
+            bad(format!(
+                "{STATE_FILE} is not a complete pvstack VM state ({e})"
+            ))
         })?;
         if header.format != FORMAT {
             return Err(bad(format!(
@@ -257,8 +257,11 @@ impl VmState {
                 header.version
             )));
         }
-        serde_json::from_slice(bytes)
-            .map_err(|e| bad(format!("{STATE_FILE} is not a complete pvstack VM state ({e})")))
+        serde_json::from_slice(bytes).map_err(|e| {
+            bad(format!(
+                "{STATE_FILE} is not a complete pvstack VM state ({e})"
+            ))
+        })
     }
 
     /// Refuses a state taken on a host unlike this one.

@@ -82,7 +82,9 @@ const MAX_BODY: u64 = 64 << 20;
 #[serde(tag = "message", rename_all = "kebab-case")]
 enum Message {
     /// + the memfd.
-    Offer { spec: VmSpec },
+    Offer {
+        spec: VmSpec,
+    },
     Prepared,
     /// + the API listener (if `api`), then per device in `devices` its
     /// kicks, call, connection and (if it has one) inflight log.
@@ -93,8 +95,12 @@ enum Message {
     },
     Ready,
     Commit,
-    Running { pid: u32 },
-    Failed { error: String },
+    Running {
+        pid: u32,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// Which descriptors of a `State` message belong to one device.
@@ -116,7 +122,8 @@ impl Channel {
         let body = serde_json::to_vec(message)
             .map_err(|e| Error::Takeover(format!("cannot encode {message:?}: {e}")))?;
         let header = (body.len() as u64).to_le_bytes();
-        let io = |e: std::io::Error| Error::Takeover(format!("cannot send to the other pvstack: {e}"));
+        let io =
+            |e: std::io::Error| Error::Takeover(format!("cannot send to the other pvstack: {e}"));
         self.stream
             .send_with_fds(&[&header[..]], fds)
             .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -192,8 +199,8 @@ pub fn hand_over(
     binary: &Path,
 ) -> Result<HandedOver> {
     live.check_supported("hand over")?;
-    let (ours, theirs) =
-        UnixStream::pair().map_err(|e| Error::Takeover(format!("cannot create a socket pair: {e}")))?;
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| Error::Takeover(format!("cannot create a socket pair: {e}")))?;
     ours.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(|e| Error::Takeover(format!("cannot set a timeout: {e}")))?;
     let mut child = spawn(binary, theirs)?;
@@ -204,7 +211,10 @@ pub fn hand_over(
             // The new process must not run on with half a VM.
             let _ = child.kill();
             let _ = child.wait();
-            log::warn!("take-over by {} failed; the VM runs on here: {err}", binary.display());
+            log::warn!(
+                "take-over by {} failed; the VM runs on here: {err}",
+                binary.display()
+            );
             Err(err)
         }
     }
@@ -234,7 +244,11 @@ fn spawn(binary: &Path, channel: UnixStream) -> Result<Child> {
         .spawn()
         .map_err(|e| Error::Takeover(format!("cannot start {}: {e}", binary.display())))?;
     drop(channel);
-    log::info!("take-over: started {} (pid {})", binary.display(), child.id());
+    log::info!(
+        "take-over: started {} (pid {})",
+        binary.display(),
+        child.id()
+    );
     Ok(child)
 }
 
@@ -324,7 +338,10 @@ fn converse(
             })
         }
         other => {
-            log::error!("take-over: the new pvstack (pid {}) committed but then: {other:?}", child.id());
+            log::error!(
+                "take-over: the new pvstack (pid {}) committed but then: {other:?}",
+                child.id()
+            );
             Ok(HandedOver {
                 pid: child.id(),
                 paused: paused_for,
@@ -343,7 +360,12 @@ struct Irqfds<'a> {
 impl<'a> Irqfds<'a> {
     fn release(
         live: &'a LiveVm,
-        devices: &[std::sync::MutexGuard<'_, pvstack_devices::virtio::mmio::MmioTransport<pvstack_devices::vhost_user::VhostUserDevice>>],
+        devices: &[std::sync::MutexGuard<
+            '_,
+            pvstack_devices::virtio::mmio::MmioTransport<
+                pvstack_devices::vhost_user::VhostUserDevice,
+            >,
+        >],
     ) -> Result<Irqfds<'a>> {
         let mut irqfds = Irqfds {
             vm: &live.vm_fd,
@@ -351,15 +373,12 @@ impl<'a> Irqfds<'a> {
         };
         for (device, transport) in live.devices.iter().zip(devices) {
             let gsi = pvstack_protocols::layout::device_irq(device.slot);
-            let call = transport
-                .events()
-                .call
-                .try_clone()
-                .map_err(|e| Error::Takeover(format!("{}: cannot duplicate its call: {e}", device.id)))?;
-            irqfds
-                .vm
-                .unregister_irqfd(&call, gsi)
-                .map_err(|e| Error::Takeover(format!("{}: cannot unbind its interrupt: {e}", device.id)))?;
+            let call = transport.events().call.try_clone().map_err(|e| {
+                Error::Takeover(format!("{}: cannot duplicate its call: {e}", device.id))
+            })?;
+            irqfds.vm.unregister_irqfd(&call, gsi).map_err(|e| {
+                Error::Takeover(format!("{}: cannot unbind its interrupt: {e}", device.id))
+            })?;
             irqfds.released.push((call, gsi));
         }
         Ok(irqfds)
@@ -431,7 +450,9 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         devices: handed,
     } = message
     else {
-        return Err(Error::Takeover(format!("expected the state, got {message:?}")));
+        return Err(Error::Takeover(format!(
+            "expected the state, got {message:?}"
+        )));
     };
     die_if_asked("state");
     state.check_host(Path::new("the handed-over state"))?;

@@ -39,8 +39,12 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Vec<(u32, u64)>, bool)> 
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries)
-        .map_err(|_| Error::Takeover(format!("{} MSRs are too many to read at once", entries.len())))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| {
+        Error::Takeover(format!(
+            "{} MSRs are too many to read at once",
+            entries.len()
+        ))
+    })?;
     let read = vcpu.get_msrs(&mut msrs).map_err(Error::kvm("read MSRs"))?;
     let values = msrs.as_slice()[..read]
         .iter()
@@ -63,7 +67,9 @@ pub fn capture(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuRegisters> {
         sregs: vcpu
             .get_sregs()
             .map_err(Error::kvm("read special registers"))?,
-        xsave: vcpu.get_xsave().map_err(Error::kvm("read the XSAVE area"))?,
+        xsave: vcpu
+            .get_xsave()
+            .map_err(Error::kvm("read the XSAVE area"))?,
         xcrs: vcpu.get_xcrs().map_err(Error::kvm("read XCR0"))?,
         debugregs: vcpu
             .get_debug_regs()
@@ -76,7 +82,9 @@ pub fn capture(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuRegisters> {
         mp_state: vcpu
             .get_mp_state()
             .map_err(Error::kvm("read the MP state"))?,
-        tsc_khz: vcpu.get_tsc_khz().map_err(Error::kvm("read the TSC rate"))?,
+        tsc_khz: vcpu
+            .get_tsc_khz()
+            .map_err(Error::kvm("read the TSC rate"))?,
     })
 }
 
@@ -136,8 +144,9 @@ fn ordered_msrs(saved: &VcpuRegisters, advance_ns: u64) -> Vec<kvm_msr_entry> {
 fn set_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
     let mut rest = entries;
     while !rest.is_empty() {
-        let msrs = Msrs::from_entries(rest)
-            .map_err(|_| Error::Takeover(format!("{} MSRs are too many to set at once", rest.len())))?;
+        let msrs = Msrs::from_entries(rest).map_err(|_| {
+            Error::Takeover(format!("{} MSRs are too many to set at once", rest.len()))
+        })?;
         let set = vcpu.set_msrs(&msrs).map_err(Error::kvm("set MSRs"))?;
         if let Some(refused) = rest.get(set) {
             log::warn!(

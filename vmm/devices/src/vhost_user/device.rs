@@ -14,9 +14,7 @@ use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::BackendConnection;
-use super::handle::{
-    avail_idx, used_idx, ActiveQueue, InflightLog, RingSetup, VhostUserHandle,
-};
+use super::handle::{avail_idx, used_idx, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
 use super::process::BackendProcess;
 use super::stall::StallStats;
 use crate::error::{Error, Result};
@@ -515,7 +513,10 @@ impl VhostUserDevice {
             let Some(position) = position else {
                 return Err(Error::Restore {
                     device: self.name.clone(),
-                    reason: format!("the snapshot has no ring position for queue {}", queue.index),
+                    reason: format!(
+                        "the snapshot has no ring position for queue {}",
+                        queue.index
+                    ),
                 });
             };
             queue.next_avail = position.next_avail;

@@ -16,8 +16,8 @@ mod watchdog;
 
 pub use connection::BackendConnection;
 pub use device::{
-    BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector, RingPosition,
-    VhostUserDevice,
+    BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector,
+    RingPosition, VhostUserDevice,
 };
 pub use handle::{ActiveQueue, InflightLog, InflightShape, RingSetup, VhostUserHandle};
 pub use process::BackendProcess;
