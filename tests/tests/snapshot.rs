@@ -3,16 +3,23 @@
 //! pvstack-blk, with a second disk on qemu-storage-daemon, a NIC on
 //! pvstack-net in peer mode and a virtio-console on pvstack-console, all
 //! external backends that keep running while pvstack is snapshotted and
-//! restored, or replaced by a new pvstack process. At the end the image
-//! must hold exactly the guest's completed writes.
+//! restored, or replaced by a new pvstack process. Beside the disk the
+//! guest answers pings from a second VM on the NIC's peer and writes
+//! stamped tick lines on the console. At the end the image must hold
+//! exactly the guest's completed writes, no ping may have gone unanswered
+//! across a replacement, and no console line may be missing.
 
 use std::fs::File;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, utf8};
+use pvstack_tests::net::{start_vm, Background};
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
@@ -26,15 +33,26 @@ const TAKEOVER_CYCLES: usize = 20;
 /// Blocks the workload cycles over.
 const BLOCKS: usize = 256;
 const IMAGE_LEN: usize = 4 << 20;
+/// The guest's address on its NIC and the pinging VM's, on the peer wire.
+const GUEST_IP: &str = "10.0.9.2";
+const PINGER_IP: &str = "10.0.9.3";
+/// Pings the pinging VM sends between two tallies it prints.
+const PINGS_PER_TALLY: usize = 25;
 
 /// Polls `ready` until it holds; panics after [`HANG_TIMEOUT`] (a hang,
 /// not a timing requirement).
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+fn wait_until(what: &str, ready: impl FnMut() -> bool) {
+    wait_until_or(what, ready, String::new);
+}
+
+/// [`wait_until`], with `context()` in the panic message.
+fn wait_until_or(what: &str, mut ready: impl FnMut() -> bool, context: impl Fn() -> String) {
     let started = Instant::now();
     while !ready() {
         assert!(
             started.elapsed() < HANG_TIMEOUT,
-            "{what}: still waiting after {HANG_TIMEOUT:?}"
+            "{what}: still waiting after {HANG_TIMEOUT:?}\n{}",
+            context()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -47,6 +65,10 @@ struct Backends {
     _net: [LoggedProcess; 2],
     _console: LoggedProcess,
     specs: Vec<String>,
+    /// The pvstack-net on the other end of the guest NIC's peer wire.
+    peer_socket: PathBuf,
+    /// Where people attach to the guest's console.
+    console_server: PathBuf,
 }
 
 impl Backends {
@@ -102,7 +124,92 @@ impl Backends {
             _net: [net_a, net_b],
             _console: console,
             specs,
+            peer_socket: dir.path("net-b.sock"),
+            console_server: dir.path("console-server.sock"),
         }
+    }
+}
+
+/// A person at the guest's console: everything pvstack-console's server
+/// sent, collected by a thread.
+struct ConsoleClient {
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ConsoleClient {
+    fn attach(server: &Path) -> ConsoleClient {
+        let mut stream = UnixStream::connect(server)
+            .unwrap_or_else(|e| panic!("attach to {}: {e}", server.display()));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&received);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n @ 1..) = stream.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        ConsoleClient { received }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).replace('\r', "")
+    }
+
+    /// Asserts the console showed exactly ticks 1..=`ticks`, in order,
+    /// and pvstack-console never reported lost lines.
+    fn assert_every_tick(&self, ticks: u64) {
+        wait_until("the last tick on the console", || {
+            self.text().contains(&format!("tick {ticks}\n"))
+        });
+        let text = self.text();
+        assert!(
+            !text.contains("lines lost]"),
+            "pvstack-console reported lost lines:\n{text}"
+        );
+        let seen: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+            .collect();
+        let expected: Vec<u64> = (1..=ticks).collect();
+        assert!(seen == expected, "ticks 1..={ticks} in order, got {seen:?}");
+    }
+}
+
+/// A second VM on the peer wire that pings the guest without a pause and
+/// prints its tally every [`PINGS_PER_TALLY`] pings.
+struct Pinger(Background);
+
+impl Pinger {
+    fn start(dir: &ScratchDir, backends: &Backends) -> Pinger {
+        let nic = format!(
+            "socket={},mac=52:54:00:00:09:03",
+            utf8(&backends.peer_socket)
+        );
+        let args = format!(
+            "net-ping ip={PINGER_IP}/24 target={GUEST_IP} count=0 gap_ms=2 every={PINGS_PER_TALLY}"
+        );
+        let mut pinger = Pinger(start_vm(None, &[nic], &args, &dir.path("pinger.log")));
+        pinger
+            .0
+            .wait_for(&format!("net-ping: sent={PINGS_PER_TALLY} "));
+        pinger
+    }
+
+    fn tallies(&self) -> usize {
+        self.0.output().matches("net-ping: sent=").count()
+    }
+
+    /// Waits for `more` tallies after the `since`th, and asserts every
+    /// ping so far was answered.
+    fn wait_for_answers(&self, since: usize, more: usize) {
+        wait_until("pings after the replacement", || {
+            self.tallies() >= since + more
+        });
+        let output = self.0.output();
+        assert!(
+            !output.contains("unanswered"),
+            "a ping went unanswered:\n{output}"
+        );
     }
 }
 
@@ -229,11 +336,18 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
     let image = dir.path("disk.img");
     std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let backends = Backends::start(&dir, &image);
+    let console = ConsoleClient::attach(&backends.console_server);
     let mut vm = Vm::new(&dir);
-    vm.spawn(&run_args(&backends, &vm, "blk-swap-verify secs=40"));
-    wait_until("the workload runs", || {
-        vm.console().contains("blk-swap-verify: running")
-    });
+    vm.spawn(&run_args(
+        &backends,
+        &vm,
+        &format!("blk-swap-verify secs=40 ip={GUEST_IP}/24 tick_ms=20"),
+    ));
+    wait_until_or(
+        "the workload runs",
+        || vm.console().contains("blk-swap-verify: running"),
+        || vm.console() + &vm.logs(),
+    );
 
     let began = Instant::now();
     for cycle in 0..SNAPSHOT_CYCLES {
@@ -249,31 +363,51 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let snapshots = began.elapsed();
+    let pinger = Pinger::start(&dir, &backends);
     let began = Instant::now();
     let mut pids = Vec::new();
+    let mut paused_us = Vec::new();
     for _ in 0..TAKEOVER_CYCLES {
+        let tallies = pinger.tallies();
         let done = vm.ctl_ok(&["upgrade", "--binary", utf8(&pvstack())]);
         let pid = done["pid"].as_u64().expect("pid");
         assert!(!pids.contains(&pid), "a new process each time: {done}");
         pids.push(pid);
-        std::thread::sleep(Duration::from_millis(100));
+        paused_us.push(done["paused_us"].as_u64().expect("paused_us"));
+        // Pings were in flight while pvstack was replaced (one at a time,
+        // every 2 ms), and go on being answered by the new process.
+        pinger.wait_for_answers(tallies, 2);
     }
     let takeovers = began.elapsed();
+    let pings = pinger.0.terminate().stdout;
+    let max_rtt = pings
+        .lines()
+        .filter_map(|l| l.split("max_rtt_us=").nth(1)?.trim().parse::<u64>().ok())
+        .max();
+    paused_us.sort_unstable();
+    eprintln!(
+        "longest ping round trip across the replacements: {max_rtt:?} us; \
+         pvstack paused for {paused_us:?} us"
+    );
     eprintln!("{SNAPSHOT_CYCLES} snapshot/restore cycles took {snapshots:?}, {TAKEOVER_CYCLES} live replacements {takeovers:?}");
     // The first replaced process was this test's child, and exits 0.
     vm.wait_for_exit();
 
     let result = vm.finish();
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
+    assert_eq!(result["ticks_lost"], "0", "{result:?}");
+    console.assert_every_tick(result["ticks"].parse().expect("ticks"));
     let logs = vm.logs();
     assert_eq!(
         logs.matches("take-over: running the VM").count(),
         TAKEOVER_CYCLES,
         "every new process ran the VM"
     );
+    // Each restore restarts the rings the guest uses: disk 0, the NIC and
+    // the console (the disk on qemu-storage-daemon stays unused).
     assert_eq!(
         logs.matches("rings restored on").count(),
-        SNAPSHOT_CYCLES * 1
+        SNAPSHOT_CYCLES * 3
     );
 }
 
@@ -335,6 +469,14 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
             "state version 99",
         ),
         (copy("short", &state, Some(8 << 20)), "holds 8388608 bytes"),
+        (
+            copy("flavour", &other_host(&state, "flavour"), None),
+            "a VM moves only between hosts of one KVM flavour",
+        ),
+        (
+            copy("cpu", &other_host(&state, "cpu"), None),
+            "CPU, this host has a",
+        ),
     ];
     for (bad, needle) in cases {
         let other_api = dir.path("other-api.sock");
@@ -354,6 +496,28 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
     }
     let result = vm.finish();
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
+}
+
+/// `state` as if taken on a host with another KVM flavour (`what` is
+/// "flavour") or another CPU model ("cpu").
+fn other_host(state: &str, what: &str) -> String {
+    let mut state: Value = serde_json::from_str(state).expect("state JSON");
+    let host = &mut state["host"];
+    match what {
+        "flavour" => {
+            let other = if host["flavour"] == "Pvm" {
+                "Svm"
+            } else {
+                "Pvm"
+            };
+            host["flavour"] = other.into();
+        }
+        _ => {
+            let model = host["cpu"]["model"].as_u64().expect("CPU model");
+            host["cpu"]["model"] = (model + 1).into();
+        }
+    }
+    state.to_string()
 }
 
 #[test]
