@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, utf8};
+use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, stop_swap_verify, utf8};
 use pvstack_tests::net::{start_vm, Background};
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::qsd::QsdProcess;
@@ -302,9 +302,11 @@ impl Vm {
             .collect()
     }
 
-    /// Waits for the guest's RESULT line and for the VM's process to end
-    /// (its API socket goes away).
-    fn finish(&mut self) -> std::collections::BTreeMap<String, String> {
+    /// Ends the guest's `blk-swap-verify stop=1` on `image`, waits for its
+    /// RESULT line and for the VM's process to end (its API socket goes
+    /// away).
+    fn finish(&mut self, image: &Path) -> std::collections::BTreeMap<String, String> {
+        stop_swap_verify(image, BLOCKS);
         wait_until("the guest's RESULT", || {
             parse_result(&self.console(), "blk-swap-verify").is_some()
         });
@@ -341,7 +343,7 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
     vm.spawn(&run_args(
         &backends,
         &vm,
-        &format!("blk-swap-verify secs=40 ip={GUEST_IP}/24 tick_ms=20"),
+        &format!("blk-swap-verify stop=1 ip={GUEST_IP}/24 tick_ms=20"),
     ));
     wait_until_or(
         "the workload runs",
@@ -393,7 +395,7 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
     // The first replaced process was this test's child, and exits 0.
     vm.wait_for_exit();
 
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
     assert_eq!(result["ticks_lost"], "0", "{result:?}");
     console.assert_every_tick(result["ticks"].parse().expect("ticks"));
@@ -429,7 +431,7 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
         "--console-log".into(),
         utf8(&vm.console).into(),
         "--guest-args".into(),
-        "blk-swap-verify secs=6".into(),
+        "blk-swap-verify stop=1".into(),
     ]);
     let good = dir.path("good");
     let written = vm.ctl_ok(&["snapshot", "--to", utf8(&good), "--resume"]);
@@ -494,7 +496,7 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
         run.assert_error("pvstack", 1, &[needle]);
         run.assert_stderr_one_line();
     }
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
 
@@ -536,7 +538,7 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
         "--console-log".into(),
         utf8(&vm.console).into(),
         "--guest-args".into(),
-        "blk-swap-verify secs=8".into(),
+        "blk-swap-verify stop=1".into(),
     ]);
     // A binary that dies at once, and a pvstack killed after each step.
     let dies = dir.path("dies.sh");
@@ -580,6 +582,6 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
         let info = vm.ctl_ok(&["info"]);
         assert_eq!(info["state"], "running", "{info}");
     }
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
