@@ -81,13 +81,13 @@ const MAX_BODY: u64 = 64 << 20;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "message", rename_all = "kebab-case")]
 enum Message {
-    /// + the memfd.
+    /// Carries the memfd.
     Offer {
         spec: VmSpec,
     },
     Prepared,
-    /// + the API listener (if `api`), then per device in `devices` its
-    /// kicks, call, connection and (if it has one) inflight log.
+    /// Carries the API listener (if `api`), then per device in `devices`
+    /// its kicks, call, connection and (if it has one) inflight log.
     State {
         state: Box<VmState>,
         api: bool,
@@ -274,6 +274,7 @@ fn converse(
     let began = Instant::now();
     let paused = live.pause(control)?;
     let state = live.capture(control, &paused, Vec::new())?;
+    let captured = began.elapsed();
     // The devices stay locked until this process exits (or the hand-over
     // fails): no guest access, reset or reconnect may touch them now.
     let guards: Vec<_> = live.devices.iter().map(|d| d.lock()).collect();
@@ -318,6 +319,7 @@ fn converse(
         &fds,
     )?;
     channel.expect("Ready", |m| matches!(m, Message::Ready))?;
+    let ready = began.elapsed();
     channel.send(&Message::Commit, &[])?;
     // From here on the guest is the new process's: whatever happens, this
     // one must not resume it.
@@ -329,8 +331,11 @@ fn converse(
     match reply {
         Ok((Message::Running { pid }, _)) => {
             log::info!(
-                "take-over: pid {pid} runs the VM; the guest was paused {} us",
-                paused_for.as_micros()
+                "take-over: pid {pid} runs the VM; the guest was paused {} us \
+                 (paused and captured after {} us, the new process ready after {} us)",
+                paused_for.as_micros(),
+                captured.as_micros(),
+                ready.as_micros()
             );
             Ok(HandedOver {
                 pid,
