@@ -585,3 +585,34 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
     let result = vm.finish(&image);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
+
+#[test]
+fn a_vm_with_device_state_in_the_vmm_is_neither_snapshotted_nor_handed_over() {
+    let dir = ScratchDir::new("snapshot-unsupported");
+    let mut vm = Vm::new(&dir);
+    vm.spawn(&[
+        "run".into(),
+        "--serial".into(),
+        "--api-socket".into(),
+        utf8(&vm.api).into(),
+        "--console-log".into(),
+        utf8(&vm.console).into(),
+        "--guest-args".into(),
+        "compute iterations=1000000000000".into(),
+    ]);
+    let snapshot = dir.path("snapshot");
+    for request in [
+        vec!["snapshot", "--to", utf8(&snapshot)],
+        vec!["upgrade", "--binary", utf8(&pvstack())],
+    ] {
+        let out = vm.ctl(&request);
+        assert_eq!(out.code(), 1, "{out:#?}");
+        let response: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+        let error = response["error"].as_str().expect("error");
+        assert!(error.contains("the emulated UART (--serial)"), "{error}");
+        assert_eq!(vm.ctl_ok(&["info"])["state"], "running");
+    }
+    assert!(!snapshot.exists(), "nothing written");
+    vm.ctl_ok(&["shutdown"]);
+    vm.wait_for_exit();
+}
