@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, stop_swap_verify, utf8};
+use pvstack_tests::blk_vm::{
+    assert_swap_verify_image, newest_write, read_image, stop_swap_verify, utf8,
+    wait_for_write_after,
+};
 use pvstack_tests::net::{start_vm, Background};
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::qsd::QsdProcess;
@@ -496,6 +499,8 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
         run.assert_error("pvstack", 1, &[needle]);
         run.assert_stderr_one_line();
     }
+    // The VM the snapshot came from goes on writing.
+    wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
     let result = vm.finish(&image);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
@@ -581,6 +586,8 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
         );
         let info = vm.ctl_ok(&["info"]);
         assert_eq!(info["state"], "running", "{info}");
+        // The guest's writes go on here.
+        wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
     }
     let result = vm.finish(&image);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
