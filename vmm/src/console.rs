@@ -28,6 +28,21 @@ impl Console {
         Ok(Console::from_writer(Box::new(file)))
     }
 
+    /// Console output appended to `path` (a restored or taken-over VM
+    /// continues the log its earlier life wrote).
+    pub fn append(path: &Path) -> Result<Console> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| Error::File {
+                action: "open console log",
+                path: path.to_path_buf(),
+                cause: source,
+            })?;
+        Ok(Console::from_writer(Box::new(file)))
+    }
+
     /// Console output to any writer.
     pub fn from_writer(out: Box<dyn Write + Send>) -> Console {
         Console {

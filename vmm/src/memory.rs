@@ -17,7 +17,13 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// Creates `size` bytes of guest RAM backed by a fresh memfd.
 pub fn create(size: u64) -> Result<GuestMemory> {
-    let memfd = Arc::new(create_memfd(size)?);
+    from_file(create_memfd(size)?, size)
+}
+
+/// Guest RAM of `size` bytes backed by `file` (a memfd, or a snapshot's
+/// memory file), mapped shared.
+pub fn from_file(file: File, size: u64) -> Result<GuestMemory> {
+    let memfd = Arc::new(file);
     let regions: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_regions(size)
         .into_iter()
         .map(|(start, len, file_offset)| {
@@ -29,6 +35,16 @@ pub fn create(size: u64) -> Result<GuestMemory> {
         })
         .collect();
     GuestMemory::from_ranges_with_files(regions).map_err(Error::MemoryMap)
+}
+
+/// The file that backs all of `memory` (every region's `FileOffset`).
+pub fn backing_file(memory: &GuestMemory) -> Option<&Arc<File>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory
+        .iter()
+        .next()
+        .and_then(|region| region.file_offset())
+        .map(|fo| fo.arc())
 }
 
 /// The non-empty RAM ranges as `(guest address, length, offset in the memfd)`.
@@ -45,7 +61,8 @@ fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-fn create_memfd(size: u64) -> Result<File> {
+/// A new memfd of `size` bytes (all holes).
+pub fn create_memfd(size: u64) -> Result<File> {
     let memory_error = |source| Error::Memory {
         size,
         cause: source,
