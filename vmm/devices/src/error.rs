@@ -79,6 +79,14 @@ pub enum Error {
     /// The driver programmed a queue the device cannot use.
     #[error("queue {queue}: {reason}")]
     InvalidQueue { queue: u16, reason: String },
+    /// A stopped backend did not complete the requests it had taken.
+    #[error("queue {queue}: the backend took requests up to {taken} but completed only up to {completed} within {waited:?}")]
+    Drain {
+        queue: u16,
+        taken: u16,
+        completed: u16,
+        waited: std::time::Duration,
+    },
     /// A disk image cannot be used.
     #[error("image {path}: {source}")]
     Image { path: PathBuf, source: io::Error },

@@ -8,15 +8,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use pvstack_devices::vhost_user::{
-    BackendState, SharedVhostUserDevice, StallStats, VhostUserDevice,
-};
-use pvstack_devices::virtio::mmio::MmioTransport;
+use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
 use super::protocol::{
     DeviceInfo, Reply, Request, Response, StallCounters, VmInfo, VmState, MAX_REQUEST_BYTES,
@@ -180,26 +178,26 @@ impl ApiServer {
                 state_reply(vm)
             }
             Request::DeviceSwap { id, socket } => self.with_device(&id, |device| {
-                device
-                    .swap(Path::new(&socket))
-                    .map(|stall| stall_reply(&id, stall))
+                control::swap(device, Path::new(&socket)).map(|stall| stall_reply(&id, stall))
             }),
             Request::DeviceReconnect { id } => self.with_device(&id, |device| {
-                device.reconnect().map(|stall| stall_reply(&id, stall))
+                control::reconnect(device).map(|stall| stall_reply(&id, stall))
             }),
         }
     }
 
+    /// Runs `operation` on device `id`; it takes the device's lock itself,
+    /// only while it does not wait for a backend.
     fn with_device(
         &self,
         id: &str,
-        operation: impl FnOnce(&mut VhostUserDevice) -> pvstack_devices::Result<Reply>,
+        operation: impl FnOnce(&SharedVhostUserDevice) -> pvstack_devices::Result<Reply>,
     ) -> Response {
         let Some(entry) = self.devices.iter().find(|d| d.id == id) else {
             let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
             return Response::error(format!("no device {id:?} (devices: {})", known.join(", ")));
         };
-        match operation(lock(&entry.device).device_mut()) {
+        match operation(&entry.device) {
             Ok(reply) => Response::ok(reply),
             Err(err) => Response::error(format!("{id}: {err}")),
         }
@@ -210,10 +208,10 @@ impl ApiServer {
             .devices
             .iter()
             .map(|entry| {
-                let status = lock(&entry.device).device().status();
+                let status = control::lock(&entry.device).device().status();
                 DeviceInfo {
                     id: entry.id.clone(),
-                    kind: "vhost-user-blk".into(),
+                    kind: kind(status.device_id).into(),
                     socket: status.socket.display().to_string(),
                     backend_pid: status.pid,
                     backend_state: match status.state {
@@ -253,8 +251,14 @@ impl Drop for RunningApi {
     }
 }
 
-fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
+/// The `kind` of a vhost-user device in `info`, by virtio device id.
+fn kind(device_id: u32) -> &'static str {
+    match device_id {
+        VIRTIO_ID_NET => "vhost-user-net",
+        VIRTIO_ID_BLOCK => "vhost-user-blk",
+        VIRTIO_ID_CONSOLE => "vhost-user-console",
+        _ => "vhost-user",
+    }
 }
 
 fn vm_state(vm: &VmControl) -> VmState {
