@@ -1,9 +1,10 @@
 //! The control API server: a Unix socket served by one thread, one
 //! connection at a time, one JSON request per line (see vmm/API.md).
 //! Nothing a client sends can harm the VM: a bad line gets an error
-//! response, an overlong line or a silent client loses its connection.
+//! response; an overlong line, or a line that is not complete within
+//! [`REQUEST_TIMEOUT`] (however it trickles in), loses the connection.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use log::{debug, info, warn};
 use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
+use super::line::{read_line, DeadlineStream, Line};
 use super::protocol::{
     DeviceInfo, Reply, Request, Response, StallCounters, VmInfo, VmState, MAX_REQUEST_BYTES,
 };
@@ -23,9 +25,10 @@ use crate::error::{Error, Result};
 use crate::lifecycle::VmEnd;
 use crate::machine::Machine;
 
-/// How long a client may take to send a request line (or to take its
-/// response) before the server drops it and serves the next client.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a whole request line (from the
+/// connection, or from the previous response) or to take its response
+/// before the server drops it and serves the next client.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks whether the VM is ending.
 const ACCEPT_POLL_MS: i32 = 100;
 
@@ -110,28 +113,34 @@ impl ApiServer {
         }
     }
 
-    /// Answers each request line of one client until it hangs up, goes
-    /// silent for [`CLIENT_TIMEOUT`] or sends an overlong line.
+    /// Answers each request line of one client until it hangs up, does
+    /// not complete a line within [`REQUEST_TIMEOUT`] or sends an overlong
+    /// line.
     fn serve_client(&self, stream: UnixStream, vm: &VmControl) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(DeadlineStream::new(stream));
         loop {
-            let mut line = Vec::new();
-            let read = (&mut reader)
-                .take(MAX_REQUEST_BYTES as u64 + 1)
-                .read_until(b'\n', &mut line)?;
-            if read == 0 {
-                return Ok(());
-            }
-            if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
-                let response = Response::error(format!(
-                    "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
-                ));
-                write_response(&mut writer, &response)?;
-                return Ok(());
-            }
+            let line = match read_line(&mut reader, MAX_REQUEST_BYTES, REQUEST_TIMEOUT) {
+                Ok(Line::Complete(line)) => line,
+                Ok(Line::End) => return Ok(()),
+                Ok(Line::TooLong) => {
+                    let response = Response::error(format!(
+                        "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
+                    ));
+                    return write_response(&mut writer, &response);
+                }
+                Err(err) if err.kind() == ErrorKind::TimedOut => {
+                    let response = Response::error(format!(
+                        "no complete request line within {} s; closing the connection",
+                        REQUEST_TIMEOUT.as_secs()
+                    ));
+                    // The client may not read it; it is dropped either way.
+                    let _ = write_response(&mut writer, &response);
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            };
             let text = String::from_utf8_lossy(&line);
             if text.trim().is_empty() {
                 continue;
