@@ -75,7 +75,9 @@ pub struct RunArgs {
     /// `id=ID` (default blkN), `num-queues=N` (default: all the backend
     /// serves), `queue-size=N` (power of two), `readonly`,
     /// `reconnect-timeout=SECS` (how long to keep reconnecting after the
-    /// backend hangs up; default: for ever). With `image=`,
+    /// backend hangs up; default: for ever), `backend-uid=UID` (a user
+    /// besides pvstack's own and root whose backend may get guest memory;
+    /// a backend running as anyone else is refused). With `image=`,
     /// `mode=MODE` picks where requests are served: `vhost-user` (default),
     /// `vhost-user-poll` (pvstack-blk busy-polls the queue between
     /// batches, so a busy guest rarely kicks), or the baselines in the VMM,

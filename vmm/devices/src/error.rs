@@ -22,6 +22,15 @@ pub enum Error {
     /// Connecting to a backend's socket failed.
     #[error("vhost-user socket {socket}: cannot connect: {source}")]
     Connect { socket: PathBuf, source: io::Error },
+    /// The process listening on a backend's socket runs as a user that
+    /// may not get guest memory.
+    #[error("vhost-user socket {socket}: refused: the backend (pid {pid}) runs as uid {uid}, not as pvstack's uid {ours} or root; add backend-uid={uid} to trust it")]
+    BackendNotAllowed {
+        socket: PathBuf,
+        uid: u32,
+        pid: i32,
+        ours: u32,
+    },
     /// Configuring the connection to a backend failed.
     #[error("vhost-user socket {socket}: {what}: {source}")]
     Socket {

@@ -23,6 +23,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::connection::BackendConnection;
 use super::handle::{check_rings, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
+use super::peer::AllowedBackend;
 use super::process::BackendProcess;
 use super::stall::StallStats;
 use super::watch::{used_idx, RingWatch};
@@ -75,9 +76,10 @@ pub type Reconnector = Box<dyn FnMut() -> Result<Connected> + Send>;
 /// Connects to the backend listening on a socket: what a swap uses.
 pub type Connector = Arc<dyn Fn(&Path) -> Result<Box<dyn BackendConnection>> + Send + Sync>;
 
-/// The real [`Connector`]: a vhost-user connection, negotiated.
-fn connect_vhost_user(socket: &Path) -> Result<Box<dyn BackendConnection>> {
-    Ok(Box::new(VhostUserHandle::connect(socket)?))
+/// The real [`Connector`]: a vhost-user connection to a backend `allowed`
+/// lets serve the device, negotiated.
+fn vhost_user_connector(allowed: AllowedBackend) -> Connector {
+    Arc::new(move |socket| Ok(Box::new(VhostUserHandle::connect(socket, allowed)?)))
 }
 
 /// The connection to the backend as the control API reports it.
@@ -261,7 +263,8 @@ pub struct VhostUserDevice {
 impl VhostUserDevice {
     /// A device that `handle`'s backend serves in `memory`; `process` is
     /// the backend if pvstack started it (stopped when the device drops).
-    /// `reconnect` reaches the same backend again (see [`Reconnector`]).
+    /// `reconnect` reaches the same backend again (see [`Reconnector`]);
+    /// a swap connects to backends `allowed` lets serve the device.
     pub fn new(
         name: impl Into<String>,
         shape: DeviceShape,
@@ -271,6 +274,7 @@ impl VhostUserDevice {
         mut reconnect: impl FnMut() -> Result<(VhostUserHandle, Option<BackendProcess>)>
             + Send
             + 'static,
+        allowed: AllowedBackend,
     ) -> Self {
         let reconnector: Reconnector = Box::new(move || {
             let (handle, process) = reconnect()?;
@@ -282,7 +286,7 @@ impl VhostUserDevice {
             memory,
             (Box::new(handle), process),
             reconnector,
-            Arc::new(connect_vhost_user),
+            vhost_user_connector(allowed),
         )
     }
 

@@ -26,6 +26,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::BackendConnection;
+use super::peer::AllowedBackend;
 use super::watchdog::ReplyWatchdog;
 use crate::error::{Error, Result};
 use crate::virtio::QueueConfig;
@@ -110,19 +111,21 @@ pub struct VhostUserHandle {
 }
 
 impl VhostUserHandle {
-    /// Connects to the backend listening on `socket` and negotiates.
-    pub fn connect(socket: &Path) -> Result<Self> {
+    /// Connects to the backend listening on `socket` and, if `allowed`
+    /// lets its user serve the device, negotiates.
+    pub fn connect(socket: &Path, allowed: AllowedBackend) -> Result<Self> {
         let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
             socket: socket.to_path_buf(),
             source,
         })?;
-        Self::from_stream(stream, socket)
+        Self::from_stream(stream, socket, allowed)
     }
 
     /// Negotiates over an established connection to the backend at
-    /// `socket`: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES and,
+    /// `socket`, once `allowed` has checked who the backend is: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES and,
     /// with MQ, GET_QUEUE_NUM.
-    pub fn from_stream(stream: UnixStream, socket: &Path) -> Result<Self> {
+    pub fn from_stream(stream: UnixStream, socket: &Path, allowed: AllowedBackend) -> Result<Self> {
+        allowed.check(&stream, socket)?;
         let socket = socket.to_path_buf();
         let socket_error = |what, source| Error::Socket {
             socket: socket.clone(),

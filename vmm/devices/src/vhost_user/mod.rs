@@ -4,7 +4,8 @@
 //! ([`process`]), and the thread that reconnects a device whose backend
 //! hung up ([`supervisor`]), swaps and reconnects that never hold the
 //! device's lock while they wait for a backend ([`control`], with
-//! [`watch`] reading the rings meanwhile), and a bound on how long a
+//! [`watch`] reading the rings meanwhile), whose backend may get guest
+//! memory ([`peer`]), and a bound on how long a
 //! backend may take to reply ([`watchdog`]). Every vhost-user device type (block, net,
 //! console) is a [`VhostUserDevice`] with its own [`DeviceShape`].
 
@@ -12,6 +13,7 @@ pub mod connection;
 pub mod control;
 pub mod device;
 pub mod handle;
+pub mod peer;
 pub mod process;
 pub mod stall;
 pub mod supervisor;
@@ -24,6 +26,7 @@ pub use device::{
     VhostUserDevice,
 };
 pub use handle::{ActiveQueue, RingSetup, VhostUserHandle};
+pub use peer::AllowedBackend;
 pub use process::BackendProcess;
 pub use stall::StallStats;
 pub use supervisor::{ReconnectPolicy, SharedVhostUserDevice};
