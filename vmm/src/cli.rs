@@ -64,6 +64,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
 
+    /// Largest size of the --console-log file (the guest fills it): output
+    /// that would take it past this first moves it to FILE.1, replacing
+    /// the one before. Sizes as for --memory (64M, 1G, bytes).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_log_size)]
+    pub console_log_max_bytes: u64,
+
     /// The KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
@@ -176,6 +182,14 @@ pub struct CheckArgs {
     /// The KVM device node to check.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+}
+
+/// Parses a log size limit: a size as for memory, at least one byte.
+pub fn parse_log_size(text: &str) -> Result<u64, String> {
+    match pvstack_options::parse_size(text)? {
+        0 => Err("a log size limit must be at least 1 byte".into()),
+        bytes => Ok(bytes),
+    }
 }
 
 /// Parses a memory size such as `256M`, `1G`, `4096K` or plain bytes, and

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
+use pvstack_logging::{info_limited, warn_limited};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
@@ -566,7 +567,9 @@ impl VhostUserDevice {
     /// guest's requests wait in the rings until a reconnect succeeds.
     pub fn mark_lost(&mut self) {
         if self.state == BackendState::Connected {
-            warn!(
+            // A backend that crashes at once after each reconnect would
+            // otherwise write this without end.
+            warn_limited!(
                 "{}: backend {} hung up; holding the device's requests while reconnecting",
                 self.name,
                 self.handle.socket().display()
@@ -718,20 +721,20 @@ impl VirtioDevice for VhostUserDevice {
         self.activation += 1;
         self.rings_unserved = false;
         if self.state != BackendState::Connected {
-            info!(
+            info_limited!(
                 "{}: driver started {} queues; they wait for the backend to reconnect",
                 self.name,
                 setup.queues.len()
             );
             self.rings_unserved = true;
         } else if let Err(err) = self.handle.start(&mut setup) {
-            warn!(
+            warn_limited!(
                 "{}: the backend failed to start the rings ({err}); they wait while pvstack reconnects",
                 self.name
             );
             self.lose_connection();
         } else {
-            info!(
+            info_limited!(
                 "{}: driver started {} queues on {}",
                 self.name,
                 setup.queues.len(),
@@ -759,9 +762,9 @@ impl VirtioDevice for VhostUserDevice {
             .stop(&mut rings)
             .and_then(|()| RingWatch::of(&rings).drain(RESET_DRAIN_TIMEOUT));
         match stopped {
-            Ok(()) => info!("{}: driver reset the device; rings stopped", self.name),
+            Ok(()) => info_limited!("{}: driver reset the device; rings stopped", self.name),
             Err(err) => {
-                warn!(
+                warn_limited!(
                     "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
                     self.name
                 );
