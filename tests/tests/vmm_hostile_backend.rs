@@ -4,7 +4,8 @@
 //! memfd is sealed), and garbage, oversize replies and a configuration
 //! space larger than the device's are refused: pvstack keeps running,
 //! the device is reported failed (its reconnect window ends) or keeps
-//! waiting, and pvstack still ends cleanly on SIGTERM.
+//! waiting, and pvstack still ends cleanly on SIGTERM. A backend that
+//! never answers holds neither the control API nor SIGTERM.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -52,6 +53,9 @@ enum Hostility {
     Oversize,
     /// Answers GET_CONFIG with 4 KiB, more than the device's space.
     LargeConfig,
+    /// Never answers GET_FEATURES; holds the connection until the
+    /// frontend closes it.
+    Silent,
 }
 
 /// One message from the frontend, with the file descriptors it carried.
@@ -129,6 +133,8 @@ struct Report {
     connections: usize,
     /// Memory regions it tried to resize, and the errors: one per try.
     resize_errors: Vec<Option<i32>>,
+    /// The number of the connection a silent backend holds unanswered.
+    stalled: Option<usize>,
 }
 
 /// Serves one connection as `hostility` says.
@@ -147,6 +153,13 @@ fn serve(mut stream: UnixStream, hostility: Hostility, report: &Mutex<Report>) -
                 stream.write_all(&[0x5a; 4096])?;
                 // Hold the connection until the frontend gives up on it.
                 let _ = io::copy(&mut stream, &mut io::sink());
+                return Ok(());
+            }
+            (GET_FEATURES, Hostility::Silent) => {
+                let number = report.lock().unwrap().connections;
+                report.lock().unwrap().stalled = Some(number);
+                let _ = io::copy(&mut stream, &mut io::sink());
+                report.lock().unwrap().stalled = None;
                 return Ok(());
             }
             (GET_FEATURES, _) => reply(&mut stream, GET_FEATURES, &FEATURES.to_le_bytes())?,
@@ -229,6 +242,10 @@ impl HostileBackend {
 
     fn connections(&self) -> usize {
         self.report.lock().unwrap().connections
+    }
+
+    fn stalled(&self) -> Option<usize> {
+        self.report.lock().unwrap().stalled
     }
 }
 
@@ -327,5 +344,39 @@ fn a_configuration_space_larger_than_the_device_is_refused() {
         "hostile-backend-config",
         Hostility::LargeConfig,
         "GET_CONFIG",
+    );
+}
+
+#[test]
+fn a_silent_backend_holds_neither_the_api_nor_sigterm() {
+    let dir = ScratchDir::new("hostile-backend-silent");
+    let image = dir.path("disk.img");
+    zeroed_image(&image, IMAGE_BYTES);
+    let socket = dir.path("blk.sock");
+    let mut real = BlkProcess::start(&socket, &["--image", utf8(&image)]);
+    let spec = socket_spec(&socket, &[]);
+    let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", LONG_COMPUTE], "");
+    real.terminate_cleanly();
+    let backend = HostileBackend::listen(&socket, Hostility::Silent);
+    vm.wait_until("pvstack waits for the silent backend's reply", |_| {
+        backend.stalled().is_some()
+    });
+    let stalled = backend.stalled();
+    // The API answers while pvstack still waits for that reply (it gives
+    // a backend 10 s per reply): the wait holds no lock the API needs.
+    assert_eq!(first_device(&vm)["backend_state"], "reconnecting");
+    assert_eq!(
+        backend.stalled(),
+        stalled,
+        "the API answered only once pvstack had given up on the backend"
+    );
+    // SIGTERM ends pvstack at once, not after the reply timeout and the
+    // next attempt.
+    let status = vm.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+    assert_eq!(
+        Some(backend.connections()),
+        stalled,
+        "pvstack tried again before it ended"
     );
 }
