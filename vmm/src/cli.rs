@@ -8,6 +8,7 @@ use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
 use crate::flavour::Privilege;
+use crate::snapshot::memfile::MemoryMode;
 
 /// What pvstack's own guest runs without --guest-args.
 pub const DEFAULT_GUEST_ARGS: &str = "hello";
@@ -155,6 +156,28 @@ pub enum CtlCommand {
     /// Operate on one device.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Pause the VM, stop its backends' rings and write its state and RAM
+    /// to DIR (created if missing; never overwritten), then resume with
+    /// --resume or stay paused (`resume` continues it). `pvstack restore
+    /// --from DIR` brings it back.
+    Snapshot {
+        /// The directory to write the snapshot to.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Resume the VM (and its backends' rings) after writing.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Replace the running pvstack with the one at --binary without
+    /// stopping the guest: the new process takes over guest memory, the
+    /// devices' eventfds and backend connections, the API socket and the
+    /// VM's state; this one exits once the new one runs the guest. On any
+    /// failure before that, this one resumes the guest and says why.
+    Upgrade {
+        /// The pvstack binary to run the VM from now on.
+        #[arg(long, value_name = "PATH")]
+        binary: PathBuf,
+    },
 }
 
 /// Device operations.
@@ -174,6 +197,55 @@ pub enum DeviceCommand {
         /// The device, e.g. blk0.
         id: String,
     },
+}
+
+/// Options of `pvstack restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory `pvstack ctl snapshot --to` wrote.
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+
+    /// Serve disk ID from another backend than the snapshot's, e.g.
+    /// `blk0=socket=/run/new.sock` or `blk1=image=disk.img`; repeatable.
+    /// It must offer what the guest's driver accepted, with as many queues.
+    #[arg(long = "blk", value_name = "ID=SPEC")]
+    pub blk: Vec<String>,
+
+    /// Serve NIC ID from another backend, e.g. `net0=socket=/run/n.sock`;
+    /// the guest keeps its MAC.
+    #[arg(long = "net", value_name = "ID=SPEC")]
+    pub net: Vec<String>,
+
+    /// Serve the virtio-console from another backend (as `run --console`).
+    #[arg(long, value_name = "SPEC")]
+    pub console: Option<ConsoleSpec>,
+
+    /// Serve the control API on PATH instead of the snapshot's socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Append pvstack's own guest's console to FILE instead of the
+    /// snapshot's --console-log.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+
+    /// How guest RAM comes back: `copy` (default) fills a new memfd with
+    /// the data the snapshot holds, keeping the snapshot; `map` maps the
+    /// snapshot's memory file itself as guest RAM: no copy and the same
+    /// cost at any size, but the guest then writes into the snapshot,
+    /// which is consumed (for a snapshot on tmpfs).
+    #[arg(long, value_name = "MODE", default_value = "copy")]
+    pub memory: MemoryMode,
+}
+
+/// Options of `pvstack take-over` (started by `pvstack ctl upgrade`).
+#[derive(Debug, Args)]
+pub struct TakeOverArgs {
+    /// The Unix socket (an inherited file descriptor) the running pvstack
+    /// hands the VM over on.
+    #[arg(long, value_name = "N")]
+    pub fd: i32,
 }
 
 /// Options of `pvstack check`.

@@ -16,6 +16,10 @@ pub use capped_file::CappedFile;
 
 use crate::error::Result;
 
+/// The size limit of a console log when none is given: 64 MiB, the
+/// default of `--console-log-max-bytes`.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 << 20;
+
 /// The console sink the CONSOLE_WRITE hypercall writes to, unbuffered.
 pub struct Console {
     out: Mutex<Box<dyn Write + Send>>,
@@ -32,6 +36,17 @@ impl Console {
     pub fn file(path: &Path, max_bytes: u64) -> Result<Console> {
         Ok(Console::from_writer(Box::new(CappedFile::create(
             path, max_bytes,
+        )?)))
+    }
+
+    /// Console output appended to `path` (a restored or taken-over VM
+    /// continues the log its earlier life wrote), kept within
+    /// [`DEFAULT_LOG_MAX_BYTES`] (the snapshot does not record the limit
+    /// the VM's first life ran with).
+    pub fn append(path: &Path) -> Result<Console> {
+        Ok(Console::from_writer(Box::new(CappedFile::append(
+            path,
+            DEFAULT_LOG_MAX_BYTES,
         )?)))
     }
 

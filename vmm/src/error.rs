@@ -105,6 +105,19 @@ pub enum Error {
     /// The control API answered with something unreadable.
     #[error("control API: {0}")]
     Api(String),
+    /// A snapshot directory cannot be used (missing, truncated, another
+    /// version, another host): the message names the difference.
+    #[error("snapshot {dir}: {reason}")]
+    Snapshot {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
+    /// A snapshot or take-over failed while the VM ran.
+    #[error("{0}")]
+    Takeover(String),
+    /// A device failed while being saved or restored.
+    #[error(transparent)]
+    Devices(#[from] pvstack_devices::Error),
 }
 
 /// Short for results with [`Error`].

@@ -54,8 +54,7 @@ fn perform(machine: &Machine, block: &mut HypercallBlock) -> Outcome {
             return Outcome::Stop;
         }
         nr::TIME_NS => {
-            block.results[0] =
-                u64::try_from(machine.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            block.results[0] = machine.time_ns();
             status::OK
         }
         nr::COUNTERS => counters(machine, a0, a1, &mut block.results),
@@ -169,6 +168,7 @@ mod tests {
             counters: ExitCounters::default(),
             lifecycle: Arc::new(Lifecycle::new(2)),
             created: Instant::now(),
+            time_base_ns: 0,
         }
     }
 

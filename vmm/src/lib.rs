@@ -22,6 +22,7 @@ pub mod machine;
 pub mod memory;
 pub mod run;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -17,7 +17,13 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// Creates `size` bytes of guest RAM backed by a fresh memfd.
 pub fn create(size: u64) -> Result<GuestMemory> {
-    let memfd = Arc::new(create_memfd(size)?);
+    from_file(create_memfd(size)?, size)
+}
+
+/// Guest RAM of `size` bytes backed by `file` (a memfd, or a snapshot's
+/// memory file), mapped shared.
+pub fn from_file(file: File, size: u64) -> Result<GuestMemory> {
+    let memfd = Arc::new(file);
     let regions: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_regions(size)
         .into_iter()
         .map(|(start, len, file_offset)| {
@@ -29,6 +35,16 @@ pub fn create(size: u64) -> Result<GuestMemory> {
         })
         .collect();
     Ok(GuestMemory::from_ranges_with_files(regions)?)
+}
+
+/// The file that backs all of `memory` (every region's `FileOffset`).
+pub fn backing_file(memory: &GuestMemory) -> Option<&Arc<File>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory
+        .iter()
+        .next()
+        .and_then(|region| region.file_offset())
+        .map(|fo| fo.arc())
 }
 
 /// The non-empty RAM ranges as `(guest address, length, offset in the memfd)`.
@@ -45,12 +61,12 @@ fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-/// The memfd behind guest RAM, `size` bytes long and sealed at that size
-/// before anyone else sees it: backends get the descriptor, and one that
+/// A new memfd for guest RAM, `size` bytes long (all holes) and sealed
+/// at that size before anyone else sees it: backends get the descriptor, and one that
 /// shrank it would make every later access to the lost pages a SIGBUS in
 /// the VMM. F_SEAL_SEAL keeps a backend from adding seals of its own
 /// (F_SEAL_FUTURE_WRITE would keep the next backend from mapping it).
-fn create_memfd(size: u64) -> Result<File> {
+pub fn create_memfd(size: u64) -> Result<File> {
     use memfd::FileSeal;
     let memory_error = |source| Error::Memory { size, source };
     let memfd_error = |e| match e {

@@ -125,15 +125,27 @@ enum Step {
 fn run_loop(vcpu: &mut Vcpu, machine: &Machine) -> Option<VmEnd> {
     let mut first_exit = vcpu.index == 0;
     let entered = Instant::now();
+    // Whether KVM owes the guest nothing: after an MMIO or port exit, KVM
+    // finishes the instruction (a read's value, RIP past a port write)
+    // only in the next KVM_RUN. A vCPU parks only when settled, so the
+    // state a snapshot reads is consistent and nothing is done twice.
+    let mut settled = true;
     loop {
         if machine.lifecycle.is_stopping() {
             return None;
         }
         if machine.lifecycle.is_paused() {
-            machine.lifecycle.wait_while_paused();
-            continue;
+            if settled {
+                machine.lifecycle.park(vcpu.index, &mut vcpu.fd);
+                continue;
+            }
+            // Complete the instruction and come straight back (or, where
+            // KVM enters the guest anyway, at the pauser's next kick).
+            vcpu.fd.set_kvm_immediate_exit(1);
         }
-        let step = handle_exit(vcpu.fd.run(), machine);
+        let exit = vcpu.fd.run();
+        settled = matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
+        let step = handle_exit(exit, machine);
         if first_exit {
             first_exit = false;
             log_boot_time(machine.created, entered);

@@ -132,6 +132,10 @@ pub enum Error {
     /// Starting a device's helper thread failed.
     #[error("cannot start the {what} thread: {source}")]
     Thread { what: String, source: io::Error },
+    /// A device cannot be put back in the state a snapshot or a take-over
+    /// recorded.
+    #[error("{device}: cannot restore the device: {reason}")]
+    Restore { device: String, reason: String },
 }
 
 impl Error {

@@ -24,6 +24,7 @@ use super::protocol::{
 use crate::error::{Error, Result};
 use crate::lifecycle::VmEnd;
 use crate::machine::Machine;
+use crate::snapshot::{self, LiveVm};
 
 /// How long a client may take to send a whole request line (from the
 /// connection, or from the previous response) or to take its response
@@ -48,6 +49,8 @@ pub struct ApiServer {
 /// What the server needs of the running VM.
 pub struct VmControl {
     pub machine: Arc<Machine>,
+    /// What snapshots and take-overs need; `None` where they are not offered.
+    pub live: Option<Arc<LiveVm>>,
     pub vcpus: u32,
     /// Kicks every vCPU thread out of `KVM_RUN` (so a pause takes effect).
     pub kick_vcpus: Box<dyn Fn() + Send>,
@@ -74,6 +77,17 @@ impl ApiServer {
             path: path.to_path_buf(),
             devices,
         })
+    }
+
+    /// Serves on a socket already bound at `path` (the one a take-over
+    /// hands over, so clients keep the same path throughout).
+    pub fn from_listener(listener: UnixListener, path: &Path, devices: Vec<ApiDevice>) -> Self {
+        info!("control API on {} (handed over)", path.display());
+        ApiServer {
+            listener,
+            path: path.to_path_buf(),
+            devices,
+        }
     }
 
     /// Serves the API from its own thread until the returned handle drops.
@@ -150,6 +164,14 @@ impl ApiServer {
                 Err(err) => Response::error(format!("bad request: {err}")),
             };
             write_response(&mut writer, &response)?;
+            if matches!(&response.result, Some(Reply::Upgrade { .. })) {
+                // The VM runs in the new process now; this one leaves
+                // without tearing anything down (the devices' backends,
+                // the API socket and the guest's memory are the new
+                // process's now).
+                info!("control API: the VM now runs in the new pvstack; exiting");
+                std::process::exit(0);
+            }
             if matches!(
                 &response,
                 Response {
@@ -170,12 +192,17 @@ impl ApiServer {
         match request {
             Request::Info {} => Response::ok(Reply::Info(self.info(vm))),
             Request::Pause {} => {
-                lifecycle.pause();
-                (vm.kick_vcpus)();
+                // Returns once every vCPU has stopped running guest code.
+                lifecycle.pause_until_parked(&*vm.kick_vcpus);
                 info!("control API: VM paused");
                 state_reply(vm)
             }
             Request::Resume {} => {
+                if let Some(live) = &vm.live {
+                    if let Err(err) = live.before_resume() {
+                        return Response::error(format!("cannot resume: {err}"));
+                    }
+                }
                 lifecycle.resume();
                 info!("control API: VM resumed");
                 state_reply(vm)
@@ -192,6 +219,35 @@ impl ApiServer {
             Request::DeviceReconnect { id } => self.with_device(&id, |device| {
                 control::reconnect(device).map(|stall| stall_reply(&id, stall))
             }),
+            Request::Snapshot { to, resume } => {
+                let Some(live) = &vm.live else {
+                    return Response::error("this VM cannot be snapshotted");
+                };
+                match snapshot::save::snapshot(live, vm, Path::new(&to), resume) {
+                    Ok(written) => Response::ok(Reply::Snapshot {
+                        dir: to,
+                        memory_bytes: written.memory_bytes,
+                        data_bytes: written.data_bytes,
+                        paused_us: micros(written.paused),
+                        state: vm_state(vm),
+                    }),
+                    Err(err) => Response::error(format!("snapshot failed: {err}")),
+                }
+            }
+            Request::Upgrade { binary } => {
+                let Some(live) = &vm.live else {
+                    return Response::error("this VM cannot be handed over");
+                };
+                match snapshot::takeover::hand_over(live, vm, &self.listener, Path::new(&binary)) {
+                    Ok(done) => Response::ok(Reply::Upgrade {
+                        pid: done.pid,
+                        paused_us: micros(done.paused),
+                    }),
+                    Err(err) => {
+                        Response::error(format!("upgrade failed, the VM runs on here: {err}"))
+                    }
+                }
+            }
         }
     }
 
@@ -290,8 +346,12 @@ fn state_reply(vm: &VmControl) -> Response {
 fn stall_reply(id: &str, stall: Duration) -> Reply {
     Reply::Stall {
         device: id.to_string(),
-        stall_us: u64::try_from(stall.as_micros()).unwrap_or(u64::MAX),
+        stall_us: micros(stall),
     }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn counters(stats: &StallStats) -> StallCounters {

@@ -21,14 +21,27 @@ pub struct CappedFile {
 impl CappedFile {
     /// Creates (or truncates) `path`, never through a symlink.
     pub fn create(path: &Path, max_bytes: u64) -> Result<Self> {
+        Self::open_as(path, max_bytes, Start::Afresh)
+    }
+
+    /// Opens `path` to add to what it holds (creating it if need be),
+    /// never through a symlink.
+    pub fn append(path: &Path, max_bytes: u64) -> Result<Self> {
+        Self::open_as(path, max_bytes, Start::AtTheEnd)
+    }
+
+    fn open_as(path: &Path, max_bytes: u64, start: Start) -> Result<Self> {
+        let file_error = |source| Error::File {
+            action: "open console log",
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = open(path, start).map_err(file_error)?;
+        let written = file.metadata().map_err(file_error)?.len();
         Ok(CappedFile {
             path: path.to_path_buf(),
-            file: open(path).map_err(|source| Error::File {
-                action: "create console log",
-                path: path.to_path_buf(),
-                source,
-            })?,
-            written: 0,
+            file,
+            written,
             max_bytes: max_bytes.max(1),
         })
     }
@@ -42,17 +55,27 @@ impl CappedFile {
 
     fn rotate(&mut self) -> std::io::Result<()> {
         std::fs::rename(&self.path, self.rotated())?;
-        self.file = open(&self.path)?;
+        self.file = open(&self.path, Start::Afresh)?;
         self.written = 0;
         Ok(())
     }
 }
 
-fn open(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .write(true)
+/// Whether an opened file starts empty or keeps what it holds.
+#[derive(Clone, Copy)]
+enum Start {
+    Afresh,
+    AtTheEnd,
+}
+
+fn open(path: &Path, start: Start) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    match start {
+        Start::Afresh => options.write(true).truncate(true),
+        Start::AtTheEnd => options.append(true),
+    };
+    options
         .create(true)
-        .truncate(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
@@ -62,10 +85,10 @@ impl Write for CappedFile {
     /// write larger than the limit) is dropped.
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let len = bytes.len() as u64;
-        if self.written > 0 && self.written + len > self.max_bytes {
+        if self.written > 0 && self.written.saturating_add(len) > self.max_bytes {
             self.rotate()?;
         }
-        let fits = len.min(self.max_bytes - self.written) as usize;
+        let fits = len.min(self.max_bytes.saturating_sub(self.written)) as usize;
         self.file.write_all(&bytes[..fits])?;
         self.written += fits as u64;
         Ok(bytes.len())
@@ -105,6 +128,23 @@ mod tests {
         // One write larger than the limit keeps its first bytes only.
         file.write_all(&[b'x'; 250]).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), vec![b'x'; 100]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn appending_counts_what_the_file_held() {
+        let dir = scratch("append");
+        let path = dir.join("console.log");
+        std::fs::write(&path, [b'a'; 90]).unwrap();
+        let mut file = CappedFile::append(&path, 100).unwrap();
+        file.write_all(b"12345").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 95);
+        file.write_all(b"0123456789").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
+        assert_eq!(
+            std::fs::metadata(dir.join("console.log.1")).unwrap().len(),
+            95
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

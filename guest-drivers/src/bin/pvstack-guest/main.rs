@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod aside;
 mod basic;
 mod bench;
 mod console_bench;

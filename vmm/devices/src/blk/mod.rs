@@ -186,10 +186,13 @@ pub fn create_blk(spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> 
 
 /// A block device served by a vhost-user backend.
 fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
-    let (mut handle, process) = connect(spec)?;
+    let (mut handle, process) = match ctx.inherited {
+        Some(inherited) => (inherited.adopt(&id)?, None),
+        None => connect(spec)?,
+    };
     let (shape, config) = negotiate_shape(spec, &mut handle)?;
     let queues = shape.queue_max_sizes.len() as u16;
-    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, queues)?;
+    let events = DeviceEvents::for_context(ctx, queues)?;
     info!(
         "{id}: {} sectors of {} bytes, {queues} queues of up to {}, {} on {}, MMIO {:#x} GSI {}",
         config.capacity,

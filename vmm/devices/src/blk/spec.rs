@@ -17,7 +17,7 @@ pub const MAX_QUEUES: u16 = 64;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
 /// Where a disk's requests are served (`mode=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlkMode {
     /// The register-level controller of `pvstack_protocols::legacy_blk`
     /// in the VMM: every register access, data words included, traps.
@@ -84,7 +84,7 @@ impl FromStr for BlkMode {
 }
 
 /// Where the disk comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlkSource {
     /// A backend already listening on this vhost-user socket.
     Socket(PathBuf),
@@ -93,7 +93,7 @@ pub enum BlkSource {
 }
 
 /// One block device as the command line describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlkSpec {
     /// Where the disk comes from.
     pub source: BlkSource,

@@ -64,9 +64,12 @@ impl ConsoleDevice {
 /// to a new child) and resumes where the guest left off.
 pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<ConsoleDevice> {
     let id = format!("console{}", ctx.index);
-    let (mut handle, process) = connect(spec)?;
+    let (mut handle, process) = match ctx.inherited {
+        Some(inherited) => (inherited.adopt(&id)?, None),
+        None => connect(spec)?,
+    };
     let shape = negotiate_shape(&mut handle)?;
-    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, 2)?;
+    let events = DeviceEvents::for_context(ctx, 2)?;
     info!(
         "{id}: virtio-console on {}, MMIO {:#x} GSI {}",
         handle.socket().display(),

@@ -133,9 +133,12 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
     if spec.mode == NetMode::Emulated {
         return create_emulated(id, spec, ctx, mac);
     }
-    let (handle, process) = connect(spec)?;
+    let (handle, process) = match ctx.inherited {
+        Some(inherited) => (inherited.adopt(&id)?, None),
+        None => connect(spec)?,
+    };
     let shape = negotiate_shape(spec, &handle, mac)?;
-    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, NUM_QUEUES as u16)?;
+    let events = DeviceEvents::for_context(ctx, NUM_QUEUES as u16)?;
     info!(
         "{id}: virtio-net {} mtu {}, features {:#x}, on {}, MMIO {:#x} GSI {}",
         format_mac(mac),

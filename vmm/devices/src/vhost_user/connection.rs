@@ -49,6 +49,13 @@ pub trait BackendConnection: Send {
     /// hang-up.
     fn shut_down(&self);
 
+    /// Tells this side of an adopted connection (see
+    /// `VhostUserHandle::adopt`) which features the running rings use,
+    /// without touching the rings.
+    fn acknowledge_features(&mut self, _setup: &RingSetup) -> Result<()> {
+        Ok(())
+    }
+
     /// Sets the backend up to serve `setup`'s queues.
     fn start(&mut self, setup: &mut RingSetup) -> Result<()> {
         self.prepare(setup)?;

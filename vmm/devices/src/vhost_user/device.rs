@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use pvstack_logging::{info_limited, warn_limited};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::BackendConnection;
+use super::control::DRAIN_TIMEOUT;
 use super::handle::{check_rings, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
 use super::peer::AllowedBackend;
 use super::process::BackendProcess;
@@ -666,6 +668,148 @@ impl VhostUserDevice {
     }
 }
 
+/// Where a stopped queue left off: what a snapshot records per queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingPosition {
+    pub queue: u16,
+    pub next_avail: u16,
+}
+
+/// Snapshots and take-overs: stopping the rings where they stand, starting
+/// them again there (on this or another backend), and adopting rings that
+/// a backend serves for another pvstack.
+impl VhostUserDevice {
+    /// The ring setup for what the driver programmed, every queue at 0.
+    fn ring_setup(&self, activation: &Activation<'_>) -> Result<RingSetup> {
+        let mut queues = Vec::new();
+        for (index, (config, kick)) in
+            (0u16..).zip(activation.queues.iter().zip(&activation.events.kicks))
+        {
+            if config.ready {
+                queues.push(ActiveQueue {
+                    index,
+                    config: *config,
+                    next_avail: 0,
+                    kick: clone_eventfd(kick, format!("{} queue {index} kicks", self.name))?,
+                });
+            }
+        }
+        Ok(RingSetup {
+            features: activation.features,
+            memory: self.memory.clone(),
+            queues,
+            call: clone_eventfd(&activation.events.call, format!("{} interrupts", self.name))?,
+            inflight: None,
+        })
+    }
+
+    /// Whether the backend is connected, so its rings can be stopped or
+    /// its connection handed over.
+    fn require_connected(&self, what: &str) -> Result<()> {
+        if self.state == BackendState::Connected {
+            return Ok(());
+        }
+        Err(Error::Incompatible {
+            socket: self.handle.socket().to_path_buf(),
+            reason: format!("the device is reconnecting to its backend; {what} once it is back"),
+        })
+    }
+
+    /// Stops the backend's rings as a swap does (disable, GET_VRING_BASE,
+    /// wait until everything taken is complete) and returns where each
+    /// queue stands; nothing of the device is in flight afterwards. Empty
+    /// while the driver does not run the device.
+    pub fn stop_rings(&mut self) -> Result<Vec<RingPosition>> {
+        self.require_connected("snapshot")?;
+        let Some(rings) = self.rings.as_mut() else {
+            return Ok(Vec::new());
+        };
+        self.handle.stop(rings)?;
+        // The backend may answer GET_VRING_BASE before it completed what it
+        // took; nothing may be in flight once this returns.
+        RingWatch::of(rings).drain(DRAIN_TIMEOUT)?;
+        Ok(rings
+            .queues
+            .iter()
+            .map(|q| RingPosition {
+                queue: q.index,
+                next_avail: q.next_avail,
+            })
+            .collect())
+    }
+
+    /// Starts the rings [`Self::stop_rings`] stopped again, on the same backend.
+    pub fn resume_rings(&mut self) -> Result<()> {
+        if let Some(rings) = self.rings.as_ref() {
+            self.handle.resume(rings)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the rings the driver programmed (`activation`) on this
+    /// device's backend at `positions` (a restored snapshot).
+    pub fn restore_rings(
+        &mut self,
+        activation: Activation<'_>,
+        positions: &[RingPosition],
+    ) -> Result<()> {
+        let mut setup = self.ring_setup(&activation)?;
+        for queue in &mut setup.queues {
+            let position = positions.iter().find(|p| p.queue == queue.index);
+            let Some(position) = position else {
+                return Err(Error::Restore {
+                    device: self.name.clone(),
+                    reason: format!(
+                        "the snapshot has no ring position for queue {}",
+                        queue.index
+                    ),
+                });
+            };
+            queue.next_avail = position.next_avail;
+        }
+        self.handle.start(&mut setup)?;
+        self.activation += 1;
+        self.rings_unserved = false;
+        info!(
+            "{}: rings restored on {} at {positions:?}",
+            self.name,
+            self.handle.socket().display()
+        );
+        self.rings = Some(setup);
+        Ok(())
+    }
+
+    /// Takes over rings that the backend keeps serving for the pvstack
+    /// that handed this device over: records what the driver programmed
+    /// and the backend's inflight log without stopping or restarting
+    /// anything (only this side learns the features).
+    pub fn adopt_rings(
+        &mut self,
+        activation: Activation<'_>,
+        inflight: Option<InflightLog>,
+    ) -> Result<()> {
+        let mut setup = self.ring_setup(&activation)?;
+        setup.inflight = inflight;
+        self.handle.acknowledge_features(&setup)?;
+        self.activation += 1;
+        self.rings_unserved = false;
+        self.rings = Some(setup);
+        Ok(())
+    }
+
+    /// The inflight log of the running rings, if the backend keeps one.
+    pub fn inflight_log(&self) -> Option<&InflightLog> {
+        self.rings.as_ref().and_then(|r| r.inflight.as_ref())
+    }
+
+    /// A duplicate of the connection to the backend, to hand it over to
+    /// another pvstack; refused while reconnecting.
+    pub fn connection_fd(&self) -> Result<OwnedFd> {
+        self.require_connected("hand the device over")?;
+        self.handle.watch_fd()
+    }
+}
+
 /// Sets every queue to resume at its used ring's index: the requests the
 /// driver has not seen completed are served again.
 fn rewind_to_used(rings: &mut RingSetup) -> Result<()> {
@@ -697,26 +841,7 @@ impl VirtioDevice for VhostUserDevice {
     /// its connection, and the rings wait, as after a hang-up, for the
     /// backend that reconnects. The same when no backend is connected.
     fn activate(&mut self, activation: Activation<'_>) -> Result<()> {
-        let mut queues = Vec::new();
-        for (index, (config, kick)) in
-            (0u16..).zip(activation.queues.iter().zip(&activation.events.kicks))
-        {
-            if config.ready {
-                queues.push(ActiveQueue {
-                    index,
-                    config: *config,
-                    next_avail: 0,
-                    kick: clone_eventfd(kick, format!("{} queue {index} kicks", self.name))?,
-                });
-            }
-        }
-        let mut setup = RingSetup {
-            features: activation.features,
-            memory: self.memory.clone(),
-            queues,
-            call: clone_eventfd(&activation.events.call, format!("{} interrupts", self.name))?,
-            inflight: None,
-        };
+        let mut setup = self.ring_setup(&activation)?;
         check_rings(&setup)?;
         self.activation += 1;
         self.rings_unserved = false;

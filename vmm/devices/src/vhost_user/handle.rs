@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use log::{debug, info};
+use serde::{Deserialize, Serialize};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -84,6 +85,46 @@ pub struct InflightLog {
     shape: VhostUserInflight,
 }
 
+/// The shape of an inflight log (what GET_INFLIGHT_FD answered), as a
+/// take-over hands it to the next pvstack with the log's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InflightShape {
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+impl InflightLog {
+    /// The memory the backend logs in.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its shape.
+    pub fn shape(&self) -> InflightShape {
+        InflightShape {
+            mmap_size: self.shape.mmap_size,
+            mmap_offset: self.shape.mmap_offset,
+            num_queues: self.shape.num_queues,
+            queue_size: self.shape.queue_size,
+        }
+    }
+
+    /// A log handed over by another pvstack: its memory and shape.
+    pub fn from_parts(file: File, shape: InflightShape) -> Self {
+        InflightLog {
+            file,
+            shape: VhostUserInflight {
+                mmap_size: shape.mmap_size,
+                mmap_offset: shape.mmap_offset,
+                num_queues: shape.num_queues,
+                queue_size: shape.queue_size,
+            },
+        }
+    }
+}
+
 impl std::fmt::Debug for InflightLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (size, queues, queue_size) = (
@@ -122,10 +163,27 @@ impl VhostUserHandle {
     }
 
     /// Negotiates over an established connection to the backend at
-    /// `socket`, once `allowed` has checked who the backend is: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES and,
-    /// with MQ, GET_QUEUE_NUM.
+    /// `socket`, once `allowed` has checked who the backend is: SET_OWNER,
+    /// GET_FEATURES, GET/SET_PROTOCOL_FEATURES and, with MQ, GET_QUEUE_NUM.
     pub fn from_stream(stream: UnixStream, socket: &Path, allowed: AllowedBackend) -> Result<Self> {
         allowed.check(&stream, socket)?;
+        let mut handle = Self::unnegotiated(stream, socket)?;
+        handle.negotiate(true)?;
+        Ok(handle)
+    }
+
+    /// Takes over a connection another pvstack set up and handed over
+    /// (its rings may be running): asks the backend again what it offers
+    /// and acknowledges the same protocol features, which only informs
+    /// this process's side of the conversation; SET_OWNER is not repeated
+    /// (the session is owned already).
+    pub fn adopt(stream: UnixStream, socket: &Path) -> Result<Self> {
+        let mut handle = Self::unnegotiated(stream, socket)?;
+        handle.negotiate(false)?;
+        Ok(handle)
+    }
+
+    fn unnegotiated(stream: UnixStream, socket: &Path) -> Result<Self> {
         let socket = socket.to_path_buf();
         let socket_error = |what, source| Error::Socket {
             socket: socket.clone(),
@@ -140,7 +198,7 @@ impl VhostUserHandle {
         let watchdog = ReplyWatchdog::new(duplicate()?, REPLY_TIMEOUT)
             .map_err(|e| socket_error("cannot start the reply watchdog", e))?;
         let stream_copy = duplicate()?;
-        let mut handle = VhostUserHandle {
+        Ok(VhostUserHandle {
             socket,
             stream: stream_copy,
             watchdog,
@@ -148,13 +206,13 @@ impl VhostUserHandle {
             backend_features: 0,
             protocol_features: VhostUserProtocolFeatures::empty(),
             queue_num: 1,
-        };
-        handle.negotiate()?;
-        Ok(handle)
+        })
     }
 
-    fn negotiate(&mut self) -> Result<()> {
-        self.step("SET_OWNER", |f| f.set_owner())?;
+    fn negotiate(&mut self, claim: bool) -> Result<()> {
+        if claim {
+            self.step("SET_OWNER", |f| f.set_owner())?;
+        }
         self.backend_features = self.step("GET_FEATURES", |f| f.get_features())?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.backend_features & protocol_bit == 0 {
@@ -369,6 +427,16 @@ impl BackendConnection for VhostUserHandle {
             setup.queues.len()
         );
         Ok(())
+    }
+
+    /// SET_FEATURES with what the driver accepted, on an adopted
+    /// connection whose rings run: the backend already serves them, and
+    /// this side of the conversation must know the features (VRING_ENABLE
+    /// needs VHOST_USER_F_PROTOCOL_FEATURES acknowledged).
+    fn acknowledge_features(&mut self, setup: &RingSetup) -> Result<()> {
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = setup.features | (self.backend_features & protocol_bit);
+        self.step("SET_FEATURES", |f| f.set_features(features))
     }
 
     /// A duplicate of the connection's socket, to watch for hang-up.

@@ -23,9 +23,9 @@ mod watchdog;
 pub use connection::BackendConnection;
 pub use device::{
     BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector,
-    VhostUserDevice,
+    RingPosition, VhostUserDevice,
 };
-pub use handle::{ActiveQueue, RingSetup, VhostUserHandle};
+pub use handle::{ActiveQueue, InflightLog, InflightShape, RingSetup, VhostUserHandle};
 pub use peer::AllowedBackend;
 pub use process::BackendProcess;
 pub use stall::StallStats;

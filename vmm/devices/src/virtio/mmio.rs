@@ -16,6 +16,8 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Activation, DeviceEvents, QueueConfig, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::error::Result;
@@ -318,6 +320,102 @@ impl<D: VirtioDevice> MmioTransport<D> {
         for queue in &mut self.queues {
             *queue = QueueConfig::new(queue.max_size);
         }
+    }
+}
+
+/// What the driver negotiated and programmed through one transport: all
+/// a snapshot or a take-over needs to give the device back to the driver
+/// as it left it. Ring positions are the device's business (a vhost-user
+/// backend reports them, see `VhostUserDevice::stop_rings`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueConfig>,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// The transport's registers as the driver left them.
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+        }
+    }
+
+    /// The transport's name in log lines.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device's kick and call eventfds.
+    pub fn events(&self) -> &DeviceEvents {
+        &self.events
+    }
+
+    /// Puts back the registers of `state` on a freshly created transport
+    /// and, if the driver had started the device, starts it again with
+    /// `start` (which decides where its rings resume) instead of the
+    /// normal activation. Refuses a state whose queues do not fit this
+    /// device (another queue count or size limit).
+    pub fn restore_state(
+        &mut self,
+        state: &TransportState,
+        start: impl FnOnce(&mut D, Activation<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let fits = state.queues.len() == self.queues.len()
+            && state
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .all(|(saved, ours)| saved.max_size == ours.max_size);
+        if !fits {
+            return Err(crate::Error::Restore {
+                device: self.name.clone(),
+                reason: format!(
+                    "the saved device has {} queues of at most {:?} entries, this one {} of at most {:?}",
+                    state.queues.len(),
+                    state.queues.iter().map(|q| q.max_size).collect::<Vec<_>>(),
+                    self.queues.len(),
+                    self.queues.iter().map(|q| q.max_size).collect::<Vec<_>>()
+                ),
+            });
+        }
+        if state.driver_features & !self.device.features() != 0 {
+            return Err(crate::Error::Restore {
+                device: self.name.clone(),
+                reason: format!(
+                    "the driver accepted features {:#x} that this backend does not offer",
+                    state.driver_features & !self.device.features()
+                ),
+            });
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues.clone_from(&state.queues);
+        if state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && state.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0
+        {
+            start(
+                &mut self.device,
+                Activation {
+                    features: self.driver_features,
+                    queues: &self.queues,
+                    events: &self.events,
+                },
+            )?;
+        }
+        self.status = state.status;
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::error::{Error, Result};
 
 /// One virtqueue as the driver programmed it through the transport.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     /// Largest size the device accepts (QueueNumMax).
     pub max_size: u16,
@@ -133,9 +133,46 @@ impl DeviceEvents {
     /// QueueNotify of the window at `mmio_base` (so a notification never
     /// exits to the VMM), the call to interrupt line `gsi` through an irqfd.
     pub fn register(vm: &VmFd, mmio_base: u64, gsi: u32, queues: u16) -> Result<Self> {
-        let events = Self::register_call(vm, gsi, queues)?;
+        let events = Self::new(queues)?;
+        events.bind(vm, mmio_base, gsi)?;
+        Ok(events)
+    }
+
+    /// The eventfds of the device `ctx` describes, bound in KVM as
+    /// [`Self::register`] binds them: new ones, or those the device
+    /// inherits from the pvstack that ran the VM before (whose backend
+    /// waits on and signals them).
+    pub fn for_context(ctx: &crate::DeviceContext<'_>, queues: u16) -> Result<Self> {
+        let Some(inherited) = ctx.inherited else {
+            return Self::register(ctx.vm, ctx.mmio_base, ctx.gsi, queues);
+        };
+        if inherited.kicks.len() != usize::from(queues) {
+            return Err(Error::Restore {
+                device: format!("device at MMIO {:#x}", ctx.mmio_base),
+                reason: format!(
+                    "{} queue eventfds were handed over for {queues} queues",
+                    inherited.kicks.len()
+                ),
+            });
+        }
+        let events = DeviceEvents {
+            kicks: inherited
+                .kicks
+                .iter()
+                .map(|k| clone_eventfd(k, "an inherited kick".into()))
+                .collect::<Result<_>>()?,
+            call: clone_eventfd(&inherited.call, "the inherited call".into())?,
+        };
+        events.bind(ctx.vm, ctx.mmio_base, ctx.gsi)?;
+        Ok(events)
+    }
+
+    /// Binds the call to `gsi` and each kick to QueueNotify at `mmio_base`.
+    fn bind(&self, vm: &VmFd, mmio_base: u64, gsi: u32) -> Result<()> {
+        vm.register_irqfd(&self.call, gsi)
+            .map_err(|source| Error::IrqFd { gsi, source })?;
         let addr = mmio_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
-        for (queue, kick) in (0u16..).zip(&events.kicks) {
+        for (queue, kick) in (0u16..).zip(&self.kicks) {
             vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), u32::from(queue))
                 .map_err(|source| Error::IoEvent {
                     queue,
@@ -143,7 +180,7 @@ impl DeviceEvents {
                     source,
                 })?;
         }
-        Ok(events)
+        Ok(())
     }
 
     /// Eventfds with only the call bound in KVM (to `gsi`, through an
