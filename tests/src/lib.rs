@@ -3,6 +3,7 @@
 //! running them with a generous timeout (so a hang fails instead of
 //! blocking forever), and reading the guest's `RESULT` lines.
 
+pub mod api_vm;
 pub mod blk_process;
 pub mod blk_vm;
 pub mod nested;

@@ -65,6 +65,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
 
+    /// Largest size of the --console-log file (the guest fills it): output
+    /// that would take it past this first moves it to FILE.1, replacing
+    /// the one before. Sizes as for --memory (64M, 1G, bytes).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_log_size)]
+    pub console_log_max_bytes: u64,
+
     /// The KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
@@ -76,7 +82,9 @@ pub struct RunArgs {
     /// `id=ID` (default blkN), `num-queues=N` (default: all the backend
     /// serves), `queue-size=N` (power of two), `readonly`,
     /// `reconnect-timeout=SECS` (how long to keep reconnecting after the
-    /// backend hangs up; default: for ever). With `image=`,
+    /// backend hangs up; default: for ever), `backend-uid=UID` (a user
+    /// besides pvstack's own and root whose backend may get guest memory;
+    /// a backend running as anyone else is refused). With `image=`,
     /// `mode=MODE` picks where requests are served: `vhost-user` (default),
     /// `vhost-user-poll` (pvstack-blk busy-polls the queue between
     /// batches, so a busy guest rarely kicks), or the baselines in the VMM,
@@ -246,6 +254,14 @@ pub struct CheckArgs {
     /// The KVM device node to check.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+}
+
+/// Parses a log size limit: a size as for memory, at least one byte.
+pub fn parse_log_size(text: &str) -> Result<u64, String> {
+    match pvstack_options::parse_size(text)? {
+        0 => Err("a log size limit must be at least 1 byte".into()),
+        bytes => Ok(bytes),
+    }
 }
 
 /// Parses a memory size such as `256M`, `1G`, `4096K` or plain bytes, and

@@ -25,13 +25,15 @@ pub fn handle_doorbell(machine: &Machine, block_addr: u64) -> Outcome {
     let mut block = match machine.memory.read_obj::<Abi<HypercallBlock>>(addr) {
         Ok(Abi(block)) => block,
         Err(e) => {
-            log::warn!("hypercall block at {block_addr:#x} is not in guest RAM ({e}); ignored");
+            pvstack_logging::warn_limited!(
+                "hypercall block at {block_addr:#x} is not in guest RAM ({e}); ignored"
+            );
             return Outcome::Resume;
         }
     };
     let outcome = perform(machine, &mut block);
     if let Err(e) = machine.memory.write_obj(Abi(block), addr) {
-        log::warn!("cannot write hypercall results to {block_addr:#x}: {e}");
+        pvstack_logging::warn_limited!("cannot write hypercall results to {block_addr:#x}: {e}");
     }
     outcome
 }
@@ -65,7 +67,7 @@ fn perform(machine: &Machine, block: &mut HypercallBlock) -> Outcome {
             },
         ),
         other => {
-            log::warn!("guest made unknown hypercall {other}");
+            pvstack_logging::warn_limited!("guest made unknown hypercall {other}");
             status::UNKNOWN_CALL
         }
     };
@@ -86,7 +88,7 @@ fn console_write(machine: &Machine, addr: u64, len: u64, results: &mut [u64; 2])
     }
     if let Err(e) = machine.console.write(&text) {
         // The guest cannot fix the host's console; it still gets its answer.
-        log::warn!("cannot write guest console output: {e}");
+        pvstack_logging::warn_limited!("cannot write guest console output: {e}");
     }
     results[0] = len;
     status::OK

@@ -19,7 +19,7 @@ use crate::api::{ApiDevice, ApiServer};
 use crate::boot::linux::LinuxGuest;
 use crate::boot::{own_guest, Guest, KernelKind};
 use crate::cli::RunArgs;
-use crate::console::Console;
+use crate::console::{guest_stdout, Console};
 use crate::error::{Error, Result};
 use crate::flavour::{Flavour, Privilege};
 use crate::lifecycle::VmEnd;
@@ -36,7 +36,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
         check_linux_options(args)?;
     }
     let console = match &args.console_log {
-        Some(path) => Console::file(path)?,
+        Some(path) => Console::file(path, args.console_log_max_bytes)?,
         None => Console::stdout(),
     };
     let mut vm = Vm::new(&VmConfig {
@@ -402,12 +402,8 @@ fn attach_consoles(
         cause: source,
     };
     if serial && linux {
-        let port = create_serial_port(
-            vm.vm_fd(),
-            Box::new(std::io::stdout()),
-            Some(Box::new(std::io::stdin())),
-        )
-        .map_err(serial_error)?;
+        let port = create_serial_port(vm.vm_fd(), guest_stdout(), Some(Box::new(std::io::stdin())))
+            .map_err(serial_error)?;
         vm.add_serial_port(&port)?;
         let consoles = Consoles {
             _virtio: virtio,
@@ -419,11 +415,9 @@ fn attach_consoles(
     let mut uart = None;
     if serial {
         let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, 0);
-        let device = create_uart(&context, Box::new(std::io::stdout())).map_err(|source| {
-            Error::Console {
-                option: "serial",
-                cause: source,
-            }
+        let device = create_uart(&context, guest_stdout()).map_err(|source| Error::Console {
+            option: "serial",
+            cause: source,
         })?;
         vm.add_device(slot, device.bus_device(), device.info())?;
         uart = Some(device);

@@ -200,7 +200,7 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
         Ok(VcpuExit::MmioWrite(addr, data)) => {
             counters.record(ExitKind::Mmio);
             if !machine.bus.write(addr, data) {
-                log::warn!(
+                pvstack_logging::warn_limited!(
                     "guest wrote {} bytes to unmapped MMIO {addr:#x}; dropped",
                     data.len()
                 );
@@ -210,7 +210,7 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
         Ok(VcpuExit::MmioRead(addr, data)) => {
             counters.record(ExitKind::Mmio);
             if !machine.bus.read(addr, data) {
-                log::warn!(
+                pvstack_logging::warn_limited!(
                     "guest read {} bytes of unmapped MMIO {addr:#x}; all ones",
                     data.len()
                 );

@@ -22,6 +22,15 @@ pub enum Error {
     /// Connecting to a backend's socket failed.
     #[error("vhost-user socket {socket}: cannot connect: {cause}")]
     Connect { socket: PathBuf, cause: io::Error },
+    /// The process listening on a backend's socket runs as a user that
+    /// may not get guest memory.
+    #[error("vhost-user socket {socket}: refused: the backend (pid {pid}) runs as uid {uid}, not as pvstack's uid {ours} or root; add backend-uid={uid} to trust it")]
+    BackendNotAllowed {
+        socket: PathBuf,
+        uid: u32,
+        pid: i32,
+        ours: u32,
+    },
     /// Configuring the connection to a backend failed.
     #[error("vhost-user socket {socket}: {what}: {cause}")]
     Socket {
@@ -79,6 +88,14 @@ pub enum Error {
     /// The driver programmed a queue the device cannot use.
     #[error("queue {queue}: {reason}")]
     InvalidQueue { queue: u16, reason: String },
+    /// A stopped backend did not complete the requests it had taken.
+    #[error("queue {queue}: the backend took requests up to {taken} but completed only up to {completed} within {waited:?}")]
+    Drain {
+        queue: u16,
+        taken: u16,
+        completed: u16,
+        waited: std::time::Duration,
+    },
     /// A disk image cannot be used.
     #[error("image {path}: {cause}")]
     Image { path: PathBuf, cause: io::Error },

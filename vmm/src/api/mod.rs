@@ -3,6 +3,7 @@
 //! both speak the messages of [`protocol`].
 
 pub mod client;
+mod line;
 pub mod protocol;
 pub mod server;
 

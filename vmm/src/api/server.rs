@@ -1,23 +1,23 @@
 //! The control API server: a Unix socket served by one thread, one
 //! connection at a time, one JSON request per line (see vmm/API.md).
 //! Nothing a client sends can harm the VM: a bad line gets an error
-//! response, an overlong line or a silent client loses its connection.
+//! response; an overlong line, or a line that is not complete within
+//! [`REQUEST_TIMEOUT`] (however it trickles in), loses the connection.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use pvstack_devices::vhost_user::{
-    BackendState, SharedVhostUserDevice, StallStats, VhostUserDevice,
-};
-use pvstack_devices::virtio::mmio::MmioTransport;
+use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
+use super::line::{read_line, DeadlineStream, Line};
 use super::protocol::{
     DeviceInfo, Reply, Request, Response, StallCounters, VmInfo, VmState, MAX_REQUEST_BYTES,
 };
@@ -26,9 +26,10 @@ use crate::lifecycle::VmEnd;
 use crate::machine::Machine;
 use crate::snapshot::{self, LiveVm};
 
-/// How long a client may take to send a request line (or to take its
-/// response) before the server drops it and serves the next client.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a whole request line (from the
+/// connection, or from the previous response) or to take its response
+/// before the server drops it and serves the next client.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks whether the VM is ending.
 const ACCEPT_POLL_MS: i32 = 100;
 
@@ -126,28 +127,34 @@ impl ApiServer {
         }
     }
 
-    /// Answers each request line of one client until it hangs up, goes
-    /// silent for [`CLIENT_TIMEOUT`] or sends an overlong line.
+    /// Answers each request line of one client until it hangs up, does
+    /// not complete a line within [`REQUEST_TIMEOUT`] or sends an overlong
+    /// line.
     fn serve_client(&self, stream: UnixStream, vm: &VmControl) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(DeadlineStream::new(stream));
         loop {
-            let mut line = Vec::new();
-            let read = (&mut reader)
-                .take(MAX_REQUEST_BYTES as u64 + 1)
-                .read_until(b'\n', &mut line)?;
-            if read == 0 {
-                return Ok(());
-            }
-            if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
-                let response = Response::error(format!(
-                    "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
-                ));
-                write_response(&mut writer, &response)?;
-                return Ok(());
-            }
+            let line = match read_line(&mut reader, MAX_REQUEST_BYTES, REQUEST_TIMEOUT) {
+                Ok(Line::Complete(line)) => line,
+                Ok(Line::End) => return Ok(()),
+                Ok(Line::TooLong) => {
+                    let response = Response::error(format!(
+                        "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
+                    ));
+                    return write_response(&mut writer, &response);
+                }
+                Err(err) if err.kind() == ErrorKind::TimedOut => {
+                    let response = Response::error(format!(
+                        "no complete request line within {} s; closing the connection",
+                        REQUEST_TIMEOUT.as_secs()
+                    ));
+                    // The client may not read it; it is dropped either way.
+                    let _ = write_response(&mut writer, &response);
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            };
             let text = String::from_utf8_lossy(&line);
             if text.trim().is_empty() {
                 continue;
@@ -207,12 +214,10 @@ impl ApiServer {
                 state_reply(vm)
             }
             Request::DeviceSwap { id, socket } => self.with_device(&id, |device| {
-                device
-                    .swap(Path::new(&socket))
-                    .map(|stall| stall_reply(&id, stall))
+                control::swap(device, Path::new(&socket)).map(|stall| stall_reply(&id, stall))
             }),
             Request::DeviceReconnect { id } => self.with_device(&id, |device| {
-                device.reconnect().map(|stall| stall_reply(&id, stall))
+                control::reconnect(device).map(|stall| stall_reply(&id, stall))
             }),
             Request::Snapshot { to, resume } => {
                 let Some(live) = &vm.live else {
@@ -246,16 +251,18 @@ impl ApiServer {
         }
     }
 
+    /// Runs `operation` on device `id`; it takes the device's lock itself,
+    /// only while it does not wait for a backend.
     fn with_device(
         &self,
         id: &str,
-        operation: impl FnOnce(&mut VhostUserDevice) -> pvstack_devices::Result<Reply>,
+        operation: impl FnOnce(&SharedVhostUserDevice) -> pvstack_devices::Result<Reply>,
     ) -> Response {
         let Some(entry) = self.devices.iter().find(|d| d.id == id) else {
             let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
             return Response::error(format!("no device {id:?} (devices: {})", known.join(", ")));
         };
-        match operation(lock(&entry.device).device_mut()) {
+        match operation(&entry.device) {
             Ok(reply) => Response::ok(reply),
             Err(err) => Response::error(format!("{id}: {err}")),
         }
@@ -266,10 +273,10 @@ impl ApiServer {
             .devices
             .iter()
             .map(|entry| {
-                let status = lock(&entry.device).device().status();
+                let status = control::lock(&entry.device).device().status();
                 DeviceInfo {
                     id: entry.id.clone(),
-                    kind: "vhost-user-blk".into(),
+                    kind: kind(status.device_id).into(),
                     socket: status.socket.display().to_string(),
                     backend_pid: status.pid,
                     backend_state: match status.state {
@@ -309,8 +316,14 @@ impl Drop for RunningApi {
     }
 }
 
-fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
+/// The `kind` of a vhost-user device in `info`, by virtio device id.
+fn kind(device_id: u32) -> &'static str {
+    match device_id {
+        VIRTIO_ID_NET => "vhost-user-net",
+        VIRTIO_ID_BLOCK => "vhost-user-blk",
+        VIRTIO_ID_CONSOLE => "vhost-user-console",
+        _ => "vhost-user",
+    }
 }
 
 fn vm_state(vm: &VmControl) -> VmState {

@@ -8,10 +8,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
+use log::info;
 use pvstack_block::answer::{answer, Disk, Outcome};
 use pvstack_block::config::{self, DiskLimits, ID_BYTES, SECTOR_SIZE};
 use pvstack_block::image::DiskImage;
+use pvstack_logging::warn_limited;
 use pvstack_protocols::boot::device_kind;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -130,14 +131,14 @@ impl VirtioDevice for EmulatedVirtioBlk {
 
     fn process_notification(&mut self, queue: u16) -> bool {
         let Some(running) = self.running.as_mut() else {
-            warn!(
+            warn_limited!(
                 "{}: notification while the device is not running",
                 self.name
             );
             return true;
         };
         let Some(Some(ring)) = running.queues.get_mut(usize::from(queue)) else {
-            warn!(
+            warn_limited!(
                 "{}: notification for queue {queue}, which is not enabled",
                 self.name
             );
@@ -178,12 +179,12 @@ impl Served<'_> {
         let queue_size = ring.size();
         loop {
             if let Err(e) = ring.disable_notification(mem) {
-                warn!("{name}: queue {queue}: cannot disable notifications: {e}");
+                warn_limited!("{name}: queue {queue}: cannot disable notifications: {e}");
             }
             let chains = match ring.iter(mem) {
                 Ok(iter) => iter.collect::<Vec<_>>(),
                 Err(e) => {
-                    warn!("{name}: queue {queue}: cannot read the available ring: {e}");
+                    warn_limited!("{name}: queue {queue}: cannot read the available ring: {e}");
                     return;
                 }
             };
@@ -192,28 +193,30 @@ impl Served<'_> {
                 let head = chain.head_index();
                 let answered = answer(chain, mem, self.disk, queue_size);
                 if !matches!(answered.outcome, Outcome::Done) {
-                    warn!("{name}: queue {queue}: {:?}", answered.outcome);
+                    warn_limited!("{name}: queue {queue}: {:?}", answered.outcome);
                 }
                 self.stats.request();
                 if let Err(e) = ring.add_used(mem, head, answered.used_len) {
-                    warn!("{name}: queue {queue}: cannot return chain {head}: {e}");
+                    warn_limited!("{name}: queue {queue}: cannot return chain {head}: {e}");
                 }
             }
             if any {
                 match ring.needs_notification(mem) {
                     Ok(true) => match call.write(1) {
                         Ok(()) => self.stats.interrupt(),
-                        Err(e) => warn!("{name}: cannot raise the interrupt: {e}"),
+                        Err(e) => warn_limited!("{name}: cannot raise the interrupt: {e}"),
                     },
                     Ok(false) => {}
-                    Err(e) => warn!("{name}: queue {queue}: cannot read the used event: {e}"),
+                    Err(e) => {
+                        warn_limited!("{name}: queue {queue}: cannot read the used event: {e}")
+                    }
                 }
             }
             match ring.enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    warn!("{name}: queue {queue}: cannot enable notifications: {e}");
+                    warn_limited!("{name}: queue {queue}: cannot enable notifications: {e}");
                     return;
                 }
             }

@@ -216,6 +216,7 @@ fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         handle,
         process,
         reconnector,
+        spec.allowed_backend(),
     );
     let policy = ReconnectPolicy {
         window: spec.reconnect_timeout,
@@ -274,7 +275,10 @@ fn backend_args(spec: &BlkSpec, image: &Path) -> Vec<OsString> {
 /// Connects to the backend, starting it first for `image=`.
 fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     match &spec.source {
-        BlkSource::Socket(socket) => Ok((VhostUserHandle::connect(socket)?, None)),
+        BlkSource::Socket(socket) => Ok((
+            VhostUserHandle::connect(socket, spec.allowed_backend())?,
+            None,
+        )),
         BlkSource::Image(image) => {
             // Checked here so that a missing or unwritable image is one
             // clear error rather than a backend that exits at start.
@@ -288,7 +292,8 @@ fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> 
                 })?;
             let (process, stream) =
                 BackendProcess::start(BACKEND_PROGRAM, &backend_args(spec, image))?;
-            let handle = VhostUserHandle::from_stream(stream, process.socket())?;
+            let handle =
+                VhostUserHandle::from_stream(stream, process.socket(), spec.allowed_backend())?;
             Ok((handle, Some(process)))
         }
     }

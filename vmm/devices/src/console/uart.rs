@@ -15,7 +15,8 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use log::{debug, info, warn};
+use log::{debug, info};
+use pvstack_logging::warn_limited;
 use pvstack_protocols::boot::{device_kind, DeviceInfo};
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
@@ -51,11 +52,11 @@ impl SerialEvents for InputDrained {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        warn!("uart: a byte the guest sent was lost (output failed)");
+        warn_limited!("uart: a byte the guest sent was lost (output failed)");
     }
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
-            warn!("uart: cannot signal the input thread: {e}");
+            warn_limited!("uart: cannot signal the input thread: {e}");
         }
     }
 }
@@ -96,7 +97,7 @@ impl Uart16550 {
         match self.serial.enqueue_raw_bytes(bytes) {
             Ok(count) => count,
             Err(e) => {
-                warn!("uart: cannot queue input: {e:?}");
+                warn_limited!("uart: cannot queue input: {e:?}");
                 0
             }
         }
@@ -118,7 +119,7 @@ impl BusDevice for Uart16550 {
             return;
         };
         if let Err(e) = self.serial.write(register as u8, *value) {
-            warn!("uart: write of register {register}: {e:?}");
+            warn_limited!("uart: write of register {register}: {e:?}");
         }
     }
 }
@@ -209,7 +210,7 @@ fn feed_input(uart: &Mutex<Uart16550>, drained: &EventFd, mut input: Box<dyn Rea
             Ok(count) => count,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                warn!("uart: cannot read input: {e}");
+                warn_limited!("uart: cannot read input: {e}");
                 return;
             }
         };
@@ -242,7 +243,7 @@ fn wait_for_room(drained: &EventFd) -> bool {
         }
         let error = std::io::Error::last_os_error();
         if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
-            warn!("uart: cannot wait for the guest to read input: {error}");
+            warn_limited!("uart: cannot wait for the guest to read input: {error}");
             return false;
         }
     }

@@ -37,8 +37,9 @@ pub trait BackendConnection: Send {
     /// Starts the prepared backend where `setup`'s queues stand.
     fn resume(&mut self, setup: &RingSetup) -> Result<()>;
 
-    /// Stops the backend's rings, waits until every request it took is
-    /// complete, and records in `setup` where each queue left off.
+    /// Stops the backend's rings and records in `setup` where each queue
+    /// left off. Requests the backend took may still be completing: see
+    /// [`super::watch::RingWatch::drain`].
     fn stop(&mut self, setup: &mut RingSetup) -> Result<()>;
 
     /// A duplicate of the connection's socket, to watch for hang-up.

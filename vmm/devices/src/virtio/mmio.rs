@@ -8,7 +8,8 @@
 //! KVM delivers QueueNotify writes to the kick eventfds and the call
 //! eventfd raises the interrupt line (see [`DeviceEvents`]).
 
-use log::{debug, error, trace, warn};
+use log::{debug, trace};
+use pvstack_logging::{error_limited, warn_limited};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
@@ -92,16 +93,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn programmable_queue(&mut self, register: u32) -> Option<&mut QueueConfig> {
         let live = self.is_live();
         let Some(queue) = self.queues.get_mut(self.queue_sel as usize) else {
-            warn!(
+            warn_limited!(
                 "{}: write to register {register:#x} for queue {} that does not exist; ignored",
-                self.name, self.queue_sel
+                self.name,
+                self.queue_sel
             );
             return None;
         };
         if live || (queue.ready && register != VIRTIO_MMIO_QUEUE_READY) {
-            warn!(
+            warn_limited!(
                 "{}: write to register {register:#x} of queue {} while it is in use; ignored",
-                self.name, self.queue_sel
+                self.name,
+                self.queue_sel
             );
             return None;
         }
@@ -156,7 +159,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         queue.size = size;
                     }
                 }
-                Err(_) => warn!("{}: queue size {value} out of range; ignored", self.name),
+                Err(_) => warn_limited!("{}: queue size {value} out of range; ignored", self.name),
             },
             VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(queue) = self.programmable_queue(register) {
@@ -187,7 +190,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_INTERRUPT_ACK => trace!("{}: interrupt ack {value:#x}", self.name),
             VIRTIO_MMIO_STATUS => self.write_status(value),
             VIRTIO_MMIO_SHM_SEL => {}
-            _ => warn!(
+            _ => warn_limited!(
                 "{}: write of {value:#x} to read-only or unknown register {register:#x}; ignored",
                 self.name
             ),
@@ -197,7 +200,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn write_driver_features(&mut self, value: u32) {
         let negotiating = self.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
         if negotiating != 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver features written after FEATURES_OK; ignored",
                 self.name
             );
@@ -206,7 +209,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match self.driver_features_sel {
             0 => set_half(&mut self.driver_features, false, value),
             1 => set_half(&mut self.driver_features, true, value),
-            sel => warn!("{}: driver features word {sel} does not exist", self.name),
+            sel => warn_limited!("{}: driver features word {sel} does not exist", self.name),
         }
     }
 
@@ -230,10 +233,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match kick {
             Some(kick) => {
                 if let Err(err) = kick.write(1) {
-                    error!("{}: cannot kick queue {value}: {err}", self.name);
+                    error_limited!("{}: cannot kick queue {value}: {err}", self.name);
                 }
             }
-            None => warn!(
+            None => warn_limited!(
                 "{}: notification for queue {value} that does not exist",
                 self.name
             ),
@@ -247,7 +250,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let cleared = self.status & !value;
         if cleared != 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver cleared status bits {cleared:#x} without a reset; ignored",
                 self.name
             );
@@ -261,10 +264,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-                warn!("{}: DRIVER_OK without FEATURES_OK; ignored", self.name);
+                warn_limited!("{}: DRIVER_OK without FEATURES_OK; ignored", self.name);
                 status &= !VIRTIO_CONFIG_S_DRIVER_OK;
             } else if let Err(err) = self.activate() {
-                error!("{}: cannot start the device: {err}", self.name);
+                error_limited!("{}: cannot start the device: {err}", self.name);
                 status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             }
         }
@@ -275,14 +278,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let offered = self.device.features();
         let unknown = self.driver_features & !offered;
         if unknown != 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver accepted features {unknown:#x} that were not offered",
                 self.name
             );
             return false;
         }
         if self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)",
                 self.name
             );
@@ -445,7 +448,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
                 data.copy_from_slice(&value.to_le_bytes());
             }
             None => {
-                warn!(
+                warn_limited!(
                     "{}: {}-byte read at {offset:#x} is not a register access; reads as zero",
                     self.name,
                     data.len()
@@ -457,7 +460,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            warn!(
+            warn_limited!(
                 "{}: write to the read-only configuration space at {:#x}; ignored",
                 self.name,
                 offset - u64::from(VIRTIO_MMIO_CONFIG)
@@ -466,7 +469,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         }
         match (register_at(offset, data.len()), <[u8; 4]>::try_from(data)) {
             (Some(register), Ok(bytes)) => self.write_register(register, u32::from_le_bytes(bytes)),
-            _ => warn!(
+            _ => warn_limited!(
                 "{}: {}-byte write at {offset:#x} is not a register access; ignored",
                 self.name,
                 data.len()
