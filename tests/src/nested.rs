@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use base64::prelude::{Engine, BASE64_STANDARD};
 
-use crate::qemu::GuestRun;
+use crate::qemu::{linux_guest_assets, GuestRun};
 use crate::{parse_result, run_to_end_within, target_profile_dir, ScratchDir};
 
 /// Longest one L1 run (boot, script, power-off) may take before the
@@ -45,6 +45,27 @@ wait_until() {
     done
 }
 "#;
+
+/// Where [`Nested::with_linux_guest`] puts the L2 kernel in the L1.
+pub const L2_KERNEL: &str = "/l2/vmlinuz";
+/// Where [`Nested::with_linux_guest`] puts the L2 initramfs in the L1.
+pub const L2_INITRAMFS: &str = "/l2/initramfs.cpio.gz";
+
+/// An L1 step that writes the L2's test script to /tmp/guest.sh and its
+/// base64, what the initramfs takes in `pvtest=`, to /tmp/guest.b64.
+pub fn guest_script(script: &str) -> String {
+    format!(
+        "cat >/tmp/guest.sh <<'GUEST'\n{script}\nGUEST\nbase64 -w0 /tmp/guest.sh >/tmp/guest.b64"
+    )
+}
+
+/// The rest of the first line of `text` that starts with `prefix` (after
+/// trailing whitespace is cut); panics with `text` if there is none.
+pub fn line_after<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.trim_end().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line `{prefix}...` in:\n{text}"))
+}
 
 /// One L1 runs at a time: two would share the host's cores and memory.
 static L1: Mutex<()> = Mutex::new(());
@@ -93,6 +114,14 @@ impl Nested {
     pub fn program(self, name: &str) -> Nested {
         let path = host_program(name);
         self.file(&path, &path)
+    }
+
+    /// Puts the Linux guest of scripts/fetch-linux-guest (an L2 for
+    /// pvstack in the L1) at [`L2_KERNEL`] and [`L2_INITRAMFS`].
+    pub fn with_linux_guest(self) -> Nested {
+        let assets = linux_guest_assets();
+        self.file(&assets.kernel, Path::new(L2_KERNEL))
+            .file(&assets.initramfs, Path::new(L2_INITRAMFS))
     }
 
     /// Also copies QEMU (qemu-system-x86_64, its libraries and firmware)
@@ -200,12 +229,7 @@ impl NestedRun {
     /// The rest of the first line of step `name`'s output that starts
     /// with `prefix`; panics with the output if there is none.
     pub fn line_after(&self, name: &str, prefix: &str) -> String {
-        let output = self.output(name);
-        output
-            .lines()
-            .find_map(|line| line.strip_prefix(prefix))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("step {name} printed no line `{prefix}...`:\n{output}"))
+        line_after(&self.output(name), prefix).to_string()
     }
 }
 
