@@ -208,6 +208,8 @@ qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$img \
     >/tmp/q.log 2>&1 &
 q=$!
 wait_until "the three backends" test -S /tmp/a.sock -a -S /tmp/b.sock -a -S /tmp/q.sock || exit 1
+# There before pvstack's redirection makes it: it is counted right away.
+: >/tmp/linux.out
 RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 512M --serial \
     --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 \
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
