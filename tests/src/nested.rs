@@ -23,7 +23,8 @@ use crate::qemu::{linux_guest_assets, GuestRun};
 use crate::{parse_result, run_to_end_within, target_profile_dir, ScratchDir};
 
 /// Longest one L1 run (boot, script, power-off) may take before the
-/// harness kills it: a hang, never a timing requirement.
+/// harness kills it, unless [`Nested::timeout`] says otherwise: a hang,
+/// never a timing requirement.
 const L1_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// Shell functions every script can use.
@@ -75,6 +76,7 @@ pub struct Nested {
     name: String,
     script: String,
     harness_args: Vec<String>,
+    timeout: Duration,
 }
 
 impl Nested {
@@ -84,6 +86,7 @@ impl Nested {
             name: name.to_string(),
             script: PRELUDE.to_string(),
             harness_args: Vec::new(),
+            timeout: L1_TIMEOUT,
         }
     }
 
@@ -116,6 +119,14 @@ impl Nested {
         self.file(&path, &path)
     }
 
+    /// Allows this run `timeout` before it counts as hung (default
+    /// [`L1_TIMEOUT`]): for runs that move a lot of data through an L2,
+    /// where everything is emulated twice over.
+    pub fn timeout(mut self, timeout: Duration) -> Nested {
+        self.timeout = timeout;
+        self
+    }
+
     /// Puts the Linux guest of scripts/fetch-linux-guest (an L2 for
     /// pvstack in the L1) at [`L2_KERNEL`] and [`L2_INITRAMFS`].
     pub fn with_linux_guest(self) -> Nested {
@@ -144,15 +155,15 @@ impl Nested {
             .arg("--bin-dir")
             .arg(target_profile_dir())
             .arg("--timeout")
-            .arg(L1_TIMEOUT.as_secs().to_string())
+            .arg(self.timeout.as_secs().to_string())
             .args(&self.harness_args)
             .arg("--script")
             .arg(&script);
         let _one_at_a_time = L1.lock().unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
-        // The harness stops QEMU itself at L1_TIMEOUT; this only guards
+        // The harness stops QEMU itself at the timeout; this only guards
         // against the harness hanging.
-        let finished = run_to_end_within(&mut command, L1_TIMEOUT + Duration::from_secs(60));
+        let finished = run_to_end_within(&mut command, self.timeout + Duration::from_secs(60));
         eprintln!(
             "nested run {}: {:.1} s (L1 boot, script, power-off)",
             self.name,

@@ -8,11 +8,17 @@
 //! taken on both sides, what the L2 printed (its kernel log included)
 //! and the control API's counters.
 
+use std::time::Duration;
+
 use pvstack_tests::nested::{guest_script, line_after, Nested, NestedRun, L2_INITRAMFS, L2_KERNEL};
 use pvstack_tests::qemu::GuestRun;
 
 /// Bytes sent each way over TCP.
 const TCP_MIB: u32 = 64;
+/// When the TAP test's L1 counts as hung: its 128 MiB go through an L2
+/// and an L1 both emulated (QEMU's TCG under KVM under TCG), which had not
+/// finished after 20 minutes on a loaded 2-core host.
+const TAP_TEST_HANG_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The L2's side of the network test: eth0 at 10.0.2.2, a shell on hvc0,
 /// receives the L1's bytes on port 5001 (0x1389), then sends its own to
@@ -99,6 +105,7 @@ exit $status
 #[test]
 fn linux_nic_over_a_tap_and_console_over_a_unix_socket() {
     let run = Nested::new("linux-tap-console")
+        .timeout(TAP_TEST_HANG_TIMEOUT)
         .with_linux_guest()
         .program("socat")
         .step("script", &guest_script(&l2_network_script()))
