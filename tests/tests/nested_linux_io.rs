@@ -147,7 +147,7 @@ fn linux_nic_over_a_tap_and_console_over_a_unix_socket() {
         "{out}"
     );
 
-    kernel_log(&run, "network").assert_clean_kernel_log("virtio_net");
+    kernel_log(&run, "network").assert_clean_kernel_log("Run /init as init process");
 }
 
 /// First 4 KiB block after the disk's 1 MiB slots (at 32 MiB): the L1
