@@ -14,6 +14,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use vhost::vhost_user::Listener;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -189,21 +190,35 @@ fn join(
     new_filter: &dyn Fn() -> Box<dyn Filter>,
 ) -> io::Result<()> {
     let back = UnixStream::connect(internal)?;
-    let filter = new_filter();
+    // The relay runs on its own; nothing here waits for it to end.
+    relay(front, back, new_filter())?;
+    Ok(())
+}
+
+/// Passes the messages of one connection between the frontend (`front`)
+/// and the daemon (`back`) on two threads, requests through `filter`,
+/// replies unchanged, until either side hangs up or breaks the protocol;
+/// then both sockets are shut down. Returns the two threads, for a caller
+/// that must know when the relay is over (the fuzz target in tests/fuzz).
+pub fn relay(
+    front: UnixStream,
+    back: UnixStream,
+    filter: Box<dyn Filter>,
+) -> io::Result<[JoinHandle<()>; 2]> {
     let (front2, back2) = (front.try_clone()?, back.try_clone()?);
-    std::thread::Builder::new()
+    let up = std::thread::Builder::new()
         .name("filter-up".into())
         .spawn(move || {
             let result = forward_requests(&front, &back, filter);
             end(&front, &back, "dropped the frontend connection", result);
         })?;
-    std::thread::Builder::new()
+    let down = std::thread::Builder::new()
         .name("filter-down".into())
         .spawn(move || {
             let result = forward_replies(&back2, &front2);
             end(&back2, &front2, "filter: lost the daemon", result);
         })?;
-    Ok(())
+    Ok([up, down])
 }
 
 /// Ends both sides of a connection; `what` says what an error (other
