@@ -117,8 +117,20 @@ impl ApiServer {
     fn serve_client(&self, stream: UnixStream, vm: &VmControl) -> std::io::Result<()> {
         stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
         stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-        let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::new(stream);
+        let writer = stream.try_clone()?;
+        self.serve_lines(BufReader::new(stream), writer, vm)
+    }
+
+    /// Reads request lines from `reader` and writes a response line to
+    /// `writer` for each, until the end of the input, an overlong line or
+    /// a shutdown; one client connection's conversation (also run by the
+    /// fuzz target in tests/fuzz on bytes in memory).
+    pub fn serve_lines(
+        &self,
+        mut reader: impl BufRead,
+        mut writer: impl Write,
+        vm: &VmControl,
+    ) -> std::io::Result<()> {
         loop {
             let mut line = Vec::new();
             let read = (&mut reader)
@@ -290,7 +302,7 @@ fn counters(stats: &StallStats) -> StallCounters {
     }
 }
 
-fn write_response(writer: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+fn write_response(writer: &mut impl Write, response: &Response) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     writer.write_all(&line)
