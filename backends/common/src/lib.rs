@@ -21,6 +21,7 @@
 
 mod cli;
 mod error;
+pub mod fds;
 pub mod filter;
 pub mod inflight;
 mod logging;
