@@ -8,6 +8,9 @@ use crate::pattern;
 
 /// Bytes per block.
 pub const BLOCK_SIZE: usize = 4096;
+/// What the host writes at the start of the block after the verified ones
+/// to end a `blk-swap-verify stop=1` run.
+pub const STOP_MARKER: &[u8] = b"PVSTACK-STOP";
 /// Header: block number and sequence number, little-endian u64 each.
 const HEADER: usize = 16;
 

@@ -87,6 +87,22 @@ pub fn assert_pattern(image: &[u8], seed: u64, range: Range<usize>) {
     panic!("{wrong} bytes of {range:?} differ from the pattern of seed {seed}; the first at offset {first:?}");
 }
 
+/// Ends a `blk-swap-verify stop=1` run over `blocks` blocks of `image`:
+/// writes the stop marker into the block after them, which the guest polls
+/// (through whatever backend serves the disk).
+pub fn stop_swap_verify(image: &Path, blocks: usize) {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", image.display()));
+    std::os::unix::fs::FileExt::write_all_at(
+        &file,
+        seqblock::STOP_MARKER,
+        (blocks * BLOCK_SIZE) as u64,
+    )
+    .unwrap_or_else(|e| panic!("cannot write the stop marker into {}: {e}", image.display()));
+}
+
 /// Asserts that `blk-swap-verify` over `blocks` blocks passed (`result`
 /// is its RESULT line) and that `image` holds exactly the writes the guest
 /// saw complete: every block intact (`seqblock::check`) and the table of

@@ -156,6 +156,13 @@ fn bench_reports_every_mode_and_workload_as_json_and_a_chart() {
             ])
             .args(["--image-dir", utf8(&dir.path(""))])
             .args(["--json", utf8(&json), "--chart", utf8(&chart)])
+            // pvstack's own modes (the default adds qsd and host, tested in bench.rs).
+            .args([
+                "--modes",
+                &MODES.join(","),
+                "--workloads",
+                &WORKLOADS.join(","),
+            ])
             .env("RUST_LOG", "warn"),
     );
     assert_eq!(run.code(), 0, "{run:#?}");

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, utf8};
+use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, stop_swap_verify, utf8};
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
     parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
@@ -25,9 +25,6 @@ use serde_json::Value;
 const BLOCKS: usize = 256;
 /// Image size: room for the workload's blocks and then some.
 const IMAGE_LEN: usize = 4 << 20;
-/// How long the guest keeps writing: long enough for every swap or crash
-/// a test makes (they take a few seconds), never a pass/fail limit.
-const WORKLOAD_SECS: u32 = 20;
 
 /// Starts a pvstack-blk serving `image` on `socket`, logging to a file of
 /// its own (a restarted backend on the same socket keeps the old log).
@@ -164,8 +161,10 @@ impl Vm {
         devices[0].clone()
     }
 
-    /// Waits for the guest to finish; returns the RESULT values.
-    fn finish(mut self) -> std::collections::BTreeMap<String, String> {
+    /// Stops the guest's `blk-swap-verify stop=1` on `image` and waits for
+    /// it to finish; returns the RESULT values.
+    fn finish(mut self, image: &Path) -> std::collections::BTreeMap<String, String> {
+        stop_swap_verify(image, BLOCKS);
         let status = wait_or_kill(&mut self.child).expect("pvstack ends");
         let console = self.console();
         assert!(
@@ -223,8 +222,10 @@ fn raw_request(api: &Path, bytes: &[u8]) -> String {
     line
 }
 
+/// The guest writes and verifies until the test stops it ([`Vm::finish`]),
+/// however long the test's swaps or crashes take.
 fn guest_args() -> String {
-    format!("blk-swap-verify blocks={BLOCKS} secs={WORKLOAD_SECS} depth=8")
+    format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=8")
 }
 
 /// Checks the workload's verdict and that the image holds exactly the
@@ -260,7 +261,7 @@ fn swap_between_two_pvstack_blk_20_times() {
     let blk0 = vm.blk0();
     assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
     assert_eq!(blk0["socket"], utf8(&sockets[0]), "{blk0:#}");
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -296,7 +297,7 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
     }
     let blk0 = vm.blk0();
     assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -334,7 +335,7 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         counts.push(served_again_after(&backend, &left, &mut log));
     }
     assert_eq!(vm.blk0()["inflight_log"], true);
-    let result = vm.finish();
+    let result = vm.finish(&image);
     // The last backend's totals, logged when pvstack hung up, agree with
     // what it said it served again.
     backend.wait_for_output("of the requests left by a previous backend)");
@@ -376,7 +377,7 @@ fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
         counts.push(served_again_after(&backend, &left, &mut log));
     }
     eprintln!("(in flight at the kill, served again) per crash: {counts:?}");
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -551,7 +552,7 @@ fn refused_swaps_leave_the_old_backend_serving() {
     let vm = Vm::start(
         &dir,
         &format!("socket={}", socket.display()),
-        &format!("blk-swap-verify blocks={BLOCKS} secs=8 depth=4 queues=2"),
+        &format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=4 queues=2"),
     );
     let missing = dir.path("missing.sock");
     for (target, reason) in [
@@ -572,7 +573,7 @@ fn refused_swaps_leave_the_old_backend_serving() {
     assert_eq!(blk0["refused_swaps"], 3, "{blk0:#}");
     assert_eq!(count(&blk0, "swaps"), 0, "{blk0:#}");
     assert_eq!(blk0["socket"], utf8(&socket), "{blk0:#}");
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 
@@ -652,7 +653,7 @@ fn sigkill_of_the_vmms_own_child_restarts_it() {
         });
         assert_ne!(backend_pid(&vm), pid, "a new child");
     }
-    let result = vm.finish();
+    let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }
 

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use pvstack_guest::seqblock::STOP_MARKER;
 use pvstack_tests::blk_vm::{assert_swap_verify_image, pattern_image};
 use pvstack_tests::nested::Nested;
 use pvstack_tests::ScratchDir;
@@ -15,11 +16,10 @@ use pvstack_tests::ScratchDir;
 /// Blocks `blk-swap-verify` cycles over (256 KiB): the image is brought
 /// back over the L1's serial console, so it is kept small.
 const SWAP_BLOCKS: usize = 64;
-/// How long `blk-swap-verify` writes in the L1: long enough for all the
-/// swaps or crashes of a step (about 5 s in all, measured in the L1), not a
-/// pass/fail limit; a step reports whether the workload still ran after
-/// them, so a slower machine fails with that rather than a refused swap.
-const SWAP_SECS: u32 = 20;
+/// Where the stop marker goes in the image: the block after the verified
+/// ones (`blk-swap-verify stop=1` runs until it finds the marker there,
+/// however long the swaps or crashes take in a slow L1).
+const STOP_SEEK: usize = SWAP_BLOCKS;
 
 #[test]
 fn guest_runs_at_cpl0_under_svm_and_its_disk_works() {
@@ -93,7 +93,11 @@ fn guest_runs_at_cpl0_under_svm_and_its_disk_works() {
 
 #[test]
 fn disk_backend_swapped_and_crashed_under_svm_loses_nothing() {
-    let guest_args = format!("blk-swap-verify blocks={SWAP_BLOCKS} secs={SWAP_SECS} depth=8");
+    let guest_args = format!("blk-swap-verify blocks={SWAP_BLOCKS} stop=1 depth=8");
+    // Each step's script names its image $img.
+    let marker = std::str::from_utf8(STOP_MARKER).expect("the marker is ASCII");
+    let stop_workload =
+        format!("printf {marker} | dd of=$img bs=4096 seek={STOP_SEEK} conv=notrunc 2>/dev/null");
     let swaps = format!(
         r#"
 img=/tmp/swap.img
@@ -115,6 +119,7 @@ for i in 1 2 3 4 5 6 7 8 9 10; do
 done
 if kill -0 $vm; then echo "WORKLOAD running after the swaps"; fi
 echo "INFO $(pvstack ctl --api-socket /tmp/vm.sock info)"
+{stop_workload}
 wait $vm
 vm_status=$?
 cat /tmp/swap.out
@@ -150,6 +155,7 @@ done
 if kill -0 $vm; then echo "WORKLOAD running after the crashes"; fi
 echo "INFO $(pvstack ctl --api-socket /tmp/vm2.sock info)"
 echo "INFLIGHT-LOGS $(grep -c 'inflight region set for 1 queues' /tmp/c.log)"
+{stop_workload}
 wait $vm
 vm_status=$?
 cat /tmp/crash.out

@@ -44,7 +44,8 @@ enum Command {
     Ctl(CtlArgs),
     /// Run the same guest block workloads on every disk mode (emulated
     /// legacy controller, emulated virtio, vhost-user, vhost-user with
-    /// polling), several times each, and print medians with min and max.
+    /// polling, qemu-storage-daemon, and fio on the host as the ceiling),
+    /// interleaved, several times each, and print medians with min and max.
     Bench(pvstack_bench::BenchArgs),
 }
 

@@ -1,15 +1,18 @@
 //! The vhost-user device: what the frontend negotiates, and the per-queue
-//! workers that pop descriptor chains, run them and return them.
+//! workers that take descriptor chains from the ring, have an engine
+//! (`crate::engine`) carry them out and return them as they finish,
+//! polling adaptively (`pvstack_backend_common::poll`) before they sleep.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use pvstack_backend_common::inflight::{chain_at, InflightRegion, InflightSlot, QueueLog};
-use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
+use pvstack_backend_common::poll::{AdaptivePoll, PollReport};
+use pvstack_backend_common::{avail_pending, clone_exit_event, signal_if_needed, GuestMemorySlot};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -17,10 +20,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use pvstack_block::answer::{answer, Disk, Outcome};
+use pvstack_block::answer::{look, Looked, Outcome};
 use pvstack_block::config::{self, DiskLimits, ID_BYTES};
 use pvstack_block::image::DiskImage;
 
+use crate::engine::{new_engine, Engine, EngineDisk, EngineKind, Finished, Job};
 use crate::vhost_features;
 
 /// Settings from the command line that shape the device.
@@ -29,9 +33,17 @@ pub struct BlkSettings {
     pub num_queues: u16,
     pub queue_size: u16,
     pub serial: [u8; ID_BYTES],
-    /// After each batch, busy-poll the available ring this long before
-    /// waiting for a kick again (with kicks suppressed meanwhile).
-    pub poll: Option<Duration>,
+    /// What carries out each queue's requests.
+    pub engine: EngineKind,
+    /// The bound of each worker's adaptive polling window (`--poll-us`);
+    /// zero never polls.
+    pub poll_max: Duration,
+}
+
+/// `handle_event`'s id for a worker's engine completions (0 is the
+/// worker's queue, `num_queues` the daemon's exit and enable events).
+fn completion_event(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 1
 }
 
 /// One connection's block device. Cheap to clone: the daemon hands a clone
@@ -54,6 +66,8 @@ struct Shared {
     connection: u64,
     /// One exit event per worker thread (= per queue).
     exit_events: Vec<(EventConsumer, EventNotifier)>,
+    /// What each queue's worker keeps between events.
+    workers: Vec<Mutex<QueueWorker>>,
     /// Requests answered with an error status.
     rejected: AtomicU64,
     /// Chains without a usable status byte, returned with nothing written.
@@ -66,16 +80,42 @@ struct Shared {
     signalled: AtomicU64,
 }
 
+/// One queue's engine and polling state, used by its worker thread (and
+/// by the daemon's thread when it stops the queue).
+struct QueueWorker {
+    engine: Box<dyn Engine>,
+    poll: AdaptivePoll,
+    /// The queue's vring, once its worker has seen it: stopping the queue
+    /// returns what is still in flight there.
+    vring: Option<VringRwLock>,
+    /// Scratch list of finished requests.
+    finished: Vec<Finished>,
+}
+
 impl Drop for Shared {
-    /// The connection's totals (`pvstack bench` reads this line).
+    /// The connection's totals (`pvstack bench` reads this line; fields
+    /// are only ever appended).
     fn drop(&mut self) {
+        let poll = self
+            .workers
+            .iter()
+            .map(|worker| lock(worker).poll.report())
+            .reduce(PollReport::merge)
+            .unwrap_or_default();
         log::info!(
-            "served {} requests, raised {} interrupts ({} of the requests left by a previous backend)",
+            "served {} requests, raised {} interrupts ({} of the requests left by a previous backend); engine {}, {poll}",
             self.served.load(Ordering::Relaxed),
             self.signalled.load(Ordering::Relaxed),
-            self.resubmitted.load(Ordering::Relaxed)
+            self.resubmitted.load(Ordering::Relaxed),
+            self.settings.engine,
         );
     }
+}
+
+/// A worker's state, whatever a panicking holder left (its fields stay
+/// consistent: each is updated whole).
+fn lock(worker: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
+    worker.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl BlkBackend {
@@ -97,6 +137,20 @@ impl BlkBackend {
         let exit_events = (0..settings.num_queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
+        let disk = EngineDisk {
+            image: Arc::clone(&image),
+            serial: settings.serial,
+        };
+        let workers = (0..settings.num_queues)
+            .map(|_| {
+                Ok(Mutex::new(QueueWorker {
+                    engine: new_engine(settings.engine, &disk, settings.queue_size)?,
+                    poll: AdaptivePoll::new(settings.poll_max),
+                    vring: None,
+                    finished: Vec::new(),
+                }))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(BlkBackend {
             shared: Arc::new(Shared {
                 config_space: config::config_space(&limits, settings.num_queues, blk_size),
@@ -108,6 +162,7 @@ impl BlkBackend {
                 connection: inflight.attach(),
                 inflight,
                 exit_events,
+                workers,
                 rejected: AtomicU64::new(0),
                 unanswerable: AtomicU64::new(0),
                 served: AtomicU64::new(0),
@@ -117,70 +172,208 @@ impl BlkBackend {
         })
     }
 
-    /// Serves every available chain of one queue, re-checking after
-    /// re-enabling notifications so no kick is lost with EVENT_IDX. With
-    /// `--poll-us`, kicks stay suppressed (VRING_USED_F_NO_NOTIFY, or a
-    /// stale avail_event with EVENT_IDX) while the ring is polled after
-    /// each batch.
-    fn process_queue(&self, vring: &VringRwLock, queue: usize) {
-        let Some(mem) = self.memory() else {
-            log::warn!("queue {queue} kicked before the memory table was set");
+    /// Registers each queue's engine completions with the epoll of the
+    /// daemon's worker for that queue, so a worker sleeps on its kick and
+    /// its completions alike.
+    pub fn register_completions(&self, daemon: &VhostUserDaemon<BlkBackend>) -> io::Result<()> {
+        let handlers = daemon.get_epoll_handlers();
+        let event = completion_event(self.shared.settings.num_queues);
+        for (queue, (worker, handler)) in self.shared.workers.iter().zip(&handlers).enumerate() {
+            if let Some(fd) = lock(worker).engine.completion_fd() {
+                handler
+                    .register_listener(fd, EventSet::IN, event)
+                    .map_err(|e| {
+                        io::Error::other(format!(
+                            "queue {queue}: cannot watch the engine's completions: {e}"
+                        ))
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves queue `queue` after a kick or a completion until there is
+    /// nothing to do: takes every available chain (as many as the engine
+    /// has room for) and hands it to the engine, returns what the engine
+    /// finished, and polls the ring and the engine for the adaptive
+    /// window with guest kicks and completion wake-ups off
+    /// (VRING_USED_F_NO_NOTIFY, or a stale avail_event with EVENT_IDX).
+    /// Before it sleeps it turns both back on and looks once more, so no
+    /// kick and no completion is missed.
+    fn serve_queue(&self, vring: &VringRwLock, queue: usize) {
+        let Some(memory) = self.memory() else {
+            log::warn!("queue {queue}: kicked before the memory table was set");
             return;
         };
+        let Some(worker) = self.shared.workers.get(queue) else {
+            return;
+        };
+        let mut worker = lock(worker);
+        let worker = &mut *worker;
+        worker.vring.get_or_insert_with(|| vring.clone());
+        worker.poll.woke();
         let region = self.inflight_region();
         let log = region.as_ref().and_then(|region| region.queue(queue));
         if let Some(log) = log.as_ref().filter(|log| log.recovery_due()) {
-            self.resubmit(vring, log, &mem.memory(), queue);
+            self.resubmit(vring, worker, log, &memory.memory().into_inner(), queue);
         }
-        let event_idx = self.shared.event_idx.load(Ordering::Acquire);
-        let poll = self.shared.settings.poll;
+        worker.engine.notify_completions(false);
+        self.set_notification(vring, false, queue);
         loop {
-            if event_idx || poll.is_some() {
-                if let Err(e) = vring.disable_notification() {
-                    log::warn!("queue {queue}: cannot disable notifications: {e}");
-                }
+            let took = self.take_available(vring, worker, log.as_ref(), &memory, queue);
+            let returned = self.return_finished(vring, worker, log.as_ref(), queue, false);
+            if took || returned {
+                continue;
             }
-            let (chains, queue_size): (Vec<_>, u16) = {
-                let mut state = vring.get_mut();
-                let queue_state = state.get_queue_mut();
-                let queue_size = queue_state.size();
-                match queue_state.iter(mem.memory()) {
-                    Ok(iter) => (iter.collect::<Vec<_>>(), queue_size),
-                    Err(e) => {
-                        log::warn!("queue {queue}: cannot read the available ring: {e}");
-                        return;
-                    }
-                }
+            let QueueWorker { engine, poll, .. } = &mut *worker;
+            let mem = memory.memory();
+            // Work: a finished request, or a chain the engine has room for.
+            let work = |engine: &mut Box<dyn Engine>| {
+                engine.has_finished() || (engine.room() > 0 && avail_pending(vring, &mem, queue))
             };
-            if !chains.is_empty() {
-                if let Some(log) = &log {
-                    chains
-                        .iter()
-                        .for_each(|chain| log.taken(chain.head_index()));
-                }
-                for chain in chains {
-                    let head = chain.head_index();
-                    let used_len = self.serve_chain(chain, &mem.memory(), queue_size, queue);
-                    self.give_back(vring, log.as_ref(), head, used_len, queue);
-                }
-                self.signal(vring, queue);
+            if poll.poll(|| work(engine)) {
+                continue;
             }
-            if let Some(poll) = poll {
-                if poll_avail(vring, &mem.memory(), poll, queue) {
-                    continue;
-                }
+            // Going to sleep: wake-ups on, then one more look (the ring is
+            // looked at afresh: a stopped queue has nothing to take).
+            engine.notify_completions(true);
+            self.set_notification(vring, true, queue);
+            if work(engine) {
+                engine.notify_completions(false);
+                self.set_notification(vring, false, queue);
+                continue;
             }
-            if !event_idx && poll.is_none() {
-                return;
+            return;
+        }
+    }
+
+    /// Turns guest kicks on or off.
+    fn set_notification(&self, vring: &VringRwLock, on: bool, queue: usize) {
+        let result = if on {
+            vring.enable_notification().map(|_| ())
+        } else {
+            vring.disable_notification()
+        };
+        if let Err(e) = result {
+            log::warn!("queue {queue}: cannot change notifications: {e}");
+        }
+    }
+
+    /// Takes the available chains (no more than the engine has room for)
+    /// and starts them; returns whether it took any.
+    fn take_available(
+        &self,
+        vring: &VringRwLock,
+        worker: &mut QueueWorker,
+        log: Option<&QueueLog<'_>>,
+        memory: &GuestMemoryAtomic<GuestMemoryMmap>,
+        queue: usize,
+    ) -> bool {
+        let room = worker.engine.room();
+        if room == 0 {
+            return false;
+        }
+        let mem = memory.memory().into_inner();
+        let (chains, queue_size) = {
+            let mut state = vring.get_mut();
+            if !state.is_enabled() || !state.get_queue().ready() {
+                return false;
             }
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => return,
+            let ring = state.get_queue_mut();
+            let queue_size = ring.size();
+            match ring.iter(Arc::clone(&mem)) {
+                Ok(iter) => (iter.take(room).collect::<Vec<_>>(), queue_size),
                 Err(e) => {
-                    log::warn!("queue {queue}: cannot enable notifications: {e}");
-                    return;
+                    log::warn!("queue {queue}: cannot read the available ring: {e}");
+                    return false;
                 }
             }
+        };
+        if chains.is_empty() {
+            return false;
+        }
+        if let Some(log) = log {
+            chains
+                .iter()
+                .for_each(|chain| log.taken(chain.head_index()));
+        }
+        for chain in chains {
+            let head = chain.head_index();
+            self.start(vring, worker, log, head, chain, &mem, queue_size, queue);
+        }
+        true
+    }
+
+    /// Checks the chain at `head` and gives it to the engine, or returns
+    /// it at once if it is refused.
+    #[allow(clippy::too_many_arguments)]
+    fn start<I>(
+        &self,
+        vring: &VringRwLock,
+        worker: &mut QueueWorker,
+        log: Option<&QueueLog<'_>>,
+        head: u16,
+        chain: I,
+        mem: &Arc<GuestMemoryMmap>,
+        queue_size: u16,
+        queue: usize,
+    ) where
+        I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        match look(chain, mem, &self.shared.limits, queue_size) {
+            Looked::Answered(answer) => {
+                self.account(answer.outcome, queue);
+                self.give_back(vring, log, head, answer.used_len, queue);
+            }
+            Looked::Run { operation, status } => worker.engine.submit(Job {
+                head,
+                operation,
+                status,
+                memory: Arc::clone(mem),
+            }),
+        }
+    }
+
+    /// Returns to the used ring what the engine finished (with `wait`,
+    /// waiting for at least one if any is in flight) and signals the
+    /// driver; returns whether anything was returned.
+    fn return_finished(
+        &self,
+        vring: &VringRwLock,
+        worker: &mut QueueWorker,
+        log: Option<&QueueLog<'_>>,
+        queue: usize,
+        wait: bool,
+    ) -> bool {
+        worker.engine.reap(&mut worker.finished, wait);
+        if worker.finished.is_empty() {
+            return false;
+        }
+        for finished in worker.finished.drain(..) {
+            self.account(finished.answer.outcome, queue);
+            self.give_back(vring, log, finished.head, finished.answer.used_len, queue);
+        }
+        self.signal(vring, queue);
+        true
+    }
+
+    /// Counts and logs how a request ended.
+    fn account(&self, outcome: Outcome, queue: usize) {
+        let shared = &self.shared;
+        match outcome {
+            Outcome::Done => {}
+            Outcome::Unanswerable(why) => {
+                let count = shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
+                log::warn!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
+            }
+            Outcome::Rejected(rejection) => {
+                let count = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                log::warn!("queue {queue}: rejected a request ({count} so far): {rejection}");
+            }
+            Outcome::Failed { operation, error } => log::warn!(
+                "queue {queue}: {operation:?} on {} failed: {error}",
+                shared.image.path().display()
+            ),
         }
     }
 
@@ -211,15 +404,17 @@ impl BlkBackend {
         }
     }
 
-    /// Serves again, oldest first, the chains the log says a previous
+    /// Starts again, oldest first, the chains the log says a previous
     /// backend took from this queue and never returned, and moves the
     /// queue past them in the available ring (the frontend restarts a
-    /// crashed backend at the used ring's index).
+    /// crashed backend at the used ring's index). They finish, in any
+    /// order, like any other request.
     fn resubmit(
         &self,
         vring: &VringRwLock,
+        worker: &mut QueueWorker,
         log: &QueueLog<'_>,
-        mem: &GuestMemoryMmap,
+        mem: &Arc<GuestMemoryMmap>,
         queue: usize,
     ) {
         let used_idx = match vring.queue_used_idx() {
@@ -249,52 +444,22 @@ impl BlkBackend {
             (GuestAddress(ring.desc_table()), ring.size())
         };
         vring.set_queue_next_avail(used_idx.wrapping_add(heads.len() as u16));
+        self.shared
+            .resubmitted
+            .fetch_add(heads.len() as u64, Ordering::Relaxed);
         for head in heads {
-            let used_len = match chain_at(mem, table, size, head) {
-                Ok(chain) => self.serve_chain(chain, mem, size, queue),
+            match chain_at(mem, table, size, head) {
+                Ok(chain) => self.start(vring, worker, Some(log), head, chain, mem, size, queue),
                 Err(why) => {
                     let count = self.shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
                     log::warn!(
                         "queue {queue}: returned a chain unanswered ({count} so far): {why}"
                     );
-                    0
+                    self.give_back(vring, Some(log), head, 0, queue);
                 }
-            };
-            self.give_back(vring, Some(log), head, used_len, queue);
-            self.shared.resubmitted.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.signal(vring, queue);
-    }
-
-    /// Answers one chain of a queue of `queue_size` entries; returns the
-    /// used length.
-    fn serve_chain<I>(&self, chain: I, mem: &GuestMemoryMmap, queue_size: u16, queue: usize) -> u32
-    where
-        I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
-        let shared = &self.shared;
-        let disk = Disk {
-            image: &shared.image,
-            limits: &shared.limits,
-            serial: &shared.settings.serial,
-        };
-        let answer = answer(chain, mem, disk, queue_size);
-        match answer.outcome {
-            Outcome::Done => {}
-            Outcome::Unanswerable(why) => {
-                let count = shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
-            }
-            Outcome::Rejected(rejection) => {
-                let count = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("queue {queue}: rejected a request ({count} so far): {rejection}");
-            }
-            Outcome::Failed { operation, error } => log::warn!(
-                "queue {queue}: {operation:?} on {} failed: {error}",
-                shared.image.path().display()
-            ),
-        }
-        answer.used_len
     }
 
     fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
@@ -303,29 +468,6 @@ impl BlkBackend {
 
     fn inflight_region(&self) -> Option<Arc<InflightRegion>> {
         self.shared.inflight.region(self.shared.connection)
-    }
-}
-
-/// Spins for up to `poll` until the driver makes a chain available;
-/// returns whether it did.
-fn poll_avail(vring: &VringRwLock, mem: &GuestMemoryMmap, poll: Duration, queue: usize) -> bool {
-    let deadline = Instant::now() + poll;
-    loop {
-        let state = vring.get_ref();
-        let ring = state.get_queue();
-        match ring.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 != ring.next_avail() => return true,
-            Ok(_) => {}
-            Err(e) => {
-                log::warn!("queue {queue}: cannot read the available index: {e}");
-                return false;
-            }
-        }
-        drop(state);
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::hint::spin_loop();
     }
 }
 
@@ -373,6 +515,27 @@ impl VhostUserBackend for BlkBackend {
         clone_exit_event(self.shared.exit_events.get(thread_index)?, thread_index)
     }
 
+    /// Returns, before the daemon answers GET_VRING_BASE, every request
+    /// the queue's engine still has in flight, so the frontend finds the
+    /// used ring caught up with the base it is given.
+    fn stop_vring(&self, index: u32) -> io::Result<()> {
+        let queue = index as usize;
+        let Some(worker) = self.shared.workers.get(queue) else {
+            return Ok(());
+        };
+        let mut worker = lock(worker);
+        let worker = &mut *worker;
+        let Some(vring) = worker.vring.clone() else {
+            return Ok(());
+        };
+        let region = self.inflight_region();
+        let log = region.as_ref().and_then(|region| region.queue(queue));
+        while worker.engine.in_flight() > 0 {
+            self.return_finished(&vring, worker, log.as_ref(), queue, true);
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -384,10 +547,13 @@ impl VhostUserBackend for BlkBackend {
             log::warn!("queue {thread_id}: unexpected event set {evset:?}");
             return Ok(());
         }
-        // Each worker owns exactly one queue: the vring at index 0 of its list.
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => self.process_queue(vring, thread_id),
-            None => log::warn!("queue {thread_id}: event for unknown vring {device_event}"),
+        // Each worker owns exactly one queue: the vring at index 0 of its
+        // list; its kick is event 0, its engine's completions another.
+        let known = device_event == 0
+            || u64::from(device_event) == completion_event(self.shared.settings.num_queues);
+        match vrings.first() {
+            Some(vring) if known => self.serve_queue(vring, thread_id),
+            _ => log::warn!("queue {thread_id}: event for unknown source {device_event}"),
         }
         Ok(())
     }

@@ -44,32 +44,69 @@ pub struct Answer {
     pub outcome: Outcome,
 }
 
+/// A chain looked at: a checked request still to carry out, or a chain
+/// already answered (refused, or without a status byte to write).
+#[derive(Debug)]
+pub enum Looked {
+    Run {
+        operation: Operation,
+        /// Where its status byte goes.
+        status: GuestAddress,
+    },
+    Answered(Answer),
+}
+
+/// Parses and checks one chain of a queue of `queue_size` entries,
+/// answering it at once if it is refused. An engine carries out what is
+/// left to run, synchronously or not, and then calls [`finish`].
+pub fn look<I>(chain: I, mem: &GuestMemoryMmap, limits: &DiskLimits, queue_size: u16) -> Looked
+where
+    I: IntoIterator<Item = Descriptor>,
+{
+    match request::parse(chain, mem, limits, queue_size) {
+        Parsed::Unanswerable(why) => Looked::Answered(Answer {
+            used_len: 0,
+            outcome: Outcome::Unanswerable(why),
+        }),
+        Parsed::Rejected { rejection, status } => Looked::Answered(Answer {
+            used_len: write_status(mem, status, rejection.status()),
+            outcome: Outcome::Rejected(rejection),
+        }),
+        Parsed::Request { operation, status } => Looked::Run { operation, status },
+    }
+}
+
+/// Answers a request that was carried out with `result` (the bytes it
+/// wrote into guest memory, or why it failed): writes its status byte.
+pub fn finish(
+    mem: &GuestMemoryMmap,
+    status: GuestAddress,
+    operation: Operation,
+    result: io::Result<u32>,
+) -> Answer {
+    match result {
+        Ok(written) => Answer {
+            used_len: written + write_status(mem, status, VIRTIO_BLK_S_OK as u8),
+            outcome: Outcome::Done,
+        },
+        Err(error) => Answer {
+            used_len: write_status(mem, status, VIRTIO_BLK_S_IOERR as u8),
+            outcome: Outcome::Failed { operation, error },
+        },
+    }
+}
+
 /// Parses, checks and runs one chain of a queue of `queue_size` entries
-/// and writes its status byte.
+/// and writes its status byte, all before returning.
 pub fn answer<I>(chain: I, mem: &GuestMemoryMmap, disk: Disk<'_>, queue_size: u16) -> Answer
 where
     I: IntoIterator<Item = Descriptor>,
 {
-    match request::parse(chain, mem, disk.limits, queue_size) {
-        Parsed::Unanswerable(why) => Answer {
-            used_len: 0,
-            outcome: Outcome::Unanswerable(why),
-        },
-        Parsed::Rejected { rejection, status } => Answer {
-            used_len: write_status(mem, status, rejection.status()),
-            outcome: Outcome::Rejected(rejection),
-        },
-        Parsed::Request { operation, status } => {
-            match execute(&operation, disk.image, mem, disk.serial) {
-                Ok(written) => Answer {
-                    used_len: written + write_status(mem, status, VIRTIO_BLK_S_OK as u8),
-                    outcome: Outcome::Done,
-                },
-                Err(error) => Answer {
-                    used_len: write_status(mem, status, VIRTIO_BLK_S_IOERR as u8),
-                    outcome: Outcome::Failed { operation, error },
-                },
-            }
+    match look(chain, mem, disk.limits, queue_size) {
+        Looked::Answered(answer) => answer,
+        Looked::Run { operation, status } => {
+            let result = execute(&operation, disk.image, mem, disk.serial);
+            finish(mem, status, operation, result)
         }
     }
 }

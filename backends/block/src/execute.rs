@@ -4,6 +4,7 @@ use std::io;
 
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::bounce::{gather, scatter, AlignedBuffer, BOUNCE_CHUNK};
 use crate::config::{ID_BYTES, SECTOR_SIZE};
 use crate::image::DiskImage;
 use crate::request::{Operation, SectorRange, Segment};
@@ -18,17 +19,29 @@ pub fn execute(
 ) -> io::Result<u32> {
     match operation {
         Operation::Read { sector, buffers } => {
+            let offset = sector * SECTOR_SIZE;
             let mut iovecs = host_iovecs(mem, buffers)?;
-            // SAFETY: the iovecs point into mapped guest memory that stays
-            // mapped while `mem` (a snapshot holding the mappings) lives; the
-            // driver gave these device-writable buffers to the device.
-            unsafe { image.read_vectored_at(sector * SECTOR_SIZE, &mut iovecs)? };
+            if image.takes_directly(&iovecs) {
+                // SAFETY: the iovecs point into mapped guest memory that
+                // stays mapped while `mem` (a snapshot holding the
+                // mappings) lives; the driver gave these device-writable
+                // buffers to the device. The kernel writes them; this
+                // process makes no reference to them.
+                unsafe { image.read_vectored_at(offset, &mut iovecs)? };
+            } else {
+                bounced(image, mem, buffers, offset, Bounce::Read)?;
+            }
             Ok(buffers.iter().map(|b| b.len).sum())
         }
         Operation::Write { sector, buffers } => {
+            let offset = sector * SECTOR_SIZE;
             let mut iovecs = host_iovecs(mem, buffers)?;
-            // SAFETY: as for Read; the buffers are only read.
-            unsafe { image.write_vectored_at(sector * SECTOR_SIZE, &mut iovecs)? };
+            if image.takes_directly(&iovecs) {
+                // SAFETY: as for Read; the kernel only reads the buffers.
+                unsafe { image.write_vectored_at(offset, &mut iovecs)? };
+            } else {
+                bounced(image, mem, buffers, offset, Bounce::Write)?;
+            }
             Ok(0)
         }
         Operation::Flush => image.flush().map(|()| 0),
@@ -42,9 +55,50 @@ pub fn execute(
     }
 }
 
+#[derive(Clone, Copy)]
+enum Bounce {
+    Read,
+    Write,
+}
+
+/// Moves a request's bytes between the image at `offset` and the guest's
+/// `buffers` through one bounce buffer of at most [`BOUNCE_CHUNK`] bytes,
+/// chunk by chunk (O_DIRECT with buffers the kernel cannot take).
+fn bounced(
+    image: &DiskImage,
+    mem: &GuestMemoryMmap,
+    buffers: &[Segment],
+    offset: u64,
+    direction: Bounce,
+) -> io::Result<()> {
+    let total: usize = buffers.iter().map(|b| b.len as usize).sum();
+    let mut bounce = AlignedBuffer::new(total.min(BOUNCE_CHUNK))?;
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(BOUNCE_CHUNK);
+        let at = offset + done as u64;
+        match direction {
+            Bounce::Read => {
+                // SAFETY: the iovec covers the first `n` bytes of our own
+                // buffer, which no reference aliases during the call.
+                unsafe { image.read_vectored_at(at, &mut [bounce.iovec(n)])? };
+                scatter(mem, buffers, done, &bounce.as_slice()[..n])?;
+            }
+            Bounce::Write => {
+                gather(mem, buffers, done, &mut bounce.as_mut_slice()[..n])?;
+                // SAFETY: as for the read.
+                unsafe { image.write_vectored_at(at, &mut [bounce.iovec(n)])? };
+            }
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// Host iovecs for checked guest segments (a segment crossing a memory region
-/// boundary becomes several iovecs).
-fn host_iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<Vec<libc::iovec>> {
+/// boundary becomes several iovecs). They point into `mem`'s mappings: valid
+/// while those are.
+pub fn host_iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<Vec<libc::iovec>> {
     let mut iovecs = Vec::with_capacity(segments.len());
     for segment in segments {
         for slice in mem.get_slices(segment.addr, segment.len as usize) {
@@ -58,7 +112,8 @@ fn host_iovecs(mem: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<Vec<li
     Ok(iovecs)
 }
 
-fn write_id(
+/// Copies the device serial into the GET_ID buffers; returns the bytes written.
+pub fn write_id(
     mem: &GuestMemoryMmap,
     buffers: &[Segment],
     serial: &[u8; ID_BYTES],
@@ -176,6 +231,44 @@ mod tests {
     #[test]
     fn direct_read_write_zeroes_round_trip() {
         round_trip(true);
+    }
+
+    /// O_DIRECT with misaligned guest buffers larger than a bounce
+    /// chunk: moved chunk by chunk through one bounded bounce buffer.
+    #[test]
+    fn direct_transfers_of_misaligned_buffers_go_through_a_bounded_bounce() {
+        let len = 2 * crate::bounce::BOUNCE_CHUNK + 4096;
+        let path = scratch_image("bounce", len + 8192);
+        let image = DiskImage::open(&path, false, true).expect("open with O_DIRECT");
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).expect("guest memory");
+        let serial = [0u8; ID_BYTES];
+        // Two buffers at odd addresses, the first not a sector multiple long.
+        let buffers = vec![segment(0x1003, 700), segment(0x10_0001, len as u32 - 700)];
+        let read = Operation::Read {
+            sector: 8,
+            buffers: buffers.clone(),
+        };
+        assert_eq!(
+            execute(&read, &image, &mem, &serial).expect("read") as usize,
+            len
+        );
+        let file = std::fs::read(&path).expect("read back image");
+        let mut guest = vec![0u8; len];
+        crate::bounce::gather(&mem, &buffers, 0, &mut guest).expect("gather");
+        assert!(guest == file[4096..4096 + len], "read through the bounce");
+
+        let fill: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        crate::bounce::scatter(&mem, &buffers, 0, &fill).expect("scatter");
+        let write = Operation::Write { sector: 8, buffers };
+        execute(&write, &image, &mem, &serial).expect("write");
+        let after = std::fs::read(&path).expect("read back image");
+        assert!(
+            after[4096..4096 + len] == fill[..],
+            "written through the bounce"
+        );
+        assert_eq!(after[..4096], file[..4096]);
+        std::fs::remove_file(&path).expect("remove scratch image");
     }
 
     #[test]

@@ -1,18 +1,19 @@
 //! The raw image file behind the disk: positioned reads and writes straight
 //! between the file and guest memory, flush, discard and write-zeroes.
 
-use std::alloc::{self, Layout};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::bounce::AlignedBuffer;
 use crate::config::SECTOR_SIZE;
 use crate::Error;
 
-/// Alignment of bounce buffers for O_DIRECT, enough for any logical block size.
-const DIRECT_ALIGN: usize = 4096;
+/// O_DIRECT alignment assumed where the kernel does not report it
+/// (statx STATX_DIOALIGN, Linux 6.1 on): enough for any logical block size.
+const DEFAULT_DIRECT_ALIGN: usize = 4096;
 /// Most iovecs one preadv/pwritev takes (IOV_MAX on Linux).
 const MAX_IOVECS: usize = 1024;
 /// Chunk written at a time when write-zeroes falls back to writing.
@@ -26,6 +27,18 @@ pub struct DiskImage {
     size: u64,
     readonly: bool,
     direct: bool,
+    alignment: DirectAlignment,
+    /// On tmpfs or ramfs: its bytes live in memory.
+    in_memory: bool,
+}
+
+/// What O_DIRECT asks of a transfer: buffer addresses aligned to
+/// `memory`, buffer lengths and file offsets to `length` (the logical
+/// block size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectAlignment {
+    pub memory: usize,
+    pub length: usize,
 }
 
 impl DiskImage {
@@ -81,12 +94,19 @@ impl DiskImage {
                 size % SECTOR_SIZE
             );
         }
+        let alignment = direct_alignment(&file).unwrap_or(DirectAlignment {
+            memory: DEFAULT_DIRECT_ALIGN,
+            length: DEFAULT_DIRECT_ALIGN,
+        });
+        let in_memory = in_memory(&file);
         Ok(DiskImage {
             file,
             path: path.to_owned(),
             size,
             readonly,
             direct,
+            alignment,
+            in_memory,
         })
     }
 
@@ -106,22 +126,52 @@ impl DiskImage {
         self.direct
     }
 
+    /// Whether the image lives in memory (tmpfs, ramfs): a read or write
+    /// is a copy that never waits for a device.
+    pub fn is_in_memory(&self) -> bool {
+        self.in_memory
+    }
+
+    /// The open file, for engines that submit I/O on it themselves.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// What O_DIRECT asks of a transfer on this image, if it is opened
+    /// with O_DIRECT.
+    pub fn direct_alignment(&self) -> Option<DirectAlignment> {
+        self.direct.then_some(self.alignment)
+    }
+
+    /// Whether the kernel takes `iovecs` as they are: always without
+    /// O_DIRECT; with it, only when every buffer address and every length
+    /// is aligned as O_DIRECT asks (else they go through a bounce buffer).
+    pub fn takes_directly(&self, iovecs: &[libc::iovec]) -> bool {
+        match self.direct_alignment() {
+            None => true,
+            Some(alignment) => iovecs.iter().all(|iov| {
+                iov.iov_base as usize % alignment.memory == 0 && iov.iov_len % alignment.length == 0
+            }),
+        }
+    }
+
     /// Fills `buffers` (host memory, e.g. mapped guest memory) with the image
-    /// bytes starting at `offset`.
+    /// bytes starting at `offset`, with as few preadv calls as it takes.
+    /// With O_DIRECT the buffers must be aligned ([`Self::takes_directly`]).
     ///
     /// # Safety
     /// Every iovec must describe memory that is valid for writes for the whole
-    /// call and that nothing else reads or writes meanwhile.
+    /// call.
     pub unsafe fn read_vectored_at(
         &self,
         offset: u64,
         buffers: &mut [libc::iovec],
     ) -> io::Result<()> {
-        // SAFETY: passed on from our caller.
-        unsafe { self.transfer(Direction::Read, offset, buffers) }
+        self.transfer_all(Direction::Read, offset, buffers)
     }
 
-    /// Writes `buffers` to the image starting at `offset`.
+    /// Writes `buffers` to the image starting at `offset`. With O_DIRECT
+    /// the buffers must be aligned ([`Self::takes_directly`]).
     ///
     /// # Safety
     /// Every iovec must describe memory that is valid for reads for the whole
@@ -131,39 +181,7 @@ impl DiskImage {
         offset: u64,
         buffers: &mut [libc::iovec],
     ) -> io::Result<()> {
-        // SAFETY: passed on from our caller.
-        unsafe { self.transfer(Direction::Write, offset, buffers) }
-    }
-
-    /// Moves the bytes of `buffers` in `direction`, through an aligned
-    /// bounce buffer when the image is opened with O_DIRECT (the iovecs
-    /// need not be aligned).
-    ///
-    /// # Safety
-    /// Every iovec must describe memory valid for `direction` (writes for a
-    /// read, reads for a write) for the whole call that nothing else writes
-    /// meanwhile.
-    unsafe fn transfer(
-        &self,
-        direction: Direction,
-        offset: u64,
-        buffers: &mut [libc::iovec],
-    ) -> io::Result<()> {
-        if !self.direct {
-            return self.transfer_all(direction, offset, buffers);
-        }
-        let mut bounce = AlignedBuffer::new(iovecs_len(buffers))?;
-        if let Direction::Write = direction {
-            // SAFETY: passed on from our caller; `bounce` holds the sum of
-            // all iovec lengths.
-            unsafe { bounce.exchange(Direction::Write, buffers) };
-        }
-        self.transfer_all(direction, offset, &mut [bounce.as_iovec()])?;
-        if let Direction::Read = direction {
-            // SAFETY: as above.
-            unsafe { bounce.exchange(Direction::Read, buffers) };
-        }
-        Ok(())
+        self.transfer_all(Direction::Write, offset, buffers)
     }
 
     /// Makes written data durable.
@@ -224,9 +242,7 @@ impl DiskImage {
         let mut zeroes = AlignedBuffer::new(ZERO_CHUNK)?;
         while offset < end {
             let chunk = (end - offset).min(ZERO_CHUNK as u64) as usize;
-            let mut iov = zeroes.as_iovec();
-            iov.iov_len = chunk;
-            self.transfer_all(Direction::Write, offset, &mut [iov])?;
+            self.transfer_all(Direction::Write, offset, &mut [zeroes.iovec(chunk)])?;
             offset += chunk as u64;
         }
         Ok(())
@@ -320,80 +336,40 @@ enum Direction {
     Write,
 }
 
-fn iovecs_len(iovecs: &[libc::iovec]) -> usize {
-    iovecs.iter().map(|iov| iov.iov_len).sum()
+/// The O_DIRECT alignment the kernel reports for `file` (statx
+/// STATX_DIOALIGN), if it does.
+fn direct_alignment(file: &File) -> Option<DirectAlignment> {
+    // SAFETY: statx is plain old data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on our own open descriptor with an empty path
+    // (AT_EMPTY_PATH) writes only into `stx`, which outlives the call.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    let (memory, length) = (
+        stx.stx_dio_mem_align as usize,
+        stx.stx_dio_offset_align as usize,
+    );
+    (memory.is_power_of_two() && length.is_power_of_two())
+        .then_some(DirectAlignment { memory, length })
 }
 
-/// A zeroed heap buffer aligned for O_DIRECT.
-struct AlignedBuffer {
-    ptr: *mut u8,
-    layout: Layout,
-}
-
-impl AlignedBuffer {
-    fn new(len: usize) -> io::Result<Self> {
-        let layout = Layout::from_size_align(len.max(1), DIRECT_ALIGN)
-            .map_err(|_| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
-        }
-        Ok(AlignedBuffer { ptr, layout })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points at `layout.size()` initialised (zeroed) bytes we own.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-
-    /// Copies between the buffer and `buffers` laid end to end at its
-    /// start: out of the buffer into them for a read, into it for a write.
-    ///
-    /// # Safety
-    /// The buffer must hold at least the sum of the iovec lengths; every
-    /// iovec must be memory valid for the copy (writes for a read, reads
-    /// for a write) that nothing else writes meanwhile.
-    unsafe fn exchange(&mut self, direction: Direction, buffers: &[libc::iovec]) {
-        let mut copied = 0;
-        for iov in buffers {
-            let iov_base = iov.iov_base.cast::<u8>();
-            // SAFETY: the caller's contract; `copied + iov_len` stays within
-            // the sum of the iovec lengths, which the buffer holds.
-            unsafe {
-                match direction {
-                    Direction::Read => std::ptr::copy_nonoverlapping(
-                        self.as_slice().as_ptr().add(copied),
-                        iov_base,
-                        iov.iov_len,
-                    ),
-                    Direction::Write => std::ptr::copy_nonoverlapping(
-                        iov_base,
-                        self.as_mut_slice().as_mut_ptr().add(copied),
-                        iov.iov_len,
-                    ),
-                }
-            }
-            copied += iov.iov_len;
-        }
-    }
-
-    fn as_iovec(&mut self) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.ptr.cast(),
-            iov_len: self.layout.size(),
-        }
-    }
-}
-
-impl Drop for AlignedBuffer {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed` with this very layout.
-        unsafe { alloc::dealloc(self.ptr, self.layout) }
-    }
+/// Whether `file` is on a memory file system (tmpfs, ramfs).
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on our own open descriptor writes only into `fs`.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
+    rc == 0 && matches!(fs.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
 }

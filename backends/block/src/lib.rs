@@ -9,6 +9,7 @@
 //! the queue is processed.
 
 pub mod answer;
+pub mod bounce;
 pub mod config;
 pub mod error;
 pub mod execute;

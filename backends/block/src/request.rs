@@ -70,6 +70,18 @@ pub enum Operation {
     WriteZeroes(Vec<SectorRange>),
 }
 
+impl Operation {
+    /// The guest buffers of a read, a write or a GET_ID; none for the others.
+    pub fn buffers(&self) -> &[Segment] {
+        match self {
+            Operation::Read { buffers, .. }
+            | Operation::Write { buffers, .. }
+            | Operation::GetId { buffers } => buffers,
+            Operation::Flush | Operation::Discard(_) | Operation::WriteZeroes(_) => &[],
+        }
+    }
+}
+
 /// Why a request was refused, and the status that tells the driver so.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {

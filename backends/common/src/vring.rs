@@ -1,8 +1,11 @@
 //! Small pieces of a vhost-user backend's worker that every device needs.
 
 use std::fmt::Display;
+use std::sync::atomic::Ordering;
 
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 /// Signals the driver that `vring`'s used ring moved, if it asked to be
@@ -39,6 +42,24 @@ pub fn clone_exit_event(
         (Err(e), _) | (_, Err(e)) => {
             log::error!("cannot clone the exit event of worker {worker}: {e}");
             None
+        }
+    }
+}
+
+/// Whether the driver has made chains available on `vring` that the
+/// backend has not taken (false while the queue is stopped or disabled):
+/// what a polling worker looks at. Failures are logged, naming the queue.
+pub fn avail_pending(vring: &VringRwLock, mem: &GuestMemoryMmap, queue: impl Display) -> bool {
+    let state = vring.get_ref();
+    let ring = state.get_queue();
+    if !state.is_enabled() || !ring.ready() {
+        return false;
+    }
+    match ring.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => idx.0 != ring.next_avail(),
+        Err(e) => {
+            log::warn!("queue {queue}: cannot read the available index: {e}");
+            false
         }
     }
 }

@@ -1,12 +1,17 @@
 //! The vhost-user device: receive queue 0 fed from the link, transmit
 //! queue 1 drained to it. One worker thread serves both queues and the
-//! link's file descriptor, so a frame's path never crosses threads.
+//! link's file descriptor, so a frame's path never crosses threads. After
+//! draining the transmit queue the worker keeps polling it for an
+//! adaptive window (`pvstack_backend_common::poll`) with the guest's
+//! transmit kicks off, so a guest sending a stream of frames rarely kicks.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
+use pvstack_backend_common::poll::AdaptivePoll;
+use pvstack_backend_common::{avail_pending, clone_exit_event, signal_if_needed, GuestMemorySlot};
 use pvstack_net::datapath::{receive, transmit, Delivery, RxPending};
 use pvstack_net::features;
 use pvstack_net::frame::MAX_CHAIN_BYTES;
@@ -48,10 +53,31 @@ struct Shared {
     pending: Mutex<RxPending>,
     /// Scratch space for a frame from the guest.
     tx_buffer: Mutex<Vec<u8>>,
+    /// How long the worker polls the transmit queue after draining it.
+    tx_poll: Mutex<AdaptivePoll>,
+}
+
+impl Drop for Shared {
+    /// What polling did on this connection.
+    fn drop(&mut self) {
+        let poll = self
+            .tx_poll
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .report();
+        log::info!("connection ended; transmit queue {poll}");
+    }
 }
 
 impl NetBackend {
-    pub fn new(link: Arc<Link>, queue_size: u16, stats: Arc<NetStats>) -> io::Result<Self> {
+    /// `poll_max` bounds the transmit queue's polling window (zero never
+    /// polls).
+    pub fn new(
+        link: Arc<Link>,
+        queue_size: u16,
+        stats: Arc<NetStats>,
+        poll_max: Duration,
+    ) -> io::Result<Self> {
         Ok(NetBackend {
             shared: Arc::new(Shared {
                 link,
@@ -63,6 +89,7 @@ impl NetBackend {
                 exit_event: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
                 pending: Mutex::new(RxPending::default()),
                 tx_buffer: Mutex::new(vec![0; MAX_CHAIN_BYTES]),
+                tx_poll: Mutex::new(AdaptivePoll::new(poll_max)),
             }),
         })
     }
@@ -71,7 +98,10 @@ impl NetBackend {
         self.shared.memory.get()
     }
 
-    /// Sends every frame the driver queued on the transmit queue.
+    /// Sends every frame the driver queued on the transmit queue, then
+    /// polls it for the adaptive window with kicks off; before it returns
+    /// it turns kicks back on and looks once more, so no kick is lost with
+    /// or without EVENT_IDX.
     fn process_tx(&self, vring: &VringRwLock) {
         let Some(atomic) = self.memory() else {
             log::warn!("transmit queue kicked before the memory table was set");
@@ -84,12 +114,18 @@ impl NetBackend {
             .tx_buffer
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut poll = self
+            .shared
+            .tx_poll
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        poll.woke();
+        // Without EVENT_IDX and without polling, kicks stay on throughout.
+        let toggle = event_idx || !poll.max().is_zero();
+        if toggle {
+            set_tx_notification(vring, false);
+        }
         loop {
-            if event_idx {
-                if let Err(e) = vring.disable_notification() {
-                    log::warn!("transmit queue: cannot disable notifications: {e}");
-                }
-            }
             let sent = transmit(
                 vring.get_mut().get_queue_mut(),
                 &*mem,
@@ -99,18 +135,21 @@ impl NetBackend {
             );
             if sent {
                 signal_if_needed(vring, TX_QUEUE);
+                continue;
             }
-            if !event_idx {
+            if poll.poll(|| avail_pending(vring, &mem, TX_QUEUE)) {
+                continue;
+            }
+            if !toggle {
                 return;
             }
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    log::warn!("transmit queue: cannot enable notifications: {e}");
-                    return;
-                }
+            // Kicks on, then one more look (afresh: a stopped queue has
+            // nothing to take).
+            set_tx_notification(vring, true);
+            if !avail_pending(vring, &mem, TX_QUEUE) {
+                return;
             }
+            set_tx_notification(vring, false);
         }
     }
 
@@ -156,6 +195,18 @@ impl NetBackend {
             }
             return;
         }
+    }
+}
+
+/// Turns the driver's transmit kicks on or off.
+fn set_tx_notification(vring: &VringRwLock, on: bool) {
+    let result = if on {
+        vring.enable_notification().map(|_| ())
+    } else {
+        vring.disable_notification()
+    };
+    if let Err(e) = result {
+        log::warn!("transmit queue: cannot change notifications: {e}");
     }
 }
 

@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use pvstack_backend_common::{
@@ -65,6 +66,15 @@ struct Args {
     /// and sends them again once the device runs. Not needed for pvstack.
     #[arg(long)]
     filter_early_vring_enable: bool,
+
+    /// Bound of the transmit queue's adaptive polling window, in
+    /// microseconds: after draining the queue the worker keeps polling it,
+    /// with the guest's kicks off, for a window that doubles while frames
+    /// come back sooner than N and halves down to zero while they do not.
+    /// An idle guest costs nothing. 0 never polls.
+    #[arg(long, value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    poll_us: u32,
 }
 
 fn parse_tap_name(text: &str) -> Result<String, String> {
@@ -113,7 +123,14 @@ fn run(args: &Args) -> Result<(), Error> {
         DEVICE,
         &args.socket,
         listener,
-        || NetBackend::new(Arc::clone(&link), args.queue_size, Arc::clone(&stats)),
+        || {
+            NetBackend::new(
+                Arc::clone(&link),
+                args.queue_size,
+                Arc::clone(&stats),
+                Duration::from_micros(u64::from(args.poll_us)),
+            )
+        },
         |daemon| {
             // Edge-triggered: the worker reads the link until it is empty
             // or the guest's buffers run out; in the latter case the

@@ -9,11 +9,13 @@ use plotters::prelude::*;
 use super::summary::Report;
 use crate::error::{Error, Result};
 
-const MODE_COLOURS: [RGBColor; 4] = [
+const MODE_COLOURS: [RGBColor; 6] = [
     RGBColor(0xd6, 0x27, 0x28),
     RGBColor(0xff, 0x7f, 0x0e),
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
 /// Draws `report` as an SVG bar chart into `path`.

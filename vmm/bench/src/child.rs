@@ -5,32 +5,15 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use pvstack_devices::blk::BlkMode;
 use serde::Serialize;
 
 use super::procstat::tree_cpu_seconds;
-use super::workload::Workload;
 use crate::error::{Error, Result};
-
-/// The child VMM running now (0 if none), for the signal thread to stop.
-pub static RUNNING_CHILD: AtomicU32 = AtomicU32::new(0);
+use crate::running;
 
 /// Guest RAM of every benchmark VM.
 const GUEST_MEMORY: &str = "256M";
-
-/// What to run.
-pub struct RunSpec<'a> {
-    /// The pvstack binary.
-    pub pvstack: &'a Path,
-    /// A guest image other than the built-in one.
-    pub kernel: Option<&'a Path>,
-    pub image: &'a Path,
-    pub mode: BlkMode,
-    pub workload: Workload,
-    pub secs: u64,
-}
 
 /// What one run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -42,8 +25,9 @@ pub struct Sample {
     /// VM exits to the VMM per request (the guest's COUNTERS hypercall);
     /// `None` where the workload does not report them (`net-bench`).
     pub exits_per_req: Option<f64>,
-    /// Doorbell kicks per request (the guest driver's count).
-    pub kicks_per_req: f64,
+    /// Doorbell kicks per request (the guest driver's count); `None` for
+    /// the host row (no VM).
+    pub kicks_per_req: Option<f64>,
     /// Interrupts raised per request, where the device that raises them
     /// reports a count (see `Summary::interrupts_note`).
     pub interrupts_per_req: Option<f64>,
@@ -67,6 +51,9 @@ pub struct VmRun<'a> {
     pub result: &'a str,
     /// The mode and workload, for error messages.
     pub what: String,
+    /// A backend process the benchmark started for this VM, whose CPU
+    /// time counts with the VM's.
+    pub backend_pid: Option<u32>,
 }
 
 /// What a [`VmRun`] printed and used.
@@ -113,12 +100,11 @@ impl VmRun<'_> {
             command.arg("--kernel").arg(kernel);
         }
         let failed = |reason: String| self.failed(reason);
-        let mut child = command
-            .spawn()
+        let mut child = running::spawn(&mut command)
             .map_err(|e| failed(format!("cannot start {}: {e}", self.pvstack.display())))?;
         // `ip netns exec` execs the program, so this is pvstack's pid.
         let pid = child.id();
-        RUNNING_CHILD.store(pid, Ordering::SeqCst);
+        let cpu_now = || tree_cpu_seconds(pid) + self.backend_pid.map_or(0.0, tree_cpu_seconds);
         let mut stderr = child
             .stderr
             .take()
@@ -143,15 +129,14 @@ impl VmRun<'_> {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if line.starts_with(self.started) {
-                cpu_start = Some(tree_cpu_seconds(pid));
+                cpu_start = Some(cpu_now());
             } else if line.starts_with(self.result) {
-                cpu_end = Some(tree_cpu_seconds(pid));
+                cpu_end = Some(cpu_now());
                 result = Some(line.clone());
             }
             console.push(line);
         }
-        let status = child.wait();
-        RUNNING_CHILD.store(0, Ordering::SeqCst);
+        let status = running::wait(&mut child);
         let log = stderr_reader.join().unwrap_or_default();
         let status = status.map_err(|e| failed(format!("cannot wait for pvstack run: {e}")))?;
         if !status.success() {
@@ -181,30 +166,6 @@ impl VmRun<'_> {
     }
 }
 
-/// Runs the disk workload `spec` once and parses what it reported.
-pub fn run_once(spec: &RunSpec<'_>) -> Result<Sample> {
-    let mut blk = OsString::from("image=");
-    blk.push(spec.image);
-    blk.push(format!(",mode={}", spec.mode));
-    let run = VmRun {
-        pvstack: spec.pvstack,
-        kernel: spec.kernel,
-        netns: None,
-        devices: vec!["--blk".into(), blk],
-        guest_args: spec.workload.guest_args(spec.secs, 0),
-        started: "disk 0:",
-        result: "RESULT blk-bench",
-        what: format!("{} {}", spec.mode, spec.workload),
-    };
-    let out = run.run()?;
-    parse_sample(
-        &out.result,
-        out.cpu_seconds,
-        interrupts_per_request(&out.log),
-    )
-    .map_err(|reason| run.failed(reason))
-}
-
 /// The value of `key=` in a RESULT line.
 pub fn field(line: &str, key: &str) -> std::result::Result<f64, String> {
     line.split_whitespace()
@@ -224,7 +185,8 @@ pub fn cpu_s_per_gib(cpu_seconds: f64, bytes: u64) -> f64 {
     }
 }
 
-fn parse_sample(
+/// A disk sample from blk-bench's RESULT line.
+pub fn parse_sample(
     line: &str,
     cpu_seconds: f64,
     interrupts_per_req: Option<f64>,
@@ -240,7 +202,7 @@ fn parse_sample(
         iops: field(line, "iops")?,
         mbps: field(line, "mbps")?,
         exits_per_req: Some(field(line, "exits_per_req")?),
-        kicks_per_req: field(line, "kicks_per_req")?,
+        kicks_per_req: Some(field(line, "kicks_per_req")?),
         interrupts_per_req,
         cpu_s_per_gib: cpu_s_per_gib(cpu_seconds, bytes),
     })
@@ -291,7 +253,7 @@ mod tests {
         let sample = parse_sample(LINE, 0.5, Some(0.25)).unwrap();
         assert_eq!((sample.ios, sample.bytes), (22049, 90312704));
         assert_eq!(sample.iops, 22048.382);
-        assert_eq!(sample.kicks_per_req, 1.0);
+        assert_eq!(sample.kicks_per_req, Some(1.0));
         let gib = 90312704.0 / f64::from(1u32 << 30);
         assert!((sample.cpu_s_per_gib - 0.5 / gib).abs() < 1e-9);
         assert_eq!(sample.interrupts_per_req, Some(0.25));

@@ -72,6 +72,7 @@ impl NetBench {
             started: "nic 0:",
             result: "RESULT net-bench",
             what: format!("{} {}", spec.mode, spec.workload),
+            backend_pid: None,
         };
         self.sinks.clear_tcp();
         let udp_before = self.sinks.udp_datagrams();
@@ -134,7 +135,7 @@ fn net_sample(
         iops: frames as f64 * 1e6 / usecs,
         mbps: bytes as f64 / usecs,
         exits_per_req: None,
-        kicks_per_req: kicks / frames as f64,
+        kicks_per_req: Some(kicks / frames as f64),
         interrupts_per_req,
         cpu_s_per_gib: cpu_s_per_gib(cpu_seconds, bytes),
     })
@@ -158,7 +159,7 @@ mod tests {
         assert_eq!((s.ios, s.bytes), (800, 1_000_000));
         assert_eq!(s.iops, 1600.0);
         assert_eq!(s.mbps, 2.0);
-        assert_eq!(s.kicks_per_req, 0.5);
+        assert_eq!(s.kicks_per_req, Some(0.5));
         assert_eq!(s.exits_per_req, None);
         let short = TcpConnection {
             bytes: 999_999,
@@ -175,7 +176,7 @@ mod tests {
         let s = net_sample(UDP, &HostSide::Udp { datagrams: 4990 }, 1.0, Some(0.1)).unwrap();
         assert_eq!((s.ios, s.bytes), (5000, 320_000));
         assert_eq!(s.iops, 5000.0);
-        assert_eq!(s.kicks_per_req, 0.01);
+        assert_eq!(s.kicks_per_req, Some(0.01));
         assert_eq!(s.interrupts_per_req, Some(0.1));
         let err = net_sample(UDP, &HostSide::Udp { datagrams: 0 }, 1.0, None).unwrap_err();
         assert!(err.contains("no datagram"), "{err}");

@@ -1,5 +1,6 @@
 //! The guest workloads `pvstack bench` runs: disk workloads as `blk-bench`
-//! command lines, network workloads as `net-bench` ones.
+//! command lines (and, for the host row, the same pattern for fio),
+//! network workloads as `net-bench` ones.
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,10 +24,17 @@ pub enum Workload {
     RandRead4kQd1,
     /// 4 KiB random reads, 32 in flight: request-rate bound.
     RandRead4kQd32,
+    /// 4 KiB random reads, 16 in flight on each of two queues (32 in
+    /// all): how a mode scales from one queue to two.
+    RandRead4kQd32Queues2,
+    /// 4 KiB random writes, 32 in flight.
+    RandWrite4kQd32,
     /// 64 KiB sequential writes, one in flight.
     SeqWrite64k,
     /// 1 MiB sequential reads, one in flight: bandwidth bound.
     SeqRead1m,
+    /// 1 MiB sequential writes, one in flight: bandwidth bound.
+    SeqWrite1m,
     /// One TCP connection from the guest to a host sink: bandwidth bound.
     NetTcpTx,
     /// 64-byte UDP datagrams from the guest to a host counter: frame-rate
@@ -34,13 +42,31 @@ pub enum Workload {
     NetUdp64,
 }
 
+/// What a disk workload does: the same for the guest's `blk-bench` and
+/// for fio on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskPattern {
+    /// `randread`, `randwrite`, `read` or `write` (blk-bench's and fio's
+    /// names agree).
+    pub rw: &'static str,
+    /// Bytes per request.
+    pub bs: u32,
+    /// Requests in flight on each queue.
+    pub qd: u32,
+    /// Queues the guest drives (fio: jobs, one per queue).
+    pub queues: u16,
+}
+
 impl Workload {
     /// Every workload, in the order reports show them.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 9] = [
         Workload::RandRead4kQd1,
         Workload::RandRead4kQd32,
+        Workload::RandRead4kQd32Queues2,
+        Workload::RandWrite4kQd32,
         Workload::SeqWrite64k,
         Workload::SeqRead1m,
+        Workload::SeqWrite1m,
         Workload::NetTcpTx,
         Workload::NetUdp64,
     ];
@@ -50,8 +76,11 @@ impl Workload {
         match self {
             Workload::RandRead4kQd1 => "4k-randread-qd1",
             Workload::RandRead4kQd32 => "4k-randread-qd32",
+            Workload::RandRead4kQd32Queues2 => "4k-randread-qd32-2q",
+            Workload::RandWrite4kQd32 => "4k-randwrite-qd32",
             Workload::SeqWrite64k => "64k-seqwrite",
             Workload::SeqRead1m => "1m-seqread",
+            Workload::SeqWrite1m => "1m-seqwrite",
             Workload::NetTcpTx => "net-tcp-tx",
             Workload::NetUdp64 => "net-udp-64",
         }
@@ -59,31 +88,41 @@ impl Workload {
 
     /// Whether it runs on a NIC (and `--net-modes`) rather than a disk.
     pub fn is_net(self) -> bool {
-        matches!(self, Workload::NetTcpTx | Workload::NetUdp64)
+        self.disk_pattern().is_none()
+    }
+
+    /// What a disk workload does; `None` for a network one.
+    pub fn disk_pattern(self) -> Option<DiskPattern> {
+        let (rw, bs, qd, queues) = match self {
+            Workload::RandRead4kQd1 => ("randread", 4096, 1, 1),
+            Workload::RandRead4kQd32 => ("randread", 4096, 32, 1),
+            Workload::RandRead4kQd32Queues2 => ("randread", 4096, 16, 2),
+            Workload::RandWrite4kQd32 => ("randwrite", 4096, 32, 1),
+            Workload::SeqWrite64k => ("write", 64 << 10, 1, 1),
+            Workload::SeqRead1m => ("read", 1 << 20, 1, 1),
+            Workload::SeqWrite1m => ("write", 1 << 20, 1, 1),
+            Workload::NetTcpTx | Workload::NetUdp64 => return None,
+        };
+        Some(DiskPattern { rw, bs, qd, queues })
     }
 
     /// The guest command line that runs it: disk and UDP workloads for
     /// `secs` seconds, TCP until `tcp_bytes` are sent.
     pub fn guest_args(self, secs: u64, tcp_bytes: u64) -> String {
-        let (rw, bs, qd) = match self {
-            Workload::RandRead4kQd1 => ("randread", "4K", 1),
-            Workload::RandRead4kQd32 => ("randread", "4K", 32),
-            Workload::SeqWrite64k => ("write", "64K", 1),
-            Workload::SeqRead1m => ("read", "1M", 1),
-            Workload::NetTcpTx => {
-                return format!(
-                    "net-bench ip={NET_GUEST_CIDR} target={NET_HOST} proto=tcp \
-                     port={NET_TCP_PORT} bytes={tcp_bytes}"
-                )
-            }
-            Workload::NetUdp64 => {
-                return format!(
-                    "net-bench ip={NET_GUEST_CIDR} target={NET_HOST} proto=udp \
-                     port={NET_UDP_PORT} size={NET_UDP_SIZE} secs={secs}"
-                )
-            }
-        };
-        format!("blk-bench rw={rw} bs={bs} qd={qd} secs={secs}")
+        if let Some(DiskPattern { rw, bs, qd, queues }) = self.disk_pattern() {
+            return format!("blk-bench rw={rw} bs={bs} qd={qd} queues={queues} secs={secs}");
+        }
+        if self == Workload::NetTcpTx {
+            format!(
+                "net-bench ip={NET_GUEST_CIDR} target={NET_HOST} proto=tcp \
+                 port={NET_TCP_PORT} bytes={tcp_bytes}"
+            )
+        } else {
+            format!(
+                "net-bench ip={NET_GUEST_CIDR} target={NET_HOST} proto=udp \
+                 port={NET_UDP_PORT} size={NET_UDP_SIZE} secs={secs}"
+            )
+        }
     }
 }
 
@@ -120,7 +159,11 @@ mod tests {
         assert!("8k".parse::<Workload>().unwrap_err().contains("net-udp-64"));
         assert_eq!(
             Workload::RandRead4kQd32.guest_args(3, 0),
-            "blk-bench rw=randread bs=4K qd=32 secs=3"
+            "blk-bench rw=randread bs=4096 qd=32 queues=1 secs=3"
+        );
+        assert_eq!(
+            Workload::RandRead4kQd32Queues2.guest_args(3, 0),
+            "blk-bench rw=randread bs=4096 qd=16 queues=2 secs=3"
         );
         assert_eq!(
             Workload::NetTcpTx.guest_args(3, 1 << 20),
@@ -131,5 +174,14 @@ mod tests {
             "net-bench ip=10.0.0.2/24 target=10.0.0.1 proto=udp port=5002 size=64 secs=3"
         );
         assert!(Workload::NetUdp64.is_net() && !Workload::SeqRead1m.is_net());
+    }
+
+    #[test]
+    fn the_two_queue_workload_keeps_the_total_depth() {
+        let one = Workload::RandRead4kQd32.disk_pattern().unwrap();
+        let two = Workload::RandRead4kQd32Queues2.disk_pattern().unwrap();
+        assert_eq!(one.qd * u32::from(one.queues), 32);
+        assert_eq!(two.qd * u32::from(two.queues), 32);
+        assert_eq!((one.rw, one.bs), (two.rw, two.bs));
     }
 }

@@ -41,6 +41,8 @@ pub struct Backend {
     log: PathBuf,
     /// Its --queue-size.
     queue_size: u16,
+    /// Its other arguments.
+    extra: Vec<String>,
 }
 
 impl Backend {
@@ -48,6 +50,17 @@ impl Backend {
     /// `image_size`-byte image in a scratch directory of its own (removed
     /// when the last backend on it drops). Returns its socket and image.
     pub fn start(name: &str, image_size: u64, queue_size: u16) -> (Backend, PathBuf, PathBuf) {
+        Self::start_with(name, image_size, queue_size, &[])
+    }
+
+    /// As [`Self::start`], with more pvstack-blk arguments (kept for
+    /// [`Self::respawn`]).
+    pub fn start_with(
+        name: &str,
+        image_size: u64,
+        queue_size: u16,
+        extra: &[&str],
+    ) -> (Backend, PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "pvstack-blk-frontend-{}-{name}",
             std::process::id()
@@ -57,16 +70,21 @@ impl Backend {
         let image = dir.join("disk.img");
         File::create(&image).unwrap().set_len(image_size).unwrap();
         let socket = dir.join("blk.sock");
-        (Backend::spawn(&dir, "blk.log", queue_size), socket, image)
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        (
+            Backend::spawn(&dir, "blk.log", queue_size, extra),
+            socket,
+            image,
+        )
     }
 
     /// A new pvstack-blk in this one's place (after [`Self::kill`]),
     /// logging to `log`.
     pub fn respawn(&self, log: &str) -> Backend {
-        Backend::spawn(&self.dir, log, self.queue_size)
+        Backend::spawn(&self.dir, log, self.queue_size, self.extra.clone())
     }
 
-    fn spawn(dir: &Path, log: &str, queue_size: u16) -> Backend {
+    fn spawn(dir: &Path, log: &str, queue_size: u16, extra: Vec<String>) -> Backend {
         let socket = dir.join("blk.sock");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(env!("CARGO_BIN_EXE_pvstack-blk"))
@@ -76,6 +94,7 @@ impl Backend {
             .arg(dir.join("disk.img"))
             .arg("--queue-size")
             .arg(queue_size.to_string())
+            .args(&extra)
             .env("RUST_LOG", "info")
             .stderr(File::create(dir.join(log)).unwrap())
             .spawn()
@@ -90,6 +109,7 @@ impl Backend {
             dir: dir.to_path_buf(),
             log: dir.join(log),
             queue_size,
+            extra,
         }
     }
 
@@ -127,6 +147,10 @@ impl Backend {
                 .next()
                 .is_some_and(|rest| rest.starts_with('T'))
         })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: a crash.
@@ -234,6 +258,18 @@ pub fn used_elements(memory: &GuestMemoryMmap, range: std::ops::Range<u16>) -> V
         .collect()
 }
 
+/// The used ring's elements in `range`, sorted by head: what was
+/// returned, whatever the order requests completed in (the io_uring engine
+/// returns them as they complete).
+pub fn used_elements_sorted(
+    memory: &GuestMemoryMmap,
+    range: std::ops::Range<u16>,
+) -> Vec<(u16, u32)> {
+    let mut elements = used_elements(memory, range);
+    elements.sort_unstable();
+    elements
+}
+
 pub fn used_ids(memory: &GuestMemoryMmap, range: std::ops::Range<u16>) -> Vec<u16> {
     used_elements(memory, range)
         .into_iter()
@@ -285,9 +321,14 @@ pub fn negotiate(socket: &Path, features: u64) -> Frontend {
 
 /// A new inflight log for the one queue (GET_INFLIGHT_FD).
 pub fn new_log(frontend: &mut Frontend) -> (VhostUserInflight, File) {
+    new_log_of(frontend, QUEUE_SIZE)
+}
+
+/// A new inflight log for the one queue of `queue_size` entries.
+pub fn new_log_of(frontend: &mut Frontend, queue_size: u16) -> (VhostUserInflight, File) {
     let wanted = VhostUserInflight {
         num_queues: 1,
-        queue_size: QUEUE_SIZE,
+        queue_size,
         ..Default::default()
     };
     frontend.get_inflight_fd(&wanted).expect("GET_INFLIGHT_FD")
@@ -301,12 +342,24 @@ pub fn start_queue(
     memory: &GuestMemoryMmap,
     base: u16,
 ) -> (EventFd, EventFd) {
+    start_queue_of(frontend, memory, base, QUEUE_SIZE)
+}
+
+/// As [`start_queue`], for a queue of `queue_size` entries (at most 128:
+/// the rings' places leave room for no more).
+pub fn start_queue_of(
+    frontend: &mut Frontend,
+    memory: &GuestMemoryMmap,
+    base: u16,
+    queue_size: u16,
+) -> (EventFd, EventFd) {
+    assert!(queue_size <= 128, "no room for a queue of {queue_size}");
     let regions: Vec<_> = memory
         .iter()
         .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
         .collect();
     frontend.set_mem_table(&regions).unwrap();
-    frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
+    frontend.set_vring_num(0, queue_size).unwrap();
     let call = EventFd::new(0).unwrap();
     let kick = EventFd::new(0).unwrap();
     frontend.set_vring_call(0, &call).unwrap();
@@ -316,8 +369,8 @@ pub fn start_queue(
         .set_vring_addr(
             0,
             &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
+                queue_max_size: queue_size,
+                queue_size,
                 flags: 0,
                 desc_table_addr: host(DESC_TABLE),
                 used_ring_addr: host(USED_RING),

@@ -6,6 +6,11 @@
 //! before the block is written again, so at the end the table of each
 //! block's last completed sequence number is exactly what the disk must
 //! hold; its checksum (`table_fnv`) lets the host compare the image.
+//!
+//! With `stop=1` the workload runs until the host tells it to stop, however
+//! long the host's swaps take: it reads the block after the ones it
+//! verifies every [`STOP_POLL_US`] and stops writing once that block starts
+//! with `seqblock::STOP_MARKER` (the host writes it into the image).
 
 use crate::disk::{open, DISK_KEYS};
 use crate::pipeline::{Io, Job, Slots};
@@ -13,13 +18,15 @@ use crate::{Env, Failure, Outcome};
 use pvstack_guest::args::{ArgError, Args};
 use pvstack_guest::clock::{rdtsc, Clock};
 use pvstack_guest::println;
-use pvstack_guest::seqblock::{self, BLOCK_SIZE};
+use pvstack_guest::seqblock::{self, BLOCK_SIZE, STOP_MARKER};
 use pvstack_guest::virtio::blk::{request, status};
 
 /// Blocks used when `blocks=` is not given.
 const DEFAULT_BLOCKS: u64 = 256;
 /// Requests in flight per queue when `depth=` is not given.
 const DEFAULT_DEPTH: u64 = 8;
+/// How often the stop block is read (`stop=1`).
+const STOP_POLL_US: u64 = 20_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum BlockState {
@@ -35,6 +42,18 @@ enum BlockState {
 enum Limit {
     Writes(u64),
     Micros(u64),
+    /// When the stop block holds [`STOP_MARKER`], or after the microseconds.
+    StopBlock(StopBlock, u64),
+}
+
+/// The state of the stop block's polling.
+struct StopBlock {
+    /// Its byte offset: just past the verified blocks.
+    offset: u64,
+    /// TSC of the last read issued.
+    last_read: u64,
+    reading: bool,
+    seen: bool,
 }
 
 struct SwapVerifyJob<'m> {
@@ -59,15 +78,50 @@ struct SwapVerifyJob<'m> {
 
 impl SwapVerifyJob<'_> {
     fn may_write(&self) -> bool {
-        match self.limit {
-            Limit::Writes(n) => self.next_seq <= n,
-            Limit::Micros(us) => self.clock.us_since(self.started) < us,
+        match &self.limit {
+            Limit::Writes(n) => self.next_seq <= *n,
+            Limit::Micros(us) => self.clock.us_since(self.started) < *us,
+            Limit::StopBlock(stop, us) => !stop.seen && self.clock.us_since(self.started) < *us,
         }
+    }
+
+    /// A read of the stop block, if one is due and writing goes on.
+    fn stop_read(&mut self) -> Option<Io> {
+        let writing = self.may_write();
+        let Limit::StopBlock(stop, _) = &mut self.limit else {
+            return None;
+        };
+        if !writing || stop.reading || self.clock.us_since(stop.last_read) < STOP_POLL_US {
+            return None;
+        }
+        stop.reading = true;
+        stop.last_read = rdtsc();
+        Some(Io {
+            kind: request::IN,
+            offset: stop.offset,
+            len: BLOCK_SIZE as u32,
+        })
+    }
+
+    /// Records a completed read of the stop block; false if `io` is not one.
+    fn stop_read_done(&mut self, io: &Io, status: u8, buf: &[u8]) -> bool {
+        let Limit::StopBlock(stop, _) = &mut self.limit else {
+            return false;
+        };
+        if io.offset != stop.offset {
+            return false;
+        }
+        stop.reading = false;
+        stop.seen |= status == status::OK && buf.starts_with(STOP_MARKER);
+        true
     }
 }
 
 impl Job for SwapVerifyJob<'_> {
     fn next(&mut self, buf: &mut [u8]) -> Option<Io> {
+        if let Some(io) = self.stop_read() {
+            return Some(io);
+        }
         let blocks = self.table.len();
         let writing = self.may_write();
         for step in 0..blocks {
@@ -99,6 +153,9 @@ impl Job for SwapVerifyJob<'_> {
     }
 
     fn done(&mut self, io: &Io, status: u8, buf: &[u8]) {
+        if self.stop_read_done(io, status, buf) {
+            return;
+        }
         let block = (io.offset / BLOCK_SIZE as u64) as usize;
         self.max_latency_us = self
             .max_latency_us
@@ -132,9 +189,12 @@ impl Job for SwapVerifyJob<'_> {
     }
 }
 
-/// `blk-swap-verify [disk=N] [blocks=N] [secs=N|rounds=N] [depth=N]`.
+/// `blk-swap-verify [disk=N] [blocks=N] [secs=N|rounds=N] [stop=1] [depth=N]`.
 pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
-    args.check(&[&DISK_KEYS, &["blocks", "secs", "rounds", "depth"]], 0)?;
+    args.check(
+        &[&DISK_KEYS, &["blocks", "secs", "rounds", "stop", "depth"]],
+        0,
+    )?;
     let mut device = open(env, &args, 1)?;
     let depth = args.number_or("depth", DEFAULT_DEPTH)?;
     let slots = depth * u64::from(device.queue_count());
@@ -147,7 +207,19 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         }
         .into());
     }
-    if blocks <= slots || blocks > capacity_blocks {
+    let stop = match args.number_or("stop", 0)? {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(ArgError::OutOfRange {
+                name: "stop",
+                value: other,
+            }
+            .into())
+        }
+    };
+    // With stop=1 the stop block follows the verified ones.
+    if blocks <= slots || blocks + u64::from(stop) > capacity_blocks {
         return Err(ArgError::OutOfRange {
             name: "blocks",
             value: blocks,
@@ -155,10 +227,19 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         .into());
     }
     let limit = match (args.number("rounds")?, args.number("secs")?) {
-        (Some(rounds), None) => Limit::Writes(rounds),
+        (Some(rounds), None) if !stop => Limit::Writes(rounds),
+        (None, secs) if stop => Limit::StopBlock(
+            StopBlock {
+                offset: blocks * BLOCK_SIZE as u64,
+                last_read: 0,
+                reading: false,
+                seen: false,
+            },
+            secs.map_or(u64::MAX, |secs| secs.saturating_mul(1_000_000)),
+        ),
         (None, Some(secs)) => Limit::Micros(secs.saturating_mul(1_000_000)),
         (None, None) => Limit::Micros(10_000_000),
-        (Some(rounds), Some(_)) => {
+        (Some(rounds), _) => {
             return Err(ArgError::OutOfRange {
                 name: "rounds",
                 value: rounds,

@@ -38,12 +38,14 @@ use crate::virtio::DeviceEvents;
 /// The backend program `image=` starts.
 pub const BACKEND_PROGRAM: &str = "pvstack-blk";
 
-/// How long pvstack-blk busy-polls the available ring after each batch in
-/// `mode=vhost-user-poll`. A guest round trip (see a completion, issue the
-/// next request) takes a few microseconds, so 100 µs spans many of them: a
-/// guest that keeps the queue busy never has to kick, while an idle disk
-/// costs its backend thread at most 100 µs of spinning per batch.
-pub const POLL_US: u32 = 100;
+/// The bound of pvstack-blk's adaptive polling window in
+/// `mode=vhost-user-poll` (`mode=vhost-user` leaves pvstack-blk's default,
+/// tens of microseconds). A window grows only while work comes back
+/// sooner than the bound and shrinks to nothing while it does not, so
+/// 1 ms keeps the backend polling through a guest's pauses of up to a
+/// millisecond (it then skips nearly every kick), and an idle disk still
+/// costs nothing.
+pub const POLL_US: u32 = 1000;
 
 /// Features passed on to the driver when the backend offers them. Left
 /// out: a writable configuration space (CONFIG_WCE), zoned and

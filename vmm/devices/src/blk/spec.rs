@@ -24,11 +24,13 @@ pub enum BlkMode {
     /// virtio-blk whose queue the VMM processes when a QueueNotify write
     /// exits to it (no ioeventfd: every kick exits).
     EmulatedVirtio,
-    /// virtio-blk served by a vhost-user backend, kicked by ioeventfd.
+    /// virtio-blk served by a vhost-user backend, kicked by ioeventfd
+    /// (pvstack-blk polls adaptively, within its default bound).
     #[default]
     VhostUser,
-    /// As `VhostUser`, with pvstack-blk busy-polling the available ring
-    /// after each batch (`--poll-us`), so the guest skips most kicks.
+    /// As `VhostUser`, with pvstack-blk's adaptive polling allowed a far
+    /// longer window (`--poll-us`), so a guest that pauses between
+    /// requests still finds the backend polling and skips its kicks.
     VhostUserPoll,
 }
 
