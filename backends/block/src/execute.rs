@@ -247,7 +247,10 @@ mod tests {
         let after = std::fs::read(&path).expect("read back image");
         assert!(after[..8 * 512].iter().all(|&b| b == 0), "discarded");
         assert!(after[16 * 512..18 * 512].iter().all(|&b| b == 0), "zeroed");
-        assert!(after[8 * 512..16 * 512].iter().any(|&b| b != 0), "untouched");
+        assert!(
+            after[8 * 512..16 * 512].iter().any(|&b| b != 0),
+            "untouched"
+        );
         std::fs::remove_file(&path).expect("remove scratch image");
     }
 
