@@ -10,6 +10,7 @@ pub mod net;
 pub mod process;
 pub mod qemu;
 pub mod qsd;
+pub mod vhost_frontend;
 
 use std::collections::BTreeMap;
 use std::io::Read;

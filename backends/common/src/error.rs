@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("socket path {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
-    #[error("socket {path} is in use: another process is listening on it")]
+    #[error("socket {path} is in use: another process listens on it or is bound to it")]
     SocketInUse { path: PathBuf },
     #[error("cannot inspect socket path {path}: {source}")]
     InspectSocket { path: PathBuf, source: io::Error },

@@ -8,18 +8,44 @@
 //! which may forward them, answer them itself or hold them back; replies
 //! pass unchanged. Only the control channel goes through it: the data path
 //! (shared memory and eventfds) never does.
+//!
+//! Every backend serves through it, because it is also where a hostile or
+//! broken frontend is held in check before the daemon (which serves one
+//! frontend at a time and trusts what it is sent) sees anything:
+//! - at most [`MAX_CONNECTIONS`] frontends at once; more are closed;
+//! - a connection must reach SET_OWNER within the negotiation timeout,
+//!   and every message, once begun, must arrive whole within it, so a
+//!   client that connects and waits, or stops mid-message, does not hold
+//!   the daemon;
+//! - memory tables are checked ([`MemoryTableGuard`]) before the daemon
+//!   maps them, and queue sizes before it takes them;
+//! - the daemon listens in a directory only this user can enter, so no
+//!   one else reaches it around the filter (or desynchronises the
+//!   numbering of connections that filters and backends share).
 
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use pvstack_logging::warn_limited;
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::Listener;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::mem_table::MemoryTableGuard;
+use crate::ring_requests::check_ring_request;
 use crate::{block_stop_signals, listen, prepare_socket_path, Error, SocketArgs};
+
+/// Most frontend connections held at once (each costs two threads and
+/// four descriptors). The daemon serves one; the others wait their turn.
+pub const MAX_CONNECTIONS: usize = 8;
 
 const HEADER_LEN: usize = 12;
 /// Most file descriptors one vhost-user message carries.
@@ -54,6 +80,12 @@ impl Message {
         Message::reply(request, &0u64.to_le_bytes(), Vec::new())
     }
 
+    /// A request carrying `fds`, as a frontend sends it.
+    #[cfg(test)]
+    pub(crate) fn with_fds(request: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Message {
+        Message::build(request, FLAG_VERSION, payload, fds)
+    }
+
     fn build(request: u32, flags: u32, payload: &[u8], fds: Vec<OwnedFd>) -> Message {
         let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
         bytes.extend_from_slice(&request.to_le_bytes());
@@ -61,6 +93,13 @@ impl Message {
         bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         bytes.extend_from_slice(payload);
         Message { bytes, fds }
+    }
+
+    /// Asks for a REPLY_ACK answer (as a frontend that negotiated
+    /// REPLY_ACK does).
+    pub fn set_need_reply(&mut self) {
+        let flags = u32_at(&self.bytes, 4) | FLAG_NEED_REPLY;
+        self.bytes[4..8].copy_from_slice(&flags.to_le_bytes());
     }
 
     /// The request code (vhost's `FrontendReq` values).
@@ -121,12 +160,39 @@ pub trait Filter: Send {
     fn request(&mut self, message: Message) -> io::Result<Verdict>;
 }
 
+/// Passes every request on: for a backend that needs no filter of its
+/// own, only the checks every connection gets.
+pub struct PassThrough;
+
+impl Filter for PassThrough {
+    fn request(&mut self, message: Message) -> io::Result<Verdict> {
+        Ok(Verdict::forward(message))
+    }
+}
+
+/// Refuses `message`: a REPLY_ACK failure if the frontend wants an
+/// answer, otherwise an error that ends the connection.
+pub fn refuse(message: &Message, why: &str) -> io::Result<Verdict> {
+    let code = message.code();
+    if message.wants_ack() {
+        warn_limited!("refused request {code}: {why}");
+        let failure = Message::reply(code, &1u64.to_le_bytes(), Vec::new());
+        return Ok(Verdict::answer(Some(failure)));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("request {code}: {why}"),
+    ))
+}
+
 /// The public socket, with the filter listening on it; removed when this
-/// drops. The daemon listens beside it, on the public path with `.daemon`
-/// appended, so a crashed process leaves at most that file behind, which
-/// the next backend on the same path replaces.
+/// drops, with the daemon's directory. The daemon listens in a directory
+/// beside it that only this user may enter, the public path with
+/// `.daemon` appended; a crashed process leaves at most that behind,
+/// which the next backend on the same path takes over.
 pub struct FilteredSocket {
     public: PathBuf,
+    daemon_dir: PathBuf,
 }
 
 impl FilteredSocket {
@@ -141,9 +207,11 @@ impl FilteredSocket {
         F: Fn() -> Box<dyn Filter> + Send + 'static,
     {
         block_stop_signals()?;
-        let mut daemon_socket = args.socket.clone().into_os_string();
-        daemon_socket.push(".daemon");
-        let daemon_socket = PathBuf::from(daemon_socket);
+        let mut daemon_dir = args.socket.clone().into_os_string();
+        daemon_dir.push(".daemon");
+        let daemon_dir = PathBuf::from(daemon_dir);
+        private_dir(&daemon_dir)?;
+        let daemon_socket = daemon_dir.join(DAEMON_SOCKET);
         // The daemon listens before any frontend can reach the filter.
         let daemon = listen(&daemon_socket)?;
         // Checked and bound before `filtered` exists: its drop removes the
@@ -156,14 +224,30 @@ impl FilteredSocket {
         })?;
         let filtered = FilteredSocket {
             public: args.socket.clone(),
+            daemon_dir,
         };
+        let timeout = args.negotiation_timeout;
+        let open = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("filter".into())
             .spawn(move || {
                 for front in listener.incoming() {
-                    match front.and_then(|front| join(front, &daemon_socket, &new_filter)) {
-                        Ok(()) => {}
-                        Err(e) => log::warn!("filter: cannot join a frontend to the daemon: {e}"),
+                    let front = match front {
+                        Ok(front) => front,
+                        Err(e) => {
+                            warn_limited!("filter: cannot accept a frontend: {e}");
+                            continue;
+                        }
+                    };
+                    let Some(slot) = ConnectionSlot::take(&open) else {
+                        warn_limited!(
+                            "filter: refused a frontend: {MAX_CONNECTIONS} connections are open"
+                        );
+                        continue;
+                    };
+                    let joined = join(front, &daemon_socket, &new_filter, timeout, slot);
+                    if let Err(e) = joined {
+                        warn_limited!("filter: cannot join a frontend to the daemon: {e}");
                     }
                 }
             })
@@ -179,6 +263,71 @@ impl FilteredSocket {
 impl Drop for FilteredSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.public);
+        let _ = std::fs::remove_file(self.daemon_dir.join(DAEMON_SOCKET));
+        let _ = std::fs::remove_dir(&self.daemon_dir);
+    }
+}
+
+/// The daemon's socket, in its private directory.
+const DAEMON_SOCKET: &str = "socket";
+
+/// Makes `dir` a directory only this user can enter: created 0700 if
+/// missing; one left by an earlier run is taken over if this user owns it
+/// and no one else may enter it. A socket file there (from a version that
+/// put the daemon's socket at this path) is replaced as a stale socket is.
+fn private_dir(dir: &Path) -> Result<(), Error> {
+    let refuse = |what: &'static str| Error::Filter {
+        path: dir.to_owned(),
+        what,
+        source: io::ErrorKind::PermissionDenied.into(),
+    };
+    let inspect = |source| Error::InspectSocket {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me {
+                return Err(refuse("the daemon's directory belongs to another user"));
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(refuse("the daemon's directory is open to other users"));
+            }
+            return Ok(());
+        }
+        Ok(_) => prepare_socket_path(dir)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(inspect(e)),
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::Filter {
+            path: dir.to_owned(),
+            what: "cannot create the daemon's directory",
+            source,
+        })
+}
+
+/// One of the [`MAX_CONNECTIONS`], given back when both of its threads
+/// are done with it.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<Arc<ConnectionSlot>> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()?;
+        Some(Arc::new(ConnectionSlot(Arc::clone(open))))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -188,35 +337,45 @@ fn join(
     front: UnixStream,
     internal: &Path,
     new_filter: &dyn Fn() -> Box<dyn Filter>,
+    timeout: Duration,
+    slot: Arc<ConnectionSlot>,
 ) -> io::Result<()> {
     let back = UnixStream::connect(internal)?;
     // The relay runs on its own; nothing here waits for it to end.
-    relay(front, back, new_filter())?;
+    relay(front, back, new_filter(), timeout, slot)?;
     Ok(())
 }
 
 /// Passes the messages of one connection between the frontend (`front`)
-/// and the daemon (`back`) on two threads, requests through `filter`,
-/// replies unchanged, until either side hangs up or breaks the protocol;
-/// then both sockets are shut down. Returns the two threads, for a caller
-/// that must know when the relay is over (the fuzz target in tests/fuzz).
-pub fn relay(
+/// and the daemon (`back`) on two threads, requests through the checks
+/// and `filter`, replies unchanged, until either side hangs up, breaks the
+/// protocol or is slower than `timeout` (see [`forward_requests`]); then
+/// both sockets are shut down. Each thread holds `slot` (the connection's
+/// place among the open ones) until it ends. Returns the two threads, for
+/// a caller that must know when the relay is over (the fuzz target in
+/// tests/fuzz).
+pub fn relay<S: Send + Sync + 'static>(
     front: UnixStream,
     back: UnixStream,
     filter: Box<dyn Filter>,
+    timeout: Duration,
+    slot: Arc<S>,
 ) -> io::Result<[JoinHandle<()>; 2]> {
     let (front2, back2) = (front.try_clone()?, back.try_clone()?);
+    let slot2 = Arc::clone(&slot);
     let up = std::thread::Builder::new()
         .name("filter-up".into())
         .spawn(move || {
-            let result = forward_requests(&front, &back, filter);
+            let result = forward_requests(&front, &back, filter, timeout);
             end(&front, &back, "dropped the frontend connection", result);
+            drop(slot);
         })?;
     let down = std::thread::Builder::new()
         .name("filter-down".into())
         .spawn(move || {
             let result = forward_replies(&back2, &front2);
             end(&back2, &front2, "filter: lost the daemon", result);
+            drop(slot2);
         })?;
     Ok([up, down])
 }
@@ -226,24 +385,41 @@ pub fn relay(
 fn end(from: &UnixStream, to: &UnixStream, what: &str, result: io::Result<()>) {
     if let Err(e) = result {
         if e.kind() != io::ErrorKind::UnexpectedEof {
-            log::warn!("{what}: {e}");
+            warn_limited!("{what}: {e}");
         }
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
 }
 
-/// Frontend to daemon, through the filter. The filter's own answers go
-/// out on this thread while the daemon's replies go out on the other; the
-/// two never interleave because a frontend waits for the answer to one
-/// request before it sends a request that is answered.
+/// Frontend to daemon, through the memory-table checks and the filter.
+/// The filter's own answers go out on this thread while the daemon's
+/// replies go out on the other; the two never interleave because a
+/// frontend waits for the answer to one request before it sends a
+/// request that is answered.
+///
+/// Until SET_OWNER, the frontend has `timeout` in all; after it, it may
+/// wait as long as it likes between messages (a driver may take minutes
+/// to start the device), but each message must arrive whole within
+/// `timeout` of its first bytes.
 fn forward_requests(
     front: &UnixStream,
     back: &UnixStream,
     mut filter: Box<dyn Filter>,
+    timeout: Duration,
 ) -> io::Result<()> {
+    let mut memory = MemoryTableGuard::default();
+    let mut handshake = Some(Instant::now() + timeout);
     loop {
-        let verdict = filter.request(receive(front)?)?;
+        let message = receive_from_frontend(front, handshake, timeout)?;
+        if message.code() == FrontendReq::SET_OWNER as u32 {
+            handshake = None;
+        }
+        let checked = check_ring_request(&message).and_then(|()| memory.check(&message));
+        let verdict = match checked {
+            Ok(()) => filter.request(message)?,
+            Err(why) => refuse(&message, &why)?,
+        };
         for message in &verdict.to_daemon {
             send(back, message)?;
         }
@@ -256,8 +432,63 @@ fn forward_requests(
 /// Daemon to frontend: replies, unchanged.
 fn forward_replies(back: &UnixStream, front: &UnixStream) -> io::Result<()> {
     loop {
-        send(front, &receive(back)?)?;
+        send(front, &receive(back, None)?)?;
     }
+}
+
+/// The frontend's next message: its first bytes by `first_by` (any time
+/// if None), all of it within `whole_within` of them. A frontend too slow
+/// for either gets a TimedOut error that says which.
+fn receive_from_frontend(
+    front: &UnixStream,
+    first_by: Option<Instant>,
+    whole_within: Duration,
+) -> io::Result<Message> {
+    let no_owner = || {
+        timed_out(format!(
+            "no SET_OWNER within {} s of connecting",
+            whole_within.as_secs_f32()
+        ))
+    };
+    let wait = match first_by {
+        Some(deadline) => Some(remaining(deadline).ok_or_else(no_owner)?),
+        None => None,
+    };
+    front.set_read_timeout(wait)?;
+    receive(front, Some(whole_within)).map_err(|e| match e.kind() {
+        // The first read timed out (a stalled rest is TimedOut already).
+        io::ErrorKind::WouldBlock => no_owner(),
+        _ => e,
+    })
+}
+
+fn timed_out(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, message)
+}
+
+/// Time left until `deadline`, None if none (a zero read timeout would
+/// mean no timeout at all).
+fn remaining(deadline: Instant) -> Option<Duration> {
+    Some(deadline.checked_duration_since(Instant::now())?).filter(|left| !left.is_zero())
+}
+
+/// Fills `buf` from `socket` by `deadline` (at any pace if None).
+fn read_exact_by(socket: &UnixStream, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<()> {
+    let mut filled = 0;
+    let mut reader = socket;
+    while filled < buf.len() {
+        if let Some(deadline) = deadline {
+            let left = remaining(deadline).ok_or(io::ErrorKind::TimedOut)?;
+            socket.set_read_timeout(Some(left))?;
+        }
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The little-endian u32 at `offset`.
@@ -280,8 +511,9 @@ fn send(socket: &UnixStream, message: &Message) -> io::Result<()> {
     Ok(())
 }
 
-/// One message and the descriptors sent with it.
-fn receive(socket: &UnixStream) -> io::Result<Message> {
+/// One message and the descriptors sent with it; once its first bytes
+/// are in, the rest must follow within `rest_within` (if given).
+fn receive(socket: &UnixStream, rest_within: Option<Duration>) -> io::Result<Message> {
     let mut header = [0u8; HEADER_LEN];
     let mut raw = [-1 as RawFd; MAX_FDS];
     let mut iov = [libc::iovec {
@@ -299,7 +531,9 @@ fn receive(socket: &UnixStream) -> io::Result<Message> {
     if len == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    read_rest(socket, &mut header[len..], "header")?;
+    let deadline = rest_within.map(|within| Instant::now() + within);
+    let rest = |buf: &mut [u8], part| read_rest(socket, buf, part, rest_within, deadline);
+    rest(&mut header[len..], "header")?;
     let size = u32_at(&header, 8) as usize;
     if size > MAX_PAYLOAD {
         return Err(io::Error::new(
@@ -309,23 +543,33 @@ fn receive(socket: &UnixStream) -> io::Result<Message> {
     }
     let mut bytes = vec![0u8; HEADER_LEN + size];
     bytes[..HEADER_LEN].copy_from_slice(&header);
-    read_rest(socket, &mut bytes[HEADER_LEN..], "payload")?;
+    rest(&mut bytes[HEADER_LEN..], "payload")?;
     Ok(Message { bytes, fds })
 }
 
 /// Reads the rest of a message that has begun to arrive. A hang-up here
 /// cuts the message short, a protocol error, not the plain hang-up that
 /// ends a session between messages.
-fn read_rest(mut socket: &UnixStream, buf: &mut [u8], part: &str) -> io::Result<()> {
-    socket.read_exact(buf).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("hung up in the middle of a vhost-user message {part}"),
-            )
-        } else {
-            e
-        }
+/// The rest of a message whose first bytes are in, by `deadline` (sent
+/// `within` after them) if there is one: a hang-up or a stall now is an
+/// error that says so.
+fn read_rest(
+    socket: &UnixStream,
+    buf: &mut [u8],
+    part: &str,
+    within: Option<Duration>,
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    read_exact_by(socket, buf, deadline).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("hung up in the middle of a vhost-user message {part}"),
+        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(format!(
+            "a message did not arrive whole within {} s of its first bytes",
+            within.unwrap_or_default().as_secs_f32()
+        )),
+        _ => e,
     })
 }
 
@@ -341,7 +585,7 @@ mod tests {
         sent.fds.push(OwnedFd::from(passed));
         send(&a, &sent).unwrap();
         send(&a, &Message::ack(32)).unwrap();
-        let mut got = receive(&b).unwrap();
+        let mut got = receive(&b, None).unwrap();
         assert_eq!(got.code(), 12);
         assert_eq!(got.payload(), &[7, 0, 0, 0, 0, 0, 0, 0]);
         assert!(!got.wants_ack());
@@ -352,8 +596,48 @@ mod tests {
         let mut byte = [0u8];
         (&UnixStream::from(fd)).read_exact(&mut byte).unwrap();
         assert_eq!(&byte, b"x");
-        let ack = receive(&b).unwrap();
+        let ack = receive(&b, None).unwrap();
         assert_eq!((ack.code(), ack.payload()), (32, &0u64.to_le_bytes()[..]));
+    }
+
+    #[test]
+    fn the_daemons_directory_is_private() {
+        let dir = std::env::temp_dir().join(format!("pvstack-filter-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let private = dir.join("blk.sock.daemon");
+        private_dir(&private).unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // Taken over again by the next run.
+        private_dir(&private).unwrap();
+        // One others may enter is refused, and kept.
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = private_dir(&private).unwrap_err();
+        assert!(err.to_string().contains("open to other users"), "{err}");
+        assert!(private.is_dir());
+        // A stale socket from a version that listened at this path goes.
+        std::fs::remove_dir(&private).unwrap();
+        drop(UnixListener::bind(&private).unwrap());
+        private_dir(&private).unwrap();
+        assert!(private.is_dir());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_message_must_arrive_whole_in_time() {
+        let (a, b) = UnixStream::pair().unwrap();
+        io::Write::write_all(&mut &a, &[1, 0, 0, 0, 1]).unwrap();
+        let err = receive(&b, Some(Duration::from_millis(50))).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("did not arrive whole"), "{err}");
+        // Before SET_OWNER, silence is timed out too.
+        let (_a, b) = UnixStream::pair().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let err = receive_from_frontend(&b, Some(deadline), Duration::from_millis(50))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no SET_OWNER within"), "{err}");
     }
 
     #[test]
@@ -364,18 +648,18 @@ mod tests {
         header.extend_from_slice(&FLAG_VERSION.to_le_bytes());
         header.extend_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         io::Write::write_all(&mut &a, &header).unwrap();
-        let err = receive(&b).err().unwrap();
+        let err = receive(&b, None).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         io::Write::write_all(&mut &a, &header[..5]).unwrap();
         drop(a);
-        let err = receive(&b).err().unwrap();
+        let err = receive(&b, None).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err
             .to_string()
             .contains("middle of a vhost-user message header"));
         // A hang-up between messages is a plain end of the session.
         assert_eq!(
-            receive(&b).err().unwrap().kind(),
+            receive(&b, None).err().unwrap().kind(),
             io::ErrorKind::UnexpectedEof
         );
     }
@@ -386,7 +670,7 @@ mod tests {
         let message = Message::request(1, &[0; 8]);
         io::Write::write_all(&mut &a, &message.bytes[..HEADER_LEN + 3]).unwrap();
         drop(a);
-        let err = receive(&b).err().unwrap();
+        let err = receive(&b, None).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err
             .to_string()

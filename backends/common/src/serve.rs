@@ -1,3 +1,4 @@
+use pvstack_logging::warn_limited;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -6,9 +7,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::filter::{FilteredSocket, PassThrough};
 use crate::{prepare_socket_path, Error, SocketArgs, StopSignal};
 
-/// Serves vhost-user frontends on `args.socket`, one at a time, until
+/// Serves vhost-user frontends on `args.socket` (through the message
+/// filter, with only its own checks), one at a time, until
 /// SIGTERM/SIGINT (returns Ok) or, with `--exit-on-disconnect`, until the first
 /// frontend goes away (Ok after a clean disconnect, Err after a protocol
 /// error). A frontend that breaks the protocol loses its connection; the next
@@ -35,7 +38,7 @@ where
     F: FnMut() -> io::Result<B>,
     A: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
-    let listener = listen(&args.socket)?;
+    let (_filtered, listener) = FilteredSocket::start(args, || Box::new(PassThrough))?;
     serve_on(device, args, listener, new_backend, attach)
 }
 
@@ -107,7 +110,7 @@ where
 
         match &outcome {
             Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => log::warn!("dropped the frontend connection: {e}"),
+            Err(e) => warn_limited!("dropped the frontend connection: {e}"),
         }
         if stop.requested() {
             return Ok(());

@@ -7,17 +7,22 @@ use std::io;
 use std::sync::Arc;
 
 use pvstack_backend_common::{clone_exit_event, signal_if_needed, GuestMemorySlot};
+use pvstack_logging::warn_limited;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::hub::Hub;
+use crate::stats::ConsoleStats;
 
 /// The receive queue (host to guest).
 pub const RX_QUEUE: u16 = 0;
@@ -32,21 +37,28 @@ pub const INPUT_EVENT: u64 = NUM_QUEUES as u64 + 1;
 /// `struct virtio_console_config` (cols, rows, max_nr_ports, emerg_wr):
 /// all zero, as no feature that gives them meaning is offered.
 const CONFIG_SPACE: [u8; 12] = [0; 12];
+/// The most output one transmit chain may carry; bytes beyond it are
+/// dropped and counted. Drivers write a page or a few at a time (Linux's
+/// virtio_console at most 32 KiB per buffer), while a chain may claim up
+/// to 4 GiB.
+pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
 
 /// One connection's console device. Cheap to clone; the hub outlives it.
 #[derive(Clone)]
 pub struct ConsoleBackend {
     hub: Arc<Hub>,
+    stats: Arc<ConsoleStats>,
     memory: Arc<GuestMemorySlot>,
     /// Ends the worker thread when the connection's daemon is dropped.
     exit: Arc<(EventConsumer, EventNotifier)>,
 }
 
 impl ConsoleBackend {
-    /// A device whose host side is `hub`.
-    pub fn new(hub: Arc<Hub>) -> io::Result<Self> {
+    /// A device whose host side is `hub`, counting what it drops in `stats`.
+    pub fn new(hub: Arc<Hub>, stats: Arc<ConsoleStats>) -> io::Result<Self> {
         Ok(ConsoleBackend {
             hub,
+            stats,
             memory: Arc::default(),
             exit: Arc::new(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?),
         })
@@ -58,33 +70,51 @@ impl ConsoleBackend {
 
     /// Sends every transmit buffer the guest posted to the hub.
     fn transmit(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) {
-        let mut data = Vec::new();
+        let mut data = Vec::with_capacity(MAX_CHAIN_OUTPUT);
         loop {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             data.clear();
+            let mut cut = 0;
             for desc in chain.readable() {
-                let start = data.len();
-                data.resize(start + desc.len() as usize, 0);
-                if let Err(e) = mem.read_slice(&mut data[start..], desc.addr()) {
-                    log::warn!("transmit buffer at {:#x}: {e}", desc.addr().0);
-                    data.truncate(start);
-                }
+                cut += self.gather(&mut data, mem, &desc);
+            }
+            if cut > 0 {
+                self.stats.cut(cut, MAX_CHAIN_OUTPUT);
             }
             // Shown before it is returned: output the guest sees consumed
             // has left this process (or is re-sent after a restart).
             self.hub.output(&data);
             if let Err(e) = vring.add_used(head, 0) {
-                log::warn!("cannot return transmit buffer {head}: {e}");
+                warn_limited!("cannot return transmit buffer {head}: {e}");
             }
         }
         signal_if_needed(vring, TX_QUEUE);
     }
 
+    /// Appends what `desc` holds to `data`, up to [`MAX_CHAIN_OUTPUT`] in
+    /// all; returns how many of its bytes did not fit. The address is
+    /// checked before anything is allocated for it.
+    fn gather(&self, data: &mut Vec<u8>, mem: &GuestMemoryMmap, desc: &Descriptor) -> usize {
+        let len = desc.len() as usize;
+        if !mem.check_range(desc.addr(), len) {
+            self.stats.bad_descriptor(desc.addr().0, desc.len());
+            return 0;
+        }
+        let take = len.min(MAX_CHAIN_OUTPUT - data.len());
+        let start = data.len();
+        data.resize(start + take, 0);
+        if let Err(e) = mem.read_slice(&mut data[start..], desc.addr()) {
+            // Checked above; only a memory table replaced meanwhile gets here.
+            warn_limited!("transmit buffer at {:#x}: {e}", desc.addr().0);
+            data.truncate(start);
+        }
+        len - take
+    }
+
     /// Fills receive buffers with waiting input, as long as both last.
     fn receive(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) {
-        self.hub.input().clear_ready();
         let mut filled = false;
         while !self.hub.input().is_empty() {
             let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
@@ -101,7 +131,7 @@ impl ConsoleBackend {
                         match mem.write_slice(&bytes[..n], addr) {
                             Ok(()) => n,
                             Err(e) => {
-                                log::warn!("receive buffer at {:#x}: {e}", addr.0);
+                                self.stats.bad_receive_buffer(addr.0, &e);
                                 0
                             }
                         }
@@ -117,7 +147,7 @@ impl ConsoleBackend {
                 }
             }
             if let Err(e) = vring.add_used(head, written) {
-                log::warn!("cannot return receive buffer {head}: {e}");
+                warn_limited!("cannot return receive buffer {head}: {e}");
             }
             filled = true;
         }
@@ -126,9 +156,15 @@ impl ConsoleBackend {
         }
     }
 
+    /// Serves the transmit queue and, for `receive`, waiting input. Input
+    /// that cannot go in yet (no memory table, receive queue not set up)
+    /// waits in the hub: the driver's next receive-queue kick, or the
+    /// queue being enabled, brings the worker back for it.
     fn serve(&self, vrings: &[VringRwLock], receive: bool, transmit: bool) {
         let Some(mem) = self.memory() else {
-            log::warn!("queue event before the memory table was set");
+            if transmit {
+                warn_limited!("transmit queue kicked before the memory table was set");
+            }
             return;
         };
         let ready = |queue: u16| {
@@ -200,10 +236,17 @@ impl VhostUserBackend for ConsoleBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         match u64::from(device_event) {
-            // The driver posted receive buffers, or input arrived.
-            e if e == u64::from(RX_QUEUE) || e == INPUT_EVENT => self.serve(vrings, true, false),
+            // The driver posted receive buffers.
+            e if e == u64::from(RX_QUEUE) => self.serve(vrings, true, false),
+            e if e == INPUT_EVENT => {
+                // Cleared whether or not the input can go in now: the
+                // eventfd is level-triggered, and left readable it would
+                // wake this worker in a loop until the guest is ready.
+                self.hub.input().clear_ready();
+                self.serve(vrings, true, false);
+            }
             e if e == u64::from(TX_QUEUE) => self.serve(vrings, false, true),
-            other => log::warn!("event for unknown source {other}"),
+            other => warn_limited!("event for unknown source {other}"),
         }
         Ok(())
     }

@@ -1,6 +1,5 @@
 //! pvstack-console: serve a virtio console to a VMM over vhost-user.
 
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -9,10 +8,12 @@ use std::sync::Arc;
 
 use clap::{ArgGroup, Parser};
 use pvstack_backend_common::{backend_main, block_stop_signals, serve_with, SocketArgs};
-use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT};
+use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT, MAX_CHAIN_OUTPUT};
 use pvstack_console::error::Error;
 use pvstack_console::host::{pty, server, stdio};
 use pvstack_console::hub::Hub;
+use pvstack_console::log_file::LogFile;
+use pvstack_console::stats::ConsoleStats;
 use vmm_sys_util::epoll::EventSet;
 
 const DEVICE: &str = "pvstack-console";
@@ -46,6 +47,13 @@ struct Args {
     /// Also append all guest output to FILE.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+
+    /// Largest size of the --log file: when output would take it past
+    /// this, it is renamed FILE.1 (replacing the previous one) and a new
+    /// FILE starts. At least 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    log_max_bytes: u64,
 }
 
 fn main() -> ExitCode {
@@ -57,16 +65,14 @@ fn run(args: &Args) -> Result<(), Error> {
     // only the signal thread of `serve_with` receives SIGTERM/SIGINT.
     block_stop_signals()?;
     let log = match &args.log {
-        Some(path) => Some(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| Error::Io {
+        Some(path) => {
+            Some(
+                LogFile::open(path, args.log_max_bytes).map_err(|source| Error::Io {
                     what: format!("cannot open the log {}", path.display()),
                     source,
                 })?,
-        ),
+            )
+        }
         None => None,
     };
     let hub = Arc::new(Hub::new(log).map_err(|source| Error::Io {
@@ -87,10 +93,11 @@ fn run(args: &Args) -> Result<(), Error> {
         _server = Some(server::start(&hub, path)?);
     }
     log::info!("serving a virtio console");
+    let stats = Arc::new(ConsoleStats::default());
     serve_with(
         DEVICE,
         &args.socket,
-        || ConsoleBackend::new(Arc::clone(&hub)),
+        || ConsoleBackend::new(Arc::clone(&hub), Arc::clone(&stats)),
         |daemon| {
             // One worker serves both queues; input wakes it too.
             let handlers = daemon.get_epoll_handlers();
@@ -104,6 +111,6 @@ fn run(args: &Args) -> Result<(), Error> {
             )
         },
     )?;
-    log::info!("stopped");
+    log::info!("stopped; {}", stats.summary(MAX_CHAIN_OUTPUT));
     Ok(())
 }

@@ -20,8 +20,6 @@ pub enum Error {
         what: &'static str,
         source: io::Error,
     },
-    #[error("peer socket {path} exists and is not a socket; refusing to replace it")]
-    PeerNotASocket { path: PathBuf },
     #[error("peer socket {path}: {what}: {source}")]
     Peer {
         path: PathBuf,

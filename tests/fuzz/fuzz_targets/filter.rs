@@ -1,12 +1,12 @@
 //! The vhost-user message filter on a hostile frontend: the input's byte
 //! stream, cut into sendmsg pieces that carry file descriptors, goes
-//! through the real relay (`filter::relay`, pvstack-blk's `InflightFilter`)
-//! over socket pairs, with a daemon that sends the input's replies and
-//! reads what the filter passes on. Beyond not crashing or hanging:
+//! through the real relay (`filter::relay`: the ring and memory-table
+//! checks, then pvstack-blk's `InflightFilter`) over socket pairs, with a
+//! daemon that sends the input's replies and reads what the filter passes
+//! on. Beyond not crashing or hanging:
 //! - framing: what reaches the daemon is the frontend's messages, byte for
-//!   byte and in order, missing only those the filter answers itself (and
-//!   everything before the first of those arrives), while the daemon's
-//!   replies are well-framed;
+//!   byte and in order, missing only those the filter answers or refuses
+//!   itself (and everything before the first of those arrives);
 //! - no file descriptor outlives the connection.
 #![no_main]
 
@@ -15,6 +15,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use pvstack_backend_common::filter::relay;
@@ -30,6 +31,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// for more than the device has.
 const MAX_QUEUES: u16 = 2;
 const MAX_QUEUE_SIZE: u16 = 256;
+/// How long the relay gives a frontend (it sends at once, then hangs up).
+const TIMEOUT: Duration = Duration::from_secs(5);
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -116,7 +119,7 @@ fuzz_target!(|data: &[u8]| {
             MAX_QUEUES,
             MAX_QUEUE_SIZE,
         ));
-        let relayed = relay(front, back, filter).expect("start the relay");
+        let relayed = relay(front, back, filter, TIMEOUT, Arc::new(())).expect("start the relay");
         let stream: Vec<u8> = input.pieces.iter().flat_map(|p| p.bytes).copied().collect();
         let pieces = input
             .pieces
@@ -153,10 +156,19 @@ fuzz_target!(|data: &[u8]| {
                 "the daemon got a message the frontend did not send, or out of order"
             );
         }
+        // Requests the filter answers or checks itself (and may refuse):
+        // the inflight ones, ring sizes and the memory table.
         let answered_here = |m: &&[u8]| {
-            let code = code(m);
-            code == FrontendReq::GET_INFLIGHT_FD as u32
-                || code == FrontendReq::SET_INFLIGHT_FD as u32
+            [
+                FrontendReq::GET_INFLIGHT_FD,
+                FrontendReq::SET_INFLIGHT_FD,
+                FrontendReq::SET_VRING_NUM,
+                FrontendReq::SET_MEM_TABLE,
+                FrontendReq::ADD_MEM_REG,
+                FrontendReq::REM_MEM_REG,
+            ]
+            .iter()
+            .any(|&request| code(m) == request as u32)
         };
         // A piece with more descriptors than a message may carry makes
         // the relay's receive fail (ENOBUFS) when it arrives with a header,
