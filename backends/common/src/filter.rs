@@ -31,6 +31,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pvstack_logging::warn_limited;
@@ -340,24 +341,43 @@ fn join(
     slot: Arc<ConnectionSlot>,
 ) -> io::Result<()> {
     let back = UnixStream::connect(internal)?;
-    let filter = new_filter();
+    // The relay runs on its own; nothing here waits for it to end.
+    relay(front, back, new_filter(), timeout, slot)?;
+    Ok(())
+}
+
+/// Passes the messages of one connection between the frontend (`front`)
+/// and the daemon (`back`) on two threads, requests through the checks
+/// and `filter`, replies unchanged, until either side hangs up, breaks the
+/// protocol or is slower than `timeout` (see [`forward_requests`]); then
+/// both sockets are shut down. Each thread holds `slot` (the connection's
+/// place among the open ones) until it ends. Returns the two threads, for
+/// a caller that must know when the relay is over (the fuzz target in
+/// tests/fuzz).
+pub fn relay<S: Send + Sync + 'static>(
+    front: UnixStream,
+    back: UnixStream,
+    filter: Box<dyn Filter>,
+    timeout: Duration,
+    slot: Arc<S>,
+) -> io::Result<[JoinHandle<()>; 2]> {
     let (front2, back2) = (front.try_clone()?, back.try_clone()?);
     let slot2 = Arc::clone(&slot);
-    std::thread::Builder::new()
+    let up = std::thread::Builder::new()
         .name("filter-up".into())
         .spawn(move || {
             let result = forward_requests(&front, &back, filter, timeout);
             end(&front, &back, "dropped the frontend connection", result);
             drop(slot);
         })?;
-    std::thread::Builder::new()
+    let down = std::thread::Builder::new()
         .name("filter-down".into())
         .spawn(move || {
             let result = forward_replies(&back2, &front2);
             end(&back2, &front2, "filter: lost the daemon", result);
             drop(slot2);
         })?;
-    Ok(())
+    Ok([up, down])
 }
 
 /// Ends both sides of a connection; `what` says what an error (other

@@ -59,16 +59,29 @@ pub enum Line {
     TooLong,
 }
 
+/// Where request lines come from: a socket with a deadline per line, or
+/// bytes already in memory (the API fuzz target), which never wait.
+pub trait LineSource: BufRead {
+    /// The next line must be complete within `within` from now.
+    fn start_line(&mut self, within: Duration);
+}
+
+impl LineSource for BufReader<DeadlineStream> {
+    fn start_line(&mut self, within: Duration) {
+        self.get_mut().set_deadline(within);
+    }
+}
+
+impl LineSource for &[u8] {
+    fn start_line(&mut self, _within: Duration) {}
+}
+
 /// Reads one `\n`-terminated line of at most `max` bytes (without the
 /// `\n`) within `within` from now. A line the peer ends by closing the
 /// connection counts as complete. Fails with `TimedOut` if the line is not
 /// complete in time.
-pub fn read_line(
-    reader: &mut BufReader<DeadlineStream>,
-    max: usize,
-    within: Duration,
-) -> io::Result<Line> {
-    reader.get_mut().set_deadline(within);
+pub fn read_line(reader: &mut impl LineSource, max: usize, within: Duration) -> io::Result<Line> {
+    reader.start_line(within);
     let mut line = Vec::new();
     let read = reader
         .by_ref()

@@ -7,5 +7,6 @@ mod line;
 pub mod protocol;
 pub mod server;
 
+pub use line::LineSource;
 pub use protocol::{Reply, Request, Response, API_VERSION};
 pub use server::{ApiDevice, ApiServer, RunningApi, VmControl};

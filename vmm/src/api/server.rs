@@ -17,7 +17,7 @@ use log::{debug, info, warn};
 use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
-use super::line::{read_line, DeadlineStream, Line};
+use super::line::{read_line, DeadlineStream, Line, LineSource};
 use super::protocol::{
     DeviceInfo, Reply, Request, Response, StallCounters, VmInfo, VmState, MAX_REQUEST_BYTES,
 };
@@ -132,8 +132,21 @@ impl ApiServer {
     /// line.
     fn serve_client(&self, stream: UnixStream, vm: &VmControl) -> std::io::Result<()> {
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-        let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::new(DeadlineStream::new(stream));
+        let writer = stream.try_clone()?;
+        self.serve_lines(BufReader::new(DeadlineStream::new(stream)), writer, vm)
+    }
+
+    /// Reads request lines from `reader` and writes a response line to
+    /// `writer` for each, until the end of the input, a line that is
+    /// overlong or late, or a shutdown; one client connection's
+    /// conversation (also run by the fuzz target in tests/fuzz on bytes in
+    /// memory).
+    pub fn serve_lines(
+        &self,
+        mut reader: impl LineSource,
+        mut writer: impl Write,
+        vm: &VmControl,
+    ) -> std::io::Result<()> {
         loop {
             let line = match read_line(&mut reader, MAX_REQUEST_BYTES, REQUEST_TIMEOUT) {
                 Ok(Line::Complete(line)) => line,
@@ -363,7 +376,7 @@ fn counters(stats: &StallStats) -> StallCounters {
     }
 }
 
-fn write_response(writer: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+fn write_response(writer: &mut impl Write, response: &Response) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     writer.write_all(&line)

@@ -42,6 +42,29 @@ pub struct VirtioBlkShape {
     pub serial: [u8; ID_BYTES],
 }
 
+impl VirtioBlkShape {
+    /// The shape of disk `id` (its GET_ID serial, cut to 20 bytes) on
+    /// `image` with `num_queues` queues of up to `queue_size` entries: the
+    /// features, configuration space and request limits of pvstack-blk.
+    pub fn new(id: &str, image: &DiskImage, num_queues: u16, queue_size: u16) -> Self {
+        let limits = DiskLimits {
+            capacity_sectors: image.capacity_sectors(),
+            readonly: image.is_readonly(),
+            max_segments: config::seg_max(queue_size),
+        };
+        let mut serial = [0u8; ID_BYTES];
+        let len = id.len().min(ID_BYTES);
+        serial[..len].copy_from_slice(&id.as_bytes()[..len]);
+        VirtioBlkShape {
+            features: config::virtio_features(limits.readonly) & super::features_passed_on(),
+            queue_max_sizes: vec![queue_size; usize::from(num_queues)],
+            config: config::config_space(&limits, num_queues, SECTOR_SIZE as u32),
+            limits,
+            serial,
+        }
+    }
+}
+
 /// The queues while the driver runs the device.
 struct Running {
     /// By queue index; `None` for queues the driver did not enable.
@@ -230,21 +253,8 @@ impl Served<'_> {
 pub(super) fn create(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
     let image = super::open_image(spec)?;
     let num_queues = spec.num_queues.unwrap_or(1);
-    let limits = DiskLimits {
-        capacity_sectors: image.capacity_sectors(),
-        readonly: image.is_readonly(),
-        max_segments: config::seg_max(spec.queue_size),
-    };
-    let mut serial = [0u8; ID_BYTES];
-    let len = id.len().min(ID_BYTES);
-    serial[..len].copy_from_slice(&id.as_bytes()[..len]);
-    let shape = VirtioBlkShape {
-        features: config::virtio_features(limits.readonly) & super::features_passed_on(),
-        queue_max_sizes: vec![spec.queue_size; usize::from(num_queues)],
-        config: config::config_space(&limits, num_queues, SECTOR_SIZE as u32),
-        limits,
-        serial,
-    };
+    let shape = VirtioBlkShape::new(&id, &image, num_queues, spec.queue_size);
+    let limits = shape.limits;
     let events = DeviceEvents::register_call(ctx.vm, ctx.gsi, num_queues)?;
     info!(
         "{id}: emulated virtio-blk, {} sectors, {num_queues} queues of up to {}, {}, MMIO {:#x} GSI {}",
@@ -361,18 +371,8 @@ mod tests {
         features: u64,
     ) -> (MmioTransport<EmulatedVirtioBlk>, EventFd, Arc<DiskStats>) {
         let image = Arc::new(DiskImage::open(&image.path, false, false).unwrap());
-        let limits = DiskLimits {
-            capacity_sectors: SECTORS,
-            readonly: false,
-            max_segments: config::seg_max(QUEUE_MAX),
-        };
-        let shape = VirtioBlkShape {
-            features: config::virtio_features(false) & super::super::features_passed_on(),
-            queue_max_sizes: vec![QUEUE_MAX],
-            config: config::config_space(&limits, 1, 512),
-            limits,
-            serial: [0; ID_BYTES],
-        };
+        let shape = VirtioBlkShape::new("blk-test", &image, 1, QUEUE_MAX);
+        assert_eq!(shape.limits.capacity_sectors, SECTORS);
         assert_eq!(
             features & !shape.features,
             0,
