@@ -7,7 +7,7 @@ use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
-use crate::flavour::Privilege;
+use crate::kvm_flavour::Privilege;
 use crate::snapshot::memfile::MemoryMode;
 
 /// What pvstack's own guest runs without --guest-args.

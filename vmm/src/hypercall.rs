@@ -7,7 +7,7 @@ use pvstack_protocols::boot::{BootInfo, Counters};
 use pvstack_protocols::hypercall::{nr, status, HypercallBlock, ABI_VERSION, CONSOLE_WRITE_MAX};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use crate::abi::Abi;
+use crate::guest_structs::Abi;
 use crate::lifecycle::{CpuStart, VmEnd};
 use crate::machine::Machine;
 

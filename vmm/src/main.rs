@@ -223,7 +223,7 @@ fn exit_status(end: VmEnd) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-    use pvstack::flavour::Privilege;
+    use pvstack::kvm_flavour::Privilege;
     use pvstack_protocols::boot::CMDLINE_MAX;
 
     #[test]

@@ -21,7 +21,7 @@ use crate::boot::{own_guest, Guest, KernelKind};
 use crate::cli::RunArgs;
 use crate::console::{guest_stdout, Console};
 use crate::error::{Error, Result};
-use crate::flavour::{Flavour, Privilege};
+use crate::kvm_flavour::{Flavour, Privilege};
 use crate::lifecycle::VmEnd;
 use crate::snapshot::state::{DeviceKind, VmSpec};
 use crate::snapshot::{LiveDevice, LiveVm};

@@ -39,7 +39,7 @@ use crate::boot::{own_guest, Guest};
 use crate::console::Console;
 use crate::counters::ExitCounters;
 use crate::error::{Error, Result};
-use crate::flavour::{Flavour, Privilege};
+use crate::kvm_flavour::{Flavour, Privilege};
 use crate::lifecycle::{Lifecycle, VmEnd};
 use crate::machine::Machine;
 use crate::memory::{self, GuestMemory};

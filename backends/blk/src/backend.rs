@@ -21,7 +21,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use pvstack_block::answer::{look, Looked, Outcome};
+use pvstack_block::chain::{look, Looked, Outcome};
 use pvstack_block::config::{self, DiskLimits, ID_BYTES};
 use pvstack_block::image::DiskImage;
 

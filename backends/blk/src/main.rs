@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use pvstack_backend_common::filter::FilteredSocket;
 use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
+use pvstack_backend_common::message_filter::FilteredSocket;
 use pvstack_backend_common::{backend_main, parse_queue_size, serve_on, SocketArgs};
 
 use pvstack_blk::backend::{BlkBackend, BlkSettings};

@@ -8,8 +8,8 @@
 //! with the very same code inside the VMM, so the two differ only in where
 //! the queue is processed.
 
-pub mod answer;
 pub mod bounce;
+pub mod chain;
 pub mod config;
 pub mod error;
 pub mod execute;

@@ -15,7 +15,7 @@
 //! }
 //! ```
 //!
-//! Every frontend reaches the daemon through a [`filter::FilteredSocket`],
+//! Every frontend reaches the daemon through a [`message_filter::FilteredSocket`],
 //! which bounds connections and time and checks memory tables
 //! ([`mem_table`]). A backend that needs vhost-user messages
 //! vhost-user-backend does not handle gives it a filter of its own and
@@ -25,11 +25,11 @@
 mod cli;
 mod error;
 pub mod fds;
-pub mod filter;
 pub mod inflight;
 mod logging;
 pub mod mem_table;
 mod memory;
+pub mod message_filter;
 pub mod poll;
 mod ring_requests;
 mod serve;

@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES};
 
 use crate::fds::check_mappable;
-use crate::filter::Message;
+use crate::message_filter::Message;
 
 /// Most regions a connection may add one by one: what vhost-user-backend
 /// answers GET_MAX_MEM_SLOTS with.

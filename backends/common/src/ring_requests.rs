@@ -5,7 +5,7 @@
 
 use vhost::vhost_user::message::FrontendReq;
 
-use crate::filter::Message;
+use crate::message_filter::Message;
 
 /// The largest split ring (virtio 1.x 2.7: Queue Size is a power of two
 /// up to 32768).

@@ -7,7 +7,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::filter::{FilteredSocket, PassThrough};
+use crate::message_filter::{FilteredSocket, PassThrough};
 use crate::{prepare_socket_path, Error, SocketArgs, StopSignal};
 
 /// Serves vhost-user frontends on `args.socket` (through the message
@@ -53,7 +53,7 @@ pub fn listen(path: &Path) -> Result<Listener, Error> {
 }
 
 /// As [`serve_with`], taking frontends from `listener` (a daemon behind a
-/// [`crate::filter::FilteredSocket`]); `args.socket` names the device in
+/// [`crate::message_filter::FilteredSocket`]); `args.socket` names the device in
 /// errors.
 pub fn serve_on<B, F, A>(
     device: &str,

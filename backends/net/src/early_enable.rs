@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use pvstack_backend_common::filter::{refuse, Filter, Message, Verdict};
+use pvstack_backend_common::message_filter::{refuse, Filter, Message, Verdict};
 use vhost::vhost_user::message::{FrontendReq, VhostUserVringState};
 use vm_memory::ByteValued;
 

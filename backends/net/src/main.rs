@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use pvstack_backend_common::{
     backend_main,
-    filter::{FilteredSocket, PassThrough},
+    message_filter::{FilteredSocket, PassThrough},
     parse_queue_size, prepare_socket_path, serve_on, SocketArgs,
 };
 use vmm_sys_util::epoll::EventSet;

@@ -1,7 +1,7 @@
 //! virtio-blk requests from a hostile driver: virtio-queue walks whatever
 //! descriptor tables (direct and indirect) and rings the input puts in
 //! guest memory, and every chain is parsed, checked and carried out by
-//! `pvstack_block::answer` against a real image file, as pvstack-blk and
+//! `pvstack_block::chain` against a real image file, as pvstack-blk and
 //! the VMM's emulated disk do. Beyond not crashing: a request that passed
 //! the checks must not fail on a healthy image, and a chain without a
 //! status byte is returned with nothing written.
@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use pvstack_block::answer::{answer, Disk, Outcome};
+use pvstack_block::chain::{answer, Disk, Outcome};
 use pvstack_block::config::{seg_max, DiskLimits, ID_BYTES};
 use pvstack_block::image::DiskImage;
 use pvstack_fuzz::input::Reader;

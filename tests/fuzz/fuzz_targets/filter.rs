@@ -1,6 +1,6 @@
 //! The vhost-user message filter on a hostile frontend: the input's byte
 //! stream, cut into sendmsg pieces that carry file descriptors, goes
-//! through the real relay (`filter::relay`: the ring and memory-table
+//! through the real relay (`message_filter::relay`: the ring and memory-table
 //! checks, then pvstack-blk's `InflightFilter`) over socket pairs, with a
 //! daemon that sends the input's replies and reads what the filter passes
 //! on. Beyond not crashing or hanging:
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use pvstack_backend_common::filter::relay;
+use pvstack_backend_common::message_filter::relay;
 use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
 use pvstack_fuzz::input::Reader;
 use pvstack_fuzz::targets::filter::{code, messages, Fds, Input, Piece};

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use pvstack::abi::Abi;
+use pvstack::guest_structs::Abi;
 use pvstack::console::Console;
 use pvstack::counters::ExitCounters;
 use pvstack::hypercall::{handle_doorbell, Outcome};

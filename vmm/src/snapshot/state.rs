@@ -15,7 +15,7 @@ use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::flavour::{Flavour, Privilege};
+use crate::kvm_flavour::{Flavour, Privilege};
 
 /// The `format` field of every state file.
 pub const FORMAT: &str = "pvstack-vm-state";

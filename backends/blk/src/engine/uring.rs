@@ -32,8 +32,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use pvstack_block::answer::finish;
 use pvstack_block::bounce::{gather, scatter, AlignedBuffer, BOUNCE_CHUNK};
+use pvstack_block::chain::finish;
 use pvstack_block::config::SECTOR_SIZE;
 use pvstack_block::execute::{execute, host_iovecs};
 use pvstack_block::request::Operation;

@@ -1,5 +1,5 @@
 //! `blk_request`: a virtio-blk queue in guest memory, every chain the
-//! driver made available answered by `pvstack_block::answer` against a
+//! driver made available answered by `pvstack_block::chain` against a
 //! real image file. Input: flags, the queue's rings, then a guest memory
 //! image from address 0 (descriptor tables, rings, headers, data).
 

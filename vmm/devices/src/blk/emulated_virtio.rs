@@ -2,14 +2,14 @@
 //! its queues processed inside the VMM. QueueNotify is not bound to an
 //! ioeventfd, so every kick exits to the VMM, and the vCPU thread that took
 //! the exit serves the queue before it returns to the guest. Requests are
-//! answered by `pvstack_block::answer`, the code pvstack-blk runs, so this
+//! answered by `pvstack_block::chain`, the code pvstack-blk runs, so this
 //! device and the vhost-user one differ only in where the queue is
 //! processed.
 
 use std::sync::{Arc, Mutex};
 
 use log::info;
-use pvstack_block::answer::{answer, Disk, Outcome};
+use pvstack_block::chain::{answer, Disk, Outcome};
 use pvstack_block::config::{self, DiskLimits, ID_BYTES, SECTOR_SIZE};
 use pvstack_block::image::DiskImage;
 use pvstack_logging::warn_limited;

@@ -11,7 +11,7 @@ use vhost::vhost_user::message::{FrontendReq, VhostUserInflight};
 use vm_memory::ByteValued;
 
 use super::region::{create_region, region_size, InflightRegion};
-use crate::filter::{Filter, Message, Verdict};
+use crate::message_filter::{Filter, Message, Verdict};
 
 /// The inflight region the frontend gave the newest connection, shared by
 /// the filters (which install regions) and the backends (whose workers log
