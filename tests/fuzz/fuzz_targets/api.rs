@@ -1,11 +1,12 @@
 //! The control API server's line handling on whatever a client sends:
 //! `ApiServer::serve_lines`, the loop that serves each connection, reads
 //! the input as the client's stream and answers a machine built without
-//! KVM (its vCPU kick does nothing; no vhost-user devices, so device
-//! requests are refused as for an unknown id). Beyond not crashing: every
-//! answer is one line of JSON that `pvstack ctl` reads as a response of
-//! this API version, an error carries its message, and nothing follows
-//! the answer to a shutdown.
+//! KVM (its vCPUs not started, its vCPU kick doing nothing; no vhost-user
+//! devices, so device requests are refused as for an unknown id; no live
+//! VM, so snapshot and upgrade requests are refused). Beyond not
+//! crashing: every answer is one line of JSON that `pvstack ctl` reads as
+//! a response of this API version, an error carries its message, and
+//! nothing follows the answer to a shutdown.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -39,6 +40,11 @@ fn bench() -> &'static Bench {
 
 fuzz_target!(|data: &[u8]| {
     let bench = bench();
+    // No vCPU threads run here, and a pause waits until every started
+    // vCPU has parked: the VM is taken at the moment before its vCPUs
+    // start, where a pause is done at once.
+    let lifecycle = Lifecycle::new(2);
+    lifecycle.set_started(&[false, false]);
     let machine = Machine {
         memory: bench.memory.clone(),
         bus: Bus::new(),
@@ -47,11 +53,13 @@ fuzz_target!(|data: &[u8]| {
         boot_info: BootInfo::EMPTY,
         console: Console::from_writer(Box::new(std::io::sink())),
         counters: ExitCounters::default(),
-        lifecycle: Arc::new(Lifecycle::new(2)),
+        lifecycle: Arc::new(lifecycle),
         created: Instant::now(),
+        time_base_ns: 0,
     };
     let vm = VmControl {
         machine: Arc::new(machine),
+        live: None,
         vcpus: 2,
         kick_vcpus: Box::new(|| {}),
     };

@@ -81,6 +81,7 @@ fuzz_target!(|data: &[u8]| {
             Lifecycle::new(input.cpu_count())
         }),
         created: Instant::now(),
+        time_base_ns: 0,
     };
     for call in &input.calls {
         let at = GuestAddress(call.addr);

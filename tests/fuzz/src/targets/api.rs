@@ -15,6 +15,8 @@ pub fn seeds() -> Vec<Seed> {
                 "{\"command\":\"resume\"}\n",
                 "{\"command\":\"device-swap\",\"id\":\"blk0\",\"socket\":\"/tmp/b.sock\"}\n",
                 "{\"command\":\"device-reconnect\",\"id\":\"blk0\"}\n",
+                "{\"command\":\"snapshot\",\"to\":\"/tmp/snap\",\"resume\":true}\n",
+                "{\"command\":\"upgrade\",\"binary\":\"/bin/true\"}\n",
                 "{\"command\":\"shutdown\"}\n",
                 "{\"command\":\"info\"}\n",
             ]),
