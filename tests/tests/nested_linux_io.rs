@@ -15,10 +15,11 @@ use pvstack_tests::qemu::GuestRun;
 
 /// Bytes sent each way over TCP.
 const TCP_MIB: u32 = 64;
-/// When the TAP test's L1 counts as hung: its 128 MiB go through an L2
-/// and an L1 both emulated (QEMU's TCG under KVM under TCG), which had not
-/// finished after 20 minutes on a loaded 2-core host.
-const TAP_TEST_HANG_TIMEOUT: Duration = Duration::from_secs(3600);
+/// When an L1 of these tests counts as hung: their I/O goes through an
+/// L2 and an L1 both emulated (QEMU's TCG under KVM under TCG); the TAP
+/// test's 128 MiB had not finished after 20 minutes on a loaded 2-core
+/// host, nor had the disk test's swaps, SIGKILLs and write loop.
+const HANG_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The L2's side of the network test: eth0 at 10.0.2.2, a shell on hvc0,
 /// receives the L1's bytes on port 5001 (0x1389), then sends its own to
@@ -105,7 +106,7 @@ exit $status
 #[test]
 fn linux_nic_over_a_tap_and_console_over_a_unix_socket() {
     let run = Nested::new("linux-tap-console")
-        .timeout(TAP_TEST_HANG_TIMEOUT)
+        .timeout(HANG_TIMEOUT)
         .with_linux_guest()
         .program("socat")
         .step("script", &guest_script(&l2_network_script()))
@@ -274,6 +275,7 @@ exit $status
 #[test]
 fn linux_disk_survives_backend_swaps_and_sigkills_under_a_write_loop() {
     let run = Nested::new("linux-blk-swap")
+        .timeout(HANG_TIMEOUT)
         .with_linux_guest()
         .program("qemu-storage-daemon")
         .step("script", &guest_script(&l2_disk_script()))
