@@ -21,7 +21,30 @@ impl BlkProcess {
 
     /// As [`start`](Self::start), logging to the file `log`.
     pub fn start_logging_to(socket: &Path, log: PathBuf, args: &[&str]) -> BlkProcess {
-        let mut command = Command::new(binary("pvstack-blk"));
+        Self::start_command(Command::new(binary("pvstack-blk")), socket, log, args)
+    }
+
+    /// As [`start`](Self::start), run as the user and group `uid` (with
+    /// setpriv, so the test must run as root) rather than as the test's.
+    pub fn start_as(uid: u32, socket: &Path, args: &[&str]) -> BlkProcess {
+        let mut command = Command::new("setpriv");
+        command
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(binary("pvstack-blk"));
+        Self::start_command(command, socket, socket.with_extension("log"), args)
+    }
+
+    /// Starts `command --socket SOCKET ARGS...`, a pvstack-blk, logging
+    /// to `log`, and waits until it listens.
+    fn start_command(
+        mut command: Command,
+        socket: &Path,
+        log: PathBuf,
+        args: &[&str],
+    ) -> BlkProcess {
         command
             .arg("--socket")
             .arg(socket)

@@ -6,11 +6,12 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use pvstack_guest::pattern;
 use pvstack_guest::seqblock::{self, BLOCK_SIZE};
 
-use crate::{run_pvstack, Finished};
+use crate::{run_pvstack, Finished, HANG_TIMEOUT};
 
 /// The disk sector size every image is a multiple of.
 pub const SECTOR: usize = 512;
@@ -87,10 +88,39 @@ pub fn assert_pattern(image: &[u8], seed: u64, range: Range<usize>) {
     panic!("{wrong} bytes of {range:?} differ from the pattern of seed {seed}; the first at offset {first:?}");
 }
 
-/// Ends a `blk-swap-verify stop=1` run over `blocks` blocks of `image`:
-/// writes the stop marker into the block after them, which the guest polls
-/// (through whatever backend serves the disk).
+/// The newest write (highest sequence number) among the intact blocks of
+/// a `blk-swap-verify` image; a block being rewritten may read torn and is
+/// skipped.
+pub fn newest_write(image: &Path, blocks: usize) -> u64 {
+    read_image(image)
+        .chunks_exact(BLOCK_SIZE)
+        .take(blocks)
+        .enumerate()
+        .filter_map(|(block, data)| seqblock::check(block as u64, data))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until the guest's writes to `image` have gone past sequence
+/// number `seq`: whatever serves the disk is still serving it.
+pub fn wait_for_write_after(image: &Path, blocks: usize, seq: u64) {
+    let started = Instant::now();
+    while newest_write(image, blocks) <= seq {
+        assert!(
+            started.elapsed() < HANG_TIMEOUT,
+            "no write after sequence number {seq} reached {} in {HANG_TIMEOUT:?}",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ends a `blk-swap-verify stop=1` run over `blocks` blocks of `image`
+/// once the guest has rewritten at least one of them (so the run did more
+/// than fill the disk once): writes the stop marker into the block after
+/// them, which the guest polls (through whatever backend serves the disk).
 pub fn stop_swap_verify(image: &Path, blocks: usize) {
+    wait_for_write_after(image, blocks, blocks as u64);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(image)

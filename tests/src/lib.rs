@@ -3,6 +3,7 @@
 //! running them with a generous timeout (so a hang fails instead of
 //! blocking forever), and reading the guest's `RESULT` lines.
 
+pub mod api_vm;
 pub mod blk_process;
 pub mod blk_vm;
 pub mod inject;
@@ -11,6 +12,7 @@ pub mod net;
 pub mod process;
 pub mod qemu;
 pub mod qsd;
+pub mod vhost_frontend;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 
 use base64::prelude::{Engine, BASE64_STANDARD};
 
-use crate::qemu::GuestRun;
+use crate::qemu::{linux_guest_assets, GuestRun};
 use crate::{parse_result, run_to_end_within, target_profile_dir, ScratchDir};
 
 /// Longest one L1 run (boot, script, power-off) may take before the
-/// harness kills it: a hang, never a timing requirement.
+/// harness kills it, unless [`Nested::timeout`] says otherwise: a hang,
+/// never a timing requirement.
 const L1_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// Shell functions every script can use.
@@ -46,6 +47,27 @@ wait_until() {
 }
 "#;
 
+/// Where [`Nested::with_linux_guest`] puts the L2 kernel in the L1.
+pub const L2_KERNEL: &str = "/l2/vmlinuz";
+/// Where [`Nested::with_linux_guest`] puts the L2 initramfs in the L1.
+pub const L2_INITRAMFS: &str = "/l2/initramfs.cpio.gz";
+
+/// An L1 step that writes the L2's test script to /tmp/guest.sh and its
+/// base64, what the initramfs takes in `pvtest=`, to /tmp/guest.b64.
+pub fn guest_script(script: &str) -> String {
+    format!(
+        "cat >/tmp/guest.sh <<'GUEST'\n{script}\nGUEST\nbase64 -w0 /tmp/guest.sh >/tmp/guest.b64"
+    )
+}
+
+/// The rest of the first line of `text` that starts with `prefix` (after
+/// trailing whitespace is cut); panics with `text` if there is none.
+pub fn line_after<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.trim_end().strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line `{prefix}...` in:\n{text}"))
+}
+
 /// One L1 runs at a time: two would share the host's cores and memory.
 static L1: Mutex<()> = Mutex::new(());
 
@@ -54,6 +76,7 @@ pub struct Nested {
     name: String,
     script: String,
     harness_args: Vec<String>,
+    timeout: Duration,
 }
 
 impl Nested {
@@ -63,6 +86,7 @@ impl Nested {
             name: name.to_string(),
             script: PRELUDE.to_string(),
             harness_args: Vec::new(),
+            timeout: L1_TIMEOUT,
         }
     }
 
@@ -95,6 +119,22 @@ impl Nested {
         self.file(&path, &path)
     }
 
+    /// Allows this run `timeout` before it counts as hung (default
+    /// [`L1_TIMEOUT`]): for runs that move a lot of data through an L2,
+    /// where everything is emulated twice over.
+    pub fn timeout(mut self, timeout: Duration) -> Nested {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Puts the Linux guest of scripts/fetch-linux-guest (an L2 for
+    /// pvstack in the L1) at [`L2_KERNEL`] and [`L2_INITRAMFS`].
+    pub fn with_linux_guest(self) -> Nested {
+        let assets = linux_guest_assets();
+        self.file(&assets.kernel, Path::new(L2_KERNEL))
+            .file(&assets.initramfs, Path::new(L2_INITRAMFS))
+    }
+
     /// Also copies QEMU (qemu-system-x86_64, its libraries and firmware)
     /// into the L1.
     pub fn with_qemu(mut self) -> Nested {
@@ -115,15 +155,15 @@ impl Nested {
             .arg("--bin-dir")
             .arg(target_profile_dir())
             .arg("--timeout")
-            .arg(L1_TIMEOUT.as_secs().to_string())
+            .arg(self.timeout.as_secs().to_string())
             .args(&self.harness_args)
             .arg("--script")
             .arg(&script);
         let _one_at_a_time = L1.lock().unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
-        // The harness stops QEMU itself at L1_TIMEOUT; this only guards
+        // The harness stops QEMU itself at the timeout; this only guards
         // against the harness hanging.
-        let finished = run_to_end_within(&mut command, L1_TIMEOUT + Duration::from_secs(60));
+        let finished = run_to_end_within(&mut command, self.timeout + Duration::from_secs(60));
         eprintln!(
             "nested run {}: {:.1} s (L1 boot, script, power-off)",
             self.name,
@@ -200,12 +240,7 @@ impl NestedRun {
     /// The rest of the first line of step `name`'s output that starts
     /// with `prefix`; panics with the output if there is none.
     pub fn line_after(&self, name: &str, prefix: &str) -> String {
-        let output = self.output(name);
-        output
-            .lines()
-            .find_map(|line| line.strip_prefix(prefix))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("step {name} printed no line `{prefix}...`:\n{output}"))
+        line_after(&self.output(name), prefix).to_string()
     }
 }
 

@@ -6,13 +6,14 @@
 //! bad mode options are refused with one clear line.
 
 use std::process::Command;
+use std::time::Duration;
 
 use pvstack_guest::checksum::fnv1a64;
 use pvstack_tests::blk_vm::{
     assert_pattern, assert_zeros, image_spec, pattern_image, read_image, run_with_disks, utf8,
     zeroed_image,
 };
-use pvstack_tests::{pvstack, run_pvstack, run_to_end, ScratchDir};
+use pvstack_tests::{pvstack, run_pvstack, run_to_end_within, ScratchDir};
 
 const MIB: usize = 1 << 20;
 const MODES: [&str; 4] = [
@@ -143,7 +144,9 @@ fn bench_reports_every_mode_and_workload_as_json_and_a_chart() {
     let dir = ScratchDir::new("blk-modes-bench");
     let json = dir.path("bench.json");
     let chart = dir.path("bench.svg");
-    let run = run_to_end(
+    // 32 one-second runs, each starting a VM (and a backend): several
+    // minutes on a loaded host, so more than the usual hang timeout.
+    let run = run_to_end_within(
         Command::new(pvstack())
             .args([
                 "bench",
@@ -164,6 +167,7 @@ fn bench_reports_every_mode_and_workload_as_json_and_a_chart() {
                 &WORKLOADS.join(","),
             ])
             .env("RUST_LOG", "warn"),
+        Duration::from_secs(900),
     );
     assert_eq!(run.code(), 0, "{run:#?}");
     let report: serde_json::Value =

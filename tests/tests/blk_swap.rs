@@ -14,7 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{assert_swap_verify_image, read_image, stop_swap_verify, utf8};
+use pvstack_tests::blk_vm::{
+    assert_swap_verify_image, newest_write, read_image, stop_swap_verify, utf8,
+    wait_for_write_after,
+};
 use pvstack_tests::qsd::QsdProcess;
 use pvstack_tests::{
     parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
@@ -344,7 +347,8 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         .lines()
         .find_map(|line| {
             let (_, rest) = line.split_once(" interrupts (")?;
-            rest.strip_suffix(" of the requests left by a previous backend)")
+            let (count, _) = rest.split_once(" of the requests left by a previous backend)")?;
+            Some(count)
         })
         .and_then(|count| count.parse().ok())
         .unwrap_or_else(|| panic!("no totals line:\n{totals}"));
@@ -573,6 +577,8 @@ fn refused_swaps_leave_the_old_backend_serving() {
     assert_eq!(blk0["refused_swaps"], 3, "{blk0:#}");
     assert_eq!(count(&blk0, "swaps"), 0, "{blk0:#}");
     assert_eq!(blk0["socket"], utf8(&socket), "{blk0:#}");
+    // The old backend goes on serving after the refusals.
+    wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
     let result = vm.finish(&image);
     assert_image_matches(&image, &result);
 }

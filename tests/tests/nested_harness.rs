@@ -1,6 +1,7 @@
 //! scripts/nested-run itself: bad input refused in one line before anything
 //! boots, a hung L1 killed and reported, and a command's exit status, its
-//! working directory and the files given with --file reaching the L1.
+//! working directory and the files given with --file reaching the L1; and
+//! scripts/bench-linux-boot, which runs on it, refusing bad usage.
 
 use std::process::Command;
 
@@ -106,4 +107,20 @@ fn status_directory_and_files_reach_the_l1() {
         lines.contains(&format!("{digest}  /tmp/in-l1/data.bin").as_str()),
         "{run:#?}"
     );
+}
+
+#[test]
+fn linux_boot_bench_refuses_bad_usage_in_one_line() {
+    let bench =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-linux-boot");
+    for (args, needle) in [
+        (vec!["--reps", "0"], "--reps needs a count"),
+        (vec!["--memory", "lots"], "--memory needs MiB"),
+        (vec!["--cpus"], "--cpus needs a count"),
+        (vec!["--fast"], "unknown argument --fast"),
+    ] {
+        let run = run_to_end(Command::new(&bench).args(&args));
+        run.assert_error("bench-linux-boot", 2, &[needle]);
+        assert!(run.stdout.is_empty(), "{run:#?}");
+    }
 }

@@ -7,43 +7,7 @@
 //! console, what reached the host side of its consoles, the bytes in its
 //! disk image and pvstack's exit status.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
-
-use pvstack_tests::nested::Nested;
-
-/// The L2 kernel and initramfs, made by scripts/fetch-linux-guest (run
-/// once per test process, and only makes them if they are missing: two
-/// runs at once would both download and replace them).
-fn linux_guest() -> &'static (PathBuf, PathBuf) {
-    static ASSETS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
-        let status = Command::new(scripts.join("fetch-linux-guest"))
-            .status()
-            .expect("scripts/fetch-linux-guest runs");
-        assert!(status.success(), "scripts/fetch-linux-guest failed");
-        let assets = scripts.join("assets");
-        (assets.join("vmlinuz"), assets.join("initramfs.cpio.gz"))
-    })
-}
-
-/// Puts the L2 kernel and initramfs at /l2 in the L1.
-fn with_linux(nested: Nested) -> Nested {
-    let (kernel, initramfs) = linux_guest();
-    nested
-        .file(kernel, Path::new("/l2/vmlinuz"))
-        .file(initramfs, Path::new("/l2/initramfs.cpio.gz"))
-}
-
-/// An L1 step that writes the L2's test script to /tmp/guest.sh and its
-/// base64 (what `pvtest=` takes) to /tmp/guest.b64.
-fn guest_script(script: &str) -> String {
-    format!(
-        "cat >/tmp/guest.sh <<'GUEST'\n{script}\nGUEST\nbase64 -w0 /tmp/guest.sh >/tmp/guest.b64"
-    )
-}
+use pvstack_tests::nested::{guest_script, line_after, Nested};
 
 /// A 64 MiB image whose first MiB is random; prints its md5.
 const MAKE_DISK: &str = "dd if=/dev/urandom of=/tmp/disk.img bs=65536 count=16 2>/dev/null && \
@@ -66,16 +30,10 @@ echo "GOT-SERIAL:$line"
 read -r hvc </dev/hvc0
 echo "GOT-HVC:$hvc""#;
 
-/// The rest of the first line of `text` that starts with `prefix`.
-fn after<'a>(text: &'a str, prefix: &str) -> &'a str {
-    text.lines()
-        .find_map(|line| line.trim_end().strip_prefix(prefix))
-        .unwrap_or_else(|| panic!("no line `{prefix}...` in:\n{text}"))
-}
-
 #[test]
 fn debian_kernel_uses_the_backends_consoles_and_powers_off() {
-    let run = with_linux(Nested::new("linux-devices"))
+    let run = Nested::new("linux-devices")
+        .with_linux_guest()
         .step("disk", MAKE_DISK)
         .step("script", &guest_script(L2_DEVICES))
         .step(
@@ -119,25 +77,29 @@ exit $status
         linux.contains("acpi: the guest entered S5 (power off)"),
         "{linux}"
     );
-    assert_eq!(after(&linux, "PVTEST-EXIT "), "0", "{linux}");
-    assert_eq!(after(&linux, "L2-CPUS "), "0-1", "--cpus 2: {linux}");
+    assert_eq!(line_after(&linux, "PVTEST-EXIT "), "0", "{linux}");
+    assert_eq!(line_after(&linux, "L2-CPUS "), "0-1", "--cpus 2: {linux}");
     assert!(
-        after(&linux, "L2-NET ")
+        line_after(&linux, "L2-NET ")
             .split_whitespace()
             .any(|n| n == "eth0"),
         "{linux}"
     );
     assert_eq!(
-        after(&linux, "L2-VIRTIO ").split_whitespace().count(),
+        line_after(&linux, "L2-VIRTIO ").split_whitespace().count(),
         3,
         "disk, NIC and console: {linux}"
     );
-    let host_md5 = after(&run.output("disk"), "HEAD-MD5 ").to_string();
-    assert_eq!(after(&linux, "L2-MD5 "), host_md5, "{linux}");
-    assert_eq!(after(&linux, "GOT-SERIAL:"), "ping-from-host", "{linux}");
-    assert_eq!(after(&linux, "GOT-HVC:"), "ping-hvc", "{linux}");
+    let host_md5 = line_after(&run.output("disk"), "HEAD-MD5 ").to_string();
+    assert_eq!(line_after(&linux, "L2-MD5 "), host_md5, "{linux}");
     assert_eq!(
-        after(&linux, "HVC-HOST-SAW "),
+        line_after(&linux, "GOT-SERIAL:"),
+        "ping-from-host",
+        "{linux}"
+    );
+    assert_eq!(line_after(&linux, "GOT-HVC:"), "ping-hvc", "{linux}");
+    assert_eq!(
+        line_after(&linux, "HVC-HOST-SAW "),
         "HVC-OUT-FROM-GUEST",
         "{linux}"
     );
@@ -154,7 +116,8 @@ printf PVSTACK-QSD-WRITE | dd of=/dev/vda bs=1 seek=4194304 conv=notrunc 2>/dev/
 printf PVSTACK-EMULATED-WRITE | dd of=/dev/vdb bs=1 seek=4194304 conv=notrunc 2>/dev/null
 sync
 /bin/busybox reboot -f"#;
-    let run = with_linux(Nested::new("linux-reboot"))
+    let run = Nested::new("linux-reboot")
+        .with_linux_guest()
         .program("qemu-storage-daemon")
         .step("disks", &format!("{MAKE_DISK} && mv /tmp/disk.img /tmp/qsd.img && {MAKE_DISK} && mv /tmp/disk.img /tmp/vmm.img"))
         .step("script", &guest_script(l2))
@@ -191,7 +154,7 @@ exit $status
         ),
         "{linux}"
     );
-    assert_eq!(after(&linux, "L2-CPUS "), "0-2", "--cpus 3: {linux}");
+    assert_eq!(line_after(&linux, "L2-CPUS "), "0-2", "--cpus 3: {linux}");
     let disks = run.output("disks");
     let md5s: Vec<&str> = disks
         .lines()
@@ -199,12 +162,12 @@ exit $status
         .collect();
     assert_eq!(md5s.len(), 2, "{disks}");
     assert_eq!(
-        after(&linux, "L2-VDA "),
+        line_after(&linux, "L2-VDA "),
         md5s[0],
         "qemu-storage-daemon's disk: {linux}"
     );
     assert_eq!(
-        after(&linux, "L2-VDB "),
+        line_after(&linux, "L2-VDB "),
         md5s[1],
         "the in-VMM disk: {linux}"
     );

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use kvm_ioctls::{Cap, Kvm};
 
-use crate::flavour::Flavour;
+use crate::kvm_flavour::Flavour;
 use crate::vm::{open_kvm, KVM_API_VERSION};
 
 /// How one item came out.

@@ -7,8 +7,9 @@ use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
 
-use crate::flavour::Privilege;
+use crate::kvm_flavour::Privilege;
 use crate::sandbox::SandboxOptions;
+use crate::snapshot::memfile::MemoryMode;
 
 /// What pvstack's own guest runs without --guest-args.
 pub const DEFAULT_GUEST_ARGS: &str = "hello";
@@ -68,6 +69,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
 
+    /// Largest size of the --console-log file (the guest fills it): output
+    /// that would take it past this first moves it to FILE.1, replacing
+    /// the one before. Sizes as for --memory (64M, 1G, bytes).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_log_size)]
+    pub console_log_max_bytes: u64,
+
     /// The KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
@@ -79,7 +86,9 @@ pub struct RunArgs {
     /// `id=ID` (default blkN), `num-queues=N` (default: all the backend
     /// serves), `queue-size=N` (power of two), `readonly`,
     /// `reconnect-timeout=SECS` (how long to keep reconnecting after the
-    /// backend hangs up; default: for ever). With `image=`,
+    /// backend hangs up; default: for ever), `backend-uid=UID` (a user
+    /// besides pvstack's own and root whose backend may get guest memory;
+    /// a backend running as anyone else is refused). With `image=`,
     /// `mode=MODE` picks where requests are served: `vhost-user` (default),
     /// `vhost-user-poll` (pvstack-blk busy-polls the queue between
     /// batches, so a busy guest rarely kicks), or the baselines in the VMM,
@@ -151,6 +160,28 @@ pub enum CtlCommand {
     /// Operate on one device.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Pause the VM, stop its backends' rings and write its state and RAM
+    /// to DIR (created if missing; never overwritten), then resume with
+    /// --resume or stay paused (`resume` continues it). `pvstack restore
+    /// --from DIR` brings it back.
+    Snapshot {
+        /// The directory to write the snapshot to.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Resume the VM (and its backends' rings) after writing.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Replace the running pvstack with the one at --binary without
+    /// stopping the guest: the new process takes over guest memory, the
+    /// devices' eventfds and backend connections, the API socket and the
+    /// VM's state; this one exits once the new one runs the guest. On any
+    /// failure before that, this one resumes the guest and says why.
+    Upgrade {
+        /// The pvstack binary to run the VM from now on.
+        #[arg(long, value_name = "PATH")]
+        binary: PathBuf,
+    },
 }
 
 /// Device operations.
@@ -172,12 +203,76 @@ pub enum DeviceCommand {
     },
 }
 
+/// Options of `pvstack restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxOptions,
+
+    /// The snapshot directory `pvstack ctl snapshot --to` wrote.
+    #[arg(long, value_name = "DIR")]
+    pub from: PathBuf,
+
+    /// Serve disk ID from another backend than the snapshot's, e.g.
+    /// `blk0=socket=/run/new.sock` or `blk1=image=disk.img`; repeatable.
+    /// It must offer what the guest's driver accepted, with as many queues.
+    #[arg(long = "blk", value_name = "ID=SPEC")]
+    pub blk: Vec<String>,
+
+    /// Serve NIC ID from another backend, e.g. `net0=socket=/run/n.sock`;
+    /// the guest keeps its MAC.
+    #[arg(long = "net", value_name = "ID=SPEC")]
+    pub net: Vec<String>,
+
+    /// Serve the virtio-console from another backend (as `run --console`).
+    #[arg(long, value_name = "SPEC")]
+    pub console: Option<ConsoleSpec>,
+
+    /// Serve the control API on PATH instead of the snapshot's socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Append pvstack's own guest's console to FILE instead of the
+    /// snapshot's --console-log.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+
+    /// How guest RAM comes back: `copy` (default) fills a new memfd with
+    /// the data the snapshot holds, keeping the snapshot; `map` maps the
+    /// snapshot's memory file itself as guest RAM: no copy and the same
+    /// cost at any size, but the guest then writes into the snapshot,
+    /// which is consumed (for a snapshot on tmpfs).
+    #[arg(long, value_name = "MODE", default_value = "copy")]
+    pub memory: MemoryMode,
+}
+
+/// Options of `pvstack take-over` (started by `pvstack ctl upgrade`).
+#[derive(Debug, Args)]
+pub struct TakeOverArgs {
+    /// As the pvstack handing over was given.
+    #[command(flatten)]
+    pub sandbox: SandboxOptions,
+
+    /// The Unix socket (an inherited file descriptor) the running pvstack
+    /// hands the VM over on.
+    #[arg(long, value_name = "N")]
+    pub fd: i32,
+}
+
 /// Options of `pvstack check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The KVM device node to check.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     pub kvm_device: PathBuf,
+}
+
+/// Parses a log size limit: a size as for memory, at least one byte.
+pub fn parse_log_size(text: &str) -> Result<u64, String> {
+    match pvstack_options::parse_size(text)? {
+        0 => Err("a log size limit must be at least 1 byte".into()),
+        bytes => Ok(bytes),
+    }
 }
 
 /// Parses a memory size such as `256M`, `1G`, `4096K` or plain bytes, and

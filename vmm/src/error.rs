@@ -10,10 +10,10 @@ pub enum Error {
     #[error("sandbox: {0}")]
     Sandbox(String),
     /// The KVM device could not be opened.
-    #[error("cannot open KVM device {path}: {source}")]
+    #[error("cannot open KVM device {path}: {cause}")]
     KvmOpen {
         path: PathBuf,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     /// The file opened but does not answer KVM ioctls.
     #[error("{path} is not a KVM device (KVM_GET_API_VERSION failed)")]
@@ -29,10 +29,10 @@ pub enum Error {
     #[error("KVM lacks the {0} capability")]
     KvmCapability(&'static str),
     /// A KVM ioctl failed.
-    #[error("KVM: cannot {what}: {source}")]
+    #[error("KVM: cannot {what}: {cause}")]
     Kvm {
         what: &'static str,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     /// The VM configuration is out of range.
     #[error("invalid VM configuration: {0}")]
@@ -44,23 +44,23 @@ pub enum Error {
     #[error("{requested} vCPUs requested, KVM allows at most {max}")]
     TooManyVcpus { requested: u32, max: usize },
     /// Creating or mapping guest memory failed.
-    #[error("cannot create guest memory of {size} bytes: {source}")]
-    Memory { size: u64, source: std::io::Error },
+    #[error("cannot create guest memory of {size} bytes: {cause}")]
+    Memory { size: u64, cause: std::io::Error },
     /// vm-memory refused the region layout.
     #[error("cannot map guest memory: {0}")]
-    MemoryMap(#[from] vm_memory::mmap::FromRangesError),
+    MemoryMap(vm_memory::mmap::FromRangesError),
     /// Writing the VMM's structures (page tables, GDT) into guest memory failed.
-    #[error("cannot write {what} into guest memory: {source}")]
+    #[error("cannot write {what} into guest memory: {cause}")]
     GuestWrite {
         what: &'static str,
-        source: vm_memory::GuestMemoryError,
+        cause: vm_memory::GuestMemoryError,
     },
     /// Reading a file failed.
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}: {cause}")]
     File {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The guest image is not a usable kernel.
     #[error("{image}: {reason}")]
@@ -79,35 +79,48 @@ pub enum Error {
     #[error("KVM: cannot set MSR {index:#x}")]
     Msr { index: u32 },
     /// A `--blk` device could not be created.
-    #[error("--blk number {index}: {source}")]
+    #[error("--blk number {index}: {cause}")]
     Blk {
         index: u32,
-        source: pvstack_devices::Error,
+        cause: pvstack_devices::Error,
     },
     /// The `--console` or `--serial` device could not be created.
-    #[error("--{option}: {source}")]
+    #[error("--{option}: {cause}")]
     Console {
         option: &'static str,
-        source: pvstack_devices::Error,
+        cause: pvstack_devices::Error,
     },
     /// A `--net` device could not be created.
-    #[error("--net number {index}: {source}")]
+    #[error("--net number {index}: {cause}")]
     Net {
         index: u32,
-        source: pvstack_devices::Error,
+        cause: pvstack_devices::Error,
     },
     /// A device could not be attached.
     #[error("cannot add device at slot {slot}: {reason}")]
     Device { slot: u32, reason: String },
     /// A thread or signal could not be set up.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}: {cause}")]
     Os {
         what: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The control API answered with something unreadable.
     #[error("control API: {0}")]
     Api(String),
+    /// A snapshot directory cannot be used (missing, truncated, another
+    /// version, another host): the message names the difference.
+    #[error("snapshot {dir}: {reason}")]
+    Snapshot {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
+    /// A snapshot or take-over failed while the VM ran.
+    #[error("{0}")]
+    Takeover(String),
+    /// A device failed while being saved or restored.
+    #[error(transparent)]
+    Devices(#[from] pvstack_devices::Error),
 }
 
 /// Short for results with [`Error`].
@@ -116,7 +129,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A KVM ioctl failure with what pvstack was trying to do.
     pub fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-        move |source| Error::Kvm { what, source }
+        move |cause| Error::Kvm { what, cause }
     }
 
     /// Whether the error is the user's command line (exit status 2)
@@ -127,6 +140,6 @@ impl Error {
 
     /// A failed write of a VMM structure into guest memory.
     pub fn guest_write(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
-        move |source| Error::GuestWrite { what, source }
+        move |cause| Error::GuestWrite { what, cause }
     }
 }

@@ -7,7 +7,7 @@ use pvstack_protocols::boot::{BootInfo, Counters};
 use pvstack_protocols::hypercall::{nr, status, HypercallBlock, ABI_VERSION, CONSOLE_WRITE_MAX};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use crate::abi::Abi;
+use crate::guest_structs::Abi;
 use crate::lifecycle::{CpuStart, VmEnd};
 use crate::machine::Machine;
 
@@ -25,13 +25,15 @@ pub fn handle_doorbell(machine: &Machine, block_addr: u64) -> Outcome {
     let mut block = match machine.memory.read_obj::<Abi<HypercallBlock>>(addr) {
         Ok(Abi(block)) => block,
         Err(e) => {
-            log::warn!("hypercall block at {block_addr:#x} is not in guest RAM ({e}); ignored");
+            pvstack_logging::warn_limited!(
+                "hypercall block at {block_addr:#x} is not in guest RAM ({e}); ignored"
+            );
             return Outcome::Resume;
         }
     };
     let outcome = perform(machine, &mut block);
     if let Err(e) = machine.memory.write_obj(Abi(block), addr) {
-        log::warn!("cannot write hypercall results to {block_addr:#x}: {e}");
+        pvstack_logging::warn_limited!("cannot write hypercall results to {block_addr:#x}: {e}");
     }
     outcome
 }
@@ -52,8 +54,7 @@ fn perform(machine: &Machine, block: &mut HypercallBlock) -> Outcome {
             return Outcome::Stop;
         }
         nr::TIME_NS => {
-            block.results[0] =
-                u64::try_from(machine.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            block.results[0] = machine.time_ns();
             status::OK
         }
         nr::COUNTERS => counters(machine, a0, a1, &mut block.results),
@@ -66,7 +67,7 @@ fn perform(machine: &Machine, block: &mut HypercallBlock) -> Outcome {
             },
         ),
         other => {
-            log::warn!("guest made unknown hypercall {other}");
+            pvstack_logging::warn_limited!("guest made unknown hypercall {other}");
             status::UNKNOWN_CALL
         }
     };
@@ -87,7 +88,7 @@ fn console_write(machine: &Machine, addr: u64, len: u64, results: &mut [u64; 2])
     }
     if let Err(e) = machine.console.write(&text) {
         // The guest cannot fix the host's console; it still gets its answer.
-        log::warn!("cannot write guest console output: {e}");
+        pvstack_logging::warn_limited!("cannot write guest console output: {e}");
     }
     results[0] = len;
     status::OK
@@ -167,6 +168,7 @@ mod tests {
             counters: ExitCounters::default(),
             lifecycle: Arc::new(Lifecycle::new(2)),
             created: Instant::now(),
+            time_base_ns: 0,
         }
     }
 

@@ -5,7 +5,6 @@
 //! control API and the host check. The `pvstack` binary's subcommands `run`, `ctl` and
 //! `check` are thin wrappers over them; `bench` is the pvstack-bench crate.
 
-pub mod abi;
 pub mod acpi;
 pub mod api;
 pub mod boot;
@@ -15,14 +14,16 @@ pub mod console;
 pub mod counters;
 pub mod crash_report;
 pub mod error;
-pub mod flavour;
+pub mod guest_structs;
 pub mod hypercall;
+pub mod kvm_flavour;
 pub mod lifecycle;
 pub mod machine;
 pub mod memory;
 pub mod run;
 pub mod sandbox;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use kvm_ioctls::VcpuFd;
+
 use pvstack_protocols::hypercall::status;
 
 use crate::error::Error;
@@ -45,10 +47,22 @@ enum CpuState {
     Running,
 }
 
+/// How often [`Lifecycle::pause_until_parked`] kicks vCPUs that have not
+/// parked yet.
+const KICK_INTERVAL: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Work for a parked vCPU's thread, done with its vCPU (KVM wants a
+/// vCPU's state read by the thread that runs it): see [`Lifecycle::park`].
+pub type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct State {
     end: Option<VmEnd>,
     ended: bool,
     cpus: Vec<CpuState>,
+    /// Which vCPU threads wait in [`Lifecycle::park`].
+    parked: Vec<bool>,
+    /// A job posted for each parked vCPU.
+    jobs: Vec<Option<VcpuJob>>,
 }
 
 /// The end of the VM (first reason wins) and the vCPU start requests.
@@ -72,6 +86,8 @@ impl Lifecycle {
             state: Mutex::new(State {
                 end: None,
                 ended: false,
+                parked: vec![false; states.len()],
+                jobs: (0..states.len()).map(|_| None).collect(),
                 cpus: states,
             }),
             changed: Condvar::new(),
@@ -113,6 +129,87 @@ impl Lifecycle {
         let mut state = self.lock();
         while self.is_paused() && !state.ended {
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Blocks vCPU `index`'s thread while the VM is paused and not ending,
+    /// as [`Self::wait_while_paused`], and meanwhile runs the jobs posted
+    /// for it with its vCPU `fd` ([`Self::run_on_parked`]).
+    pub fn park(&self, index: u32, fd: &mut VcpuFd) {
+        let slot = index as usize;
+        let mut state = self.lock();
+        if let Some(parked) = state.parked.get_mut(slot) {
+            *parked = true;
+        }
+        self.changed.notify_all();
+        loop {
+            if let Some(job) = state.jobs.get_mut(slot).and_then(Option::take) {
+                drop(state);
+                job(fd);
+                state = self.lock();
+                continue;
+            }
+            if !self.is_paused() || state.ended {
+                break;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if let Some(parked) = state.parked.get_mut(slot) {
+            *parked = false;
+        }
+    }
+
+    /// Pauses the VM and waits until every vCPU that has been started
+    /// sits in [`Self::park`], calling `kick` (which must kick every vCPU
+    /// thread out of `KVM_RUN`) at once and again every [`KICK_INTERVAL`]
+    /// meanwhile: a vCPU that had to finish an instruction first may have
+    /// re-entered the guest. Returns which vCPUs had been started, or
+    /// `None` if the VM is ending.
+    pub fn pause_until_parked(&self, kick: &dyn Fn()) -> Option<Vec<bool>> {
+        self.pause();
+        let mut state = self.lock();
+        loop {
+            if state.ended {
+                return None;
+            }
+            let all_parked = state
+                .cpus
+                .iter()
+                .zip(&state.parked)
+                .all(|(cpu, &parked)| *cpu == CpuState::Waiting || parked);
+            if all_parked {
+                return Some(state.cpus.iter().map(|c| *c != CpuState::Waiting).collect());
+            }
+            kick();
+            state = self
+                .changed
+                .wait_timeout(state, KICK_INTERVAL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Posts `job` for parked vCPU `index`; its thread runs it before it
+    /// leaves [`Self::park`]. The job reports back through whatever it
+    /// captured (dropped unrun if the VM ends first).
+    pub fn run_on_parked(&self, index: u32, job: VcpuJob) {
+        let mut state = self.lock();
+        if let Some(slot) = state.jobs.get_mut(index as usize) {
+            *slot = Some(job);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Marks the vCPUs of a restored VM as the snapshot had them: those
+    /// in `started` run, the others wait for CPU_START.
+    pub fn set_started(&self, started: &[bool]) {
+        let mut state = self.lock();
+        for (cpu, &running) in state.cpus.iter_mut().zip(started) {
+            *cpu = if running {
+                CpuState::Running
+            } else {
+                CpuState::Waiting
+            };
         }
     }
 

@@ -29,4 +29,15 @@ pub struct Machine {
     pub lifecycle: Arc<Lifecycle>,
     /// When VM creation began; TIME_NS counts from here.
     pub created: Instant,
+    /// Guest time (TIME_NS) that had passed before `created`: what a
+    /// restored or taken-over VM had counted in its earlier life.
+    pub time_base_ns: u64,
+}
+
+impl Machine {
+    /// The guest's TIME_NS clock: nanoseconds of guest life.
+    pub fn time_ns(&self) -> u64 {
+        let since_created = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.time_base_ns.saturating_add(since_created)
+    }
 }

@@ -6,7 +6,9 @@ use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
 use pvstack::api::{client, Request};
 use pvstack::check::{check_host, Verdict};
-use pvstack::cli::{CheckArgs, CtlArgs, CtlCommand, DeviceCommand, RunArgs};
+use pvstack::cli::{
+    CheckArgs, CtlArgs, CtlCommand, DeviceCommand, RestoreArgs, RunArgs, TakeOverArgs,
+};
 use pvstack::lifecycle::VmEnd;
 
 const EXIT_FAILURE: u8 = 1;
@@ -37,6 +39,13 @@ struct Cli {
 enum Command {
     /// Boot a VM and run the guest until it exits.
     Run(RunArgs),
+    /// Bring back a VM from a snapshot (`pvstack ctl snapshot`) and run it,
+    /// with the snapshot's devices and options unless overridden.
+    Restore(RestoreArgs),
+    /// Take over a running VM from another pvstack (internal: `pvstack
+    /// ctl upgrade` starts it).
+    #[command(hide = true)]
+    TakeOver(TakeOverArgs),
     /// Report whether this host can run pvstack (like virt-host-validate).
     Check(CheckArgs),
     /// Send one request to a running VM's control API and print the JSON
@@ -62,6 +71,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run_command(&args),
+        Command::Restore(args) => vm_command(|| pvstack::snapshot::restore::restore(&args)),
+        Command::TakeOver(args) => vm_command(|| pvstack::snapshot::takeover::take_over(&args)),
         Command::Check(args) => check_command(&args),
         Command::Ctl(args) => ctl_command(args),
         Command::Bench(args) => bench_command(&args),
@@ -92,6 +103,13 @@ fn ctl_command(args: CtlArgs) -> ExitCode {
             socket: socket.display().to_string(),
         },
         CtlCommand::Device(DeviceCommand::Reconnect { id }) => Request::DeviceReconnect { id },
+        CtlCommand::Snapshot { to, resume } => Request::Snapshot {
+            to: absolute(&to).display().to_string(),
+            resume,
+        },
+        CtlCommand::Upgrade { binary } => Request::Upgrade {
+            binary: absolute(&binary).display().to_string(),
+        },
     };
     match client::call(&args.api_socket, &request) {
         Ok(response) => {
@@ -117,11 +135,17 @@ fn run_command(args: &RunArgs) -> ExitCode {
         eprintln!("pvstack: error: {usage}");
         return ExitCode::from(EXIT_USAGE);
     }
+    vm_command(|| pvstack::run::run(args))
+}
+
+/// Runs a VM with `run` (which builds it) and turns how it ended into
+/// the exit status.
+fn vm_command(run: impl FnOnce() -> pvstack::Result<VmEnd>) -> ExitCode {
     if let Err(e) = pvstack::signals::handle_termination() {
         eprintln!("pvstack: error: {e}");
         return ExitCode::from(EXIT_FAILURE);
     }
-    match pvstack::run::run(args) {
+    match run() {
         Ok(end) => exit_status(end),
         Err(e) => {
             eprintln!("pvstack: error: {e}");
@@ -132,6 +156,12 @@ fn run_command(args: &RunArgs) -> ExitCode {
             })
         }
     }
+}
+
+/// `path` relative to the current directory made absolute: the VM's
+/// process may run elsewhere.
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn check_command(args: &CheckArgs) -> ExitCode {
@@ -193,7 +223,7 @@ fn exit_status(end: VmEnd) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-    use pvstack::flavour::Privilege;
+    use pvstack::kvm_flavour::Privilege;
     use pvstack_protocols::boot::CMDLINE_MAX;
 
     #[test]

@@ -17,7 +17,13 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// Creates `size` bytes of guest RAM backed by a fresh memfd.
 pub fn create(size: u64) -> Result<GuestMemory> {
-    let memfd = Arc::new(create_memfd(size)?);
+    from_file(create_memfd(size)?, size)
+}
+
+/// Guest RAM of `size` bytes backed by `file` (a memfd, or a snapshot's
+/// memory file), mapped shared.
+pub fn from_file(file: File, size: u64) -> Result<GuestMemory> {
+    let memfd = Arc::new(file);
     let regions: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_regions(size)
         .into_iter()
         .map(|(start, len, file_offset)| {
@@ -28,7 +34,17 @@ pub fn create(size: u64) -> Result<GuestMemory> {
             )
         })
         .collect();
-    Ok(GuestMemory::from_ranges_with_files(regions)?)
+    GuestMemory::from_ranges_with_files(regions).map_err(Error::MemoryMap)
+}
+
+/// The file that backs all of `memory` (every region's `FileOffset`).
+pub fn backing_file(memory: &GuestMemory) -> Option<&Arc<File>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory
+        .iter()
+        .next()
+        .and_then(|region| region.file_offset())
+        .map(|fo| fo.arc())
 }
 
 /// The non-empty RAM ranges as `(guest address, length, offset in the memfd)`.
@@ -45,18 +61,31 @@ fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-fn create_memfd(size: u64) -> Result<File> {
-    let memory_error = |source| Error::Memory { size, source };
-    let file = memfd::MemfdOptions::default()
+/// A new memfd for guest RAM, `size` bytes long (all holes) and sealed
+/// at that size before anyone else sees it: backends get the descriptor, and one that
+/// shrank it would make every later access to the lost pages a SIGBUS in
+/// the VMM. F_SEAL_SEAL keeps a backend from adding seals of its own
+/// (F_SEAL_FUTURE_WRITE would keep the next backend from mapping it).
+pub fn create_memfd(size: u64) -> Result<File> {
+    use memfd::FileSeal;
+    let memory_error = |source| Error::Memory {
+        size,
+        cause: source,
+    };
+    let memfd_error = |e| match e {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => {
+            memory_error(e)
+        }
+    };
+    let memfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
         .create("pvstack-guest-ram")
-        .map_err(|e| match e {
-            memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => {
-                memory_error(e)
-            }
-        })?
-        .into_file();
-    file.set_len(size).map_err(memory_error)?;
-    Ok(file)
+        .map_err(memfd_error)?;
+    memfd.as_file().set_len(size).map_err(memory_error)?;
+    memfd
+        .add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal])
+        .map_err(memfd_error)?;
+    Ok(memfd.into_file())
 }
 
 /// Total RAM of the host in bytes, from the `MemTotal` line of `meminfo`
@@ -65,12 +94,12 @@ pub fn host_mem_total(meminfo: &Path) -> Result<u64> {
     let text = std::fs::read_to_string(meminfo).map_err(|source| Error::File {
         action: "read",
         path: meminfo.to_path_buf(),
-        source,
+        cause: source,
     })?;
     parse_mem_total(&text).ok_or_else(|| Error::File {
         action: "find MemTotal in",
         path: meminfo.to_path_buf(),
-        source: std::io::ErrorKind::InvalidData.into(),
+        cause: std::io::ErrorKind::InvalidData.into(),
     })
 }
 
@@ -106,6 +135,32 @@ mod tests {
             mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
         );
+    }
+
+    #[test]
+    fn a_backend_cannot_resize_guest_ram() {
+        // A backend gets the memfd with SET_MEM_TABLE. Shrinking it would
+        // turn every later access to the lost pages into SIGBUS in the VMM;
+        // growing it or adding seals of its own is no business of a backend.
+        let mem = create(8 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        let file = region.file_offset().unwrap().file();
+        for size in [0, 4096, 16 << 20] {
+            let err = file.set_len(size).expect_err("resizing must be refused");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "set_len({size})");
+        }
+        assert_eq!(file.metadata().unwrap().len(), 8 << 20);
+        // SAFETY: fcntl on a valid descriptor; F_ADD_SEALS takes an int.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_FUTURE_WRITE,
+            )
+        };
+        assert_eq!(rc, -1, "a backend must not add seals");
+        mem.write_obj(7u64, GuestAddress(0x7f_f000)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x7f_f000)).unwrap(), 7);
     }
 
     #[test]

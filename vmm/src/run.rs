@@ -8,14 +8,23 @@ use pvstack_devices::{
     ConsoleDevice, ConsoleSpec, DeviceContext, NetDevice, NetSpec, SerialPort, UartDevice,
 };
 
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, MutexGuard};
+
+use pvstack_devices::vhost_user::{SharedVhostUserDevice, VhostUserDevice};
+use pvstack_devices::virtio::mmio::MmioTransport;
+use pvstack_devices::InheritedDevice;
+
 use crate::api::{ApiDevice, ApiServer};
 use crate::boot::linux::LinuxGuest;
 use crate::boot::{own_guest, Guest, KernelKind};
 use crate::cli::RunArgs;
-use crate::console::Console;
+use crate::console::{guest_stdout, Console};
 use crate::error::{Error, Result};
-use crate::flavour::{Flavour, Privilege};
+use crate::kvm_flavour::{Flavour, Privilege};
 use crate::lifecycle::VmEnd;
+use crate::snapshot::state::{DeviceKind, VmSpec};
+use crate::snapshot::{LiveDevice, LiveVm};
 use crate::vm::{Vm, VmConfig};
 
 /// Builds the VM `args` describe, runs it and returns how it ended.
@@ -26,9 +35,9 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
     if guest.is_linux() {
         check_linux_options(args)?;
     }
-    crate::sandbox::configure_children(&args.sandbox);
+    crate::sandbox::configure(&args.sandbox);
     let console = match &args.console_log {
-        Some(path) => Console::file(path)?,
+        Some(path) => Console::file(path, args.console_log_max_bytes)?,
         None => Console::stdout(),
     };
     let mut vm = Vm::new(&VmConfig {
@@ -39,42 +48,171 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
         cmdline: args.own_guest_args().to_string(),
         linux: guest.is_linux(),
     })?;
+    let mut spec = VmSpec {
+        kvm_device: args.kvm_device.clone(),
+        memory_size: args.memory,
+        cpus: args.cpus,
+        privilege: vm.privilege(),
+        linux: guest.is_linux(),
+        kernel: args.kernel.clone(),
+        cmdline: args.own_guest_args().to_string(),
+        blk: args.blk.clone(),
+        net: args.net.clone(),
+        console: args.console.clone(),
+        serial: args.serial,
+        console_log: args.console_log.clone(),
+        api_socket: args.api_socket.clone(),
+    };
     // The devices own their backend connections (and any child backend
     // process), so they must live until the VM has ended.
-    let disks = attach_disks(&mut vm, &args.blk)?;
-    let nics = attach_nics(&mut vm, &args.net, disks.len() as u32)?;
-    let consoles = attach_consoles(
-        &mut vm,
-        args,
-        (disks.len() + nics.len()) as u32,
-        guest.is_linux(),
-    )?;
-    if let Some(path) = &args.api_socket {
-        // Disks the VMM emulates itself have no backend to swap.
-        let devices = disks
-            .iter()
-            .filter_map(|disk| {
-                Some(ApiDevice {
-                    id: disk.id().to_string(),
-                    device: disk.transport()?.clone(),
-                })
-            })
-            .chain(nics.iter().filter_map(|nic| {
-                Some(ApiDevice {
-                    id: nic.id().to_string(),
-                    device: nic.transport()?.clone(),
-                })
-            }))
-            .collect();
-        vm.serve_api(ApiServer::bind(path, devices)?);
-    }
+    let devices = Devices::attach(&mut vm, &mut spec, &|_| None)?;
+    devices.serve(&mut vm, spec, None)?;
     // Set up: from here on every thread keeps to pvstack's allow-list.
-    crate::sandbox::confine_vmm(args.sandbox.seccomp)?;
+    crate::sandbox::confine_vmm()?;
     let end = vm.run(guest, console);
-    drop(disks);
-    drop(nics);
-    drop(consoles);
+    drop(devices);
     end
+}
+
+/// The devices of a VM, kept alive while it runs.
+pub(crate) struct Devices {
+    disks: Vec<BlkDevice>,
+    nics: Vec<NetDevice>,
+    _consoles: Consoles,
+    /// The virtio-console over vhost-user, if any.
+    console: Option<SharedVhostUserDevice>,
+}
+
+/// The device a take-over hands over for a slot, if any.
+pub(crate) type Inheritance<'a> = dyn Fn(u32) -> Option<&'a InheritedDevice> + 'a;
+
+impl Devices {
+    /// Creates the devices `spec` describes in their slots (disks, NICs,
+    /// the console, the UART) and records in `spec` the names and MACs
+    /// they got, so a snapshot names them the same. `inherited` gives
+    /// what a take-over hands over for each slot.
+    pub(crate) fn attach(
+        vm: &mut Vm,
+        spec: &mut VmSpec,
+        inherited: &Inheritance<'_>,
+    ) -> Result<Devices> {
+        let disks = attach_disks(vm, &spec.blk, inherited)?;
+        let nics = attach_nics(vm, &spec.net, disks.len() as u32, inherited)?;
+        let (consoles, console) = attach_consoles(
+            vm,
+            spec.console.as_ref(),
+            spec.serial,
+            (disks.len() + nics.len()) as u32,
+            spec.linux,
+            inherited,
+        )?;
+        for (blk, disk) in spec.blk.iter_mut().zip(&disks) {
+            blk.id = Some(disk.id().to_string());
+        }
+        for (net, nic) in spec.net.iter_mut().zip(&nics) {
+            net.id = Some(nic.id().to_string());
+            net.mac = Some(nic.mac());
+        }
+        Ok(Devices {
+            disks,
+            nics,
+            _consoles: consoles,
+            console,
+        })
+    }
+
+    /// The vhost-user devices by name, in slot order, with their slots.
+    pub(crate) fn vhost_user(&self) -> Vec<LiveDevice> {
+        let disks = (0u32..).zip(&self.disks).filter_map(|(index, disk)| {
+            Some(LiveDevice {
+                id: disk.id().to_string(),
+                kind: DeviceKind::Blk,
+                index,
+                slot: index,
+                transport: disk.transport()?.clone(),
+            })
+        });
+        let first_nic = self.disks.len() as u32;
+        let nics = (0u32..).zip(&self.nics).filter_map(|(index, nic)| {
+            Some(LiveDevice {
+                id: nic.id().to_string(),
+                kind: DeviceKind::Net,
+                index,
+                slot: first_nic + index,
+                transport: nic.transport()?.clone(),
+            })
+        });
+        let console = self.console.iter().map(|transport| {
+            let id = lock(transport).name().to_string();
+            let slot = self.disks.len() + self.nics.len();
+            LiveDevice {
+                id,
+                kind: DeviceKind::Console,
+                index: 0,
+                slot: slot as u32,
+                transport: transport.clone(),
+            }
+        });
+        disks.chain(nics).chain(console).collect()
+    }
+
+    /// The devices snapshots do not cover, named with why.
+    fn unsupported(&self, spec: &VmSpec) -> Vec<String> {
+        let mut unsupported: Vec<String> = self
+            .disks
+            .iter()
+            .filter(|disk| disk.transport().is_none())
+            .map(|disk| format!("{} is served in the VMM (mode={})", disk.id(), disk.mode()))
+            .chain(
+                self.nics
+                    .iter()
+                    .filter(|nic| nic.transport().is_none())
+                    .map(|nic| format!("{} is served in the VMM (mode=emulated)", nic.id())),
+            )
+            .collect();
+        if spec.serial || spec.console == Some(ConsoleSpec::Uart) {
+            unsupported.push("the emulated UART (--serial) keeps state in the VMM".into());
+        }
+        unsupported
+    }
+
+    /// Serves the control API if `spec` asks for it (on `listener` if one
+    /// is handed over) and lets it snapshot and hand over the VM.
+    pub(crate) fn serve(
+        &self,
+        vm: &mut Vm,
+        spec: VmSpec,
+        listener: Option<UnixListener>,
+    ) -> Result<()> {
+        let live = self.vhost_user();
+        if let Some(path) = &spec.api_socket {
+            let devices = live
+                .iter()
+                .filter(|device| device.kind != DeviceKind::Console)
+                .map(|device| ApiDevice {
+                    id: device.id.clone(),
+                    device: device.transport.clone(),
+                })
+                .collect();
+            let server = match listener {
+                Some(listener) => ApiServer::from_listener(listener, path, devices),
+                None => ApiServer::bind(path, devices)?,
+            };
+            vm.serve_api(server);
+        }
+        let unsupported = self.unsupported(&spec);
+        vm.enable_snapshots(Arc::new(LiveVm::new(
+            vm.vm_fd().clone(),
+            spec,
+            live,
+            unsupported,
+        )));
+        Ok(())
+    }
+}
+
+fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads `--kernel` (or takes the built-in guest), tells what it is and,
@@ -90,7 +228,7 @@ fn guest(args: &RunArgs) -> Result<Guest> {
     let image = std::fs::read(path).map_err(|source| Error::File {
         action: "open kernel",
         path: path.clone(),
-        source,
+        cause: source,
     })?;
     let name = path.display().to_string();
     let kind = KernelKind::detect(&image).ok_or_else(|| Error::BadImage {
@@ -165,13 +303,37 @@ fn check_linux_options(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The context for a device in `slot`, inheriting what a take-over
+/// hands over for it.
+fn context<'a>(
+    vm: &'a Vm,
+    slot: u32,
+    index: u32,
+    inherited: Option<&'a InheritedDevice>,
+) -> DeviceContext<'a> {
+    let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
+    match inherited {
+        Some(inherited) => context.inheriting(inherited),
+        None => context,
+    }
+}
+
 /// Creates the `--blk` devices, in slots 0, 1, ... in command-line order.
-fn attach_disks(vm: &mut Vm, specs: &[BlkSpec]) -> Result<Vec<BlkDevice>> {
+fn attach_disks(
+    vm: &mut Vm,
+    specs: &[BlkSpec],
+    inherited: &Inheritance<'_>,
+) -> Result<Vec<BlkDevice>> {
     let mut disks = Vec::with_capacity(specs.len());
     for (index, spec) in (0u32..).zip(specs) {
         let slot = index;
-        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
-        let disk = create_blk(spec, &context).map_err(|source| Error::Blk { index, source })?;
+        let disk =
+            create_blk(spec, &context(vm, slot, index, inherited(slot))).map_err(|source| {
+                Error::Blk {
+                    index,
+                    cause: source,
+                }
+            })?;
         vm.add_device(slot, disk.bus_device(), disk.info())?;
         disks.push(disk);
     }
@@ -180,12 +342,22 @@ fn attach_disks(vm: &mut Vm, specs: &[BlkSpec]) -> Result<Vec<BlkDevice>> {
 
 /// Creates the `--net` devices in the slots from `first_slot` on, in
 /// command-line order.
-fn attach_nics(vm: &mut Vm, specs: &[NetSpec], first_slot: u32) -> Result<Vec<NetDevice>> {
+fn attach_nics(
+    vm: &mut Vm,
+    specs: &[NetSpec],
+    first_slot: u32,
+    inherited: &Inheritance<'_>,
+) -> Result<Vec<NetDevice>> {
     let mut nics = Vec::with_capacity(specs.len());
     for (index, spec) in (0u32..).zip(specs) {
         let slot = first_slot + index;
-        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, index);
-        let nic = create_net(spec, &context).map_err(|source| Error::Net { index, source })?;
+        let nic =
+            create_net(spec, &context(vm, slot, index, inherited(slot))).map_err(|source| {
+                Error::Net {
+                    index,
+                    cause: source,
+                }
+            })?;
         vm.add_device(slot, nic.bus_device(), nic.info())?;
         nics.push(nic);
     }
@@ -201,54 +373,62 @@ struct Consoles {
 
 /// Creates the `--console` device in the slot `first_slot`, and the
 /// `--serial` UART: for pvstack's own guest in the next slot, for a Linux
-/// guest at COM1 with stdin as its input.
-fn attach_consoles(vm: &mut Vm, args: &RunArgs, first_slot: u32, linux: bool) -> Result<Consoles> {
+/// guest at COM1 with stdin as its input. Returns them with the
+/// virtio-console's transport.
+fn attach_consoles(
+    vm: &mut Vm,
+    console: Option<&ConsoleSpec>,
+    serial: bool,
+    first_slot: u32,
+    linux: bool,
+    inherited: &Inheritance<'_>,
+) -> Result<(Consoles, Option<SharedVhostUserDevice>)> {
     let mut slot = first_slot;
     let mut virtio = None;
-    if let Some(spec) = args.console.as_ref().filter(|spec| spec.is_virtio()) {
-        let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, 0);
-        let console = create_console(spec, &context).map_err(|source| Error::Console {
-            option: "console",
-            source,
-        })?;
-        vm.add_device(slot, console.bus_device(), console.info())?;
-        virtio = Some(console);
+    let mut transport = None;
+    if let Some(spec) = console.filter(|spec| spec.is_virtio()) {
+        let device =
+            create_console(spec, &context(vm, slot, 0, inherited(slot))).map_err(|source| {
+                Error::Console {
+                    option: "console",
+                    cause: source,
+                }
+            })?;
+        vm.add_device(slot, device.bus_device(), device.info())?;
+        transport = Some(device.transport().clone());
+        virtio = Some(device);
         slot += 1;
     }
-    let serial = args.serial || args.console == Some(ConsoleSpec::Uart);
+    let serial = serial || console == Some(&ConsoleSpec::Uart);
     let serial_error = |source| Error::Console {
         option: "serial",
-        source,
+        cause: source,
     };
     if serial && linux {
-        let port = create_serial_port(
-            vm.vm_fd(),
-            Box::new(std::io::stdout()),
-            Some(Box::new(std::io::stdin())),
-        )
-        .map_err(serial_error)?;
+        let port = create_serial_port(vm.vm_fd(), guest_stdout(), Some(Box::new(std::io::stdin())))
+            .map_err(serial_error)?;
         vm.add_serial_port(&port)?;
-        return Ok(Consoles {
+        let consoles = Consoles {
             _virtio: virtio,
             _uart: None,
             _serial_port: Some(port),
-        });
+        };
+        return Ok((consoles, transport));
     }
     let mut uart = None;
     if serial {
         let context = DeviceContext::for_slot(vm.vm_fd(), vm.memory(), slot, 0);
-        let device = create_uart(&context, Box::new(std::io::stdout())).map_err(|source| {
-            Error::Console {
-                option: "serial",
-                source,
-            }
+        let device = create_uart(&context, guest_stdout()).map_err(|source| Error::Console {
+            option: "serial",
+            cause: source,
         })?;
         vm.add_device(slot, device.bus_device(), device.info())?;
         uart = Some(device);
     }
-    Ok(Consoles {
+    let consoles = Consoles {
         _virtio: virtio,
         _uart: uart,
         _serial_port: None,
-    })
+    };
+    Ok((consoles, transport))
 }

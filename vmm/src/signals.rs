@@ -33,7 +33,7 @@ pub fn block_termination() -> Result<()> {
     if rc != 0 {
         return Err(Error::Os {
             what: "block SIGTERM and SIGINT",
-            source: io::Error::from_raw_os_error(rc),
+            cause: io::Error::from_raw_os_error(rc),
         });
     }
     Ok(())
@@ -85,7 +85,7 @@ pub fn handle_termination() -> Result<()> {
         .map(drop)
         .map_err(|source| Error::Os {
             what: "spawn the signal thread",
-            source,
+            cause: source,
         })
 }
 

@@ -56,7 +56,7 @@ extern "C" fn kick_handler(_: c_int, _: *mut libc::siginfo_t, _: *mut c_void) {
 pub fn install_kick_handler() -> Result<()> {
     register_signal_handler(kick_signal(), kick_handler).map_err(|e| Error::Os {
         what: "install the vCPU kick signal handler",
-        source: std::io::Error::from_raw_os_error(e.errno()),
+        cause: std::io::Error::from_raw_os_error(e.errno()),
     })
 }
 
@@ -85,7 +85,7 @@ pub fn spawn(vcpu: Vcpu, machine: Arc<Machine>, launch: Launch) -> Result<JoinHa
         .spawn(move || run_thread(vcpu, &machine, launch))
         .map_err(|source| Error::Os {
             what: "spawn a vCPU thread",
-            source,
+            cause: source,
         })
 }
 
@@ -129,15 +129,27 @@ enum Step {
 fn run_loop(vcpu: &mut Vcpu, machine: &Machine) -> Option<VmEnd> {
     let mut first_exit = vcpu.index == 0;
     let entered = Instant::now();
+    // Whether KVM owes the guest nothing: after an MMIO or port exit, KVM
+    // finishes the instruction (a read's value, RIP past a port write)
+    // only in the next KVM_RUN. A vCPU parks only when settled, so the
+    // state a snapshot reads is consistent and nothing is done twice.
+    let mut settled = true;
     loop {
         if machine.lifecycle.is_stopping() {
             return None;
         }
         if machine.lifecycle.is_paused() {
-            machine.lifecycle.wait_while_paused();
-            continue;
+            if settled {
+                machine.lifecycle.park(vcpu.index, &mut vcpu.fd);
+                continue;
+            }
+            // Complete the instruction and come straight back (or, where
+            // KVM enters the guest anyway, at the pauser's next kick).
+            vcpu.fd.set_kvm_immediate_exit(1);
         }
-        let step = handle_exit(vcpu.fd.run(), machine);
+        let exit = vcpu.fd.run();
+        settled = matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
+        let step = handle_exit(exit, machine);
         if first_exit {
             first_exit = false;
             log_boot_time(machine.created, entered);
@@ -192,7 +204,7 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
         Ok(VcpuExit::MmioWrite(addr, data)) => {
             counters.record(ExitKind::Mmio);
             if !machine.bus.write(addr, data) {
-                log::warn!(
+                pvstack_logging::warn_limited!(
                     "guest wrote {} bytes to unmapped MMIO {addr:#x}; dropped",
                     data.len()
                 );
@@ -202,7 +214,7 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
         Ok(VcpuExit::MmioRead(addr, data)) => {
             counters.record(ExitKind::Mmio);
             if !machine.bus.read(addr, data) {
-                log::warn!(
+                pvstack_logging::warn_limited!(
                     "guest read {} bytes of unmapped MMIO {addr:#x}; all ones",
                     data.len()
                 );
@@ -250,7 +262,7 @@ fn handle_exit(exit: std::result::Result<VcpuExit, kvm_ioctls::Error>, machine: 
             counters.record(ExitKind::Other);
             Step::Fail(Error::Kvm {
                 what: "run a vCPU",
-                source,
+                cause: source,
             })
         }
     }

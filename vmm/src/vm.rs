@@ -39,10 +39,11 @@ use crate::boot::{own_guest, Guest};
 use crate::console::Console;
 use crate::counters::ExitCounters;
 use crate::error::{Error, Result};
-use crate::flavour::{Flavour, Privilege};
+use crate::kvm_flavour::{Flavour, Privilege};
 use crate::lifecycle::{Lifecycle, VmEnd};
 use crate::machine::Machine;
 use crate::memory::{self, GuestMemory};
+use crate::snapshot::LiveVm;
 use crate::vcpu::{self, Launch, Vcpu};
 use crate::x86::cpuid::Topology;
 use crate::{signals, x86};
@@ -122,13 +123,15 @@ pub struct Vm {
     lifecycle: Arc<Lifecycle>,
     created: Instant,
     api: Option<ApiServer>,
+    /// What snapshots and take-overs of the running VM need.
+    live: Option<Arc<LiveVm>>,
 }
 
 /// Opens the KVM device and checks its API version.
 pub fn open_kvm(path: &Path) -> Result<Kvm> {
     let open_error = |source| Error::KvmOpen {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     // A path from the command line cannot hold a NUL byte; refuse it anyway.
     let c_path = CString::new(path.as_os_str().as_bytes())
@@ -153,9 +156,17 @@ pub fn open_kvm(path: &Path) -> Result<Kvm> {
 impl Vm {
     /// Creates the KVM VM with its memory and in-kernel irqchip.
     pub fn new(config: &VmConfig) -> Result<Vm> {
-        let created = Instant::now();
         config.validate()?;
         check_host_memory(config.memory_size)?;
+        Self::with_memory(config, memory::create(config.memory_size)?)
+    }
+
+    /// As [`Self::new`], with guest RAM given (a restored snapshot's, or
+    /// the memfd a take-over hands over): it must be `config.memory_size`
+    /// bytes laid out as [`memory::create`] lays it out.
+    pub fn with_memory(config: &VmConfig, memory: GuestMemory) -> Result<Vm> {
+        let created = Instant::now();
+        config.validate()?;
         let kvm = open_kvm(&config.kvm_device)?;
         let max_vcpus = kvm.get_max_vcpus();
         if config.cpus as usize > max_vcpus {
@@ -196,7 +207,6 @@ impl Vm {
             .create_irq_chip()
             .map_err(Error::kvm("create the in-kernel irqchip"))?;
 
-        let memory = memory::create(config.memory_size)?;
         register_memory(&vm_fd, &memory)?;
 
         let lifecycle = Arc::new(if config.linux {
@@ -237,6 +247,7 @@ impl Vm {
             lifecycle,
             created,
             api: None,
+            live: None,
         })
     }
 
@@ -341,17 +352,51 @@ impl Vm {
     /// Loads `guest` and runs the VM until it ends; console output of
     /// pvstack's own guest goes to `console`. Blocks SIGTERM and SIGINT
     /// in the calling process and turns them into [`VmEnd::Signal`].
-    pub fn run(mut self, guest: Guest, console: Console) -> Result<VmEnd> {
+    pub fn run(self, guest: Guest, console: Console) -> Result<VmEnd> {
+        let vcpus = self.create_vcpus()?;
+        let launches = self.boot(&guest, &vcpus)?;
+        drop(guest);
+        self.run_vcpus(vcpus, launches, console, 0)
+    }
+
+    /// Creates the vCPUs with their CPUID and reset FPU state.
+    pub fn create_vcpus(&self) -> Result<Vec<Vcpu>> {
         let supported_cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::kvm("get the supported CPUID"))?;
-        let vcpus = (0..self.cpus)
+        (0..self.cpus)
             .map(|index| self.create_vcpu(index, &supported_cpuid))
-            .collect::<Result<Vec<_>>>()?;
-        let launches = self.boot(&guest, &vcpus)?;
-        drop(guest);
-        let tsc_khz = vcpus[0].fd.get_tsc_khz().unwrap_or(0);
+            .collect()
+    }
+
+    /// Lets snapshots and take-overs of the running VM happen (through
+    /// the control API).
+    pub fn enable_snapshots(&mut self, live: Arc<LiveVm>) {
+        self.live = Some(live);
+    }
+
+    /// The lifecycle the vCPU threads will share (a restore marks which
+    /// vCPUs had been started).
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    /// Runs `vcpus`, each beginning as its launch says, until the VM ends
+    /// (the second half of [`Self::run`], also what a restore and a
+    /// take-over run once they have set the vCPUs' state).
+    /// `time_base_ns` is the guest time (TIME_NS) already passed.
+    pub fn run_vcpus(
+        mut self,
+        vcpus: Vec<Vcpu>,
+        launches: Vec<Launch>,
+        console: Console,
+        time_base_ns: u64,
+    ) -> Result<VmEnd> {
+        let tsc_khz = vcpus
+            .first()
+            .and_then(|vcpu| vcpu.fd.get_tsc_khz().ok())
+            .unwrap_or(0);
 
         let machine = Arc::new(Machine {
             boot_info: self.boot_info(tsc_khz),
@@ -363,6 +408,7 @@ impl Vm {
             counters: ExitCounters::default(),
             lifecycle: self.lifecycle.clone(),
             created: self.created,
+            time_base_ns,
         });
         let signals_to_vm = signals::forward_termination(machine.clone());
         vcpu::install_kick_handler()?;
@@ -384,6 +430,7 @@ impl Vm {
                 let signal = vcpu::kick_signal();
                 let control = VmControl {
                     machine: machine.clone(),
+                    live: self.live.clone(),
                     vcpus: self.cpus,
                     kick_vcpus: Box::new(move || {
                         for &thread in &pthreads {

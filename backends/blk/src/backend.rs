@@ -3,6 +3,7 @@
 //! (`crate::engine`) carry them out and return them as they finish,
 //! polling adaptively (`pvstack_backend_common::poll`) before they sleep.
 
+use pvstack_logging::warn_limited;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,7 +21,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use pvstack_block::answer::{look, Looked, Outcome};
+use pvstack_block::chain::{look, Looked, Outcome};
 use pvstack_block::config::{self, DiskLimits, ID_BYTES};
 use pvstack_block::image::DiskImage;
 
@@ -109,6 +110,14 @@ impl Drop for Shared {
             self.resubmitted.load(Ordering::Relaxed),
             self.settings.engine,
         );
+        // The whole count of what the rate-limited lines may have left out.
+        let (rejected, unanswerable) = (
+            self.rejected.load(Ordering::Relaxed),
+            self.unanswerable.load(Ordering::Relaxed),
+        );
+        if rejected + unanswerable > 0 {
+            log::info!("rejected {rejected} requests, returned {unanswerable} chains unanswered");
+        }
     }
 }
 
@@ -202,7 +211,7 @@ impl BlkBackend {
     /// kick and no completion is missed.
     fn serve_queue(&self, vring: &VringRwLock, queue: usize) {
         let Some(memory) = self.memory() else {
-            log::warn!("queue {queue}: kicked before the memory table was set");
+            warn_limited!("queue {queue}: kicked before the memory table was set");
             return;
         };
         let Some(worker) = self.shared.workers.get(queue) else {
@@ -255,7 +264,7 @@ impl BlkBackend {
             vring.disable_notification()
         };
         if let Err(e) = result {
-            log::warn!("queue {queue}: cannot change notifications: {e}");
+            warn_limited!("queue {queue}: cannot change notifications: {e}");
         }
     }
 
@@ -284,7 +293,7 @@ impl BlkBackend {
             match ring.iter(Arc::clone(&mem)) {
                 Ok(iter) => (iter.take(room).collect::<Vec<_>>(), queue_size),
                 Err(e) => {
-                    log::warn!("queue {queue}: cannot read the available ring: {e}");
+                    warn_limited!("queue {queue}: cannot read the available ring: {e}");
                     return false;
                 }
             }
@@ -364,13 +373,13 @@ impl BlkBackend {
             Outcome::Done => {}
             Outcome::Unanswerable(why) => {
                 let count = shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
+                warn_limited!("queue {queue}: returned a chain unanswered ({count} so far): {why}");
             }
             Outcome::Rejected(rejection) => {
                 let count = shared.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("queue {queue}: rejected a request ({count} so far): {rejection}");
+                warn_limited!("queue {queue}: rejected a request ({count} so far): {rejection}");
             }
-            Outcome::Failed { operation, error } => log::warn!(
+            Outcome::Failed { operation, error } => warn_limited!(
                 "queue {queue}: {operation:?} on {} failed: {error}",
                 shared.image.path().display()
             ),
@@ -390,7 +399,7 @@ impl BlkBackend {
             log.returning(head);
         }
         if let Err(e) = vring.add_used(head, used_len) {
-            log::warn!("queue {queue}: cannot return chain {head}: {e}");
+            warn_limited!("queue {queue}: cannot return chain {head}: {e}");
         }
         if let Some(log) = log {
             log.returned(head, vring.get_ref().get_queue().next_used());
@@ -420,14 +429,14 @@ impl BlkBackend {
         let used_idx = match vring.queue_used_idx() {
             Ok(idx) => idx,
             Err(e) => {
-                log::warn!("queue {queue}: cannot read the used index to recover: {e}");
+                warn_limited!("queue {queue}: cannot read the used index to recover: {e}");
                 return;
             }
         };
         let heads = match log.recover(used_idx) {
             Ok(heads) => heads,
             Err(why) => {
-                log::warn!("queue {queue}: ignoring the inflight log: {why}");
+                warn_limited!("queue {queue}: ignoring the inflight log: {why}");
                 return;
             }
         };
@@ -452,7 +461,7 @@ impl BlkBackend {
                 Ok(chain) => self.start(vring, worker, Some(log), head, chain, mem, size, queue),
                 Err(why) => {
                     let count = self.shared.unanswerable.fetch_add(1, Ordering::Relaxed) + 1;
-                    log::warn!(
+                    warn_limited!(
                         "queue {queue}: returned a chain unanswered ({count} so far): {why}"
                     );
                     self.give_back(vring, Some(log), head, 0, queue);
@@ -544,7 +553,7 @@ impl VhostUserBackend for BlkBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            log::warn!("queue {thread_id}: unexpected event set {evset:?}");
+            warn_limited!("queue {thread_id}: unexpected event set {evset:?}");
             return Ok(());
         }
         // Each worker owns exactly one queue: the vring at index 0 of its
@@ -553,7 +562,7 @@ impl VhostUserBackend for BlkBackend {
             || u64::from(device_event) == completion_event(self.shared.settings.num_queues);
         match vrings.first() {
             Some(vring) if known => self.serve_queue(vring, thread_id),
-            _ => log::warn!("queue {thread_id}: event for unknown source {device_event}"),
+            _ => warn_limited!("queue {thread_id}: event for unknown source {device_event}"),
         }
         Ok(())
     }

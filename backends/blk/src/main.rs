@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use pvstack_backend_common::filter::FilteredSocket;
 use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
+use pvstack_backend_common::message_filter::FilteredSocket;
 use pvstack_backend_common::{backend_main, parse_queue_size, serve_on, SocketArgs};
 
 use pvstack_blk::backend::{BlkBackend, BlkSettings};
@@ -100,7 +100,7 @@ struct Args {
 
 /// Set up: from here on the image, the socket directory and the
 /// allow-list are all this process has (pvstack_sandbox::confine).
-fn confine(args: &Args) -> Result<(), Error> {
+fn confine(args: &Args, filtered: &FilteredSocket) -> Result<(), Error> {
     let mut files = pvstack_sandbox::serving_files(&args.socket.socket);
     files.push(Rule {
         path: args.image.clone(),
@@ -110,16 +110,12 @@ fn confine(args: &Args) -> Result<(), Error> {
             Access::ReadWriteFile
         },
     });
-    // The filter's daemon listens on the public path with `.daemon`
-    // appended (FilteredSocket).
-    let mut daemon_socket = args.socket.socket.clone().into_os_string();
-    daemon_socket.push(".daemon");
     pvstack_sandbox::confine_backend(
         &args.sandbox,
         &pvstack_sandbox::Confinement {
             program: DEVICE,
             syscalls: &[RUNTIME, SERVE, pvstack_blk::syscalls::BLK],
-            sockets: vec![args.socket.socket.clone(), daemon_socket.into()],
+            sockets: filtered.paths().to_vec(),
             files,
         },
     )?;
@@ -169,14 +165,14 @@ fn run(args: &Args) -> Result<(), Error> {
     let inflight = Arc::new(InflightSlot::default());
     let filter_slot = Arc::clone(&inflight);
     let (num_queues, queue_size) = (settings.num_queues, settings.queue_size);
-    let (_filtered, daemon) = FilteredSocket::start(&args.socket, move || {
+    let (filtered, daemon) = FilteredSocket::start(&args.socket, move || {
         Box::new(InflightFilter::new(
             Arc::clone(&filter_slot),
             num_queues,
             queue_size,
         ))
     })?;
-    confine(args)?;
+    confine(args, &filtered)?;
     // The daemon is made from the backend; the backend's completions are
     // then registered with the daemon's workers.
     let newest = RefCell::new(None);

@@ -59,7 +59,7 @@ impl DiskImage {
             } else {
                 Error::OpenImage {
                     path: path.to_owned(),
-                    source,
+                    cause: source,
                 }
             }
         })?;
@@ -67,7 +67,7 @@ impl DiskImage {
             .metadata()
             .map_err(|source| Error::ImageSize {
                 path: path.to_owned(),
-                source,
+                cause: source,
             })?
             .file_type();
         if !file_type.is_file() && !file_type.is_block_device() {
@@ -79,7 +79,7 @@ impl DiskImage {
             .seek(SeekFrom::End(0))
             .map_err(|source| Error::ImageSize {
                 path: path.to_owned(),
-                source,
+                cause: source,
             })?;
         if size < SECTOR_SIZE {
             return Err(Error::ImageTooSmall {

@@ -1,6 +1,6 @@
 //! pvstack's virtio-blk request engine: checking a descriptor chain
 //! ([`request`]), carrying it out against a raw image ([`execute`],
-//! [`image`]) and answering it ([`answer`]), with the device's features,
+//! [`image`]) and answering it ([`chain`]), with the device's features,
 //! configuration space and limits ([`config`]).
 //!
 //! The `pvstack-blk` vhost-user backend serves queues with it in its own
@@ -8,8 +8,8 @@
 //! with the very same code inside the VMM, so the two differ only in where
 //! the queue is processed.
 
-pub mod answer;
 pub mod bounce;
+pub mod chain;
 pub mod config;
 pub mod error;
 pub mod execute;

@@ -1,6 +1,7 @@
 use std::fmt::Display;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::logging::init_logging;
 
@@ -22,6 +23,27 @@ pub struct SocketArgs {
     /// next one.
     #[arg(long)]
     pub exit_on_disconnect: bool,
+
+    /// Seconds a frontend has from connecting to SET_OWNER, and for each
+    /// message once its first bytes arrived; a slower one is disconnected
+    /// (it would hold the one frontend the backend serves at a time).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value = "10",
+        value_parser = parse_timeout
+    )]
+    pub negotiation_timeout: Duration,
+}
+
+/// clap value parser for `--negotiation-timeout`: 1 to 3600 seconds.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(seconds @ 1..=3600) => Ok(Duration::from_secs(seconds)),
+        _ => Err(format!(
+            "`{text}` is not a number of seconds from 1 to 3600"
+        )),
+    }
 }
 
 /// clap value parser for `--queue-size`: a power of two from 2 to 32768.
@@ -69,6 +91,15 @@ pub fn exit_status<E: Display>(program: &str, result: Result<(), E>) -> ExitCode
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("1"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_timeout("3600"), Ok(Duration::from_secs(3600)));
+        for bad in ["0", "3601", "-1", "1.5", ""] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn queue_sizes() {

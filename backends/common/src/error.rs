@@ -7,29 +7,29 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("socket path {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
-    #[error("socket {path} is in use: another process is listening on it")]
+    #[error("socket {path} is in use: another process listens on it or is bound to it")]
     SocketInUse { path: PathBuf },
-    #[error("cannot inspect socket path {path}: {source}")]
-    InspectSocket { path: PathBuf, source: io::Error },
-    #[error("cannot remove stale socket {path}: {source}")]
-    RemoveStaleSocket { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot inspect socket path {path}: {cause}")]
+    InspectSocket { path: PathBuf, cause: io::Error },
+    #[error("cannot remove stale socket {path}: {cause}")]
+    RemoveStaleSocket { path: PathBuf, cause: io::Error },
+    #[error("cannot listen on {path}: {cause}")]
     Listen {
         path: PathBuf,
-        source: vhost::vhost_user::Error,
+        cause: vhost::vhost_user::Error,
     },
-    #[error("cannot wait for a frontend on {path}: {source}")]
-    Poll { path: PathBuf, source: io::Error },
+    #[error("cannot wait for a frontend on {path}: {cause}")]
+    Poll { path: PathBuf, cause: io::Error },
     #[error("cannot set up SIGTERM/SIGINT handling: {0}")]
     Signals(io::Error),
-    #[error("vhost-user message filter on {path}: {what}: {source}")]
+    #[error("vhost-user message filter on {path}: {what}: {cause}")]
     Filter {
         path: PathBuf,
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("cannot create the backend for {path}: {source}")]
-    NewBackend { path: PathBuf, source: io::Error },
+    #[error("cannot create the backend for {path}: {cause}")]
+    NewBackend { path: PathBuf, cause: io::Error },
     // vhost_user_backend::Error implements Display but not std::error::Error,
     // so it is carried as text.
     #[error("vhost-user daemon on {path}: {message}")]

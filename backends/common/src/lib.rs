@@ -15,17 +15,23 @@
 //! }
 //! ```
 //!
-//! A backend that needs vhost-user messages vhost-user-backend does not
-//! handle puts a [`filter::FilteredSocket`] in front and serves with
-//! [`serve_on`]; [`inflight`] is such a filter and the log it manages.
+//! Every frontend reaches the daemon through a [`message_filter::FilteredSocket`],
+//! which bounds connections and time and checks memory tables
+//! ([`mem_table`]). A backend that needs vhost-user messages
+//! vhost-user-backend does not handle gives it a filter of its own and
+//! serves with [`serve_on`]; [`inflight`] is such a filter and the log it
+//! manages.
 
 mod cli;
 mod error;
-pub mod filter;
+pub mod fds;
 pub mod inflight;
 mod logging;
+pub mod mem_table;
 mod memory;
+pub mod message_filter;
 pub mod poll;
+mod ring_requests;
 mod serve;
 mod signals;
 mod socket_path;

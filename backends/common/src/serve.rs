@@ -1,3 +1,4 @@
+use pvstack_logging::warn_limited;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -6,9 +7,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::message_filter::{FilteredSocket, PassThrough};
 use crate::{prepare_socket_path, Error, SocketArgs, StopSignal};
 
-/// Serves vhost-user frontends on `args.socket`, one at a time, until
+/// Serves vhost-user frontends on `args.socket` (through the message
+/// filter, with only its own checks), one at a time, until
 /// SIGTERM/SIGINT (returns Ok) or, with `--exit-on-disconnect`, until the first
 /// frontend goes away (Ok after a clean disconnect, Err after a protocol
 /// error). A frontend that breaks the protocol loses its connection; the next
@@ -35,7 +38,7 @@ where
     F: FnMut() -> io::Result<B>,
     A: FnMut(&VhostUserDaemon<B>) -> io::Result<()>,
 {
-    let listener = listen(&args.socket)?;
+    let (_filtered, listener) = FilteredSocket::start(args, || Box::new(PassThrough))?;
     serve_on(device, args, listener, new_backend, attach)
 }
 
@@ -45,12 +48,12 @@ pub fn listen(path: &Path) -> Result<Listener, Error> {
     prepare_socket_path(path)?;
     Listener::new(path, false).map_err(|source| Error::Listen {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
 /// As [`serve_with`], taking frontends from `listener` (a daemon behind a
-/// [`crate::filter::FilteredSocket`]); `args.socket` names the device in
+/// [`crate::message_filter::FilteredSocket`]); `args.socket` names the device in
 /// errors.
 pub fn serve_on<B, F, A>(
     device: &str,
@@ -75,7 +78,7 @@ where
         }
         let backend = new_backend().map_err(|source| Error::NewBackend {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
         let daemon_error = |e: vhost_user_backend::Error| Error::Daemon {
             path: path.to_owned(),
@@ -86,7 +89,7 @@ where
             VhostUserDaemon::new(device.to_owned(), backend, memory).map_err(daemon_error)?;
         attach(&daemon).map_err(|source| Error::NewBackend {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
         daemon.start(&mut listener).map_err(daemon_error)?;
         log::info!("frontend connected");
@@ -107,7 +110,7 @@ where
 
         match &outcome {
             Ok(()) => log::info!("frontend disconnected"),
-            Err(e) => log::warn!("dropped the frontend connection: {e}"),
+            Err(e) => warn_limited!("dropped the frontend connection: {e}"),
         }
         if stop.requested() {
             return Ok(());
@@ -148,7 +151,7 @@ fn wait_for_frontend(listener: &Listener, stop: &StopSignal, path: &Path) -> Res
             }
             return Err(Error::Poll {
                 path: path.to_owned(),
-                source: e,
+                cause: e,
             });
         }
         if stop.requested() {

@@ -1,13 +1,30 @@
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 
 use crate::Error;
 
-/// Makes `path` free for a new listening socket: nothing there is fine; a
-/// socket nobody listens on (left by a crashed run) is removed; a socket
-/// someone still listens on, or any other kind of file, is refused.
+/// Whether a socket at `path` is still held by a process: a stream socket
+/// someone listens on, or a bound datagram socket. Only a refused
+/// connection means a socket left behind; any other failure (of
+/// permissions, say) counts as in use, so nothing live is ever removed.
+fn in_use(path: &Path) -> bool {
+    match UnixStream::connect(path) {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => false,
+        // A datagram socket is bound there (EPROTOTYPE): is it alive?
+        Err(_) => match UnixDatagram::unbound().and_then(|probe| probe.connect(path)) {
+            Ok(()) => true,
+            Err(e) => e.kind() != ErrorKind::ConnectionRefused,
+        },
+    }
+}
+
+/// Makes `path` free for a new socket (stream or datagram): nothing there
+/// is fine; a socket nobody holds any more (left by a crashed run) is
+/// removed; a socket a process still listens on or is bound to, or any
+/// other kind of file, is refused.
 pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -15,7 +32,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
         Err(source) => {
             return Err(Error::InspectSocket {
                 path: path.to_owned(),
-                source,
+                cause: source,
             })
         }
     };
@@ -24,7 +41,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
             path: path.to_owned(),
         });
     }
-    if UnixStream::connect(path).is_ok() {
+    if in_use(path) {
         return Err(Error::SocketInUse {
             path: path.to_owned(),
         });
@@ -32,7 +49,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), Error> {
     log::info!("removing stale socket file");
     std::fs::remove_file(path).map_err(|source| Error::RemoveStaleSocket {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -75,6 +92,19 @@ mod tests {
         let err = prepare_socket_path(&path).expect_err("live socket refused");
         assert!(matches!(err, Error::SocketInUse { .. }), "{err}");
         assert!(path.exists());
+        std::fs::remove_dir_all(&dir).expect("remove scratch dir");
+    }
+
+    #[test]
+    fn bound_datagram_socket_is_refused_and_a_stale_one_removed() {
+        let dir = scratch_dir("datagram");
+        let path = dir.join("sock");
+        let bound = UnixDatagram::bind(&path).expect("bind");
+        let err = prepare_socket_path(&path).expect_err("live datagram socket refused");
+        assert!(matches!(err, Error::SocketInUse { .. }), "{err}");
+        drop(bound);
+        prepare_socket_path(&path).expect("stale datagram socket replaced");
+        assert!(!path.exists());
         std::fs::remove_dir_all(&dir).expect("remove scratch dir");
     }
 

@@ -1,5 +1,6 @@
 //! Small pieces of a vhost-user backend's worker that every device needs.
 
+use pvstack_logging::warn_limited;
 use std::fmt::Display;
 use std::sync::atomic::Ordering;
 
@@ -17,13 +18,13 @@ pub fn signal_if_needed(vring: &VringRwLock, queue: impl Display) -> bool {
         Ok(true) => match vring.signal_used_queue() {
             Ok(()) => true,
             Err(e) => {
-                log::warn!("queue {queue}: cannot signal the driver: {e}");
+                warn_limited!("queue {queue}: cannot signal the driver: {e}");
                 false
             }
         },
         Ok(false) => false,
         Err(e) => {
-            log::warn!("queue {queue}: cannot read the used event: {e}");
+            warn_limited!("queue {queue}: cannot read the used event: {e}");
             false
         }
     }
@@ -58,7 +59,7 @@ pub fn avail_pending(vring: &VringRwLock, mem: &GuestMemoryMmap, queue: impl Dis
     match ring.avail_idx(mem, Ordering::Acquire) {
         Ok(idx) => idx.0 != ring.next_avail(),
         Err(e) => {
-            log::warn!("queue {queue}: cannot read the available index: {e}");
+            warn_limited!("queue {queue}: cannot read the available index: {e}");
             false
         }
     }

@@ -5,8 +5,8 @@ use std::io;
 pub enum Error {
     #[error(transparent)]
     Sandbox(#[from] pvstack_sandbox::Error),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: io::Error },
     #[error(transparent)]
     Serve(#[from] pvstack_backend_common::Error),
 }

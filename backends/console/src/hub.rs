@@ -2,12 +2,12 @@
 //! through the stamp filter into the history, the log file and every
 //! attached sink; host input from any source queues for the guest.
 
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::history::History;
 use crate::input::{InputQueue, INPUT_CAPACITY};
+use crate::log_file::LogFile;
 use crate::stamp::StampFilter;
 
 /// Bytes of recent output kept for clients that attach later.
@@ -24,7 +24,7 @@ pub trait Sink: Send {
 struct Outputs {
     filter: StampFilter,
     history: History,
-    log: Option<File>,
+    log: Option<LogFile>,
     sinks: Vec<Box<dyn Sink>>,
     /// Filtered output of the current call, reused between calls.
     shown: Vec<u8>,
@@ -38,7 +38,7 @@ pub struct Hub {
 
 impl Hub {
     /// A hub with no sinks that also appends output to `log`.
-    pub fn new(log: Option<File>) -> io::Result<Self> {
+    pub fn new(log: Option<LogFile>) -> io::Result<Self> {
         Ok(Hub {
             outputs: Mutex::new(Outputs {
                 filter: StampFilter::new(),
@@ -67,7 +67,7 @@ impl Hub {
         }
         outputs.history.append(&outputs.shown);
         if let Some(log) = outputs.log.as_mut() {
-            if let Err(e) = log.write_all(&outputs.shown) {
+            if let Err(e) = log.write(&outputs.shown) {
                 log::warn!("cannot write the console log ({e}); stopping it");
                 outputs.log = None;
             }

@@ -85,7 +85,8 @@ impl InputQueue {
         &self.ready
     }
 
-    /// Clears the eventfd (before looking at the queue, so no push is missed).
+    /// Clears the eventfd. Call it before looking at the queue, so that a
+    /// push after the look signals again.
     pub fn clear_ready(&self) {
         // EAGAIN just means nothing was signalled.
         let _ = self.ready.read();

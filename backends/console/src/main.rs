@@ -1,6 +1,5 @@
 //! pvstack-console: serve a virtio console to a VMM over vhost-user.
 
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -8,11 +7,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgGroup, Parser};
-use pvstack_backend_common::{backend_main, block_stop_signals, listen, serve_on, SocketArgs};
-use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT};
+use pvstack_backend_common::message_filter::{FilteredSocket, PassThrough};
+use pvstack_backend_common::{backend_main, block_stop_signals, serve_on, SocketArgs};
+use pvstack_console::backend::{ConsoleBackend, INPUT_EVENT, MAX_CHAIN_OUTPUT};
 use pvstack_console::error::Error;
 use pvstack_console::host::{pty, server, stdio};
 use pvstack_console::hub::Hub;
+use pvstack_console::log_file::LogFile;
+use pvstack_console::stats::ConsoleStats;
 use pvstack_sandbox::{backend::SERVE, runtime::RUNTIME, SandboxArgs};
 use vmm_sys_util::epoll::EventSet;
 
@@ -50,6 +52,13 @@ struct Args {
     /// Also append all guest output to FILE.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+
+    /// Largest size of the --log file: when output would take it past
+    /// this, it is renamed FILE.1 (replacing the previous one) and a new
+    /// FILE starts. At least 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    log_max_bytes: u64,
 }
 
 fn main() -> ExitCode {
@@ -59,9 +68,9 @@ fn main() -> ExitCode {
 /// Set up: from here on the host side, the socket directories (and the
 /// log's) and the allow-list are all this process has
 /// (pvstack_sandbox::confine).
-fn confine(args: &Args) -> Result<(), Error> {
+fn confine(args: &Args, filtered: &FilteredSocket) -> Result<(), Error> {
     let mut files = pvstack_sandbox::serving_files(&args.socket.socket);
-    let mut sockets = vec![args.socket.socket.clone()];
+    let mut sockets = filtered.paths().to_vec();
     if let Some(path) = &args.listen {
         sockets.push(path.clone());
         files.push(pvstack_sandbox::confine::directory_of(path));
@@ -86,25 +95,26 @@ fn run(args: &Args) -> Result<(), Error> {
     // only the signal thread of `serve_with` receives SIGTERM/SIGINT.
     block_stop_signals()?;
     let log = match &args.log {
-        Some(path) => Some(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| Error::Io {
+        Some(path) => {
+            Some(
+                LogFile::open(path, args.log_max_bytes).map_err(|source| Error::Io {
                     what: format!("cannot open the log {}", path.display()),
-                    source,
+                    cause: source,
                 })?,
-        ),
+            )
+        }
         None => None,
     };
     let hub = Arc::new(Hub::new(log).map_err(|source| Error::Io {
         what: "cannot create the input eventfd".into(),
-        source,
+        cause: source,
     })?);
     let host_error = |what: &str| {
         let what = what.to_string();
-        move |source| Error::Io { what, source }
+        move |source| Error::Io {
+            what,
+            cause: source,
+        }
     };
     // Kept until the end so the listening socket's file is removed.
     let mut _server = None;
@@ -115,14 +125,15 @@ fn run(args: &Args) -> Result<(), Error> {
     } else if let Some(path) = &args.listen {
         _server = Some(server::start(&hub, path)?);
     }
-    let listener = listen(&args.socket.socket)?;
-    confine(args)?;
+    let (filtered, listener) = FilteredSocket::start(&args.socket, || Box::new(PassThrough))?;
+    confine(args, &filtered)?;
     log::info!("serving a virtio console");
+    let stats = Arc::new(ConsoleStats::default());
     serve_on(
         DEVICE,
         &args.socket,
         listener,
-        || ConsoleBackend::new(Arc::clone(&hub)),
+        || ConsoleBackend::new(Arc::clone(&hub), Arc::clone(&stats)),
         |daemon| {
             // One worker serves both queues; input wakes it too.
             let handlers = daemon.get_epoll_handlers();
@@ -136,6 +147,6 @@ fn run(args: &Args) -> Result<(), Error> {
             )
         },
     )?;
-    log::info!("stopped");
+    log::info!("stopped; {}", stats.summary(MAX_CHAIN_OUTPUT));
     Ok(())
 }

@@ -125,7 +125,9 @@ impl StampFilter {
         let missing = lost.max(skipped);
         if missing > 0 {
             self.lost_total += missing;
-            log::warn!("{missing} lines of guest output lost before line {seq}");
+            pvstack_logging::warn_limited!(
+                "{missing} lines of guest output lost before line {seq}"
+            );
             out.extend_from_slice(
                 format!("[pvstack-console: {missing} lines lost]\r\n").as_bytes(),
             );

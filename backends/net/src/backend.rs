@@ -29,7 +29,7 @@ use vmm_sys_util::event::{
 /// Queue indexes (virtio 1.x 5.1.2: receiveq1, transmitq1).
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
-const NUM_QUEUES: usize = 2;
+pub const NUM_QUEUES: usize = 2;
 /// `handle_event`'s id for the link's file descriptor (0..=NUM_QUEUES are
 /// the queues' kicks and the exit event).
 pub const LINK_EVENT: u64 = NUM_QUEUES as u64 + 1;

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use pvstack_backend_common::{
-    backend_main, filter::FilteredSocket, listen, parse_queue_size, prepare_socket_path, serve_on,
-    SocketArgs,
+    backend_main,
+    message_filter::{FilteredSocket, PassThrough},
+    parse_queue_size, prepare_socket_path, serve_on, SocketArgs,
 };
 use pvstack_sandbox::{backend::SERVE, runtime::RUNTIME, SandboxArgs};
 use vmm_sys_util::epoll::EventSet;
@@ -25,7 +26,7 @@ use pvstack_net::stats::NetStats;
 use pvstack_net::tap::{self, Tap};
 use pvstack_net::Error;
 
-use crate::backend::{NetBackend, LINK_EVENT};
+use crate::backend::{NetBackend, LINK_EVENT, NUM_QUEUES};
 use crate::early_enable::EarlyEnableFilter;
 
 const DEVICE: &str = "pvstack-net";
@@ -62,9 +63,9 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
 
-    /// Put a vhost-user message filter in front of the backend that
-    /// answers SET_VRING_ENABLE messages arriving before SET_FEATURES
-    /// instead of passing them on. Needed for QEMU's `-netdev vhost-user`,
+    /// Have the vhost-user message filter in front of the backend answer
+    /// SET_VRING_ENABLE messages arriving before SET_FEATURES instead of
+    /// passing them on. Needed for QEMU's `-netdev vhost-user`,
     /// which sends them early (the vhost crate drops such a connection)
     /// and sends them again once the device runs. Not needed for pvstack.
     #[arg(long)]
@@ -83,16 +84,9 @@ struct Args {
 /// Set up: from here on the link, the socket directory (and the peer
 /// socket's) and the allow-list are all this process has
 /// (pvstack_sandbox::confine).
-fn confine(args: &Args) -> Result<(), Error> {
+fn confine(args: &Args, filtered: &FilteredSocket) -> Result<(), Error> {
     let mut files = pvstack_sandbox::serving_files(&args.socket.socket);
-    let mut sockets = vec![args.socket.socket.clone()];
-    if args.filter_early_vring_enable {
-        // The filter's daemon listens on the public path with `.daemon`
-        // appended (FilteredSocket).
-        let mut daemon_socket = args.socket.socket.clone().into_os_string();
-        daemon_socket.push(".daemon");
-        sockets.push(daemon_socket.into());
-    }
+    let mut sockets = filtered.paths().to_vec();
     if let Some(local) = &args.peer_bind {
         // Removed at exit.
         sockets.push(local.clone());
@@ -144,15 +138,15 @@ fn run(args: &Args) -> Result<(), Error> {
         args.queue_size
     );
     let link_fd = link.as_raw_fd();
-    // With the filter, the daemon listens beside the public socket.
-    let (_filtered, listener) = if args.filter_early_vring_enable {
-        let (filtered, daemon) =
-            FilteredSocket::start(&args.socket, || Box::new(EarlyEnableFilter::default()))?;
-        (Some(filtered), daemon)
-    } else {
-        (None, listen(&args.socket.socket)?)
-    };
-    confine(args)?;
+    let early_enable = args.filter_early_vring_enable;
+    let (filtered, listener) = FilteredSocket::start(&args.socket, move || {
+        if early_enable {
+            Box::new(EarlyEnableFilter::new(NUM_QUEUES as u32))
+        } else {
+            Box::new(PassThrough)
+        }
+    })?;
+    confine(args, &filtered)?;
     serve_on(
         DEVICE,
         &args.socket,

@@ -69,7 +69,7 @@ impl Tap {
         let tap_error = |what: &'static str, source: io::Error| Error::Tap {
             name: name.to_string(),
             what,
-            source,
+            cause: source,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -80,7 +80,7 @@ impl Tap {
                 io::ErrorKind::PermissionDenied => Error::TunPermission {
                     name: name.to_string(),
                 },
-                _ => Error::TunDevice { source },
+                _ => Error::TunDevice { cause: source },
             })?;
         let mut request = IfReq {
             name: [0; IFNAMSIZ],

@@ -66,7 +66,7 @@ fn hand_over(user: &User, sockets: &[PathBuf]) -> Result<(), Error> {
         chown(path, Some(user.uid), Some(user.gid)).map_err(|source| Error::Chown {
             path: path.clone(),
             uid: user.uid,
-            source,
+            cause: source,
         })?;
     }
     Ok(())

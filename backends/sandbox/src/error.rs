@@ -8,22 +8,27 @@ pub enum Error {
     BuildFilter { list: String, message: String },
     #[error("cannot install the {list} seccomp filter: {message}")]
     InstallFilter { list: String, message: String },
+    #[error("cannot read {path}: {cause}")]
+    ReadStatus {
+        path: &'static str,
+        cause: io::Error,
+    },
     #[error("no user `{0}` on this host")]
     UnknownUser(String),
-    #[error("cannot look up user `{name}`: {source}")]
-    LookUpUser { name: String, source: io::Error },
+    #[error("cannot look up user `{name}`: {cause}")]
+    LookUpUser { name: String, cause: io::Error },
     #[error("--user {0}: running as uid {1}, which cannot switch users (only root can)")]
     CannotSwitch(String, u32),
-    #[error("cannot drop privileges ({step}): {source}")]
+    #[error("cannot drop privileges ({step}): {cause}")]
     Drop {
         step: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
-    #[error("cannot hand {path} to uid {uid}: {source}")]
+    #[error("cannot hand {path} to uid {uid}: {cause}")]
     Chown {
         path: PathBuf,
         uid: u32,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("cannot restrict file access with Landlock ({what}): {message}")]
     Landlock { what: String, message: String },

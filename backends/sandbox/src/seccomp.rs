@@ -54,6 +54,21 @@ pub fn install(
     Ok(())
 }
 
+/// Whether this process already runs under a seccomp filter (one it
+/// inherited through execve, say): the `Seccomp:` line of
+/// /proc/self/status is 2 (SECCOMP_MODE_FILTER).
+pub fn filtered() -> Result<bool, Error> {
+    const STATUS: &str = "/proc/self/status";
+    let status = std::fs::read_to_string(STATUS).map_err(|cause| Error::ReadStatus {
+        path: STATUS,
+        cause,
+    })?;
+    Ok(status
+        .lines()
+        .filter_map(|line| line.strip_prefix("Seccomp:"))
+        .any(|mode| mode.trim() == "2"))
+}
+
 /// The BPF program for `lists` in `mode`, or None for `off`.
 pub fn compile(
     name: &str,

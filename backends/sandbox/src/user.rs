@@ -102,7 +102,7 @@ where
         if rc != 0 {
             return Err(Error::LookUpUser {
                 name: what.to_owned(),
-                source: io::Error::from_raw_os_error(rc),
+                cause: io::Error::from_raw_os_error(rc),
             });
         }
         if result.is_null() {
@@ -166,7 +166,7 @@ fn empty_bounding_set() -> Result<(), Error> {
             }
             return Err(Error::Drop {
                 step: "capability bounding set",
-                source: err,
+                cause: err,
             });
         }
     }
@@ -178,7 +178,7 @@ fn empty_bounding_set() -> Result<(), Error> {
 fn verify_dropped(user: &User) -> Result<(), Error> {
     let wrong = |what: String| Error::Drop {
         step: "checking the result",
-        source: io::Error::other(what),
+        cause: io::Error::other(what),
     };
     // SAFETY: getuid and getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -188,7 +188,7 @@ fn verify_dropped(user: &User) -> Result<(), Error> {
     let status =
         std::fs::read_to_string("/proc/thread-self/status").map_err(|source| Error::Drop {
             step: "reading /proc/thread-self/status",
-            source,
+            cause: source,
         })?;
     for field in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         let value = status
@@ -212,7 +212,7 @@ fn check(step: &'static str, rc: libc::c_int) -> Result<(), Error> {
     } else {
         Err(Error::Drop {
             step,
-            source: io::Error::last_os_error(),
+            cause: io::Error::last_os_error(),
         })
     }
 }

@@ -209,7 +209,7 @@ impl Backend {
         let log_file = File::create(&log).map_err(|source| Error::File {
             action: "create the backend log",
             path: log.clone(),
-            source,
+            cause: source,
         })?;
         command
             .stdin(Stdio::null())
@@ -346,7 +346,7 @@ fn remove_if_there(path: &Path) -> Result<()> {
         Err(source) => Err(Error::File {
             action: "remove the stale",
             path: path.to_path_buf(),
-            source,
+            cause: source,
         }),
     }
 }

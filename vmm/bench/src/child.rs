@@ -236,7 +236,7 @@ pub fn current_pvstack() -> Result<PathBuf> {
     std::env::current_exe().map_err(|source| Error::File {
         action: "find the running pvstack binary",
         path: PathBuf::from("/proc/self/exe"),
-        source,
+        cause: source,
     })
 }
 

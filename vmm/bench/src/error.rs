@@ -9,17 +9,17 @@ pub enum Error {
     #[error("bench {what}: {reason}")]
     Bench { what: String, reason: String },
     /// A file could not be created, read or written.
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}: {cause}")]
     File {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A thread could not be started.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}: {cause}")]
     Os {
         what: &'static str,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

@@ -98,7 +98,7 @@ impl BenchImage {
         let file_error = |action, source| Error::File {
             action,
             path: path.clone(),
-            source,
+            cause: source,
         };
         let mut file = OpenOptions::new()
             .write(true)
@@ -162,7 +162,7 @@ fn storage_kind(dir: &Path) -> Result<StorageKind> {
     let dir_error = |source| Error::File {
         action: "use the image directory",
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     };
     let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| dir_error(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
@@ -191,7 +191,7 @@ fn private_dir(parent: &Path) -> Result<PathBuf> {
     let failed = |source| Error::File {
         action: "create a private directory like",
         path: template.clone(),
-        source,
+        cause: source,
     };
     let mut bytes = template.as_os_str().as_bytes().to_vec();
     if bytes.contains(&0) {

@@ -289,7 +289,7 @@ pub fn run(args: &BenchArgs, wait_for_stop: fn() -> i32) -> Result<BenchEnd> {
         std::fs::write(path, text + "\n").map_err(|source| Error::File {
             action: "write the JSON report to",
             path: path.clone(),
-            source,
+            cause: source,
         })?;
     }
     if let Some(path) = &args.chart {
@@ -449,6 +449,6 @@ fn watch_termination(wait_for_stop: fn() -> i32) -> Result<()> {
         .map(drop)
         .map_err(|source| Error::Os {
             what: "spawn the benchmark's signal thread",
-            source,
+            cause: source,
         })
 }

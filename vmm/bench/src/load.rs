@@ -57,7 +57,7 @@ impl BackgroundLoad {
                 })
                 .map_err(|source| Error::Os {
                     what: "spawn a background load thread",
-                    source,
+                    cause: source,
                 })?;
             load.threads.push(thread);
         }

@@ -65,7 +65,7 @@ impl Sinks {
                 })
                 .map_err(|source| Error::Os {
                     what: "spawn a benchmark sink thread",
-                    source,
+                    cause: source,
                 })?;
             sinks.threads.push(thread);
         }

@@ -1,9 +1,16 @@
 //! [`DeviceContext`]: what the VMM lends a device while creating it.
 
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
 use kvm_ioctls::VmFd;
 use pvstack_protocols::boot::DeviceInfo;
 use pvstack_protocols::layout::{self, DEVICE_MMIO_SIZE};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+use crate::vhost_user::VhostUserHandle;
 
 /// The VM a device is created for, and the slot it gets in it.
 pub struct DeviceContext<'a> {
@@ -18,6 +25,41 @@ pub struct DeviceContext<'a> {
     pub gsi: u32,
     /// The device's index among devices of its kind (`--blk` number).
     pub index: u32,
+    /// What the device takes over from the pvstack that ran the VM before
+    /// (a live replacement); `None` for a new device.
+    pub inherited: Option<&'a InheritedDevice>,
+}
+
+/// What a device of a VM handed over by another pvstack process keeps:
+/// the eventfds its backend waits on and signals, and the connection to
+/// its backend, so the backend goes on serving as if nothing happened.
+#[derive(Debug)]
+pub struct InheritedDevice {
+    /// One per queue, signalled on QueueNotify.
+    pub kicks: Vec<EventFd>,
+    /// Raises the device's interrupt.
+    pub call: EventFd,
+    /// The vhost-user connection and the socket it was made to.
+    pub connection: Option<(UnixStream, PathBuf)>,
+}
+
+impl InheritedDevice {
+    /// The inherited backend connection, adopted (see
+    /// [`VhostUserHandle::adopt`]).
+    pub fn adopt(&self, name: &str) -> Result<VhostUserHandle> {
+        let Some((stream, socket)) = &self.connection else {
+            return Err(Error::Restore {
+                device: name.to_string(),
+                reason: "no backend connection was handed over".into(),
+            });
+        };
+        let stream = stream.try_clone().map_err(|source| Error::Socket {
+            socket: socket.clone(),
+            what: "cannot duplicate the handed-over connection",
+            cause: source,
+        })?;
+        VhostUserHandle::adopt(stream, socket)
+    }
 }
 
 impl<'a> DeviceContext<'a> {
@@ -30,6 +72,15 @@ impl<'a> DeviceContext<'a> {
             mmio_base: layout::device_mmio_addr(slot),
             gsi: layout::device_irq(slot),
             index,
+            inherited: None,
+        }
+    }
+
+    /// The same context for a device that takes over `inherited`.
+    pub fn inheriting(self, inherited: &'a InheritedDevice) -> Self {
+        DeviceContext {
+            inherited: Some(inherited),
+            ..self
         }
     }
 

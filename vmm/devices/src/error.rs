@@ -20,22 +20,31 @@ pub enum Error {
         reason: String,
     },
     /// Connecting to a backend's socket failed.
-    #[error("vhost-user socket {socket}: cannot connect: {source}")]
-    Connect { socket: PathBuf, source: io::Error },
+    #[error("vhost-user socket {socket}: cannot connect: {cause}")]
+    Connect { socket: PathBuf, cause: io::Error },
+    /// The process listening on a backend's socket runs as a user that
+    /// may not get guest memory.
+    #[error("vhost-user socket {socket}: refused: the backend (pid {pid}) runs as uid {uid}, not as pvstack's uid {ours} or root; add backend-uid={uid} to trust it")]
+    BackendNotAllowed {
+        socket: PathBuf,
+        uid: u32,
+        pid: i32,
+        ours: u32,
+    },
     /// Configuring the connection to a backend failed.
-    #[error("vhost-user socket {socket}: {what}: {source}")]
+    #[error("vhost-user socket {socket}: {what}: {cause}")]
     Socket {
         socket: PathBuf,
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
     /// One step of the vhost-user conversation failed.
-    #[error("vhost-user backend {socket}: {step} failed: {source}")]
+    #[error("vhost-user backend {socket}: {step} failed: {cause}")]
     VhostUser {
         socket: PathBuf,
         /// The request that failed (`GET_FEATURES`, `SET_MEM_TABLE`, ...).
         step: &'static str,
-        source: vhost::Error,
+        cause: vhost::Error,
     },
     /// The backend did not answer a request in time; the connection was
     /// shut down.
@@ -60,18 +69,18 @@ pub enum Error {
         needed: u64,
     },
     /// Creating an eventfd failed.
-    #[error("cannot create the eventfd for {what}: {source}")]
-    EventFd { what: String, source: io::Error },
+    #[error("cannot create the eventfd for {what}: {cause}")]
+    EventFd { what: String, cause: io::Error },
     /// Binding a queue's notify register to its ioeventfd failed.
-    #[error("cannot register the ioeventfd of queue {queue} at MMIO {addr:#x}: {source}")]
+    #[error("cannot register the ioeventfd of queue {queue} at MMIO {addr:#x}: {cause}")]
     IoEvent {
         queue: u16,
         addr: u64,
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
     /// Binding the device's interrupt eventfd to its GSI failed.
-    #[error("cannot register the irqfd for GSI {gsi}: {source}")]
-    IrqFd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot register the irqfd for GSI {gsi}: {cause}")]
+    IrqFd { gsi: u32, cause: kvm_ioctls::Error },
     /// A guest memory region is not backed by a file descriptor, so a
     /// backend process cannot map it.
     #[error("guest memory region at {addr:#x} has no file descriptor to share with a backend")]
@@ -79,9 +88,17 @@ pub enum Error {
     /// The driver programmed a queue the device cannot use.
     #[error("queue {queue}: {reason}")]
     InvalidQueue { queue: u16, reason: String },
+    /// A stopped backend did not complete the requests it had taken.
+    #[error("queue {queue}: the backend took requests up to {taken} but completed only up to {completed} within {waited:?}")]
+    Drain {
+        queue: u16,
+        taken: u16,
+        completed: u16,
+        waited: std::time::Duration,
+    },
     /// A disk image cannot be used.
-    #[error("image {path}: {source}")]
-    Image { path: PathBuf, source: io::Error },
+    #[error("image {path}: {cause}")]
+    Image { path: PathBuf, cause: io::Error },
     /// The image of a disk the VMM serves itself cannot be opened.
     #[error(transparent)]
     DiskImage(#[from] pvstack_block::Error),
@@ -89,14 +106,14 @@ pub enum Error {
     #[error("{program} not found next to {exe_dir} or on PATH")]
     ProgramNotFound { program: String, exe_dir: PathBuf },
     /// Creating the private directory for a child backend's socket failed.
-    #[error("cannot create the socket directory {dir}: {source}")]
-    SocketDir { dir: PathBuf, source: io::Error },
+    #[error("cannot create the socket directory {dir}: {cause}")]
+    SocketDir { dir: PathBuf, cause: io::Error },
     /// Starting or watching a child backend failed.
-    #[error("{program}: {what}: {source}")]
+    #[error("{program}: {what}: {cause}")]
     Child {
         program: PathBuf,
         what: &'static str,
-        source: io::Error,
+        cause: io::Error,
     },
     /// A child backend exited before it accepted our connection.
     #[error("{program} exited ({status}) before accepting connections on {socket}")]
@@ -113,8 +130,12 @@ pub enum Error {
         seconds: u64,
     },
     /// Starting a device's helper thread failed.
-    #[error("cannot start the {what} thread: {source}")]
-    Thread { what: String, source: io::Error },
+    #[error("cannot start the {what} thread: {cause}")]
+    Thread { what: String, cause: io::Error },
+    /// A device cannot be put back in the state a snapshot or a take-over
+    /// recorded.
+    #[error("{device}: cannot restore the device: {reason}")]
+    Restore { device: String, reason: String },
 }
 
 impl Error {

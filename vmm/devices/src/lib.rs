@@ -27,7 +27,7 @@ pub use console::{
     create_console, create_serial_port, create_uart, ConsoleDevice, ConsoleSpec, SerialPort,
     UartDevice,
 };
-pub use context::DeviceContext;
+pub use context::{DeviceContext, InheritedDevice};
 pub use error::{Error, Result};
 pub use net::{create_net, NetDevice, NetSpec};
 pub use vhost_user::process::set_child_sandbox;

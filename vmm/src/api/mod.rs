@@ -3,8 +3,10 @@
 //! both speak the messages of [`protocol`].
 
 pub mod client;
+mod line;
 pub mod protocol;
 pub mod server;
 
+pub use line::LineSource;
 pub use protocol::{Reply, Request, Response, API_VERSION};
 pub use server::{ApiDevice, ApiServer, RunningApi, VmControl};

@@ -30,6 +30,16 @@ pub enum Request {
     DeviceSwap { id: String, socket: String },
     /// Disconnect device `id` from its backend and connect again.
     DeviceReconnect { id: String },
+    /// Write the VM's state and RAM to the directory `to`, then resume
+    /// (`resume`) or stay paused.
+    Snapshot {
+        to: String,
+        #[serde(default)]
+        resume: bool,
+    },
+    /// Hand the running VM over to a new pvstack process started from
+    /// `binary`; this one exits once the new one runs the guest.
+    Upgrade { binary: String },
 }
 
 /// One response: `ok` with a `result`, or not with an `error` message.
@@ -73,7 +83,19 @@ pub enum Reply {
     Info(VmInfo),
     /// `device-swap` and `device-reconnect`: how long the rings were held.
     Stall { device: String, stall_us: u64 },
-    /// `pause`, `resume`, `shutdown`: the VM's state afterwards.
+    /// `snapshot`: what was written and how long the VM was paused.
+    Snapshot {
+        dir: String,
+        memory_bytes: u64,
+        data_bytes: u64,
+        paused_us: u64,
+        state: VmState,
+    },
+    /// `upgrade`: the process that now runs the VM, and how long the
+    /// guest was paused (from pause to the new process's resume).
+    Upgrade { pid: u32, paused_us: u64 },
+    /// `pause`, `resume`, `shutdown`: the VM's state afterwards. Last:
+    /// the untagged replies above also carry a state.
     State { state: VmState },
 }
 

@@ -1,33 +1,35 @@
 //! The control API server: a Unix socket served by one thread, one
 //! connection at a time, one JSON request per line (see vmm/API.md).
 //! Nothing a client sends can harm the VM: a bad line gets an error
-//! response, an overlong line or a silent client loses its connection.
+//! response; an overlong line, or a line that is not complete within
+//! [`REQUEST_TIMEOUT`] (however it trickles in), loses the connection.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use pvstack_devices::vhost_user::{
-    BackendState, SharedVhostUserDevice, StallStats, VhostUserDevice,
-};
-use pvstack_devices::virtio::mmio::MmioTransport;
+use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
+use super::line::{read_line, DeadlineStream, Line, LineSource};
 use super::protocol::{
     DeviceInfo, Reply, Request, Response, StallCounters, VmInfo, VmState, MAX_REQUEST_BYTES,
 };
 use crate::error::{Error, Result};
 use crate::lifecycle::VmEnd;
 use crate::machine::Machine;
+use crate::snapshot::{self, LiveVm};
 
-/// How long a client may take to send a request line (or to take its
-/// response) before the server drops it and serves the next client.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send a whole request line (from the
+/// connection, or from the previous response) or to take its response
+/// before the server drops it and serves the next client.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks whether the VM is ending.
 const ACCEPT_POLL_MS: i32 = 100;
 
@@ -47,6 +49,8 @@ pub struct ApiServer {
 /// What the server needs of the running VM.
 pub struct VmControl {
     pub machine: Arc<Machine>,
+    /// What snapshots and take-overs need; `None` where they are not offered.
+    pub live: Option<Arc<LiveVm>>,
     pub vcpus: u32,
     /// Kicks every vCPU thread out of `KVM_RUN` (so a pause takes effect).
     pub kick_vcpus: Box<dyn Fn() + Send>,
@@ -65,7 +69,7 @@ impl ApiServer {
         let listener = UnixListener::bind(path).map_err(|source| Error::File {
             action: "bind the API socket",
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         info!("control API on {}", path.display());
         Ok(ApiServer {
@@ -73,6 +77,17 @@ impl ApiServer {
             path: path.to_path_buf(),
             devices,
         })
+    }
+
+    /// Serves on a socket already bound at `path` (the one a take-over
+    /// hands over, so clients keep the same path throughout).
+    pub fn from_listener(listener: UnixListener, path: &Path, devices: Vec<ApiDevice>) -> Self {
+        info!("control API on {} (handed over)", path.display());
+        ApiServer {
+            listener,
+            path: path.to_path_buf(),
+            devices,
+        }
     }
 
     /// Serves the API from its own thread until the returned handle drops.
@@ -86,7 +101,7 @@ impl ApiServer {
                 .spawn(move || self.serve(&vm, &stop))
                 .map_err(|source| Error::Os {
                     what: "spawn the control API thread",
-                    source,
+                    cause: source,
                 })?
         };
         Ok(RunningApi {
@@ -112,28 +127,47 @@ impl ApiServer {
         }
     }
 
-    /// Answers each request line of one client until it hangs up, goes
-    /// silent for [`CLIENT_TIMEOUT`] or sends an overlong line.
+    /// Answers each request line of one client until it hangs up, does
+    /// not complete a line within [`REQUEST_TIMEOUT`] or sends an overlong
+    /// line.
     fn serve_client(&self, stream: UnixStream, vm: &VmControl) -> std::io::Result<()> {
-        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-        stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-        let mut writer = stream.try_clone()?;
-        let mut reader = BufReader::new(stream);
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let writer = stream.try_clone()?;
+        self.serve_lines(BufReader::new(DeadlineStream::new(stream)), writer, vm)
+    }
+
+    /// Reads request lines from `reader` and writes a response line to
+    /// `writer` for each, until the end of the input, a line that is
+    /// overlong or late, or a shutdown; one client connection's
+    /// conversation (also run by the fuzz target in tests/fuzz on bytes in
+    /// memory).
+    pub fn serve_lines(
+        &self,
+        mut reader: impl LineSource,
+        mut writer: impl Write,
+        vm: &VmControl,
+    ) -> std::io::Result<()> {
         loop {
-            let mut line = Vec::new();
-            let read = (&mut reader)
-                .take(MAX_REQUEST_BYTES as u64 + 1)
-                .read_until(b'\n', &mut line)?;
-            if read == 0 {
-                return Ok(());
-            }
-            if line.last() != Some(&b'\n') && line.len() > MAX_REQUEST_BYTES {
-                let response = Response::error(format!(
-                    "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
-                ));
-                write_response(&mut writer, &response)?;
-                return Ok(());
-            }
+            let line = match read_line(&mut reader, MAX_REQUEST_BYTES, REQUEST_TIMEOUT) {
+                Ok(Line::Complete(line)) => line,
+                Ok(Line::End) => return Ok(()),
+                Ok(Line::TooLong) => {
+                    let response = Response::error(format!(
+                        "request longer than {MAX_REQUEST_BYTES} bytes; closing the connection"
+                    ));
+                    return write_response(&mut writer, &response);
+                }
+                Err(err) if err.kind() == ErrorKind::TimedOut => {
+                    let response = Response::error(format!(
+                        "no complete request line within {} s; closing the connection",
+                        REQUEST_TIMEOUT.as_secs()
+                    ));
+                    // The client may not read it; it is dropped either way.
+                    let _ = write_response(&mut writer, &response);
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            };
             let text = String::from_utf8_lossy(&line);
             if text.trim().is_empty() {
                 continue;
@@ -143,6 +177,14 @@ impl ApiServer {
                 Err(err) => Response::error(format!("bad request: {err}")),
             };
             write_response(&mut writer, &response)?;
+            if matches!(&response.result, Some(Reply::Upgrade { .. })) {
+                // The VM runs in the new process now; this one leaves
+                // without tearing anything down (the devices' backends,
+                // the API socket and the guest's memory are the new
+                // process's now).
+                info!("control API: the VM now runs in the new pvstack; exiting");
+                std::process::exit(0);
+            }
             if matches!(
                 &response,
                 Response {
@@ -163,12 +205,17 @@ impl ApiServer {
         match request {
             Request::Info {} => Response::ok(Reply::Info(self.info(vm))),
             Request::Pause {} => {
-                lifecycle.pause();
-                (vm.kick_vcpus)();
+                // Returns once every vCPU has stopped running guest code.
+                lifecycle.pause_until_parked(&*vm.kick_vcpus);
                 info!("control API: VM paused");
                 state_reply(vm)
             }
             Request::Resume {} => {
+                if let Some(live) = &vm.live {
+                    if let Err(err) = live.before_resume() {
+                        return Response::error(format!("cannot resume: {err}"));
+                    }
+                }
                 lifecycle.resume();
                 info!("control API: VM resumed");
                 state_reply(vm)
@@ -180,26 +227,55 @@ impl ApiServer {
                 state_reply(vm)
             }
             Request::DeviceSwap { id, socket } => self.with_device(&id, |device| {
-                device
-                    .swap(Path::new(&socket))
-                    .map(|stall| stall_reply(&id, stall))
+                control::swap(device, Path::new(&socket)).map(|stall| stall_reply(&id, stall))
             }),
             Request::DeviceReconnect { id } => self.with_device(&id, |device| {
-                device.reconnect().map(|stall| stall_reply(&id, stall))
+                control::reconnect(device).map(|stall| stall_reply(&id, stall))
             }),
+            Request::Snapshot { to, resume } => {
+                let Some(live) = &vm.live else {
+                    return Response::error("this VM cannot be snapshotted");
+                };
+                match snapshot::save::snapshot(live, vm, Path::new(&to), resume) {
+                    Ok(written) => Response::ok(Reply::Snapshot {
+                        dir: to,
+                        memory_bytes: written.memory_bytes,
+                        data_bytes: written.data_bytes,
+                        paused_us: micros(written.paused),
+                        state: vm_state(vm),
+                    }),
+                    Err(err) => Response::error(format!("snapshot failed: {err}")),
+                }
+            }
+            Request::Upgrade { binary } => {
+                let Some(live) = &vm.live else {
+                    return Response::error("this VM cannot be handed over");
+                };
+                match snapshot::takeover::hand_over(live, vm, &self.listener, Path::new(&binary)) {
+                    Ok(done) => Response::ok(Reply::Upgrade {
+                        pid: done.pid,
+                        paused_us: micros(done.paused),
+                    }),
+                    Err(err) => {
+                        Response::error(format!("upgrade failed, the VM runs on here: {err}"))
+                    }
+                }
+            }
         }
     }
 
+    /// Runs `operation` on device `id`; it takes the device's lock itself,
+    /// only while it does not wait for a backend.
     fn with_device(
         &self,
         id: &str,
-        operation: impl FnOnce(&mut VhostUserDevice) -> pvstack_devices::Result<Reply>,
+        operation: impl FnOnce(&SharedVhostUserDevice) -> pvstack_devices::Result<Reply>,
     ) -> Response {
         let Some(entry) = self.devices.iter().find(|d| d.id == id) else {
             let known: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
             return Response::error(format!("no device {id:?} (devices: {})", known.join(", ")));
         };
-        match operation(lock(&entry.device).device_mut()) {
+        match operation(&entry.device) {
             Ok(reply) => Response::ok(reply),
             Err(err) => Response::error(format!("{id}: {err}")),
         }
@@ -210,10 +286,10 @@ impl ApiServer {
             .devices
             .iter()
             .map(|entry| {
-                let status = lock(&entry.device).device().status();
+                let status = control::lock(&entry.device).device().status();
                 DeviceInfo {
                     id: entry.id.clone(),
-                    kind: "vhost-user-blk".into(),
+                    kind: kind(status.device_id).into(),
                     socket: status.socket.display().to_string(),
                     backend_pid: status.pid,
                     backend_state: match status.state {
@@ -253,8 +329,14 @@ impl Drop for RunningApi {
     }
 }
 
-fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
+/// The `kind` of a vhost-user device in `info`, by virtio device id.
+fn kind(device_id: u32) -> &'static str {
+    match device_id {
+        VIRTIO_ID_NET => "vhost-user-net",
+        VIRTIO_ID_BLOCK => "vhost-user-blk",
+        VIRTIO_ID_CONSOLE => "vhost-user-console",
+        _ => "vhost-user",
+    }
 }
 
 fn vm_state(vm: &VmControl) -> VmState {
@@ -277,8 +359,12 @@ fn state_reply(vm: &VmControl) -> Response {
 fn stall_reply(id: &str, stall: Duration) -> Reply {
     Reply::Stall {
         device: id.to_string(),
-        stall_us: u64::try_from(stall.as_micros()).unwrap_or(u64::MAX),
+        stall_us: micros(stall),
     }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn counters(stats: &StallStats) -> StallCounters {
@@ -290,7 +376,7 @@ fn counters(stats: &StallStats) -> StallCounters {
     }
 }
 
-fn write_response(writer: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+fn write_response(writer: &mut impl Write, response: &Response) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
     line.push(b'\n');
     writer.write_all(&line)

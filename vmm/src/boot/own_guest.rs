@@ -17,7 +17,7 @@ use pvstack_protocols::layout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::error::{Error, Result};
-use crate::flavour::Privilege;
+use crate::kvm_flavour::Privilege;
 use crate::lifecycle::CpuStart;
 use crate::memory::GuestMemory;
 use crate::vcpu::{Launch, Vcpu};

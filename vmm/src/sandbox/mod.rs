@@ -48,12 +48,14 @@ fn parse_backend_user(text: &str) -> std::result::Result<BackendUser, String> {
     User::parse(text).map(BackendUser::Switch)
 }
 
-/// The mode the vCPU threads' filters use, set by [`confine_vmm`].
-static MODE: OnceLock<SeccompMode> = OnceLock::new();
+/// The options this pvstack was given, set by [`configure`].
+static OPTIONS: OnceLock<SandboxOptions> = OnceLock::new();
 
-/// What pvstack's backend children are told, from `options`; call before
-/// any backend starts.
-pub fn configure_children(options: &SandboxOptions) {
+/// Records `options` for what comes later (the vCPU threads' filters, a
+/// take-over's command line) and tells pvstack's backend children what
+/// they get; call before any backend starts.
+pub fn configure(options: &SandboxOptions) {
+    let _ = OPTIONS.set(options.clone());
     // SAFETY: geteuid cannot fail and touches no memory.
     let root = unsafe { libc::geteuid() } == 0;
     let user = match &options.backend_user {
@@ -63,31 +65,62 @@ pub fn configure_children(options: &SandboxOptions) {
     pvstack_devices::set_child_sandbox(options.seccomp, user);
 }
 
+fn mode() -> SeccompMode {
+    OPTIONS.get().map_or(SeccompMode::Off, |o| o.seccomp)
+}
+
+/// What a new pvstack taking the VM over is told (`pvstack take-over`),
+/// so that it confines itself and its backends as this one does.
+pub fn take_over_args() -> Vec<String> {
+    let Some(options) = OPTIONS.get() else {
+        return Vec::new();
+    };
+    let user = match &options.backend_user {
+        BackendUser::Keep => "keep".to_owned(),
+        BackendUser::Switch(user) => user.spec.clone(),
+    };
+    vec![
+        "--seccomp".into(),
+        options.seccomp.to_string(),
+        "--backend-user".into(),
+        user,
+    ]
+}
+
+/// The lists pvstack's process-wide filter allows.
+const VMM_LISTS: &[&[pvstack_sandbox::Sysno]] = &[
+    RUNTIME,
+    syscalls::VMM,
+    syscalls::BACKEND_START,
+    SERVE,
+    pvstack_blk::syscalls::BLK,
+    pvstack_net::syscalls::NET,
+    pvstack_console::syscalls::CONSOLE,
+];
+
 /// Installs the process-wide filter on every thread; vCPU threads started
 /// afterwards add theirs ([`confine_vcpu_thread`]).
-pub fn confine_vmm(mode: SeccompMode) -> Result<()> {
-    let _ = MODE.set(mode);
-    seccomp::install(
-        "pvstack",
-        &[
-            RUNTIME,
-            syscalls::VMM,
-            syscalls::BACKEND_START,
-            SERVE,
-            pvstack_blk::syscalls::BLK,
-            pvstack_net::syscalls::NET,
-            pvstack_console::syscalls::CONSOLE,
-        ],
-        Scope::Process,
-        mode,
-    )
-    .map_err(sandbox_error)
+pub fn confine_vmm() -> Result<()> {
+    seccomp::install("pvstack", VMM_LISTS, Scope::Process, mode()).map_err(sandbox_error)
+}
+
+/// As [`confine_vmm`] for a pvstack that took a VM over: the filter of
+/// the pvstack that started it is still there (a filter outlives execve
+/// and cannot be removed), and it is this list, so a second copy would
+/// only make every system call dearer and, upgrade after upgrade, fill
+/// the kernel's limit on stacked filters. Installs it if there is none.
+pub fn confine_vmm_after_take_over() -> Result<()> {
+    if mode() != SeccompMode::Off && seccomp::filtered().map_err(sandbox_error)? {
+        log::info!("seccomp {}: keeping the filter inherited from the pvstack handing over", mode());
+        return Ok(());
+    }
+    confine_vmm()
 }
 
 /// Narrows the calling vCPU thread to [`syscalls::VCPU`].
 pub fn confine_vcpu_thread() -> Result<()> {
-    let mode = MODE.get().copied().unwrap_or(SeccompMode::Off);
-    seccomp::install("vCPU", &[RUNTIME, syscalls::VCPU], Scope::Thread, mode).map_err(sandbox_error)
+    seccomp::install("vCPU", &[RUNTIME, syscalls::VCPU], Scope::Thread, mode())
+        .map_err(sandbox_error)
 }
 
 fn sandbox_error(e: pvstack_sandbox::Error) -> Error {

@@ -11,7 +11,7 @@ pub mod msrs;
 pub mod paging;
 
 use crate::error::Result;
-use crate::flavour::Privilege;
+use crate::kvm_flavour::Privilege;
 use crate::memory::GuestMemory;
 
 /// Writes the GDT, TSS and page tables every vCPU of pvstack's own guest

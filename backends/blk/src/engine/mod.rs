@@ -4,12 +4,12 @@
 //! - [`sync::SyncEngine`] runs each request to its end before it takes
 //!   the next (positioned reads and writes, `fdatasync`), the way
 //!   pvstack's in-VMM emulated disk does, with the same code
-//!   (`pvstack_block::answer`).
+//!   (`pvstack_block::chain`).
 //! - [`uring::UringEngine`] submits every request it is given to an
 //!   io_uring at once, so a queue has as many requests in flight as the
 //!   driver sends, and hands them back as they complete, in any order.
 //!
-//! A queue's worker checks each chain (`pvstack_block::answer::look`),
+//! A queue's worker checks each chain (`pvstack_block::chain::look`),
 //! gives the engine what is left to run ([`Job`]), and returns what the
 //! engine reports [`Finished`] to the used ring. Both engines keep the
 //! same promise about FLUSH: it covers every write the worker gave the
@@ -23,7 +23,7 @@ pub mod uring;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use pvstack_block::answer::Answer;
+use pvstack_block::chain::Answer;
 use pvstack_block::config::ID_BYTES;
 use pvstack_block::image::DiskImage;
 use pvstack_block::request::Operation;

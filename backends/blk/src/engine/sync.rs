@@ -5,7 +5,7 @@
 
 use std::os::fd::RawFd;
 
-use pvstack_block::answer::finish;
+use pvstack_block::chain::finish;
 use pvstack_block::execute::execute;
 
 use super::{Engine, EngineDisk, Finished, Job};

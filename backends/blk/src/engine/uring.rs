@@ -25,14 +25,15 @@
 //! ([`Job::memory`]) until its last transfer has completed, and the engine
 //! waits for everything in the kernel before it is dropped.
 
+use pvstack_logging::warn_limited;
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use pvstack_block::answer::finish;
 use pvstack_block::bounce::{gather, scatter, AlignedBuffer, BOUNCE_CHUNK};
+use pvstack_block::chain::finish;
 use pvstack_block::config::SECTOR_SIZE;
 use pvstack_block::execute::{execute, host_iovecs};
 use pvstack_block::request::Operation;
@@ -278,7 +279,7 @@ impl UringEngine {
             // Never with at most one operation per slot and a ring at
             // least as large as the slots; handled all the same.
             if let Err(e) = self.ring.submit() {
-                log::warn!("io_uring: cannot submit: {e}");
+                warn_limited!("io_uring: cannot submit: {e}");
             }
         }
         self.in_kernel += 1;
@@ -424,7 +425,7 @@ impl UringEngine {
     fn completed(&mut self, slot: usize, result: i32) {
         self.in_kernel -= 1;
         let Some(request) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
-            log::warn!("io_uring: a completion for an empty slot {slot}");
+            warn_limited!("io_uring: a completion for an empty slot {slot}");
             return;
         };
         if result < 0 {
@@ -510,7 +511,7 @@ impl UringEngine {
         match result {
             Ok(_) => self.unsubmitted = false,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => log::warn!("io_uring: cannot submit: {e}"),
+            Err(e) => warn_limited!("io_uring: cannot submit: {e}"),
         }
     }
 

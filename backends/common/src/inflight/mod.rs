@@ -6,9 +6,9 @@
 //! involved, so [`InflightFilter`] answers them in front of the daemon.
 
 mod chain;
-mod filter;
+mod fd_messages;
 mod region;
 
 pub use chain::chain_at;
-pub use filter::{InflightFilter, InflightSlot};
+pub use fd_messages::{InflightFilter, InflightSlot};
 pub use region::{create_region, queue_stride, region_size, InflightRegion, QueueLog};

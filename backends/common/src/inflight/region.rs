@@ -11,10 +11,13 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory, VolatileSlice};
+
+use crate::fds::{check_mappable, check_sealed};
 
 const QUEUE_HEADER: usize = 16;
 const VERSION_AT: usize = 8;
@@ -41,14 +44,25 @@ pub fn region_size(num_queues: u16, queue_size: u16) -> usize {
 }
 
 /// A new, zeroed region (every queue's `desc_num` filled in) in a memfd,
-/// to hand to the frontend in answer to GET_INFLIGHT_FD.
+/// to hand to the frontend in answer to GET_INFLIGHT_FD. The memfd is
+/// sealed at its size (F_SEAL_SHRINK, F_SEAL_GROW, and F_SEAL_SEAL so no
+/// other seal can be added): a frontend cannot cut it short under the
+/// mapping of this or the next backend.
 pub fn create_region(num_queues: u16, queue_size: u16) -> io::Result<File> {
-    let file = memfd::MemfdOptions::default()
+    let memfd = memfd::MemfdOptions::default()
+        .allow_sealing(true)
         .create("pvstack-inflight")
-        .map_err(memfd_io_error)?
-        .into_file();
+        .map_err(memfd_io_error)?;
     let size = region_size(num_queues, queue_size);
-    file.set_len(size as u64)?;
+    memfd.as_file().set_len(size as u64)?;
+    memfd
+        .add_seals(&[
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(memfd_io_error)?;
+    let file = memfd.into_file();
     let region = InflightRegion::map(file.try_clone()?, 0, size as u64, num_queues, queue_size)?;
     for queue in 0..num_queues {
         region
@@ -86,6 +100,9 @@ struct QueueState {
 impl InflightRegion {
     /// Maps `size` bytes of `file` from `offset` as the region for
     /// `num_queues` queues of `queue_size` descriptors (SET_INFLIGHT_FD).
+    /// The file must be a memfd sealed against shrinking that holds what
+    /// is mapped (as regions from [`create_region`] and libvhost-user
+    /// are): a mapping past the end of a file faults on first touch.
     pub fn map(
         file: File,
         offset: u64,
@@ -102,6 +119,8 @@ impl InflightRegion {
                 ),
             ));
         }
+        check_sealed(&file, "the inflight region")?;
+        check_mappable(file.as_fd(), offset, needed as u64, "the inflight region")?;
         let mapping = MmapRegion::from_file(FileOffset::new(file, offset), needed)
             .map_err(io::Error::other)?;
         Ok(InflightRegion {
@@ -359,5 +378,38 @@ mod tests {
         let file = create_region(1, 8).unwrap();
         let err = InflightRegion::map(file, 0, 64, 2, 8).err().unwrap();
         assert!(err.to_string().contains("cannot log 2 queues"), "{err}");
+    }
+
+    /// What SET_INFLIGHT_FD claims is checked against the file itself:
+    /// mapping past its end would fault (SIGBUS) on the first access.
+    #[test]
+    fn a_file_shorter_than_claimed_or_unsealed_is_refused() {
+        let file = create_region(1, 8).unwrap();
+        let claimed = 2 * queue_stride(8) as u64;
+        let err = InflightRegion::map(file, 0, claimed, 2, 8).err().unwrap();
+        assert!(err.to_string().contains("need a file of"), "{err}");
+        let file = create_region(2, 8).unwrap();
+        let err = InflightRegion::map(file, claimed, claimed, 2, 8)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("need a file of"), "{err}");
+        let unsealed = memfd::MemfdOptions::default()
+            .create("unsealed")
+            .unwrap()
+            .into_file();
+        unsealed.set_len(claimed).unwrap();
+        let err = InflightRegion::map(unsealed, 0, claimed, 2, 8)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("F_SEAL_SHRINK"), "{err}");
+    }
+
+    #[test]
+    fn the_region_handed_out_cannot_be_resized() {
+        let file = create_region(1, 8).unwrap();
+        let size = file.metadata().unwrap().len();
+        assert!(file.set_len(0).is_err(), "shrunk");
+        assert!(file.set_len(size * 2).is_err(), "grown");
+        assert_eq!(file.metadata().unwrap().len(), size);
     }
 }

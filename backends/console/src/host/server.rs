@@ -61,7 +61,7 @@ pub fn start(hub: &Arc<Hub>, path: &Path) -> Result<ServerSocket, crate::error::
     pvstack_backend_common::prepare_socket_path(path)?;
     let listener = UnixListener::bind(path).map_err(|source| crate::error::Error::Io {
         what: format!("cannot listen on {}", path.display()),
-        source,
+        cause: source,
     })?;
     log::info!("console server listening on {}", path.display());
     let hub = Arc::clone(hub);
@@ -70,7 +70,7 @@ pub fn start(hub: &Arc<Hub>, path: &Path) -> Result<ServerSocket, crate::error::
         .spawn(move || accept_clients(&hub, &listener))
         .map_err(|source| crate::error::Error::Io {
             what: "cannot start the console server thread".into(),
-            source,
+            cause: source,
         })?;
     Ok(ServerSocket {
         path: path.to_path_buf(),

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod aside;
 mod basic;
 mod bench;
 mod console_bench;
@@ -20,6 +21,7 @@ mod selftest;
 mod shell;
 mod swapverify;
 mod term;
+mod vmm_evil;
 
 use core::fmt;
 use pvstack_guest::args::{self, ArgError, Args};
@@ -105,7 +107,7 @@ impl fmt::Display for Failure<'_> {
             Failure::UnknownWorkload(name) => write!(
                 f,
                 "unknown workload `{name}` (hello, exit, selftest, fault, compute, blk-verify, \
-                 blk-checksum, blk-zero, blk-bench, blk-evil, blk-swap-verify, \
+                 blk-checksum, blk-zero, blk-bench, blk-evil, blk-swap-verify, vmm-evil, \
                  shell, console-bench, net-serve, net-ping, net-bench)"
             ),
             Failure::Device(error) => write!(f, "device: {error}"),
@@ -195,6 +197,7 @@ fn run<'a>(env: &mut Env, workload: &'a str, args: Args<'a>) -> Outcome<'a> {
         "net-serve" => net::serve(env, args),
         "net-ping" => net::ping(env, args),
         "net-bench" => net::bench(env, args),
+        "vmm-evil" => vmm_evil::run(env, args),
         other => Err(Failure::UnknownWorkload(other)),
     }
 }

@@ -31,28 +31,28 @@ const UDP_BYTES: usize = 64 * 1024;
 const STOP_DATAGRAM: &[u8] = b"stop";
 
 /// Keys every net workload takes.
-const NIC_KEYS: [&str; 3] = ["nic", "ip", "gw"];
+pub(crate) const NIC_KEYS: [&str; 3] = ["nic", "ip", "gw"];
 
 /// A NIC with its interface, ready for sockets.
-struct Stack {
+pub(crate) struct Stack {
     nic: SmolNic<'static>,
     iface: Interface,
 }
 
 impl Stack {
     /// Runs smoltcp once and shows the device what it queued.
-    fn poll(&mut self, sockets: &mut SocketSet<'_>) {
+    pub(crate) fn poll(&mut self, sockets: &mut SocketSet<'_>) {
         let now = self.nic.now();
         self.iface.poll(now, &mut self.nic, sockets);
         self.nic.device.flush();
     }
 
-    fn us(&self) -> u64 {
+    pub(crate) fn us(&self) -> u64 {
         self.nic.now().total_micros() as u64
     }
 
     /// Prints the counters and whether the device misbehaved; true if not.
-    fn report_fault(&self) -> bool {
+    pub(crate) fn report_fault(&self) -> bool {
         match self.nic.fault {
             Some(fault) => {
                 println!("error: the device broke the virtio protocol: {fault}");
@@ -63,7 +63,7 @@ impl Stack {
     }
 }
 
-fn open<'a>(env: &mut Env, args: &Args<'a>) -> Result<Stack, Failure<'a>> {
+pub(crate) fn open<'a>(env: &mut Env, args: &Args<'a>) -> Result<Stack, Failure<'a>> {
     let index = args.number_or("nic", 0)?;
     let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange {
         name: "nic",
@@ -305,14 +305,19 @@ fn format_count(out: &mut [u8; 32], value: u64) -> usize {
     prefix.len() + count + 1
 }
 
-/// `net-ping ip=CIDR target=IP [count=N] [nic=N]`: sends `count` (default
-/// 10) ICMP echo requests, one at a time, waiting up to a second for each
-/// reply, after one uncounted request that resolves the target's MAC.
-/// Passes if every counted request was answered.
+/// `net-ping ip=CIDR target=IP [count=N] [gap_ms=N] [every=N] [nic=N]`:
+/// sends `count` (default 10; 0: until the VM is stopped) ICMP echo
+/// requests, one at a time, waiting up to a second for each reply and then
+/// `gap_ms` (default 0) before the next, after up to 10 uncounted requests
+/// that resolve the target's MAC. Each unanswered request is reported at
+/// once; with `every=N`, so is the tally after every N requests (for a
+/// host watching a long run). Passes if every counted request was answered.
 pub fn ping<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
-    args.check(&[&NIC_KEYS, &["target", "count"]], 0)?;
+    args.check(&[&NIC_KEYS, &["target", "count", "gap_ms", "every"]], 0)?;
     let target = target(&args)?;
     let count = args.number_or("count", 10)?;
+    let gap_us = args.number_or("gap_ms", 0)?.saturating_mul(1000);
+    let every = args.number_or("every", 0)?;
     let mut stack = open(env, &args)?;
     let mut storage = [SocketStorage::EMPTY];
     let mut sockets = SocketSet::new(&mut storage[..]);
@@ -339,28 +344,51 @@ pub fn ping<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
             break;
         }
     }
-    let mut received = 0u64;
-    let mut total_us = 0u64;
+    let mut tally = PingTally::default();
     if resolved {
-        for seq in 0..count {
-            if let Some(rtt) = echo(
-                &mut stack,
-                &mut sockets,
-                handle,
-                target,
-                IDENT,
-                100 + seq as u16,
-            ) {
-                received += 1;
-                total_us += rtt;
+        let mut seq = 0u64;
+        while count == 0 || seq < count {
+            let gap_start = stack.us();
+            while stack.us() < gap_start + gap_us {
+                stack.poll(&mut sockets);
+            }
+            let seq_no = (seq as u16).wrapping_add(100);
+            match echo(&mut stack, &mut sockets, handle, target, IDENT, seq_no) {
+                Some(rtt) => tally.answered(rtt),
+                None => println!("net-ping: request {seq} unanswered"),
+            }
+            seq += 1;
+            if every != 0 && seq % every == 0 {
+                println!(
+                    "net-ping: sent={seq} received={} max_rtt_us={}",
+                    tally.received, tally.max_us
+                );
             }
         }
     }
     println!(
-        "RESULT net-ping target={target} sent={count} received={received} avg_rtt_us={}",
-        total_us.checked_div(received).unwrap_or(0)
+        "RESULT net-ping target={target} sent={count} received={} avg_rtt_us={} max_rtt_us={}",
+        tally.received,
+        tally.total_us.checked_div(tally.received).unwrap_or(0),
+        tally.max_us
     );
-    Ok(stack.report_fault() && received == count)
+    Ok(stack.report_fault() && tally.received == count)
+}
+
+/// Answered requests and their round trips.
+#[derive(Default)]
+struct PingTally {
+    received: u64,
+    total_us: u64,
+    max_us: u64,
+}
+
+impl PingTally {
+    fn answered(&mut self, rtt_us: u64) {
+        self.received += 1;
+        self.total_us += rtt_us;
+        self.max_us = self.max_us.max(rtt_us);
+    }
 }
 
 /// One echo request; the round trip in microseconds if answered within a second.

@@ -27,6 +27,9 @@ pub trait Job {
     fn next(&mut self, buf: &mut [u8]) -> Option<Io>;
     /// `io` finished with `status`; `buf` holds what a read returned.
     fn done(&mut self, io: &Io, status: u8, buf: &[u8]);
+    /// Called once per turn of the polling loop, whether or not anything
+    /// completed: room for work beside the disk.
+    fn between(&mut self) {}
 }
 
 #[derive(Clone, Copy)]
@@ -125,6 +128,7 @@ impl Slots {
             if exhausted && in_flight == 0 {
                 return Ok(());
             }
+            job.between();
             for queue in 0..device.queue_count() {
                 while let Some(done) = device.poll(queue)? {
                     let Some(slot) = self

@@ -11,8 +11,12 @@
 //! long the host's swaps take: it reads the block after the ones it
 //! verifies every [`STOP_POLL_US`] and stops writing once that block starts
 //! with `seqblock::STOP_MARKER` (the host writes it into the image).
+//!
+//! Beside the disk it can answer pings and tick on the console (`aside`).
 
+use crate::aside::{Aside, ASIDE_KEYS};
 use crate::disk::{open, DISK_KEYS};
+use crate::net::NIC_KEYS;
 use crate::pipeline::{Io, Job, Slots};
 use crate::{Env, Failure, Outcome};
 use pvstack_guest::args::{ArgError, Args};
@@ -20,6 +24,7 @@ use pvstack_guest::clock::{rdtsc, Clock};
 use pvstack_guest::println;
 use pvstack_guest::seqblock::{self, BLOCK_SIZE, STOP_MARKER};
 use pvstack_guest::virtio::blk::{request, status};
+use pvstack_guest::virtio::VirtioError;
 
 /// Blocks used when `blocks=` is not given.
 const DEFAULT_BLOCKS: u64 = 256;
@@ -74,6 +79,9 @@ struct SwapVerifyJob<'m> {
     mismatches: u64,
     errors: u64,
     max_latency_us: u64,
+    aside: Aside,
+    /// The first error of the work beside the disk, which ends it.
+    aside_error: Option<VirtioError>,
 }
 
 impl SwapVerifyJob<'_> {
@@ -187,15 +195,28 @@ impl Job for SwapVerifyJob<'_> {
             self.state[block] = BlockState::Idle;
         }
     }
+
+    fn between(&mut self) {
+        if self.aside_error.is_none() {
+            self.aside_error = self.aside.poll().err();
+        }
+    }
 }
 
-/// `blk-swap-verify [disk=N] [blocks=N] [secs=N|rounds=N] [stop=1] [depth=N]`.
+/// `blk-swap-verify [disk=N] [blocks=N] [secs=N|rounds=N] [stop=1] [depth=N]`,
+/// and what `aside` takes: `[ip=CIDR [gw=IP] [nic=N]] [tick_ms=N [console=N]]`.
 pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     args.check(
-        &[&DISK_KEYS, &["blocks", "secs", "rounds", "stop", "depth"]],
+        &[
+            &DISK_KEYS,
+            &["blocks", "secs", "rounds", "stop", "depth"],
+            &NIC_KEYS,
+            &ASIDE_KEYS,
+        ],
         0,
     )?;
     let mut device = open(env, &args, 1)?;
+    let aside = Aside::open(env, &args)?;
     let depth = args.number_or("depth", DEFAULT_DEPTH)?;
     let slots = depth * u64::from(device.queue_count());
     let blocks = args.number_or("blocks", DEFAULT_BLOCKS)?;
@@ -272,14 +293,20 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         mismatches: 0,
         errors: 0,
         max_latency_us: 0,
+        aside,
+        aside_error: None,
     };
     let mut slots = Slots::new(env, &device, depth as u16, BLOCK_SIZE)?;
     println!("blk-swap-verify: running on {blocks} blocks, depth {depth}");
     slots.run(&mut device, &mut job)?;
+    if let Some(error) = job.aside_error {
+        return Err(error.into());
+    }
+    let (aside, aside_healthy) = job.aside.finish()?;
     let table_fnv = seqblock::table_fnv(job.table.iter().copied());
     println!(
         "RESULT blk-swap-verify writes={} reads={} mismatches={} errors={} blocks={blocks} \
-         last_seq={} max_latency_us={} table_fnv={table_fnv:#018x}",
+         last_seq={} max_latency_us={} table_fnv={table_fnv:#018x}{aside}",
         job.writes,
         job.reads,
         job.mismatches,
@@ -287,5 +314,5 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         job.next_seq - 1,
         job.max_latency_us,
     );
-    Ok(job.mismatches == 0 && job.errors == 0)
+    Ok(job.mismatches == 0 && job.errors == 0 && aside_healthy)
 }

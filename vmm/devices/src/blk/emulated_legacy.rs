@@ -5,8 +5,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use pvstack_block::image::DiskImage;
+use pvstack_logging::warn_limited;
 use pvstack_protocols::boot::device_kind;
 use pvstack_protocols::legacy_blk::{command, reg, status, MAGIC, MAX_COUNT, SECTOR_SIZE};
 
@@ -102,7 +103,7 @@ impl LegacyBlk {
             reg::COUNT => self.count = value,
             reg::COMMAND => self.command(value),
             reg::DATA => self.write_data(value),
-            _ => warn!(
+            _ => warn_limited!(
                 "{}: write of {value:#x} to read-only or unknown register {offset:#x}; ignored",
                 self.name
             ),
@@ -113,7 +114,7 @@ impl LegacyBlk {
     fn command(&mut self, value: u32) {
         self.error = false;
         if self.transfer.take().is_some() {
-            warn!("{}: new command before the last transfer ended", self.name);
+            warn_limited!("{}: new command before the last transfer ended", self.name);
         }
         let result = match value {
             command::READ => self.start(false),
@@ -127,7 +128,7 @@ impl LegacyBlk {
             other => Err(format!("unknown command {other}")),
         };
         if let Err(why) = result {
-            warn!("{}: {why}", self.name);
+            warn_limited!("{}: {why}", self.name);
             self.error = true;
         }
     }
@@ -235,7 +236,7 @@ impl LegacyBlk {
             self.transfer = None;
             self.stats.request();
             if let Err(why) = self.transfer_image(true, sector, len) {
-                warn!("{}: {why}", self.name);
+                warn_limited!("{}: {why}", self.name);
                 self.error = true;
             }
         }
@@ -264,7 +265,7 @@ impl BusDevice for LegacyBlk {
     fn write(&mut self, offset: u64, data: &[u8]) {
         match <[u8; 4]>::try_from(data) {
             Ok(word) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(word)),
-            _ => warn!(
+            _ => warn_limited!(
                 "{}: {}-byte write at {offset:#x} is not a register access; ignored",
                 self.name,
                 data.len()

@@ -2,16 +2,17 @@
 //! its queues processed inside the VMM. QueueNotify is not bound to an
 //! ioeventfd, so every kick exits to the VMM, and the vCPU thread that took
 //! the exit serves the queue before it returns to the guest. Requests are
-//! answered by `pvstack_block::answer`, the code pvstack-blk runs, so this
+//! answered by `pvstack_block::chain`, the code pvstack-blk runs, so this
 //! device and the vhost-user one differ only in where the queue is
 //! processed.
 
 use std::sync::{Arc, Mutex};
 
-use log::{info, warn};
-use pvstack_block::answer::{answer, Disk, Outcome};
+use log::info;
+use pvstack_block::chain::{answer, Disk, Outcome};
 use pvstack_block::config::{self, DiskLimits, ID_BYTES, SECTOR_SIZE};
 use pvstack_block::image::DiskImage;
+use pvstack_logging::warn_limited;
 use pvstack_protocols::boot::device_kind;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -39,6 +40,29 @@ pub struct VirtioBlkShape {
     pub limits: DiskLimits,
     /// GET_ID's answer.
     pub serial: [u8; ID_BYTES],
+}
+
+impl VirtioBlkShape {
+    /// The shape of disk `id` (its GET_ID serial, cut to 20 bytes) on
+    /// `image` with `num_queues` queues of up to `queue_size` entries: the
+    /// features, configuration space and request limits of pvstack-blk.
+    pub fn new(id: &str, image: &DiskImage, num_queues: u16, queue_size: u16) -> Self {
+        let limits = DiskLimits {
+            capacity_sectors: image.capacity_sectors(),
+            readonly: image.is_readonly(),
+            max_segments: config::seg_max(queue_size),
+        };
+        let mut serial = [0u8; ID_BYTES];
+        let len = id.len().min(ID_BYTES);
+        serial[..len].copy_from_slice(&id.as_bytes()[..len]);
+        VirtioBlkShape {
+            features: config::virtio_features(limits.readonly) & super::features_passed_on(),
+            queue_max_sizes: vec![queue_size; usize::from(num_queues)],
+            config: config::config_space(&limits, num_queues, SECTOR_SIZE as u32),
+            limits,
+            serial,
+        }
+    }
 }
 
 /// The queues while the driver runs the device.
@@ -130,14 +154,14 @@ impl VirtioDevice for EmulatedVirtioBlk {
 
     fn process_notification(&mut self, queue: u16) -> bool {
         let Some(running) = self.running.as_mut() else {
-            warn!(
+            warn_limited!(
                 "{}: notification while the device is not running",
                 self.name
             );
             return true;
         };
         let Some(Some(ring)) = running.queues.get_mut(usize::from(queue)) else {
-            warn!(
+            warn_limited!(
                 "{}: notification for queue {queue}, which is not enabled",
                 self.name
             );
@@ -178,12 +202,12 @@ impl Served<'_> {
         let queue_size = ring.size();
         loop {
             if let Err(e) = ring.disable_notification(mem) {
-                warn!("{name}: queue {queue}: cannot disable notifications: {e}");
+                warn_limited!("{name}: queue {queue}: cannot disable notifications: {e}");
             }
             let chains = match ring.iter(mem) {
                 Ok(iter) => iter.collect::<Vec<_>>(),
                 Err(e) => {
-                    warn!("{name}: queue {queue}: cannot read the available ring: {e}");
+                    warn_limited!("{name}: queue {queue}: cannot read the available ring: {e}");
                     return;
                 }
             };
@@ -192,28 +216,30 @@ impl Served<'_> {
                 let head = chain.head_index();
                 let answered = answer(chain, mem, self.disk, queue_size);
                 if !matches!(answered.outcome, Outcome::Done) {
-                    warn!("{name}: queue {queue}: {:?}", answered.outcome);
+                    warn_limited!("{name}: queue {queue}: {:?}", answered.outcome);
                 }
                 self.stats.request();
                 if let Err(e) = ring.add_used(mem, head, answered.used_len) {
-                    warn!("{name}: queue {queue}: cannot return chain {head}: {e}");
+                    warn_limited!("{name}: queue {queue}: cannot return chain {head}: {e}");
                 }
             }
             if any {
                 match ring.needs_notification(mem) {
                     Ok(true) => match call.write(1) {
                         Ok(()) => self.stats.interrupt(),
-                        Err(e) => warn!("{name}: cannot raise the interrupt: {e}"),
+                        Err(e) => warn_limited!("{name}: cannot raise the interrupt: {e}"),
                     },
                     Ok(false) => {}
-                    Err(e) => warn!("{name}: queue {queue}: cannot read the used event: {e}"),
+                    Err(e) => {
+                        warn_limited!("{name}: queue {queue}: cannot read the used event: {e}")
+                    }
                 }
             }
             match ring.enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    warn!("{name}: queue {queue}: cannot enable notifications: {e}");
+                    warn_limited!("{name}: queue {queue}: cannot enable notifications: {e}");
                     return;
                 }
             }
@@ -227,21 +253,8 @@ impl Served<'_> {
 pub(super) fn create(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
     let image = super::open_image(spec)?;
     let num_queues = spec.num_queues.unwrap_or(1);
-    let limits = DiskLimits {
-        capacity_sectors: image.capacity_sectors(),
-        readonly: image.is_readonly(),
-        max_segments: config::seg_max(spec.queue_size),
-    };
-    let mut serial = [0u8; ID_BYTES];
-    let len = id.len().min(ID_BYTES);
-    serial[..len].copy_from_slice(&id.as_bytes()[..len]);
-    let shape = VirtioBlkShape {
-        features: config::virtio_features(limits.readonly) & super::features_passed_on(),
-        queue_max_sizes: vec![spec.queue_size; usize::from(num_queues)],
-        config: config::config_space(&limits, num_queues, SECTOR_SIZE as u32),
-        limits,
-        serial,
-    };
+    let shape = VirtioBlkShape::new(&id, &image, num_queues, spec.queue_size);
+    let limits = shape.limits;
     let events = DeviceEvents::register_call(ctx.vm, ctx.gsi, num_queues)?;
     info!(
         "{id}: emulated virtio-blk, {} sectors, {num_queues} queues of up to {}, {}, MMIO {:#x} GSI {}",
@@ -358,18 +371,8 @@ mod tests {
         features: u64,
     ) -> (MmioTransport<EmulatedVirtioBlk>, EventFd, Arc<DiskStats>) {
         let image = Arc::new(DiskImage::open(&image.path, false, false).unwrap());
-        let limits = DiskLimits {
-            capacity_sectors: SECTORS,
-            readonly: false,
-            max_segments: config::seg_max(QUEUE_MAX),
-        };
-        let shape = VirtioBlkShape {
-            features: config::virtio_features(false) & super::super::features_passed_on(),
-            queue_max_sizes: vec![QUEUE_MAX],
-            config: config::config_space(&limits, 1, 512),
-            limits,
-            serial: [0; ID_BYTES],
-        };
+        let shape = VirtioBlkShape::new("blk-test", &image, 1, QUEUE_MAX);
+        assert_eq!(shape.limits.capacity_sectors, SECTORS);
         assert_eq!(
             features & !shape.features,
             0,

@@ -186,10 +186,13 @@ pub fn create_blk(spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> 
 
 /// A block device served by a vhost-user backend.
 fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
-    let (mut handle, process) = connect(spec)?;
+    let (mut handle, process) = match ctx.inherited {
+        Some(inherited) => (inherited.adopt(&id)?, None),
+        None => connect(spec)?,
+    };
     let (shape, config) = negotiate_shape(spec, &mut handle)?;
     let queues = shape.queue_max_sizes.len() as u16;
-    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, queues)?;
+    let events = DeviceEvents::for_context(ctx, queues)?;
     info!(
         "{id}: {} sectors of {} bytes, {queues} queues of up to {}, {} on {}, MMIO {:#x} GSI {}",
         config.capacity,
@@ -213,6 +216,7 @@ fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         handle,
         process,
         reconnector,
+        spec.allowed_backend(),
     );
     let policy = ReconnectPolicy {
         window: spec.reconnect_timeout,
@@ -271,7 +275,10 @@ fn backend_args(spec: &BlkSpec, image: &Path) -> Vec<OsString> {
 /// Connects to the backend, starting it first for `image=`.
 fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     match &spec.source {
-        BlkSource::Socket(socket) => Ok((VhostUserHandle::connect(socket)?, None)),
+        BlkSource::Socket(socket) => Ok((
+            VhostUserHandle::connect(socket, spec.allowed_backend())?,
+            None,
+        )),
         BlkSource::Image(image) => {
             // Checked here so that a missing or unwritable image is one
             // clear error rather than a backend that exits at start.
@@ -281,11 +288,12 @@ fn connect(spec: &BlkSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> 
                 .open(image)
                 .map_err(|source| Error::Image {
                     path: image.clone(),
-                    source,
+                    cause: source,
                 })?;
             let (process, stream) =
                 BackendProcess::start(BACKEND_PROGRAM, &backend_args(spec, image))?;
-            let handle = VhostUserHandle::from_stream(stream, process.socket())?;
+            let handle =
+                VhostUserHandle::from_stream(stream, process.socket(), spec.allowed_backend())?;
             Ok((handle, Some(process)))
         }
     }

@@ -1,5 +1,5 @@
 //! [`BlkSpec`]: one `--blk` option value,
-//! `socket=PATH[,id=ID][,num-queues=N][,queue-size=N][,readonly]` or
+//! `socket=PATH[,id=ID][,num-queues=N][,queue-size=N][,readonly][,backend-uid=UID]` or
 //! `image=PATH[,mode=MODE][,...the same options]`.
 
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
 
 use crate::error::Error;
+use crate::vhost_user::AllowedBackend;
 
 /// Most queues a block device may have.
 pub const MAX_QUEUES: u16 = 64;
@@ -16,7 +17,7 @@ pub const MAX_QUEUES: u16 = 64;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 
 /// Where a disk's requests are served (`mode=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlkMode {
     /// The register-level controller of `pvstack_protocols::legacy_blk`
     /// in the VMM: every register access, data words included, traps.
@@ -83,7 +84,7 @@ impl FromStr for BlkMode {
 }
 
 /// Where the disk comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlkSource {
     /// A backend already listening on this vhost-user socket.
     Socket(PathBuf),
@@ -92,7 +93,7 @@ pub enum BlkSource {
 }
 
 /// One block device as the command line describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlkSpec {
     /// Where the disk comes from.
     pub source: BlkSource,
@@ -109,6 +110,18 @@ pub struct BlkSpec {
     /// How long to keep reconnecting after the backend hangs up; `None`
     /// (the default): for ever.
     pub reconnect_timeout: Option<Duration>,
+    /// A user besides pvstack's own and root whose backend may serve the
+    /// disk (`backend-uid=`).
+    pub backend_uid: Option<u32>,
+}
+
+impl BlkSpec {
+    /// Whose backends may serve the disk.
+    pub fn allowed_backend(&self) -> AllowedBackend {
+        AllowedBackend {
+            also_uid: self.backend_uid,
+        }
+    }
 }
 
 impl FromStr for BlkSpec {
@@ -133,6 +146,7 @@ const KEYS: Keys = Keys {
         "num-queues",
         "queue-size",
         "reconnect-timeout",
+        "backend-uid",
     ],
     flags: &["readonly"],
 };
@@ -178,6 +192,13 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
             )),
         })
         .transpose()?;
+    let backend_uid = list
+        .get("backend-uid")
+        .map(|uid| {
+            uid.parse::<u32>()
+                .map_err(|_| format!("backend-uid must be a numeric uid, not {uid:?}"))
+        })
+        .transpose()?;
     Ok(BlkSpec {
         source,
         id: id.map(str::to_string),
@@ -186,6 +207,7 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
         readonly: list.flag("readonly"),
         mode,
         reconnect_timeout,
+        backend_uid,
     })
 }
 
@@ -217,6 +239,7 @@ mod tests {
                 readonly: false,
                 mode: BlkMode::VhostUser,
                 reconnect_timeout: None,
+                backend_uid: None,
             }
         );
         let spec: BlkSpec = "image=disk.img".parse().unwrap();
@@ -226,7 +249,7 @@ mod tests {
     #[test]
     fn every_option() {
         let spec: BlkSpec =
-            "readonly,queue-size=32768,image=/a=b.img,num-queues=64,id=root-disk_1.0,reconnect-timeout=30"
+            "readonly,queue-size=32768,image=/a=b.img,num-queues=64,id=root-disk_1.0,reconnect-timeout=30,backend-uid=65534"
                 .parse()
                 .unwrap();
         assert_eq!(
@@ -239,6 +262,7 @@ mod tests {
                 readonly: true,
                 mode: BlkMode::VhostUser,
                 reconnect_timeout: Some(Duration::from_secs(30)),
+                backend_uid: Some(65534),
             }
         );
         let spec: BlkSpec = "socket=s,queue-size=2,num-queues=1".parse().unwrap();
@@ -266,6 +290,8 @@ mod tests {
             ("socket=s,image=i", "not both"),
             ("socket=s,reconnect-timeout=1.5", "whole seconds"),
             ("socket=s,reconnect-timeout=-1", "whole seconds"),
+            ("socket=s,backend-uid=nobody", "numeric uid"),
+            ("socket=s,backend-uid=-1", "numeric uid"),
             ("socket=", "socket needs a value"),
             ("socket", "socket needs a value"),
             ("socket=a,socket=b", "socket given twice"),

@@ -22,7 +22,8 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
 use crate::vhost_user::{
-    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    AllowedBackend, BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice,
+    VhostUserHandle,
 };
 use crate::virtio::DeviceEvents;
 
@@ -63,9 +64,12 @@ impl ConsoleDevice {
 /// to a new child) and resumes where the guest left off.
 pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<ConsoleDevice> {
     let id = format!("console{}", ctx.index);
-    let (mut handle, process) = connect(spec)?;
+    let (mut handle, process) = match ctx.inherited {
+        Some(inherited) => (inherited.adopt(&id)?, None),
+        None => connect(spec)?,
+    };
     let shape = negotiate_shape(&mut handle)?;
-    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, 2)?;
+    let events = DeviceEvents::for_context(ctx, 2)?;
     info!(
         "{id}: virtio-console on {}, MMIO {:#x} GSI {}",
         handle.socket().display(),
@@ -80,6 +84,7 @@ pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<Con
         handle,
         process,
         Box::new(move || connect(&reconnect_spec)),
+        AllowedBackend::default(),
     );
     let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
     let info = ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_CONSOLE);
@@ -90,7 +95,12 @@ pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<Con
 /// spec names a running one.
 fn connect(spec: &ConsoleSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     let (host_side, stdin): (Vec<OsString>, Stdio) = match spec {
-        ConsoleSpec::Socket(socket) => return Ok((VhostUserHandle::connect(socket)?, None)),
+        ConsoleSpec::Socket(socket) => {
+            return Ok((
+                VhostUserHandle::connect(socket, AllowedBackend::default())?,
+                None,
+            ))
+        }
         ConsoleSpec::Stdio => (vec!["--stdio".into()], Stdio::inherit()),
         ConsoleSpec::Pty => (vec!["--pty".into()], Stdio::null()),
         ConsoleSpec::Unix(path) => (vec!["--listen".into(), path.into()], Stdio::null()),
@@ -105,7 +115,7 @@ fn connect(spec: &ConsoleSpec) -> Result<(VhostUserHandle, Option<BackendProcess
     let mut args = host_side;
     args.push("--exit-on-disconnect".into());
     let (process, stream) = BackendProcess::start_with_stdin(BACKEND_PROGRAM, &args, stdin)?;
-    let handle = VhostUserHandle::from_stream(stream, process.socket())?;
+    let handle = VhostUserHandle::from_stream(stream, process.socket(), AllowedBackend::default())?;
     Ok((handle, Some(process)))
 }
 

@@ -8,7 +8,7 @@ use pvstack_options::{Keys, OptionList};
 use crate::error::Error;
 
 /// Where the guest's console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleSpec {
     /// virtio-console served by a pvstack-console (or other vhost-user
     /// console backend) already listening on this socket.

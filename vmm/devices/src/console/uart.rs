@@ -15,7 +15,8 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use log::{debug, info, warn};
+use log::{debug, info};
+use pvstack_logging::warn_limited;
 use pvstack_protocols::boot::{device_kind, DeviceInfo};
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
@@ -51,11 +52,11 @@ impl SerialEvents for InputDrained {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        warn!("uart: a byte the guest sent was lost (output failed)");
+        warn_limited!("uart: a byte the guest sent was lost (output failed)");
     }
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
-            warn!("uart: cannot signal the input thread: {e}");
+            warn_limited!("uart: cannot signal the input thread: {e}");
         }
     }
 }
@@ -76,7 +77,7 @@ impl Uart16550 {
         let drained = new_eventfd("uart input")?;
         let events = InputDrained(drained.try_clone().map_err(|source| Error::EventFd {
             what: "uart input".into(),
-            source,
+            cause: source,
         })?);
         let serial = Serial::with_events(IrqTrigger(irq), events, out);
         Ok((Uart16550 { serial }, drained))
@@ -96,7 +97,7 @@ impl Uart16550 {
         match self.serial.enqueue_raw_bytes(bytes) {
             Ok(count) => count,
             Err(e) => {
-                warn!("uart: cannot queue input: {e:?}");
+                warn_limited!("uart: cannot queue input: {e:?}");
                 0
             }
         }
@@ -118,7 +119,7 @@ impl BusDevice for Uart16550 {
             return;
         };
         if let Err(e) = self.serial.write(register as u8, *value) {
-            warn!("uart: write of register {register}: {e:?}");
+            warn_limited!("uart: write of register {register}: {e:?}");
         }
     }
 }
@@ -189,7 +190,7 @@ pub fn create_serial_port(
             .spawn(move || feed_input(&feeder, &drained, input))
             .map_err(|source| Error::Thread {
                 what: "uart input".into(),
-                source,
+                cause: source,
             })?;
     }
     info!("uart: emulated 16550 at I/O port {COM1_PORT:#x} IRQ {COM1_IRQ} (ttyS0)");
@@ -209,7 +210,7 @@ fn feed_input(uart: &Mutex<Uart16550>, drained: &EventFd, mut input: Box<dyn Rea
             Ok(count) => count,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                warn!("uart: cannot read input: {e}");
+                warn_limited!("uart: cannot read input: {e}");
                 return;
             }
         };
@@ -242,7 +243,7 @@ fn wait_for_room(drained: &EventFd) -> bool {
         }
         let error = std::io::Error::last_os_error();
         if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
-            warn!("uart: cannot wait for the guest to read input: {error}");
+            warn_limited!("uart: cannot wait for the guest to read input: {error}");
             return false;
         }
     }
@@ -255,7 +256,7 @@ fn lock(uart: &Mutex<Uart16550>) -> std::sync::MutexGuard<'_, Uart16550> {
 fn new_eventfd(what: &str) -> Result<EventFd> {
     EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
         what: what.into(),
-        source,
+        cause: source,
     })
 }
 
@@ -263,7 +264,7 @@ fn new_eventfd(what: &str) -> Result<EventFd> {
 fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
     let irq = new_eventfd("uart interrupts")?;
     vm.register_irqfd(&irq, gsi)
-        .map_err(|source| Error::IrqFd { gsi, source })?;
+        .map_err(|source| Error::IrqFd { gsi, cause: source })?;
     Ok(irq)
 }
 

@@ -9,7 +9,8 @@
 //! | [`SLEEP_STATUS_PORT`] | sleep status | reads 0; writes (clearing `WAK_STS`) are accepted |
 //! | [`RESET_PORT`] | reset | [`RESET_VALUE`]: reset |
 
-use log::{debug, info, warn};
+use log::{debug, info};
+use pvstack_logging::warn_limited;
 
 use super::{PowerEvent, PowerHandler};
 use crate::bus::BusDevice;
@@ -53,7 +54,7 @@ impl AcpiPowerRegisters {
                 info!("acpi: the guest entered S5 (power off)");
                 (self.handler)(PowerEvent::PowerOff);
             }
-            other => warn!("acpi: the guest asked for sleep type {other}, which pvstack does not offer; ignored"),
+            other => warn_limited!("acpi: the guest asked for sleep type {other}, which pvstack does not offer; ignored"),
         }
     }
 }
@@ -66,7 +67,7 @@ impl BusDevice for AcpiPowerRegisters {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let [value] = data else {
-            warn!(
+            warn_limited!(
                 "acpi: {}-byte write to power register {offset}; ignored",
                 data.len()
             );
@@ -79,7 +80,7 @@ impl BusDevice for AcpiPowerRegisters {
                 info!("acpi: the guest wrote the reset register");
                 (self.handler)(PowerEvent::Reset("ACPI reset register"));
             }
-            _ => warn!("acpi: write of {value:#x} to power register {offset}; ignored"),
+            _ => warn_limited!("acpi: write of {value:#x} to power register {offset}; ignored"),
         }
     }
 }

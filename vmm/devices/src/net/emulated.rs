@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use log::{info, warn};
+use log::info;
+use pvstack_logging::warn_limited;
 use pvstack_net::datapath::{receive, transmit, Delivery, RxPending};
 use pvstack_net::features as backend_features;
 use pvstack_net::frame::MAX_CHAIN_BYTES;
@@ -86,7 +87,7 @@ impl EmulatedNet {
         })?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
             what: format!("{name} receive wake-ups"),
-            source,
+            cause: source,
         })?;
         let link = Link::Tap(tap);
         let features = backend_features::offered(link.offloads()) & passed_on;
@@ -106,7 +107,7 @@ impl EmulatedNet {
             .spawn(move || receive_loop(&thread_shared))
             .map_err(|source| Error::Thread {
                 what: format!("{name} receive thread"),
-                source,
+                cause: source,
             })?;
         Ok(EmulatedNet {
             features,
@@ -153,7 +154,7 @@ impl Shared {
         let mem = &self.memory;
         loop {
             if let Err(e) = running.tx.disable_notification(mem) {
-                warn!(
+                warn_limited!(
                     "{}: transmit queue: cannot disable notifications: {e}",
                     self.name
                 );
@@ -171,7 +172,7 @@ impl Shared {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    warn!(
+                    warn_limited!(
                         "{}: transmit queue: cannot enable notifications: {e}",
                         self.name
                     );
@@ -187,11 +188,11 @@ fn signal(name: &str, queue: &mut Queue, mem: &GuestMemoryMmap, call: &EventFd) 
     match queue.needs_notification(mem) {
         Ok(true) => {
             if let Err(e) = call.write(1) {
-                warn!("{name}: cannot raise the interrupt: {e}");
+                warn_limited!("{name}: cannot raise the interrupt: {e}");
             }
         }
         Ok(false) => {}
-        Err(e) => warn!("{name}: cannot read the used event: {e}"),
+        Err(e) => warn_limited!("{name}: cannot read the used event: {e}"),
     }
 }
 
@@ -219,7 +220,7 @@ fn receive_loop(shared: &Shared) {
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                warn!("{}: receive thread: poll failed: {e}", shared.name);
+                warn_limited!("{}: receive thread: poll failed: {e}", shared.name);
                 return;
             }
             continue;
@@ -295,7 +296,7 @@ impl VirtioDevice for EmulatedNet {
         )?;
         let flags = backend_features::tun_offload_flags(activation.features);
         if let Err(e) = shared.link.set_offload(flags) {
-            warn!("{}: cannot set TAP offloads {flags:#x}: {e}", shared.name);
+            warn_limited!("{}: cannot set TAP offloads {flags:#x}: {e}", shared.name);
         }
         *shared.lock() = Some(Running {
             rx,
@@ -308,7 +309,7 @@ impl VirtioDevice for EmulatedNet {
         info!("{}: driver started the NIC, served in the VMM", shared.name);
         shared.rx_blocked.store(false, Ordering::Release);
         if let Err(e) = shared.wake.write(1) {
-            warn!("{}: cannot wake the receive thread: {e}", shared.name);
+            warn_limited!("{}: cannot wake the receive thread: {e}", shared.name);
         }
         Ok(())
     }
@@ -329,14 +330,14 @@ impl VirtioDevice for EmulatedNet {
         let shared = &self.shared;
         let mut running = shared.lock();
         let Some(running) = running.as_mut() else {
-            warn!("{}: notification while the NIC is not running", shared.name);
+            warn_limited!("{}: notification while the NIC is not running", shared.name);
             return true;
         };
         match queue {
             TX_QUEUE => shared.serve_tx(running),
             RX_QUEUE => {}
             other => {
-                warn!(
+                warn_limited!(
                     "{}: notification for queue {other}, which does not exist",
                     shared.name
                 );
@@ -349,7 +350,7 @@ impl VirtioDevice for EmulatedNet {
         shared.rx_blocked.store(blocked, Ordering::Release);
         if !blocked {
             if let Err(e) = shared.wake.write(1) {
-                warn!("{}: cannot wake the receive thread: {e}", shared.name);
+                warn_limited!("{}: cannot wake the receive thread: {e}", shared.name);
             }
         }
         true

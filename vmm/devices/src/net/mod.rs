@@ -24,7 +24,8 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{
-    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    AllowedBackend, BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice,
+    VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -132,9 +133,12 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
     if spec.mode == NetMode::Emulated {
         return create_emulated(id, spec, ctx, mac);
     }
-    let (handle, process) = connect(spec)?;
+    let (handle, process) = match ctx.inherited {
+        Some(inherited) => (inherited.adopt(&id)?, None),
+        None => connect(spec)?,
+    };
     let shape = negotiate_shape(spec, &handle, mac)?;
-    let events = DeviceEvents::register(ctx.vm, ctx.mmio_base, ctx.gsi, NUM_QUEUES as u16)?;
+    let events = DeviceEvents::for_context(ctx, NUM_QUEUES as u16)?;
     info!(
         "{id}: virtio-net {} mtu {}, features {:#x}, on {}, MMIO {:#x} GSI {}",
         format_mac(mac),
@@ -153,6 +157,7 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
         handle,
         process,
         reconnector,
+        AllowedBackend::default(),
     );
     let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
     Ok(NetDevice {
@@ -213,7 +218,10 @@ pub fn format_mac(mac: [u8; 6]) -> String {
 /// Connects to the backend, starting pvstack-net first for `tap=`.
 fn connect(spec: &NetSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     match &spec.source {
-        NetSource::Socket(socket) => Ok((VhostUserHandle::connect(socket)?, None)),
+        NetSource::Socket(socket) => Ok((
+            VhostUserHandle::connect(socket, AllowedBackend::default())?,
+            None,
+        )),
         NetSource::Tap(tap) => {
             let args: Vec<OsString> = vec![
                 "--tap".into(),
@@ -223,7 +231,8 @@ fn connect(spec: &NetSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> 
                 "--exit-on-disconnect".into(),
             ];
             let (process, stream) = BackendProcess::start(BACKEND_PROGRAM, &args)?;
-            let handle = VhostUserHandle::from_stream(stream, process.socket())?;
+            let handle =
+                VhostUserHandle::from_stream(stream, process.socket(), AllowedBackend::default())?;
             Ok((handle, Some(process)))
         }
     }

@@ -19,7 +19,7 @@ const MIN_MTU: u16 = 68;
 const IFNAMSIZ: usize = 16;
 
 /// Where the device's frames are handled (`mode=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetMode {
     /// A pvstack-net (or other vhost-user) backend serves the queues.
     #[default]
@@ -46,7 +46,7 @@ impl std::fmt::Display for NetMode {
 }
 
 /// Where the device's backend comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetSource {
     /// A backend already listening on this vhost-user socket.
     Socket(PathBuf),
@@ -56,7 +56,7 @@ pub enum NetSource {
 }
 
 /// One network device as the command line describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetSpec {
     pub source: NetSource,
     /// Name in logs and the control API; `net<index>` if not given.

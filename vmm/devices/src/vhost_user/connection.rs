@@ -37,8 +37,9 @@ pub trait BackendConnection: Send {
     /// Starts the prepared backend where `setup`'s queues stand.
     fn resume(&mut self, setup: &RingSetup) -> Result<()>;
 
-    /// Stops the backend's rings, waits until every request it took is
-    /// complete, and records in `setup` where each queue left off.
+    /// Stops the backend's rings and records in `setup` where each queue
+    /// left off. Requests the backend took may still be completing: see
+    /// [`super::watch::RingWatch::drain`].
     fn stop(&mut self, setup: &mut RingSetup) -> Result<()>;
 
     /// A duplicate of the connection's socket, to watch for hang-up.
@@ -47,6 +48,13 @@ pub trait BackendConnection: Send {
     /// Ends the connection now, so the backend (and any watcher) sees the
     /// hang-up.
     fn shut_down(&self);
+
+    /// Tells this side of an adopted connection (see
+    /// `VhostUserHandle::adopt`) which features the running rings use,
+    /// without touching the rings.
+    fn acknowledge_features(&mut self, _setup: &RingSetup) -> Result<()> {
+        Ok(())
+    }
 
     /// Sets the backend up to serve `setup`'s queues.
     fn start(&mut self, setup: &mut RingSetup) -> Result<()> {

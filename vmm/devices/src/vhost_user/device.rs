@@ -3,21 +3,42 @@
 //! (features, queue sizes, configuration space) is worked out by the
 //! device-specific constructor (see `crate::blk`) and passed in a
 //! [`DeviceShape`].
+//!
+//! Moving the device to another backend connection (a swap, a reconnect)
+//! happens in steps so that the device's lock, which every vCPU touching
+//! the device takes, is never held while pvstack waits for a backend to
+//! accept a connection, negotiate or start: the new connection is made
+//! and checked first without the lock (a [`SwapAttempt`] or
+//! [`ReconnectAttempt`]), and the lock is taken only to install it and
+//! replay the ring setup. `super::control` runs those steps.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
+use pvstack_logging::{info_limited, warn_limited};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::BackendConnection;
-use super::handle::{avail_idx, used_idx, ActiveQueue, RingSetup, VhostUserHandle};
+use super::control::DRAIN_TIMEOUT;
+use super::handle::{check_rings, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
+use super::peer::AllowedBackend;
 use super::process::BackendProcess;
 use super::stall::StallStats;
+use super::watch::{used_idx, RingWatch};
 use crate::error::{Error, Result};
 use crate::virtio::{clone_eventfd, read_config_bytes, Activation, VirtioDevice};
+
+/// How long a driver's reset waits for the backend to complete the
+/// requests it had taken. A vCPU waits this long at most (besides the
+/// backend's replies to the stop itself); a backend that is slower loses
+/// its connection, so that nothing it completes later is mistaken for a
+/// completion on the rings the driver sets up next.
+pub const RESET_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the driver sees of a device.
 #[derive(Clone, Debug)]
@@ -56,11 +77,12 @@ pub type Connected = (Box<dyn BackendConnection>, Option<BackendProcess>);
 pub type Reconnector = Box<dyn FnMut() -> Result<Connected> + Send>;
 
 /// Connects to the backend listening on a socket: what a swap uses.
-pub type Connector = fn(&Path) -> Result<Box<dyn BackendConnection>>;
+pub type Connector = Arc<dyn Fn(&Path) -> Result<Box<dyn BackendConnection>> + Send + Sync>;
 
-/// The real [`Connector`]: a vhost-user connection, negotiated.
-fn connect_vhost_user(socket: &Path) -> Result<Box<dyn BackendConnection>> {
-    Ok(Box::new(VhostUserHandle::connect(socket)?))
+/// The real [`Connector`]: a vhost-user connection to a backend `allowed`
+/// lets serve the device, negotiated.
+fn vhost_user_connector(allowed: AllowedBackend) -> Connector {
+    Arc::new(move |socket| Ok(Box::new(VhostUserHandle::connect(socket, allowed)?)))
 }
 
 /// The connection to the backend as the control API reports it.
@@ -88,6 +110,8 @@ pub struct BackendStats {
 /// What the control API shows of a vhost-user device.
 #[derive(Clone, Debug)]
 pub struct BackendStatus {
+    /// The virtio device id (1 net, 2 block, 3 console).
+    pub device_id: u32,
     /// The backend's socket.
     pub socket: PathBuf,
     /// The backend process's id, if pvstack started it.
@@ -102,6 +126,113 @@ pub struct BackendStatus {
     pub stats: BackendStats,
 }
 
+/// Checks a new backend's configuration space against what the driver
+/// was shown; a copy of the device's, so it runs without the device's lock.
+#[derive(Clone, Debug)]
+struct ConfigCheck {
+    shown: Vec<u8>,
+    source: ConfigSource,
+}
+
+impl ConfigCheck {
+    /// Refuses a backend whose configuration space (disk capacity, for
+    /// instance) differs from what the driver was shown.
+    fn check(&self, new: &mut dyn BackendConnection) -> Result<()> {
+        let ConfigSource::Backend { takeover_check } = self.source else {
+            return Ok(());
+        };
+        let config = new.get_config(self.shown.len() as u32)?;
+        match takeover_check(&self.shown, &config) {
+            None => Ok(()),
+            Some(reason) => Err(Error::Incompatible {
+                socket: new.socket().to_path_buf(),
+                reason,
+            }),
+        }
+    }
+}
+
+/// A reconnect attempt: reaching the backend again, made without the
+/// device's lock; [`VhostUserDevice::finish_reconnect`] installs it.
+pub struct ReconnectAttempt {
+    reconnector: Arc<Mutex<Reconnector>>,
+    config: ConfigCheck,
+}
+
+impl ReconnectAttempt {
+    /// Connects (starting a new child backend for one pvstack runs
+    /// itself), negotiates and checks the configuration space.
+    pub fn connect(&self) -> Result<Connected> {
+        let (mut new, process) = {
+            let mut reconnect = self
+                .reconnector
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            reconnect()?
+        };
+        self.config.check(new.as_mut())?;
+        Ok((new, process))
+    }
+}
+
+/// What became of a connection offered to a device that had lost its own.
+pub enum Reconnected {
+    /// It serves the device now; the watch (if the driver runs the
+    /// device) sees when it first completes a waiting request.
+    Installed(Option<RingWatch>),
+    /// Another connection was installed first; this one was dropped.
+    AlreadyConnected,
+}
+
+/// The first step of a swap: connecting to the new backend and checking
+/// it, without the device's lock.
+pub struct SwapAttempt {
+    connector: Connector,
+    config: ConfigCheck,
+    socket: PathBuf,
+    /// The device's connection when the swap began.
+    connection: u64,
+}
+
+impl SwapAttempt {
+    /// Connects to the new backend, negotiates and checks its
+    /// configuration space.
+    pub fn connect(&self) -> Result<Box<dyn BackendConnection>> {
+        let mut new = (self.connector)(&self.socket)?;
+        self.config.check(new.as_mut())?;
+        Ok(new)
+    }
+}
+
+/// A swap whose new backend is prepared and whose old one is stopped,
+/// while the old one completes what it had taken (waited for without the
+/// device's lock); [`VhostUserDevice::finish_swap`] ends it.
+pub struct SwapInProgress {
+    socket: PathBuf,
+    new: Box<dyn BackendConnection>,
+    /// The old backend's inflight log, given back to it if the swap fails.
+    old_inflight: Option<InflightLog>,
+    /// What to wait for before the new backend may resume the rings;
+    /// `None` if the device was inactive or the old backend could not be
+    /// stopped (then the new one takes over from the used rings).
+    drain: Option<RingWatch>,
+    connection: u64,
+    activation: u64,
+    began: Instant,
+}
+
+impl SwapInProgress {
+    /// When no backend began serving the rings any more.
+    pub fn began(&self) -> Instant {
+        self.began
+    }
+
+    /// The old backend's requests still to complete.
+    pub fn drain(&self) -> Option<&RingWatch> {
+        self.drain.as_ref()
+    }
+}
+
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
     /// Names the device in log lines.
@@ -111,16 +242,23 @@ pub struct VhostUserDevice {
     handle: Box<dyn BackendConnection>,
     /// What the backend was set up with, while the driver runs the device.
     rings: Option<RingSetup>,
+    /// The driver started the device while no backend was connected, so
+    /// no backend has served `rings` yet: the first one starts them at 0.
+    rings_unserved: bool,
     /// The backend process, if pvstack started it. Declared after the
     /// handle so the connection closes before the process is stopped.
     process: Option<BackendProcess>,
-    /// How to reach the backend again after it hangs up.
-    reconnector: Reconnector,
+    /// How to reach the backend again after it hangs up; shared with
+    /// reconnect attempts in progress, replaced (not changed) by a swap.
+    reconnector: Arc<Mutex<Reconnector>>,
     /// How to reach the backend a swap names.
     connector: Connector,
     /// Counts the connections this device has had, so a watcher of an
     /// old one knows its hang-up no longer matters.
     connection: u64,
+    /// Counts the driver's starts and resets, so a swap that waited
+    /// without the lock knows whether its rings are still the driver's.
+    activation: u64,
     state: BackendState,
     stats: BackendStats,
 }
@@ -128,7 +266,8 @@ pub struct VhostUserDevice {
 impl VhostUserDevice {
     /// A device that `handle`'s backend serves in `memory`; `process` is
     /// the backend if pvstack started it (stopped when the device drops).
-    /// `reconnect` reaches the same backend again (see [`Reconnector`]).
+    /// `reconnect` reaches the same backend again (see [`Reconnector`]);
+    /// a swap connects to backends `allowed` lets serve the device.
     pub fn new(
         name: impl Into<String>,
         shape: DeviceShape,
@@ -138,6 +277,7 @@ impl VhostUserDevice {
         mut reconnect: impl FnMut() -> Result<(VhostUserHandle, Option<BackendProcess>)>
             + Send
             + 'static,
+        allowed: AllowedBackend,
     ) -> Self {
         let reconnector: Reconnector = Box::new(move || {
             let (handle, process) = reconnect()?;
@@ -149,7 +289,7 @@ impl VhostUserDevice {
             memory,
             (Box::new(handle), process),
             reconnector,
-            connect_vhost_user,
+            vhost_user_connector(allowed),
         )
     }
 
@@ -170,10 +310,12 @@ impl VhostUserDevice {
             memory,
             handle,
             rings: None,
+            rings_unserved: false,
             process,
-            reconnector,
+            reconnector: Arc::new(Mutex::new(reconnector)),
             connector,
             connection: 0,
+            activation: 0,
             state: BackendState::Connected,
             stats: BackendStats::default(),
         }
@@ -202,6 +344,7 @@ impl VhostUserDevice {
     /// The device's backend, connection state and counters.
     pub fn status(&self) -> BackendStatus {
         BackendStatus {
+            device_id: self.shape.device_id,
             socket: self.handle.socket().to_path_buf(),
             pid: self.process.as_ref().map(BackendProcess::pid),
             state: self.state,
@@ -225,15 +368,165 @@ impl VhostUserDevice {
         self.connection
     }
 
-    /// Moves the device to the backend listening on `socket`: connects
-    /// and checks it first (a backend that cannot take over is refused and
-    /// the old one keeps serving), then stops the rings on the old backend
-    /// once the requests it took are complete, replays the ring setup to
-    /// the new one, and resumes. Returns the stall: how long no backend
-    /// served the rings.
-    pub fn swap(&mut self, socket: &Path) -> Result<Duration> {
-        let result = self.try_swap(socket);
-        match &result {
+    fn config_check(&self) -> ConfigCheck {
+        ConfigCheck {
+            shown: self.shape.config.clone(),
+            source: self.shape.config_source,
+        }
+    }
+
+    /// Begins a swap to the backend listening on `socket`; refused while
+    /// the device has no backend to swap from.
+    pub fn swap_attempt(&self, socket: &Path) -> Result<SwapAttempt> {
+        if self.state != BackendState::Connected {
+            return Err(Error::Incompatible {
+                socket: self.handle.socket().to_path_buf(),
+                reason: "the device is reconnecting to its backend; swap once it is back".into(),
+            });
+        }
+        Ok(SwapAttempt {
+            connector: self.connector.clone(),
+            config: self.config_check(),
+            socket: socket.to_path_buf(),
+            connection: self.connection,
+        })
+    }
+
+    /// Checks that `new` (connected by `attempt`) can take over the rings
+    /// and prepares it while the old backend still serves, then stops the
+    /// old backend. A backend that cannot take over is refused here and
+    /// the old one keeps serving.
+    pub fn stop_for_swap(
+        &mut self,
+        attempt: SwapAttempt,
+        mut new: Box<dyn BackendConnection>,
+    ) -> Result<SwapInProgress> {
+        if self.connection != attempt.connection || self.state != BackendState::Connected {
+            return Err(Error::Incompatible {
+                socket: attempt.socket,
+                reason: "the device's own backend connection changed meanwhile; try again".into(),
+            });
+        }
+        let mut old_inflight = None;
+        let mut drain = None;
+        let mut began = Instant::now();
+        if let Some(rings) = self.rings.as_mut() {
+            new.check_takeover(rings)?;
+            // The new backend keeps an inflight log of its own; the old
+            // one's goes back to it if the swap fails.
+            old_inflight = rings.inflight.take();
+            if let Err(err) = new.prepare(rings) {
+                rings.inflight = old_inflight;
+                return Err(err);
+            }
+            began = Instant::now();
+            match self.handle.stop(rings) {
+                Ok(()) => drain = Some(RingWatch::of(rings)),
+                // The old backend is gone or broken: continue as after a
+                // hang-up, from what the driver saw completed.
+                Err(err) => warn!(
+                    "{}: stopping the old backend failed ({err}); taking over from the used rings",
+                    self.name
+                ),
+            }
+        } else {
+            let missing = self.shape.features & !new.backend_features();
+            if missing != 0 {
+                return Err(Error::MissingFeatures {
+                    socket: attempt.socket,
+                    missing,
+                });
+            }
+        }
+        Ok(SwapInProgress {
+            socket: attempt.socket,
+            new,
+            old_inflight,
+            drain,
+            connection: self.connection,
+            activation: self.activation,
+            began,
+        })
+    }
+
+    /// Ends a swap once the old backend has drained (`drained`): resumes
+    /// the rings on the new backend and makes it the device's. If the
+    /// rings cannot resume there, they go back to the old backend. Returns
+    /// a watch of the rings (when the driver runs the device) to see the
+    /// new backend's first completion.
+    pub fn finish_swap(
+        &mut self,
+        progress: SwapInProgress,
+        drained: Result<()>,
+    ) -> Result<Option<RingWatch>> {
+        let SwapInProgress {
+            socket,
+            mut new,
+            old_inflight,
+            drain,
+            connection,
+            activation,
+            ..
+        } = progress;
+        let abandon = |new: &mut Box<dyn BackendConnection>, reason: &str| {
+            new.shut_down();
+            Err(Error::Incompatible {
+                socket: socket.clone(),
+                reason: reason.into(),
+            })
+        };
+        if self.connection != connection {
+            return abandon(
+                &mut new,
+                "the device reconnected to its old backend during the swap",
+            );
+        }
+        let mut watch = None;
+        if self.activation != activation {
+            // The driver reset the device while the old backend drained.
+            if self.rings.is_some() {
+                return abandon(
+                    &mut new,
+                    "the driver restarted the device during the swap, on its old backend",
+                );
+            }
+            // Inactive now: the new backend is set up when the driver
+            // starts the device again.
+        } else if let Some(rings) = self.rings.as_mut() {
+            let clean = drain.is_some() && drained.is_ok();
+            if let Err(err) = drained {
+                warn!(
+                    "{}: {err}; the new backend takes over from the used rings",
+                    self.name
+                );
+            }
+            if !clean {
+                rewind_to_used(rings)?;
+            }
+            if let Err(err) = new.resume(rings) {
+                // Give the rings back to the old backend where it stopped.
+                rings.inflight = old_inflight;
+                if let Err(again) = self.handle.start(rings) {
+                    error!(
+                        "{}: the old backend cannot resume either: {again}",
+                        self.name
+                    );
+                    self.lose_connection();
+                }
+                return Err(err);
+            }
+            watch = Some(RingWatch::of(rings));
+        }
+        self.replace_connection(new, None);
+        let connect = self.connector.clone();
+        let reconnect: Reconnector = Box::new(move || Ok((connect(&socket)?, None)));
+        self.reconnector = Arc::new(Mutex::new(reconnect));
+        Ok(watch)
+    }
+
+    /// Counts a swap to `socket` that succeeded with `stall` or failed.
+    pub fn record_swap(&mut self, socket: &Path, result: &Result<Duration>) {
+        match result {
             Ok(stall) => {
                 self.stats.swaps.record(*stall);
                 info!(
@@ -247,90 +540,6 @@ impl VhostUserDevice {
                 self.stats.refused_swaps += 1;
                 warn!("{}: swap to {} refused: {err}", self.name, socket.display());
             }
-        }
-        result
-    }
-
-    fn try_swap(&mut self, socket: &Path) -> Result<Duration> {
-        if self.state != BackendState::Connected {
-            return Err(Error::Incompatible {
-                socket: self.handle.socket().to_path_buf(),
-                reason: "the device is reconnecting to its backend; swap once it is back".into(),
-            });
-        }
-        let mut new = (self.connector)(socket)?;
-        self.check_config(new.as_mut())?;
-        let mut began = Instant::now();
-        if let Some(rings) = self.rings.as_mut() {
-            new.check_takeover(rings)?;
-            // The new backend keeps an inflight log of its own; the old
-            // one's goes back to it if the swap fails.
-            let old_inflight = rings.inflight.take();
-            if let Err(err) = new.prepare(rings) {
-                rings.inflight = old_inflight;
-                return Err(err);
-            }
-            began = Instant::now();
-            if let Err(err) = self.handle.stop(rings) {
-                // The old backend is gone or broken: continue as after a
-                // hang-up, from what the driver saw completed.
-                warn!(
-                    "{}: stopping the old backend failed ({err}); taking over from the used rings",
-                    self.name
-                );
-                rewind_to_used(rings)?;
-            }
-            let stopped = began.elapsed();
-            if let Err(err) = new.resume(rings) {
-                // Give the rings back to the old backend where it stopped.
-                rings.inflight = old_inflight;
-                if let Err(again) = self.handle.start(rings) {
-                    error!(
-                        "{}: the old backend cannot resume either: {again}",
-                        self.name
-                    );
-                }
-                return Err(err);
-            }
-            let resumed = began.elapsed();
-            wait_for_service(rings);
-            debug!(
-                "{}: old backend stopped in {} us, new one set up in {} us, serving after {} us",
-                self.name,
-                stopped.as_micros(),
-                (resumed - stopped).as_micros(),
-                began.elapsed().as_micros()
-            );
-        } else {
-            let missing = self.shape.features & !new.backend_features();
-            if missing != 0 {
-                return Err(Error::MissingFeatures {
-                    socket: socket.to_path_buf(),
-                    missing,
-                });
-            }
-        }
-        let stall = began.elapsed();
-        let socket = socket.to_path_buf();
-        self.replace_connection(new, None);
-        let connect = self.connector;
-        self.reconnector = Box::new(move || Ok((connect(&socket)?, None)));
-        Ok(stall)
-    }
-
-    /// Refuses a backend whose configuration space (disk capacity, for
-    /// instance) differs from what the driver was shown.
-    fn check_config(&self, new: &mut dyn BackendConnection) -> Result<()> {
-        let ConfigSource::Backend { takeover_check } = self.shape.config_source else {
-            return Ok(());
-        };
-        let config = new.get_config(self.shape.config.len() as u32)?;
-        match takeover_check(&self.shape.config, &config) {
-            None => Ok(()),
-            Some(reason) => Err(Error::Incompatible {
-                socket: new.socket().to_path_buf(),
-                reason,
-            }),
         }
     }
 
@@ -349,16 +558,26 @@ impl VhostUserDevice {
         self.state = BackendState::Connected;
     }
 
-    /// Marks the connection lost (the watcher saw a hang-up): the
-    /// guest's requests wait in the rings until [`Self::try_reconnect`]
-    /// succeeds.
-    pub fn mark_lost(&mut self) {
-        warn!(
-            "{}: backend {} hung up; holding the device's requests while reconnecting",
-            self.name,
-            self.handle.socket().display()
-        );
+    /// Ends the current connection: the guest's requests wait in the
+    /// rings until a reconnect attempt succeeds.
+    fn lose_connection(&mut self) {
+        self.handle.shut_down();
         self.state = BackendState::Reconnecting;
+    }
+
+    /// Marks the connection lost (the watcher saw a hang-up): the
+    /// guest's requests wait in the rings until a reconnect succeeds.
+    pub fn mark_lost(&mut self) {
+        if self.state == BackendState::Connected {
+            // A backend that crashes at once after each reconnect would
+            // otherwise write this without end.
+            warn_limited!(
+                "{}: backend {} hung up; holding the device's requests while reconnecting",
+                self.name,
+                self.handle.socket().display()
+            );
+            self.state = BackendState::Reconnecting;
+        }
     }
 
     /// Marks reconnecting as given up.
@@ -371,8 +590,16 @@ impl VhostUserDevice {
         self.state = BackendState::Failed;
     }
 
-    /// One attempt to reach the backend again after it hung up (`began`
-    /// is when), and to resume the rings where the driver last saw
+    /// What a reconnect attempt needs, to be made without the lock.
+    pub fn reconnect_attempt(&self) -> ReconnectAttempt {
+        ReconnectAttempt {
+            reconnector: self.reconnector.clone(),
+            config: self.config_check(),
+        }
+    }
+
+    /// Installs a connection a [`ReconnectAttempt`] made, unless another
+    /// got there first, and resumes the rings where the driver last saw
     /// completions. The previous backend cannot be asked where it
     /// stopped, so the rings restart at the used ring's index, as QEMU's
     /// do. A backend that keeps an inflight log (pvstack-blk,
@@ -381,19 +608,27 @@ impl VhostUserDevice {
     /// the order they were taken, and moves on past them; one without
     /// serves every request from the used index on again, which is exact
     /// only if it completes each queue's requests in order.
-    pub fn try_reconnect(&mut self, began: Instant) -> Result<()> {
-        // A crashed child is reaped before a new one starts.
-        self.process = None;
-        let (mut new, process) = (self.reconnector)()?;
-        self.check_config(new.as_mut())?;
+    pub fn finish_reconnect(&mut self, (mut new, process): Connected) -> Result<Reconnected> {
+        if self.state == BackendState::Connected {
+            new.shut_down();
+            return Ok(Reconnected::AlreadyConnected);
+        }
+        let mut watch = None;
         if let Some(rings) = self.rings.as_mut() {
-            rewind_to_used(rings)?;
+            if !self.rings_unserved {
+                rewind_to_used(rings)?;
+            }
             new.check_takeover(rings)?;
             new.start(rings)?;
-            wait_for_service(rings);
+            self.rings_unserved = false;
+            watch = Some(RingWatch::of(rings));
         }
         self.replace_connection(new, process);
-        let stall = began.elapsed();
+        Ok(Reconnected::Installed(watch))
+    }
+
+    /// Counts a reconnect that held the rings for `stall`.
+    pub fn record_reconnect(&mut self, stall: Duration) {
         self.stats.reconnects.record(stall);
         info!(
             "{}: reconnected to {} (stall {} us)",
@@ -401,48 +636,177 @@ impl VhostUserDevice {
             self.handle.socket().display(),
             stall.as_micros()
         );
-        Ok(())
     }
 
-    /// Ends the current connection on request and reconnects at once
-    /// (the `device reconnect` command): the rings are stopped cleanly
-    /// first, so nothing is served twice.
-    pub fn reconnect(&mut self) -> Result<Duration> {
-        let began = Instant::now();
-        if let Some(rings) = self.rings.as_mut() {
-            if let Err(err) = self.handle.stop(rings) {
+    /// Stops the rings on the current backend before a requested
+    /// reconnect, so nothing is served twice; returns what to drain.
+    pub fn stop_for_reconnect(&mut self) -> Option<RingWatch> {
+        if self.state != BackendState::Connected {
+            return None;
+        }
+        let rings = self.rings.as_mut()?;
+        match self.handle.stop(rings) {
+            Ok(()) => Some(RingWatch::of(rings)),
+            Err(err) => {
                 warn!(
                     "{}: cannot stop the rings before reconnecting: {err}",
                     self.name
                 );
+                None
             }
         }
-        self.handle.shut_down();
-        self.state = BackendState::Reconnecting;
-        self.try_reconnect(began)?;
-        Ok(began.elapsed())
+    }
+
+    /// Ends the current connection on request; a reconnect follows.
+    pub fn drop_connection(&mut self) {
+        info!(
+            "{}: disconnecting from {} to reconnect",
+            self.name,
+            self.handle.socket().display()
+        );
+        self.lose_connection();
     }
 }
 
-/// How long [`wait_for_service`] waits for a new backend's first completion.
-const SERVICE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Where a stopped queue left off: what a snapshot records per queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingPosition {
+    pub queue: u16,
+    pub next_avail: u16,
+}
 
-/// Waits until the backend that just started on `rings` completes a
-/// request on each queue where requests were waiting, so the stall
-/// recorded is what the guest sees (the backend's threads must also be
-/// scheduled) rather than only the setup messages. Gives up quietly after
-/// [`SERVICE_TIMEOUT`]; the stall then says so.
-fn wait_for_service(rings: &RingSetup) {
-    let started = Instant::now();
-    for queue in &rings.queues {
-        let waiting = |memory| {
-            let used = used_idx(memory, queue).ok()?;
-            let avail = avail_idx(memory, queue).ok()?;
-            Some(used == queue.next_avail && avail != queue.next_avail)
-        };
-        while waiting(&rings.memory) == Some(true) && started.elapsed() < SERVICE_TIMEOUT {
-            std::thread::sleep(Duration::from_micros(20));
+/// Snapshots and take-overs: stopping the rings where they stand, starting
+/// them again there (on this or another backend), and adopting rings that
+/// a backend serves for another pvstack.
+impl VhostUserDevice {
+    /// The ring setup for what the driver programmed, every queue at 0.
+    fn ring_setup(&self, activation: &Activation<'_>) -> Result<RingSetup> {
+        let mut queues = Vec::new();
+        for (index, (config, kick)) in
+            (0u16..).zip(activation.queues.iter().zip(&activation.events.kicks))
+        {
+            if config.ready {
+                queues.push(ActiveQueue {
+                    index,
+                    config: *config,
+                    next_avail: 0,
+                    kick: clone_eventfd(kick, format!("{} queue {index} kicks", self.name))?,
+                });
+            }
         }
+        Ok(RingSetup {
+            features: activation.features,
+            memory: self.memory.clone(),
+            queues,
+            call: clone_eventfd(&activation.events.call, format!("{} interrupts", self.name))?,
+            inflight: None,
+        })
+    }
+
+    /// Whether the backend is connected, so its rings can be stopped or
+    /// its connection handed over.
+    fn require_connected(&self, what: &str) -> Result<()> {
+        if self.state == BackendState::Connected {
+            return Ok(());
+        }
+        Err(Error::Incompatible {
+            socket: self.handle.socket().to_path_buf(),
+            reason: format!("the device is reconnecting to its backend; {what} once it is back"),
+        })
+    }
+
+    /// Stops the backend's rings as a swap does (disable, GET_VRING_BASE,
+    /// wait until everything taken is complete) and returns where each
+    /// queue stands; nothing of the device is in flight afterwards. Empty
+    /// while the driver does not run the device.
+    pub fn stop_rings(&mut self) -> Result<Vec<RingPosition>> {
+        self.require_connected("snapshot")?;
+        let Some(rings) = self.rings.as_mut() else {
+            return Ok(Vec::new());
+        };
+        self.handle.stop(rings)?;
+        // The backend may answer GET_VRING_BASE before it completed what it
+        // took; nothing may be in flight once this returns.
+        RingWatch::of(rings).drain(DRAIN_TIMEOUT)?;
+        Ok(rings
+            .queues
+            .iter()
+            .map(|q| RingPosition {
+                queue: q.index,
+                next_avail: q.next_avail,
+            })
+            .collect())
+    }
+
+    /// Starts the rings [`Self::stop_rings`] stopped again, on the same backend.
+    pub fn resume_rings(&mut self) -> Result<()> {
+        if let Some(rings) = self.rings.as_ref() {
+            self.handle.resume(rings)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the rings the driver programmed (`activation`) on this
+    /// device's backend at `positions` (a restored snapshot).
+    pub fn restore_rings(
+        &mut self,
+        activation: Activation<'_>,
+        positions: &[RingPosition],
+    ) -> Result<()> {
+        let mut setup = self.ring_setup(&activation)?;
+        for queue in &mut setup.queues {
+            let position = positions.iter().find(|p| p.queue == queue.index);
+            let Some(position) = position else {
+                return Err(Error::Restore {
+                    device: self.name.clone(),
+                    reason: format!(
+                        "the snapshot has no ring position for queue {}",
+                        queue.index
+                    ),
+                });
+            };
+            queue.next_avail = position.next_avail;
+        }
+        self.handle.start(&mut setup)?;
+        self.activation += 1;
+        self.rings_unserved = false;
+        info!(
+            "{}: rings restored on {} at {positions:?}",
+            self.name,
+            self.handle.socket().display()
+        );
+        self.rings = Some(setup);
+        Ok(())
+    }
+
+    /// Takes over rings that the backend keeps serving for the pvstack
+    /// that handed this device over: records what the driver programmed
+    /// and the backend's inflight log without stopping or restarting
+    /// anything (only this side learns the features).
+    pub fn adopt_rings(
+        &mut self,
+        activation: Activation<'_>,
+        inflight: Option<InflightLog>,
+    ) -> Result<()> {
+        let mut setup = self.ring_setup(&activation)?;
+        setup.inflight = inflight;
+        self.handle.acknowledge_features(&setup)?;
+        self.activation += 1;
+        self.rings_unserved = false;
+        self.rings = Some(setup);
+        Ok(())
+    }
+
+    /// The inflight log of the running rings, if the backend keeps one.
+    pub fn inflight_log(&self) -> Option<&InflightLog> {
+        self.rings.as_ref().and_then(|r| r.inflight.as_ref())
+    }
+
+    /// A duplicate of the connection to the backend, to hand it over to
+    /// another pvstack; refused while reconnecting.
+    pub fn connection_fd(&self) -> Result<OwnedFd> {
+        self.require_connected("hand the device over")?;
+        self.handle.watch_fd()
     }
 }
 
@@ -472,43 +836,64 @@ impl VirtioDevice for VhostUserDevice {
         read_config_bytes(&self.shape.config, offset, data);
     }
 
+    /// Sets the backend up on the driver's rings. Rings outside guest RAM
+    /// are the driver's error; a backend that fails to start them loses
+    /// its connection, and the rings wait, as after a hang-up, for the
+    /// backend that reconnects. The same when no backend is connected.
     fn activate(&mut self, activation: Activation<'_>) -> Result<()> {
-        let mut queues = Vec::new();
-        for (index, (config, kick)) in
-            (0u16..).zip(activation.queues.iter().zip(&activation.events.kicks))
-        {
-            if config.ready {
-                queues.push(ActiveQueue {
-                    index,
-                    config: *config,
-                    next_avail: 0,
-                    kick: clone_eventfd(kick, format!("{} queue {index} kicks", self.name))?,
-                });
-            }
+        let mut setup = self.ring_setup(&activation)?;
+        check_rings(&setup)?;
+        self.activation += 1;
+        self.rings_unserved = false;
+        if self.state != BackendState::Connected {
+            info_limited!(
+                "{}: driver started {} queues; they wait for the backend to reconnect",
+                self.name,
+                setup.queues.len()
+            );
+            self.rings_unserved = true;
+        } else if let Err(err) = self.handle.start(&mut setup) {
+            warn_limited!(
+                "{}: the backend failed to start the rings ({err}); they wait while pvstack reconnects",
+                self.name
+            );
+            self.lose_connection();
+        } else {
+            info_limited!(
+                "{}: driver started {} queues on {}",
+                self.name,
+                setup.queues.len(),
+                self.handle.socket().display()
+            );
         }
-        let mut setup = RingSetup {
-            features: activation.features,
-            memory: self.memory.clone(),
-            queues,
-            call: clone_eventfd(&activation.events.call, format!("{} interrupts", self.name))?,
-            inflight: None,
-        };
-        self.handle.start(&mut setup)?;
-        info!(
-            "{}: driver started {} queues on {}",
-            self.name,
-            setup.queues.len(),
-            self.handle.socket().display()
-        );
         self.rings = Some(setup);
         Ok(())
     }
 
+    /// Stops the rings: the backend must stop taking requests and, within
+    /// [`RESET_DRAIN_TIMEOUT`], complete those it took. One that fails
+    /// either loses its connection and is reconnected; the rings are the
+    /// driver's again at once.
     fn reset(&mut self) {
-        if let Some(mut rings) = self.rings.take() {
-            match self.handle.stop(&mut rings) {
-                Ok(()) => info!("{}: driver reset the device; rings stopped", self.name),
-                Err(err) => error!("{}: cannot stop the rings on reset: {err}", self.name),
+        self.activation += 1;
+        let Some(mut rings) = self.rings.take() else {
+            return;
+        };
+        if self.state != BackendState::Connected || self.rings_unserved {
+            return;
+        }
+        let stopped = self
+            .handle
+            .stop(&mut rings)
+            .and_then(|()| RingWatch::of(&rings).drain(RESET_DRAIN_TIMEOUT));
+        match stopped {
+            Ok(()) => info_limited!("{}: driver reset the device; rings stopped", self.name),
+            Err(err) => {
+                warn_limited!(
+                    "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
+                    self.name
+                );
+                self.lose_connection();
             }
         }
     }
@@ -533,22 +918,70 @@ impl VirtioDevice for VhostUserDevice {
 mod tests {
     //! The device's swap, reconnect and rewind decisions, driven with
     //! scripted connections in place of backends (the integration tests in
-    //! tests/ run the same paths against real pvstack-blk processes).
+    //! tests/ run the same paths against real pvstack-blk processes), and
+    //! the device's lock staying free while a connection is being made.
 
     use std::os::unix::net::UnixStream;
     use std::path::PathBuf;
-    use std::sync::{Arc, Mutex};
+    use std::sync::mpsc;
+    use std::sync::{Arc, Condvar, Mutex};
 
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    };
+    use virtio_bindings::virtio_mmio::*;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::vhost_user::supervisor::{self, ReconnectPolicy};
-    use crate::virtio::{DeviceEvents, QueueConfig};
+    use crate::bus::BusDevice;
+    use crate::vhost_user::control::{self, lock};
+    use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::DeviceEvents;
 
     const VERSION_1: u64 = 1 << 32;
     const EXTRA_FEATURE: u64 = 1 << 9;
-    const AVAIL_IDX: u64 = 0x2002;
-    const USED_IDX: u64 = 0x3002;
+    const DESC_TABLE: u64 = 0x1000;
+    const AVAIL_RING: u64 = 0x2000;
+    const USED_RING: u64 = 0x3000;
+    const AVAIL_IDX: u64 = AVAIL_RING + 2;
+    const USED_IDX: u64 = USED_RING + 2;
+    /// Only turns a hang into a failure.
+    const HANG: Duration = Duration::from_secs(30);
+
+    /// A door a scripted connect waits at until the test opens it.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(Mutex<(bool, bool)>, Condvar)>);
+
+    impl Gate {
+        /// Called by the connect: says it is here, waits to be let through.
+        fn pass(&self) {
+            let (state, changed) = &*self.0;
+            let mut state = state.lock().unwrap();
+            state.0 = true;
+            changed.notify_all();
+            while !state.1 {
+                state = changed.wait(state).unwrap();
+            }
+        }
+
+        /// Waits until a connect is waiting at the gate.
+        fn wait_for_arrival(&self) {
+            let (state, changed) = &*self.0;
+            let state = state.lock().unwrap();
+            let (state, timeout) = changed
+                .wait_timeout_while(state, HANG, |state| !state.0)
+                .unwrap();
+            assert!(!timeout.timed_out() && state.0, "nothing reached the gate");
+        }
+
+        fn open(&self) {
+            let (state, changed) = &*self.0;
+            state.lock().unwrap().1 = true;
+            changed.notify_all();
+        }
+    }
 
     /// What a scripted backend offers and which of its steps fail.
     #[derive(Clone)]
@@ -558,6 +991,10 @@ mod tests {
         fail_prepare: bool,
         fail_resume: bool,
         fail_stop: bool,
+        /// `stop` completes every request taken (else they stay in flight).
+        completes: bool,
+        /// Connecting waits at this gate.
+        gate: Option<Gate>,
     }
 
     impl Default for Script {
@@ -568,6 +1005,8 @@ mod tests {
                 fail_prepare: false,
                 fail_resume: false,
                 fail_stop: false,
+                completes: true,
+                gate: None,
             }
         }
     }
@@ -576,9 +1015,9 @@ mod tests {
     type Log = Arc<Mutex<Vec<String>>>;
 
     /// A backend that records each step in the test's log. It serves like
-    /// a well-behaved backend: `stop` completes every available request
-    /// and reports the available index as its base; `resume` completes
-    /// whatever waits.
+    /// a well-behaved backend: `stop` reports the available index as its
+    /// base and (unless told otherwise) completes every request it took;
+    /// `resume` completes whatever waits.
     struct Scripted {
         name: String,
         socket: PathBuf,
@@ -609,25 +1048,31 @@ mod tests {
 
     /// The test [`Connector`]: the backend registered at `socket`, once.
     fn connect_scripted(socket: &Path) -> Result<Box<dyn BackendConnection>> {
-        let mut backends = BACKENDS.lock().unwrap();
-        let found = backends
-            .iter_mut()
-            .find(|(path, _, _, stream)| path == socket && stream.is_some());
-        let Some((path, script, log, stream)) = found else {
-            return Err(Error::Connect {
-                socket: socket.to_path_buf(),
-                source: std::io::ErrorKind::NotFound.into(),
-            });
+        let connection = {
+            let mut backends = BACKENDS.lock().unwrap();
+            let found = backends
+                .iter_mut()
+                .find(|(path, _, _, stream)| path == socket && stream.is_some());
+            let Some((path, script, log, stream)) = found else {
+                return Err(Error::Connect {
+                    socket: socket.to_path_buf(),
+                    cause: std::io::ErrorKind::NotFound.into(),
+                });
+            };
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            Scripted {
+                name,
+                socket: path.clone(),
+                script: script.clone(),
+                log: log.clone(),
+                watched: stream.take().unwrap(),
+            }
         };
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        log.lock().unwrap().push(format!("{name} connect"));
-        Ok(Box::new(Scripted {
-            name,
-            socket: path.clone(),
-            script: script.clone(),
-            log: log.clone(),
-            watched: stream.take().unwrap(),
-        }))
+        if let Some(gate) = &connection.script.gate {
+            gate.pass();
+        }
+        connection.record("connect".into());
+        Ok(Box::new(connection))
     }
 
     impl Scripted {
@@ -688,10 +1133,12 @@ mod tests {
                 return Err(self.fail("stop"));
             }
             let avail: u16 = setup.memory.read_obj(GuestAddress(AVAIL_IDX)).unwrap();
-            setup
-                .memory
-                .write_obj(avail, GuestAddress(USED_IDX))
-                .unwrap();
+            if self.script.completes {
+                setup
+                    .memory
+                    .write_obj(avail, GuestAddress(USED_IDX))
+                    .unwrap();
+            }
             for queue in &mut setup.queues {
                 queue.next_avail = avail;
             }
@@ -706,15 +1153,16 @@ mod tests {
     }
 
     struct Rig {
-        device: VhostUserDevice,
+        /// The device behind its transport, as the bus and the API hold it.
+        device: SharedVhostUserDevice,
         log: Log,
         memory: GuestMemoryMmap,
         /// Keeps the first backend's connection open.
-        _first_peer: UnixStream,
+        first_peer: Option<UnixStream>,
     }
 
-    /// A device on the scripted backend `<test>-a`, with the driver's
-    /// queue 0 (16 entries) started on it.
+    /// A device on the scripted backend `<test>-a`, which the driver has
+    /// started (queue 0, 16 entries) through the transport's registers.
     fn rig(test: &str, first: Script) -> Rig {
         let log = Log::default();
         let socket = format!("/scripted/{test}-a");
@@ -731,37 +1179,90 @@ mod tests {
         let reconnector: Reconnector =
             Box::new(move || Ok((connect_scripted(&reconnect_socket)?, None)));
         let connection = connect_scripted(Path::new(&socket)).unwrap();
-        let mut device = VhostUserDevice::with_connection(
+        let device = VhostUserDevice::with_connection(
             test,
             shape,
             memory.clone(),
             (connection, None),
             reconnector,
-            connect_scripted,
+            Arc::new(connect_scripted),
         );
-        let queue = QueueConfig {
-            max_size: 16,
-            size: 16,
-            ready: true,
-            desc_table: 0x1000,
-            avail_ring: 0x2000,
-            used_ring: 0x3000,
-        };
         let events = DeviceEvents::new(1).unwrap();
-        device
-            .activate(Activation {
-                features: VERSION_1,
-                queues: &[queue],
-                events: &events,
-            })
-            .unwrap();
+        let device = Arc::new(Mutex::new(MmioTransport::new(test, device, events)));
+        start_driver(&device);
         log.lock().unwrap().clear();
         Rig {
             device,
             log,
             memory,
-            _first_peer: first_peer,
+            first_peer: Some(first_peer),
         }
+    }
+
+    /// A register write as a vCPU's MMIO exit makes it.
+    fn write_register(device: &SharedVhostUserDevice, register: u32, value: u32) {
+        lock(device).write(u64::from(register), &value.to_le_bytes());
+    }
+
+    fn read_register(device: &SharedVhostUserDevice, register: u32) -> u32 {
+        let mut data = [0u8; 4];
+        lock(device).read(u64::from(register), &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    /// The driver's start: features, queue 0 at the rig's rings, DRIVER_OK.
+    fn start_driver(device: &SharedVhostUserDevice) {
+        let status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        write_register(device, VIRTIO_MMIO_STATUS, status);
+        write_register(device, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        write_register(
+            device,
+            VIRTIO_MMIO_DRIVER_FEATURES,
+            (VERSION_1 >> 32) as u32,
+        );
+        let status = status | VIRTIO_CONFIG_S_FEATURES_OK;
+        write_register(device, VIRTIO_MMIO_STATUS, status);
+        write_register(device, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write_register(device, VIRTIO_MMIO_QUEUE_NUM, 16);
+        for (register, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, DESC_TABLE),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL_RING),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, USED_RING),
+        ] {
+            write_register(device, register, addr as u32);
+        }
+        write_register(device, VIRTIO_MMIO_QUEUE_READY, 1);
+        write_register(
+            device,
+            VIRTIO_MMIO_STATUS,
+            status | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        let status = read_register(device, VIRTIO_MMIO_STATUS);
+        assert_eq!(status & VIRTIO_CONFIG_S_NEEDS_RESET, 0, "{status:#x}");
+        assert_ne!(status & VIRTIO_CONFIG_S_DRIVER_OK, 0, "{status:#x}");
+    }
+
+    /// The driver's reset: status 0.
+    fn reset_driver(device: &SharedVhostUserDevice) {
+        write_register(device, VIRTIO_MMIO_STATUS, 0);
+    }
+
+    /// Touches the device's registers from another thread, as a vCPU
+    /// would, and asserts that this gets through while `what` is under
+    /// way (within a hang timeout: it blocks if the lock is held).
+    fn registers_answer_while(device: &SharedVhostUserDevice, what: &str) {
+        let (done, finished) = mpsc::channel();
+        let device = device.clone();
+        std::thread::spawn(move || {
+            let magic = read_register(&device, VIRTIO_MMIO_MAGIC_VALUE);
+            write_register(&device, VIRTIO_MMIO_QUEUE_SEL, 0);
+            let max = read_register(&device, VIRTIO_MMIO_QUEUE_NUM_MAX);
+            let _ = done.send((magic, max));
+        });
+        let answer = finished.recv_timeout(HANG).unwrap_or_else(|_| {
+            panic!("the device's registers did not answer while {what}: its lock is held")
+        });
+        assert_eq!(answer, (u32::from_le_bytes(*b"virt"), 16));
     }
 
     impl Rig {
@@ -777,14 +1278,39 @@ mod tests {
         fn steps(&self) -> Vec<String> {
             std::mem::take(&mut *self.log.lock().unwrap())
         }
+
+        fn status(&self) -> BackendStatus {
+            lock(&self.device).device().status()
+        }
+
+        fn swap(&self, socket: &str) -> Result<Duration> {
+            control::swap(&self.device, Path::new(socket))
+        }
+
+        fn mark_lost(&self) {
+            lock(&self.device).device_mut().mark_lost();
+        }
+
+        fn reconnect_once(&self) -> Result<()> {
+            control::reconnect_once(&Arc::downgrade(&self.device), Instant::now())
+        }
+
+        /// Waits until the backend connection's state is `wanted`.
+        fn wait_for(&self, wanted: BackendState) {
+            let deadline = Instant::now() + HANG;
+            while self.status().state != wanted {
+                assert!(Instant::now() < deadline, "never {wanted:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     #[test]
     fn a_swap_prepares_the_new_backend_then_moves_the_rings_where_the_old_one_stopped() {
-        let mut rig = rig("swap", Script::default());
+        let rig = rig("swap", Script::default());
         rig.rings(5, 3);
         let _peer = listen("/scripted/swap-b", Script::default(), &rig.log);
-        rig.device.swap(Path::new("/scripted/swap-b")).unwrap();
+        rig.swap("/scripted/swap-b").unwrap();
         assert_eq!(
             rig.steps(),
             [
@@ -795,13 +1321,13 @@ mod tests {
                 "swap-a shut down"
             ]
         );
-        let status = rig.device.status();
+        let status = rig.status();
         assert_eq!(status.socket, Path::new("/scripted/swap-b"));
         assert_eq!(status.stats.swaps.count, 1);
         assert_eq!(status.stats.refused_swaps, 0);
         // After the swap, reconnecting reaches the new backend's socket.
         let _again = listen("/scripted/swap-b", Script::default(), &rig.log);
-        rig.device.reconnect().unwrap();
+        control::reconnect(&rig.device).unwrap();
         assert_eq!(
             rig.steps()[..3],
             ["swap-b stop", "swap-b shut down", "swap-b connect"]
@@ -810,13 +1336,13 @@ mod tests {
 
     #[test]
     fn a_swap_target_serving_too_few_queues_is_refused_before_the_old_backend_stops() {
-        let mut rig = rig("few", Script::default());
+        let rig = rig("few", Script::default());
         let no_queues = Script {
             queues: 0,
             ..Script::default()
         };
         let _peer = listen("/scripted/few-b", no_queues, &rig.log);
-        let err = rig.device.swap(Path::new("/scripted/few-b")).unwrap_err();
+        let err = rig.swap("/scripted/few-b").unwrap_err();
         assert!(
             matches!(
                 err,
@@ -830,37 +1356,37 @@ mod tests {
         );
         // Nothing was asked of the old backend, which serves on.
         assert_eq!(rig.steps(), ["few-b connect"]);
-        let status = rig.device.status();
+        let status = rig.status();
         assert_eq!(status.socket, Path::new("/scripted/few-a"));
         assert_eq!(status.stats.refused_swaps, 1);
         // A socket with no backend behind it is refused the same way.
-        let err = rig.device.swap(Path::new("/scripted/few-c")).unwrap_err();
+        let err = rig.swap("/scripted/few-c").unwrap_err();
         assert!(matches!(err, Error::Connect { .. }), "{err}");
-        assert_eq!(rig.device.status().stats.refused_swaps, 2);
+        assert_eq!(rig.status().stats.refused_swaps, 2);
     }
 
     #[test]
     fn a_swap_target_may_lack_features_the_driver_did_not_accept() {
         // The device offers EXTRA_FEATURE; the driver accepted VERSION_1 only.
-        let mut rig = rig("unused", Script::default());
+        let rig = rig("unused", Script::default());
         let without_extra = Script {
             features: VERSION_1,
             ..Script::default()
         };
         let _peer = listen("/scripted/unused-b", without_extra, &rig.log);
-        rig.device.swap(Path::new("/scripted/unused-b")).unwrap();
-        assert_eq!(rig.device.status().stats.swaps.count, 1);
+        rig.swap("/scripted/unused-b").unwrap();
+        assert_eq!(rig.status().stats.swaps.count, 1);
     }
 
     #[test]
     fn a_swap_target_lacking_a_feature_the_driver_uses_is_refused() {
-        let mut rig = rig("lack", Script::default());
+        let rig = rig("lack", Script::default());
         let lacking = Script {
             features: 0,
             ..Script::default()
         };
         let _peer = listen("/scripted/lack-b", lacking, &rig.log);
-        let err = rig.device.swap(Path::new("/scripted/lack-b")).unwrap_err();
+        let err = rig.swap("/scripted/lack-b").unwrap_err();
         assert!(
             matches!(
                 err,
@@ -872,19 +1398,19 @@ mod tests {
             "{err}"
         );
         assert_eq!(rig.steps(), ["lack-b connect"]);
-        assert_eq!(rig.device.status().socket, Path::new("/scripted/lack-a"));
+        assert_eq!(rig.status().socket, Path::new("/scripted/lack-a"));
     }
 
     #[test]
     fn a_new_backend_that_fails_to_resume_gives_the_rings_back_to_the_old_one() {
-        let mut rig = rig("back", Script::default());
+        let rig = rig("back", Script::default());
         rig.rings(7, 4);
         let failing = Script {
             fail_resume: true,
             ..Script::default()
         };
         let _peer = listen("/scripted/back-b", failing, &rig.log);
-        rig.device.swap(Path::new("/scripted/back-b")).unwrap_err();
+        rig.swap("/scripted/back-b").unwrap_err();
         assert_eq!(
             rig.steps(),
             [
@@ -896,7 +1422,7 @@ mod tests {
                 "back-a resume at [7]"
             ]
         );
-        let status = rig.device.status();
+        let status = rig.status();
         assert_eq!(status.socket, Path::new("/scripted/back-a"));
         assert_eq!(status.state, BackendState::Connected);
         assert_eq!(status.stats.refused_swaps, 1);
@@ -908,12 +1434,12 @@ mod tests {
             fail_stop: true,
             ..Script::default()
         };
-        let mut rig = rig("rewind", broken);
+        let rig = rig("rewind", broken);
         // Requests 3 and 4 were taken and never completed by the old
         // backend: the new one serves them again.
         rig.rings(5, 3);
         let _peer = listen("/scripted/rewind-b", Script::default(), &rig.log);
-        rig.device.swap(Path::new("/scripted/rewind-b")).unwrap();
+        rig.swap("/scripted/rewind-b").unwrap();
         assert_eq!(
             rig.steps(),
             [
@@ -928,17 +1454,17 @@ mod tests {
 
     #[test]
     fn after_a_hang_up_the_rings_resume_at_the_used_index_on_the_reconnected_backend() {
-        let mut rig = rig("hangup", Script::default());
+        let rig = rig("hangup", Script::default());
         rig.rings(9, 6);
-        rig.device.mark_lost();
-        assert_eq!(rig.device.status().state, BackendState::Reconnecting);
+        rig.mark_lost();
+        assert_eq!(rig.status().state, BackendState::Reconnecting);
         // A swap is refused while no backend is connected.
-        assert!(rig.device.swap(Path::new("/scripted/hangup-b")).is_err());
+        assert!(rig.swap("/scripted/hangup-b").is_err());
         // The backend is not back yet: the attempt fails, the state stays.
-        assert!(rig.device.try_reconnect(Instant::now()).is_err());
-        assert_eq!(rig.device.status().state, BackendState::Reconnecting);
+        assert!(rig.reconnect_once().is_err());
+        assert_eq!(rig.status().state, BackendState::Reconnecting);
         let _peer = listen("/scripted/hangup-a", Script::default(), &rig.log);
-        rig.device.try_reconnect(Instant::now()).unwrap();
+        rig.reconnect_once().unwrap();
         assert_eq!(
             rig.steps(),
             [
@@ -948,18 +1474,23 @@ mod tests {
                 "hangup-a shut down"
             ]
         );
-        let status = rig.device.status();
+        let status = rig.status();
         assert_eq!(status.state, BackendState::Connected);
         assert_eq!(status.stats.reconnects.count, 1);
         assert_eq!(status.stats.refused_swaps, 1);
+        // A connection that comes in after another was installed is dropped.
+        let _late = listen("/scripted/hangup-a", Script::default(), &rig.log);
+        rig.reconnect_once().unwrap();
+        assert_eq!(rig.steps(), ["hangup-a connect", "hangup-a shut down"]);
+        assert_eq!(rig.status().stats.reconnects.count, 1);
     }
 
     #[test]
     fn a_requested_reconnect_stops_the_rings_cleanly_first() {
-        let mut rig = rig("request", Script::default());
+        let rig = rig("request", Script::default());
         rig.rings(4, 1);
         let _peer = listen("/scripted/request-a", Script::default(), &rig.log);
-        rig.device.reconnect().unwrap();
+        control::reconnect(&rig.device).unwrap();
         assert_eq!(
             rig.steps(),
             [
@@ -975,61 +1506,206 @@ mod tests {
 
     #[test]
     fn a_driver_reset_stops_the_rings() {
-        let mut rig = rig("reset", Script::default());
-        rig.device.reset();
+        let rig = rig("reset", Script::default());
+        reset_driver(&rig.device);
         assert_eq!(rig.steps(), ["reset-a stop"]);
-        assert!(!rig.device.is_active());
-        assert_eq!(rig.device.interrupt_status(), 0);
+        let transport = lock(&rig.device);
+        assert!(!transport.device().is_active());
+        assert_eq!(transport.device().interrupt_status(), 0);
+        assert_eq!(transport.device().status().state, BackendState::Connected);
+    }
+
+    #[test]
+    fn a_reset_waits_only_briefly_for_a_backend_that_does_not_complete_its_requests() {
+        let slow = Script {
+            completes: false,
+            ..Script::default()
+        };
+        let rig = rig("slowreset", slow);
+        // The backend took requests 3 and 4 and never completes them: the
+        // reset gives up on it, drops its connection and reconnects.
+        rig.rings(5, 3);
+        reset_driver(&rig.device);
+        assert_eq!(rig.steps(), ["slowreset-a stop", "slowreset-a shut down"]);
+        assert_eq!(rig.status().state, BackendState::Reconnecting);
+        assert!(!rig.status().active);
+        // The backend comes back; with the device reset, there is nothing
+        // to start on it until the driver starts the device again.
+        let _peer = listen("/scripted/slowreset-a", Script::default(), &rig.log);
+        rig.reconnect_once().unwrap();
+        assert_eq!(
+            rig.steps(),
+            ["slowreset-a connect", "slowreset-a shut down"]
+        );
+        assert_eq!(rig.status().state, BackendState::Connected);
+    }
+
+    #[test]
+    fn a_driver_start_while_the_backend_is_away_waits_for_its_return() {
+        let rig = rig("away", Script::default());
+        reset_driver(&rig.device);
+        rig.mark_lost();
+        rig.rings(2, 0);
+        start_driver(&rig.device);
+        assert!(rig.status().active);
+        let _peer = listen("/scripted/away-a", Script::default(), &rig.log);
+        rig.reconnect_once().unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "away-a stop",
+                "away-a connect",
+                "away-a prepare",
+                "away-a resume at [0]",
+                "away-a shut down"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_backend_that_fails_to_start_the_rings_loses_its_connection_and_the_rings_wait() {
+        let rig = rig("nostart", Script::default());
+        reset_driver(&rig.device);
+        rig.mark_lost();
+        let failing = Script {
+            fail_prepare: true,
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/nostart-a", failing, &rig.log);
+        rig.reconnect_once().unwrap();
+        // The driver's start meets a backend that cannot set the rings up.
+        rig.rings(3, 0);
+        start_driver(&rig.device);
+        assert_eq!(rig.status().state, BackendState::Reconnecting);
+        let _peer = listen("/scripted/nostart-a", Script::default(), &rig.log);
+        rig.reconnect_once().unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "nostart-a stop",
+                "nostart-a connect",
+                "nostart-a shut down",
+                "nostart-a prepare",
+                "nostart-a shut down",
+                "nostart-a connect",
+                "nostart-a prepare",
+                "nostart-a resume at [0]",
+                "nostart-a shut down"
+            ]
+        );
+        assert_eq!(rig.status().state, BackendState::Connected);
+    }
+
+    #[test]
+    fn the_supervisor_connects_without_holding_the_device_lock() {
+        let mut rig = rig("gated", Script::default());
+        let _supervisor =
+            supervisor::spawn("gated", &rig.device, ReconnectPolicy { window: None }).unwrap();
+        let gate = Gate::default();
+        let gated = Script {
+            gate: Some(gate.clone()),
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/gated-a", gated, &rig.log);
+        // The backend hangs up; the supervisor's reconnect waits at the gate.
+        drop(rig.first_peer.take());
+        gate.wait_for_arrival();
+        registers_answer_while(&rig.device, "the supervisor was connecting");
+        assert_eq!(rig.status().state, BackendState::Reconnecting);
+        gate.open();
+        rig.wait_for(BackendState::Connected);
+    }
+
+    #[test]
+    fn a_swap_connects_without_holding_the_device_lock() {
+        let rig = rig("gatedswap", Script::default());
+        let gate = Gate::default();
+        let gated = Script {
+            gate: Some(gate.clone()),
+            ..Script::default()
+        };
+        let _peer = listen("/scripted/gatedswap-b", gated, &rig.log);
+        let swapping = {
+            let device = rig.device.clone();
+            std::thread::spawn(move || {
+                control::swap(&device, Path::new("/scripted/gatedswap-b")).map(drop)
+            })
+        };
+        gate.wait_for_arrival();
+        registers_answer_while(&rig.device, "a swap was connecting");
+        gate.open();
+        swapping.join().unwrap().unwrap();
+        assert_eq!(rig.status().socket, Path::new("/scripted/gatedswap-b"));
+    }
+
+    #[test]
+    fn a_swap_waits_for_the_old_backends_requests_without_holding_the_device_lock() {
+        let slow = Script {
+            completes: false,
+            ..Script::default()
+        };
+        let rig = rig("drain", slow);
+        rig.rings(5, 3);
+        let _peer = listen("/scripted/drain-b", Script::default(), &rig.log);
+        let swapping = {
+            let device = rig.device.clone();
+            std::thread::spawn(move || control::swap(&device, Path::new("/scripted/drain-b")))
+        };
+        let deadline = Instant::now() + HANG;
+        while !rig
+            .log
+            .lock()
+            .unwrap()
+            .contains(&"drain-a stop".to_string())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the old backend was never stopped"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        registers_answer_while(&rig.device, "a swap waited for the old backend");
+        // The old backend completes what it took; the swap goes on.
+        rig.memory.write_obj(5u16, GuestAddress(USED_IDX)).unwrap();
+        swapping.join().unwrap().unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "drain-b connect",
+                "drain-b prepare",
+                "drain-a stop",
+                "drain-b resume at [5]",
+                "drain-a shut down"
+            ]
+        );
     }
 
     #[test]
     fn the_supervisor_reconnects_after_a_hang_up_and_gives_up_after_its_window() {
-        let Rig {
-            device,
-            log,
-            _first_peer: first_peer,
-            ..
-        } = rig("supervised", Script::default());
-        let transport = supervisor::supervised(
-            device,
-            DeviceEvents::new(1).unwrap(),
+        let mut rig = rig("supervised", Script::default());
+        let _supervisor = supervisor::spawn(
+            "supervised",
+            &rig.device,
             ReconnectPolicy {
                 window: Some(Duration::from_millis(300)),
             },
         )
         .unwrap();
-        let state = || transport.lock().unwrap().device().status().state;
-        let wait_for = |wanted: BackendState| {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while state() != wanted {
-                assert!(Instant::now() < deadline, "never {wanted:?}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
         // The backend comes back on its socket: the supervisor reconnects.
-        let second_peer = listen("/scripted/supervised-a", Script::default(), &log);
-        drop(first_peer);
-        wait_for(BackendState::Connected);
-        let reconnects = || {
-            transport
-                .lock()
-                .unwrap()
-                .device()
-                .status()
-                .stats
-                .reconnects
-                .count
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let second_peer = listen("/scripted/supervised-a", Script::default(), &rig.log);
+        drop(rig.first_peer.take());
+        let reconnects = || rig.status().stats.reconnects.count;
+        let deadline = Instant::now() + HANG;
         while reconnects() == 0 {
             assert!(Instant::now() < deadline, "no reconnect");
             std::thread::sleep(Duration::from_millis(5));
         }
+        rig.wait_for(BackendState::Connected);
         // It hangs up again and never returns: after the window, failed.
         drop(second_peer);
-        wait_for(BackendState::Failed);
+        rig.wait_for(BackendState::Failed);
         assert_eq!(reconnects(), 1);
-        let steps = log.lock().unwrap().clone();
+        let steps = rig.steps();
         assert!(
             steps.contains(&"supervised-a resume at [0]".to_string()),
             "{steps:?}"

@@ -13,20 +13,21 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, info};
+use serde::{Deserialize, Serialize};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::BackendConnection;
+use super::peer::AllowedBackend;
 use super::watchdog::ReplyWatchdog;
 use crate::error::{Error, Result};
 use crate::virtio::QueueConfig;
@@ -44,13 +45,6 @@ const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFea
 /// How long to wait for any one reply. Generous: a reply normally takes
 /// microseconds; the limit only keeps a hung backend from hanging pvstack.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a stopped backend may take to complete the requests it had
-/// taken from the available ring before [`VhostUserHandle::stop`] gives up.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Offset of `idx` in the available and used rings (after 16-bit flags).
-const RING_IDX_OFFSET: u64 = 2;
 
 /// One queue the backend serves.
 #[derive(Debug)]
@@ -91,6 +85,46 @@ pub struct InflightLog {
     shape: VhostUserInflight,
 }
 
+/// The shape of an inflight log (what GET_INFLIGHT_FD answered), as a
+/// take-over hands it to the next pvstack with the log's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InflightShape {
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+impl InflightLog {
+    /// The memory the backend logs in.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its shape.
+    pub fn shape(&self) -> InflightShape {
+        InflightShape {
+            mmap_size: self.shape.mmap_size,
+            mmap_offset: self.shape.mmap_offset,
+            num_queues: self.shape.num_queues,
+            queue_size: self.shape.queue_size,
+        }
+    }
+
+    /// A log handed over by another pvstack: its memory and shape.
+    pub fn from_parts(file: File, shape: InflightShape) -> Self {
+        InflightLog {
+            file,
+            shape: VhostUserInflight {
+                mmap_size: shape.mmap_size,
+                mmap_offset: shape.mmap_offset,
+                num_queues: shape.num_queues,
+                queue_size: shape.queue_size,
+            },
+        }
+    }
+}
+
 impl std::fmt::Debug for InflightLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (size, queues, queue_size) = (
@@ -118,24 +152,43 @@ pub struct VhostUserHandle {
 }
 
 impl VhostUserHandle {
-    /// Connects to the backend listening on `socket` and negotiates.
-    pub fn connect(socket: &Path) -> Result<Self> {
+    /// Connects to the backend listening on `socket` and, if `allowed`
+    /// lets its user serve the device, negotiates.
+    pub fn connect(socket: &Path, allowed: AllowedBackend) -> Result<Self> {
         let stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
             socket: socket.to_path_buf(),
-            source,
+            cause: source,
         })?;
-        Self::from_stream(stream, socket)
+        Self::from_stream(stream, socket, allowed)
     }
 
     /// Negotiates over an established connection to the backend at
-    /// `socket`: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES and,
-    /// with MQ, GET_QUEUE_NUM.
-    pub fn from_stream(stream: UnixStream, socket: &Path) -> Result<Self> {
+    /// `socket`, once `allowed` has checked who the backend is: SET_OWNER,
+    /// GET_FEATURES, GET/SET_PROTOCOL_FEATURES and, with MQ, GET_QUEUE_NUM.
+    pub fn from_stream(stream: UnixStream, socket: &Path, allowed: AllowedBackend) -> Result<Self> {
+        allowed.check(&stream, socket)?;
+        let mut handle = Self::unnegotiated(stream, socket)?;
+        handle.negotiate(true)?;
+        Ok(handle)
+    }
+
+    /// Takes over a connection another pvstack set up and handed over
+    /// (its rings may be running): asks the backend again what it offers
+    /// and acknowledges the same protocol features, which only informs
+    /// this process's side of the conversation; SET_OWNER is not repeated
+    /// (the session is owned already).
+    pub fn adopt(stream: UnixStream, socket: &Path) -> Result<Self> {
+        let mut handle = Self::unnegotiated(stream, socket)?;
+        handle.negotiate(false)?;
+        Ok(handle)
+    }
+
+    fn unnegotiated(stream: UnixStream, socket: &Path) -> Result<Self> {
         let socket = socket.to_path_buf();
         let socket_error = |what, source| Error::Socket {
             socket: socket.clone(),
             what,
-            source,
+            cause: source,
         };
         let duplicate = || {
             stream
@@ -145,7 +198,7 @@ impl VhostUserHandle {
         let watchdog = ReplyWatchdog::new(duplicate()?, REPLY_TIMEOUT)
             .map_err(|e| socket_error("cannot start the reply watchdog", e))?;
         let stream_copy = duplicate()?;
-        let mut handle = VhostUserHandle {
+        Ok(VhostUserHandle {
             socket,
             stream: stream_copy,
             watchdog,
@@ -153,13 +206,13 @@ impl VhostUserHandle {
             backend_features: 0,
             protocol_features: VhostUserProtocolFeatures::empty(),
             queue_num: 1,
-        };
-        handle.negotiate()?;
-        Ok(handle)
+        })
     }
 
-    fn negotiate(&mut self) -> Result<()> {
-        self.step("SET_OWNER", |f| f.set_owner())?;
+    fn negotiate(&mut self, claim: bool) -> Result<()> {
+        if claim {
+            self.step("SET_OWNER", |f| f.set_owner())?;
+        }
         self.backend_features = self.step("GET_FEATURES", |f| f.get_features())?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.backend_features & protocol_bit == 0 {
@@ -214,28 +267,6 @@ impl VhostUserHandle {
         shared
     }
 
-    /// Waits until the backend has completed every request it took from
-    /// `queue` (a backend may answer GET_VRING_BASE while requests it has
-    /// taken are still being served; pvstack-blk does).
-    fn wait_for_completions(&self, memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<()> {
-        let started = Instant::now();
-        loop {
-            let used = used_idx(memory, queue)?;
-            if used == queue.next_avail {
-                return Ok(());
-            }
-            if started.elapsed() > DRAIN_TIMEOUT {
-                return Err(self.incompatible(format!(
-                    "queue {}: requests up to {} were taken but only {used} completed after {} s",
-                    queue.index,
-                    queue.next_avail,
-                    DRAIN_TIMEOUT.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-
     /// Runs one request, naming the socket and the request if it fails.
     fn step<T>(
         &mut self,
@@ -245,6 +276,14 @@ impl VhostUserHandle {
         let armed = self.watchdog.arm();
         let result = request(&mut self.frontend);
         drop(armed);
+        if result.is_err() {
+            // The reply may have been cut short or followed by more bytes
+            // than it declared: nothing read from this socket afterwards
+            // could be trusted to start at a message boundary, so the
+            // backend is not spoken to again. Its supervisor sees the
+            // hang-up and reconnects.
+            self.shut_down();
+        }
         result.map_err(|source| {
             if self.watchdog.fired() {
                 Error::NoReply {
@@ -256,7 +295,7 @@ impl VhostUserHandle {
                 Error::VhostUser {
                     socket: self.socket.clone(),
                     step,
-                    source,
+                    cause: source,
                 }
             }
         })
@@ -357,7 +396,7 @@ impl BackendConnection for VhostUserHandle {
             // ring, and costs an empty look if nothing is waiting.
             queue.kick.write(1).map_err(|source| Error::EventFd {
                 what: format!("queue {index} kick"),
-                source,
+                cause: source,
             })?;
         }
         debug!(
@@ -369,10 +408,10 @@ impl BackendConnection for VhostUserHandle {
     }
 
     /// Stops the backend's rings (SET_VRING_ENABLE 0, then GET_VRING_BASE,
-    /// which the backend answers once it has stopped taking requests),
-    /// waits until every request it took is completed (the used ring's
-    /// index catches up with the returned base), and records in `setup`
-    /// where each queue left off, so `start` can resume there.
+    /// which the backend answers once it has stopped taking requests) and
+    /// records in `setup` where each queue left off, so `start` can resume
+    /// there. Requests it took may still be completing
+    /// ([`super::watch::RingWatch::drain`] waits for them).
     fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
         for queue in &mut setup.queues {
             let index = usize::from(queue.index);
@@ -382,9 +421,6 @@ impl BackendConnection for VhostUserHandle {
             // packed-ring wrap state, which this frontend never negotiates.
             queue.next_avail = base as u16;
         }
-        for queue in &setup.queues {
-            self.wait_for_completions(&setup.memory, queue)?;
-        }
         debug!(
             "vhost-user backend {}: stopped {} queues",
             self.socket.display(),
@@ -393,12 +429,22 @@ impl BackendConnection for VhostUserHandle {
         Ok(())
     }
 
+    /// SET_FEATURES with what the driver accepted, on an adopted
+    /// connection whose rings run: the backend already serves them, and
+    /// this side of the conversation must know the features (VRING_ENABLE
+    /// needs VHOST_USER_F_PROTOCOL_FEATURES acknowledged).
+    fn acknowledge_features(&mut self, setup: &RingSetup) -> Result<()> {
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = setup.features | (self.backend_features & protocol_bit);
+        self.step("SET_FEATURES", |f| f.set_features(features))
+    }
+
     /// A duplicate of the connection's socket, to watch for hang-up.
     fn watch_fd(&self) -> Result<OwnedFd> {
         let stream = self.stream.try_clone().map_err(|source| Error::Socket {
             socket: self.socket.clone(),
             what: "cannot duplicate the socket to watch it",
-            source,
+            cause: source,
         })?;
         Ok(stream.into())
     }
@@ -415,33 +461,6 @@ impl BackendConnection for VhostUserHandle {
     }
 }
 
-/// The used ring's index of `queue`: how many requests the backend has
-/// completed (modulo 2^16), as the driver sees it.
-pub fn used_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<u16> {
-    ring_idx(memory, queue, queue.config.used_ring, "used")
-}
-
-/// The available ring's index of `queue`: how many requests the driver
-/// has made available (modulo 2^16).
-pub fn avail_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue) -> Result<u16> {
-    ring_idx(memory, queue, queue.config.avail_ring, "available")
-}
-
-/// The `idx` field of the ring at `ring` (both rings start with 16-bit
-/// flags, then the index).
-fn ring_idx(memory: &GuestMemoryMmap, queue: &ActiveQueue, ring: u64, name: &str) -> Result<u16> {
-    let addr = GuestAddress(ring + RING_IDX_OFFSET);
-    let idx: u16 = memory
-        .load(addr, Ordering::Acquire)
-        .map_err(|_| Error::InvalidQueue {
-            queue: queue.index,
-            reason: format!("{name} ring index at {:#x} is not in guest RAM", addr.0),
-        })?;
-    // Ring entries are written before the index; read them only after.
-    fence(Ordering::Acquire);
-    Ok(u16::from_le(idx))
-}
-
 /// The memory table: every region with the file descriptor that backs it.
 fn memory_regions(memory: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>> {
     memory
@@ -454,6 +473,15 @@ fn memory_regions(memory: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionI
             })
         })
         .collect()
+}
+
+/// Checks that every ring of `setup` lies in guest RAM (what the driver
+/// programmed), before a backend is asked to serve them.
+pub fn check_rings(setup: &RingSetup) -> Result<()> {
+    for queue in &setup.queues {
+        ring_addresses(&setup.memory, queue)?;
+    }
+    Ok(())
 }
 
 /// The queue's rings as addresses in this process, which is what

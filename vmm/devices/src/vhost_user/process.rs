@@ -84,33 +84,17 @@ impl BackendProcess {
                 std::os::unix::fs::chown(&socket_dir, Some(user.uid), Some(user.gid)).map_err(
                     |source| Error::SocketDir {
                         dir: socket_dir.clone(),
-                        source,
+                        cause: source,
                     },
                 )?;
                 command.arg("--user").arg(&user.spec);
             }
         }
-        // SAFETY: getpid is async-signal-safe.
-        let parent = unsafe { libc::getpid() };
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only makes async-signal-safe calls (prctl, getppid) and builds an
-        // io::Error from an errno, which does not allocate.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // pvstack may have died before the prctl took effect.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        tie_to_this_thread(&mut command);
         let child = command.spawn().map_err(|source| Error::Child {
             program: program.clone(),
             what: "cannot start it",
-            source,
+            cause: source,
         })?;
         info!(
             "started {} (pid {}) on {}",
@@ -153,14 +137,14 @@ impl BackendProcess {
                 Err(source) => {
                     return Err(Error::Connect {
                         socket: self.socket.clone(),
-                        source,
+                        cause: source,
                     })
                 }
             }
             let exited = self.child.try_wait().map_err(|source| Error::Child {
                 program: self.program.clone(),
                 what: "cannot check whether it is running",
-                source,
+                cause: source,
             })?;
             if let Some(status) = exited {
                 self.explain_sigsys(status);
@@ -234,6 +218,38 @@ impl Drop for BackendProcess {
     }
 }
 
+/// Makes the child `command` starts get SIGTERM when the calling thread
+/// ends (PR_SET_PDEATHSIG), and start with no signal blocked: pvstack
+/// blocks SIGTERM and SIGINT in every thread (a thread of its own waits
+/// for them), the mask survives fork and exec, and std's `Command` leaves
+/// it as it is, so without this a backend that does not set its own mask
+/// would ignore both the operator's SIGTERM and the death signal.
+fn tie_to_this_thread(command: &mut Command) {
+    // SAFETY: getpid is async-signal-safe.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe calls (sigemptyset, sigprocmask, prctl,
+    // getppid) on a set on its own stack, and builds io::Errors from an
+    // errno, which does not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // pvstack may have died before the prctl took effect.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// `name` in the directory of the running executable, else on PATH.
 fn find_program(name: &str) -> Result<PathBuf> {
     let exe_dir = std::env::current_exe()
@@ -272,7 +288,7 @@ fn create_socket_dir(program_name: &str) -> Result<PathBuf> {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 debug!("{} exists; trying the next name", dir.display());
             }
-            Err(source) => return Err(Error::SocketDir { dir, source }),
+            Err(source) => return Err(Error::SocketDir { dir, cause: source }),
         }
     }
 }
@@ -311,6 +327,47 @@ mod tests {
         for dir in stale.iter().chain([&probe, &fresh]) {
             std::fs::remove_dir(dir).unwrap();
         }
+    }
+
+    /// The signals blocked in the process running this, from
+    /// /proc/self/status's SigBlk (a hex mask, bit N-1 for signal N).
+    fn blocked_in(status: &str) -> u64 {
+        let hex = status
+            .lines()
+            .find_map(|line| line.strip_prefix("SigBlk:"))
+            .expect("a SigBlk line");
+        u64::from_str_radix(hex.trim(), 16).expect("a hex mask")
+    }
+
+    #[test]
+    fn children_start_with_no_signal_blocked() {
+        // As pvstack's threads run: SIGTERM and SIGINT blocked.
+        std::thread::spawn(|| {
+            // SAFETY: a zeroed sigset_t initialised by sigemptyset, then
+            // valid signal numbers added; this thread's own mask changes.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                assert_eq!(
+                    libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                    0
+                );
+            }
+            let ours = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let term = 1u64 << (libc::SIGTERM - 1);
+            assert_ne!(blocked_in(&ours) & term, 0, "the test blocks SIGTERM");
+            let mut command = Command::new("cat");
+            command.arg("/proc/self/status");
+            tie_to_this_thread(&mut command);
+            let output = command.output().expect("run cat");
+            assert!(output.status.success(), "{output:?}");
+            let theirs = String::from_utf8(output.stdout).unwrap();
+            assert_eq!(blocked_in(&theirs), 0, "{theirs}");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

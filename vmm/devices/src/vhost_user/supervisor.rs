@@ -1,16 +1,18 @@
 //! The supervisor thread of a vhost-user device: watches the backend's
 //! socket for hang-up and, when it comes, reconnects with backoff inside
 //! the configured window and replays the ring setup
-//! ([`VhostUserDevice::try_reconnect`]). The guest's requests meanwhile
-//! wait in the rings; nothing fails.
+//! ([`control::reconnect_once`], which holds the device's lock only to
+//! install the new connection). The guest's requests meanwhile wait in
+//! the rings; nothing fails.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
+use super::control::{self, lock, WeakVhostUserDevice};
 use super::device::{BackendState, VhostUserDevice};
 use crate::error::{Error, Result};
 use crate::virtio::mmio::MmioTransport;
@@ -58,28 +60,28 @@ pub fn supervised(
     let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
     spawn(&id, &transport, policy).map_err(|source| Error::Thread {
         what: format!("{id} supervisor"),
-        source,
+        cause: source,
     })?;
     Ok(transport)
 }
 
-fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn supervise(device: &Weak<Mutex<MmioTransport<VhostUserDevice>>>, policy: ReconnectPolicy) {
+fn supervise(device: &WeakVhostUserDevice, policy: ReconnectPolicy) {
     let mut lost_at: Option<Instant> = None;
     let mut backoff = FIRST_BACKOFF;
+    // The last attempt's error, logged once rather than at every attempt.
+    let mut last_error = String::new();
     loop {
         let Some(shared) = device.upgrade() else {
             return;
         };
         let mut transport = lock(&shared);
         let dev = transport.device_mut();
+        let name = dev.name().to_string();
         match dev.status().state {
             BackendState::Connected => {
                 lost_at = None;
                 backoff = FIRST_BACKOFF;
+                last_error.clear();
                 let watched = dev.watch();
                 drop(transport);
                 drop(shared);
@@ -104,17 +106,27 @@ fn supervise(device: &Weak<Mutex<MmioTransport<VhostUserDevice>>>, policy: Recon
                 }
             }
             BackendState::Reconnecting => {
-                let began = *lost_at.get_or_insert_with(Instant::now);
-                match dev.try_reconnect(began) {
-                    Ok(()) => continue,
-                    Err(err) => debug!("{}: reconnect attempt failed: {err}", dev.name()),
-                }
-                if policy.window.is_some_and(|window| began.elapsed() > window) {
-                    dev.mark_failed();
-                    continue;
-                }
                 drop(transport);
                 drop(shared);
+                let began = *lost_at.get_or_insert_with(Instant::now);
+                match control::reconnect_once(device, began) {
+                    Ok(()) => continue,
+                    Err(err) => {
+                        let message = err.to_string();
+                        if message != last_error {
+                            warn!("{name}: reconnect attempt failed: {message}; retrying");
+                        } else {
+                            debug!("{name}: reconnect attempt failed: {message}");
+                        }
+                        last_error = message;
+                    }
+                }
+                if policy.window.is_some_and(|window| began.elapsed() > window) {
+                    if let Some(shared) = device.upgrade() {
+                        lock(&shared).device_mut().mark_failed();
+                    }
+                    continue;
+                }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -129,11 +141,7 @@ fn supervise(device: &Weak<Mutex<MmioTransport<VhostUserDevice>>>, policy: Recon
 
 /// Blocks until the connection `fd` hangs up (true), or the device is
 /// gone or has moved to another connection (false).
-fn wait_for_hangup(
-    device: &Weak<Mutex<MmioTransport<VhostUserDevice>>>,
-    connection: u64,
-    fd: &OwnedFd,
-) -> bool {
+fn wait_for_hangup(device: &WeakVhostUserDevice, connection: u64, fd: &OwnedFd) -> bool {
     loop {
         let mut pollfd = libc::pollfd {
             fd: fd.as_raw_fd(),

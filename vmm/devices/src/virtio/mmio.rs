@@ -8,12 +8,15 @@
 //! KVM delivers QueueNotify writes to the kick eventfds and the call
 //! eventfd raises the interrupt line (see [`DeviceEvents`]).
 
-use log::{debug, error, trace, warn};
+use log::{debug, trace};
+use pvstack_logging::{error_limited, warn_limited};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
+
+use serde::{Deserialize, Serialize};
 
 use super::{Activation, DeviceEvents, QueueConfig, VirtioDevice};
 use crate::bus::BusDevice;
@@ -90,16 +93,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn programmable_queue(&mut self, register: u32) -> Option<&mut QueueConfig> {
         let live = self.is_live();
         let Some(queue) = self.queues.get_mut(self.queue_sel as usize) else {
-            warn!(
+            warn_limited!(
                 "{}: write to register {register:#x} for queue {} that does not exist; ignored",
-                self.name, self.queue_sel
+                self.name,
+                self.queue_sel
             );
             return None;
         };
         if live || (queue.ready && register != VIRTIO_MMIO_QUEUE_READY) {
-            warn!(
+            warn_limited!(
                 "{}: write to register {register:#x} of queue {} while it is in use; ignored",
-                self.name, self.queue_sel
+                self.name,
+                self.queue_sel
             );
             return None;
         }
@@ -154,7 +159,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         queue.size = size;
                     }
                 }
-                Err(_) => warn!("{}: queue size {value} out of range; ignored", self.name),
+                Err(_) => warn_limited!("{}: queue size {value} out of range; ignored", self.name),
             },
             VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(queue) = self.programmable_queue(register) {
@@ -185,7 +190,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_INTERRUPT_ACK => trace!("{}: interrupt ack {value:#x}", self.name),
             VIRTIO_MMIO_STATUS => self.write_status(value),
             VIRTIO_MMIO_SHM_SEL => {}
-            _ => warn!(
+            _ => warn_limited!(
                 "{}: write of {value:#x} to read-only or unknown register {register:#x}; ignored",
                 self.name
             ),
@@ -195,7 +200,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn write_driver_features(&mut self, value: u32) {
         let negotiating = self.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
         if negotiating != 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver features written after FEATURES_OK; ignored",
                 self.name
             );
@@ -204,7 +209,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match self.driver_features_sel {
             0 => set_half(&mut self.driver_features, false, value),
             1 => set_half(&mut self.driver_features, true, value),
-            sel => warn!("{}: driver features word {sel} does not exist", self.name),
+            sel => warn_limited!("{}: driver features word {sel} does not exist", self.name),
         }
     }
 
@@ -228,10 +233,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match kick {
             Some(kick) => {
                 if let Err(err) = kick.write(1) {
-                    error!("{}: cannot kick queue {value}: {err}", self.name);
+                    error_limited!("{}: cannot kick queue {value}: {err}", self.name);
                 }
             }
-            None => warn!(
+            None => warn_limited!(
                 "{}: notification for queue {value} that does not exist",
                 self.name
             ),
@@ -245,7 +250,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let cleared = self.status & !value;
         if cleared != 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver cleared status bits {cleared:#x} without a reset; ignored",
                 self.name
             );
@@ -259,10 +264,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             if status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-                warn!("{}: DRIVER_OK without FEATURES_OK; ignored", self.name);
+                warn_limited!("{}: DRIVER_OK without FEATURES_OK; ignored", self.name);
                 status &= !VIRTIO_CONFIG_S_DRIVER_OK;
             } else if let Err(err) = self.activate() {
-                error!("{}: cannot start the device: {err}", self.name);
+                error_limited!("{}: cannot start the device: {err}", self.name);
                 status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             }
         }
@@ -273,14 +278,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let offered = self.device.features();
         let unknown = self.driver_features & !offered;
         if unknown != 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver accepted features {unknown:#x} that were not offered",
                 self.name
             );
             return false;
         }
         if self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            warn!(
+            warn_limited!(
                 "{}: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)",
                 self.name
             );
@@ -318,6 +323,102 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 }
 
+/// What the driver negotiated and programmed through one transport: all
+/// a snapshot or a take-over needs to give the device back to the driver
+/// as it left it. Ring positions are the device's business (a vhost-user
+/// backend reports them, see `VhostUserDevice::stop_rings`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueConfig>,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// The transport's registers as the driver left them.
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+        }
+    }
+
+    /// The transport's name in log lines.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device's kick and call eventfds.
+    pub fn events(&self) -> &DeviceEvents {
+        &self.events
+    }
+
+    /// Puts back the registers of `state` on a freshly created transport
+    /// and, if the driver had started the device, starts it again with
+    /// `start` (which decides where its rings resume) instead of the
+    /// normal activation. Refuses a state whose queues do not fit this
+    /// device (another queue count or size limit).
+    pub fn restore_state(
+        &mut self,
+        state: &TransportState,
+        start: impl FnOnce(&mut D, Activation<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let fits = state.queues.len() == self.queues.len()
+            && state
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .all(|(saved, ours)| saved.max_size == ours.max_size);
+        if !fits {
+            return Err(crate::Error::Restore {
+                device: self.name.clone(),
+                reason: format!(
+                    "the saved device has {} queues of at most {:?} entries, this one {} of at most {:?}",
+                    state.queues.len(),
+                    state.queues.iter().map(|q| q.max_size).collect::<Vec<_>>(),
+                    self.queues.len(),
+                    self.queues.iter().map(|q| q.max_size).collect::<Vec<_>>()
+                ),
+            });
+        }
+        if state.driver_features & !self.device.features() != 0 {
+            return Err(crate::Error::Restore {
+                device: self.name.clone(),
+                reason: format!(
+                    "the driver accepted features {:#x} that this backend does not offer",
+                    state.driver_features & !self.device.features()
+                ),
+            });
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues.clone_from(&state.queues);
+        if state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && state.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0
+        {
+            start(
+                &mut self.device,
+                Activation {
+                    features: self.driver_features,
+                    queues: &self.queues,
+                    events: &self.events,
+                },
+            )?;
+        }
+        self.status = state.status;
+        Ok(())
+    }
+}
+
 /// Replaces the low or high 32 bits of `target`.
 fn set_half(target: &mut u64, high: bool, value: u32) {
     *target = if high {
@@ -347,7 +448,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
                 data.copy_from_slice(&value.to_le_bytes());
             }
             None => {
-                warn!(
+                warn_limited!(
                     "{}: {}-byte read at {offset:#x} is not a register access; reads as zero",
                     self.name,
                     data.len()
@@ -359,7 +460,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            warn!(
+            warn_limited!(
                 "{}: write to the read-only configuration space at {:#x}; ignored",
                 self.name,
                 offset - u64::from(VIRTIO_MMIO_CONFIG)
@@ -368,7 +469,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
         }
         match (register_at(offset, data.len()), <[u8; 4]>::try_from(data)) {
             (Some(register), Ok(bytes)) => self.write_register(register, u32::from_le_bytes(bytes)),
-            _ => warn!(
+            _ => warn_limited!(
                 "{}: {}-byte write at {offset:#x} is not a register access; ignored",
                 self.name,
                 data.len()

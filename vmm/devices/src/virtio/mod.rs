@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::error::{Error, Result};
 
 /// One virtqueue as the driver programmed it through the transport.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     /// Largest size the device accepts (QueueNumMax).
     pub max_size: u16,
@@ -120,7 +120,10 @@ impl DeviceEvents {
     /// Eventfds that nothing is bound to yet.
     pub fn new(queues: u16) -> Result<Self> {
         let eventfd = |what: String| {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { what, source })
+            EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+                what,
+                cause: source,
+            })
         };
         let kicks = (0..queues)
             .map(|queue| eventfd(format!("queue {queue} notifications")))
@@ -133,17 +136,54 @@ impl DeviceEvents {
     /// QueueNotify of the window at `mmio_base` (so a notification never
     /// exits to the VMM), the call to interrupt line `gsi` through an irqfd.
     pub fn register(vm: &VmFd, mmio_base: u64, gsi: u32, queues: u16) -> Result<Self> {
-        let events = Self::register_call(vm, gsi, queues)?;
+        let events = Self::new(queues)?;
+        events.bind(vm, mmio_base, gsi)?;
+        Ok(events)
+    }
+
+    /// The eventfds of the device `ctx` describes, bound in KVM as
+    /// [`Self::register`] binds them: new ones, or those the device
+    /// inherits from the pvstack that ran the VM before (whose backend
+    /// waits on and signals them).
+    pub fn for_context(ctx: &crate::DeviceContext<'_>, queues: u16) -> Result<Self> {
+        let Some(inherited) = ctx.inherited else {
+            return Self::register(ctx.vm, ctx.mmio_base, ctx.gsi, queues);
+        };
+        if inherited.kicks.len() != usize::from(queues) {
+            return Err(Error::Restore {
+                device: format!("device at MMIO {:#x}", ctx.mmio_base),
+                reason: format!(
+                    "{} queue eventfds were handed over for {queues} queues",
+                    inherited.kicks.len()
+                ),
+            });
+        }
+        let events = DeviceEvents {
+            kicks: inherited
+                .kicks
+                .iter()
+                .map(|k| clone_eventfd(k, "an inherited kick".into()))
+                .collect::<Result<_>>()?,
+            call: clone_eventfd(&inherited.call, "the inherited call".into())?,
+        };
+        events.bind(ctx.vm, ctx.mmio_base, ctx.gsi)?;
+        Ok(events)
+    }
+
+    /// Binds the call to `gsi` and each kick to QueueNotify at `mmio_base`.
+    fn bind(&self, vm: &VmFd, mmio_base: u64, gsi: u32) -> Result<()> {
+        vm.register_irqfd(&self.call, gsi)
+            .map_err(|source| Error::IrqFd { gsi, cause: source })?;
         let addr = mmio_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
-        for (queue, kick) in (0u16..).zip(&events.kicks) {
+        for (queue, kick) in (0u16..).zip(&self.kicks) {
             vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), u32::from(queue))
                 .map_err(|source| Error::IoEvent {
                     queue,
                     addr,
-                    source,
+                    cause: source,
                 })?;
         }
-        Ok(events)
+        Ok(())
     }
 
     /// Eventfds with only the call bound in KVM (to `gsi`, through an
@@ -153,7 +193,7 @@ impl DeviceEvents {
     pub fn register_call(vm: &VmFd, gsi: u32, queues: u16) -> Result<Self> {
         let events = Self::new(queues)?;
         vm.register_irqfd(&events.call, gsi)
-            .map_err(|source| Error::IrqFd { gsi, source })?;
+            .map_err(|source| Error::IrqFd { gsi, cause: source })?;
         Ok(events)
     }
 }
@@ -161,8 +201,10 @@ impl DeviceEvents {
 /// A second handle on `fd` (for whoever serves a device's queues);
 /// `what` names the eventfd in the error.
 pub fn clone_eventfd(fd: &EventFd, what: String) -> Result<EventFd> {
-    fd.try_clone()
-        .map_err(|source| Error::EventFd { what, source })
+    fd.try_clone().map_err(|source| Error::EventFd {
+        what,
+        cause: source,
+    })
 }
 
 /// What the transport hands a device when the driver sets DRIVER_OK.

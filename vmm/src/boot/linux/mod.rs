@@ -272,7 +272,7 @@ impl LinuxGuest {
         let file_error = |source| Error::File {
             action: "read initrd",
             path: initrd.path.clone(),
-            source,
+            cause: source,
         };
         let mut file = File::open(&initrd.path).map_err(file_error)?;
         mem.read_exact_volatile_from(GuestAddress(initrd.addr), &mut file, initrd.size as usize)
@@ -292,7 +292,7 @@ fn place_initrd(path: PathBuf, kernel_end: u64, top: u64) -> Result<Initrd> {
         .map_err(|source| Error::File {
             action: "open initrd",
             path: path.clone(),
-            source,
+            cause: source,
         })?
         .len();
     let room = top.saturating_sub(kernel_end);

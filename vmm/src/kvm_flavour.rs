@@ -8,7 +8,7 @@ use std::path::Path;
 use pvstack_protocols::boot::flavour as abi;
 
 /// The KVM flavour of the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Flavour {
     Vmx,
     Svm,
@@ -17,7 +17,9 @@ pub enum Flavour {
 }
 
 /// The privilege level the guest's code runs at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum Privilege {
     /// CPL0.
     Kernel,

@@ -1,6 +1,7 @@
 //! Answering one descriptor chain: parse and check it, run it, write the
 //! status byte. Shared by every place that serves a virtio-blk queue.
 
+use pvstack_logging::warn_limited;
 use std::io;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -117,7 +118,7 @@ fn write_status(mem: &GuestMemoryMmap, status: GuestAddress, value: u8) -> u32 {
     match mem.write_obj(value, status) {
         Ok(()) => 1,
         Err(e) => {
-            log::warn!("cannot write the status byte at {:#x}: {e}", status.0);
+            warn_limited!("cannot write the status byte at {:#x}: {e}", status.0);
             0
         }
     }

@@ -1,6 +1,7 @@
 //! [`InflightFilter`]: GET_INFLIGHT_FD and SET_INFLIGHT_FD, answered in
 //! front of the vhost-user-backend daemon.
 
+use pvstack_logging::warn_limited;
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +11,7 @@ use vhost::vhost_user::message::{FrontendReq, VhostUserInflight};
 use vm_memory::ByteValued;
 
 use super::region::{create_region, region_size, InflightRegion};
-use crate::filter::{Filter, Message, Verdict};
+use crate::message_filter::{Filter, Message, Verdict};
 
 /// The inflight region the frontend gave the newest connection, shared by
 /// the filters (which install regions) and the backends (whose workers log
@@ -91,7 +92,7 @@ impl InflightFilter {
         if !(1..=self.max_queues).contains(&num_queues)
             || !(1..=self.max_queue_size).contains(&queue_size)
         {
-            log::warn!(
+            warn_limited!(
                 "GET_INFLIGHT_FD for {num_queues} queues of {queue_size}: the device has {} of up to {}",
                 self.max_queues,
                 self.max_queue_size
@@ -143,7 +144,7 @@ impl Filter for InflightFilter {
                 // With REPLY_ACK the frontend hears of the failure and the
                 // connection lives on; without, it must end.
                 Err(e) if wants_ack => {
-                    log::warn!("refused an inflight region: {e}");
+                    warn_limited!("refused an inflight region: {e}");
                     let failure = Message::reply(code, &1u64.to_le_bytes(), Vec::new());
                     Ok(Verdict::answer(Some(failure)))
                 }

@@ -1,0 +1,138 @@
+//! Guest memory goes only to a backend run by pvstack's own user, root,
+//! or the user `backend-uid=` names: a backend socket squatted by another
+//! local user is refused before it is sent anything, at start, on every
+//! reconnect and on a swap, with one clear line, and the device keeps
+//! waiting for the real backend. The squatter runs as `nobody` (the tests
+//! run as root and use setpriv).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use pvstack_guest::checksum::fnv1a64;
+use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
+use pvstack_tests::blk_process::BlkProcess;
+use pvstack_tests::blk_vm::{pattern_image, run_with_disks, socket_spec, utf8};
+use pvstack_tests::{assert_pvstack_error, ScratchDir};
+use serde_json::Value;
+
+/// The user the squatting backend runs as.
+const NOBODY: u32 = 65534;
+const IMAGE_BYTES: usize = 1 << 20;
+
+/// A directory and a pattern image that both `nobody` and root may use,
+/// inside the test's scratch directory; returns the directory and the
+/// image's bytes.
+fn shared_dir(dir: &ScratchDir) -> (PathBuf, Vec<u8>) {
+    assert_eq!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() },
+        0,
+        "these tests start a backend as another user, so they run as root"
+    );
+    let shared = dir.path("shared");
+    std::fs::create_dir(&shared).expect("create the shared directory");
+    std::fs::set_permissions(dir.path(""), std::fs::Permissions::from_mode(0o755))
+        .expect("let nobody into the scratch directory");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777))
+        .expect("let nobody create sockets");
+    let image = shared.join("disk.img");
+    let bytes = pattern_image(&image, 7, IMAGE_BYTES);
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o666))
+        .expect("let nobody serve the image");
+    (shared, bytes)
+}
+
+fn image_args(shared: &Path) -> Vec<String> {
+    vec!["--image".into(), utf8(&shared.join("disk.img")).into()]
+}
+
+fn start_blk(uid: Option<u32>, socket: &Path, shared: &Path) -> BlkProcess {
+    let args = image_args(shared);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match uid {
+        Some(uid) => BlkProcess::start_as(uid, socket, &args),
+        None => BlkProcess::start(socket, &args),
+    }
+}
+
+#[test]
+fn a_backend_of_another_user_is_refused_at_start_unless_named() {
+    let dir = ScratchDir::new("peer-start");
+    let (shared, bytes) = shared_dir(&dir);
+    let socket = shared.join("blk.sock");
+    let squatter = start_blk(Some(NOBODY), &socket, &shared);
+    let len = 64 * 1024;
+    let guest = format!("blk-checksum 0 {len}");
+
+    let refused = run_with_disks(&[socket_spec(&socket, &[])], &guest);
+    assert_pvstack_error(
+        &refused,
+        1,
+        &["refused", "runs as uid 65534", "backend-uid=65534"],
+    );
+    assert!(!squatter.log().contains("memory"), "{}", squatter.log());
+
+    let uid = format!("backend-uid={NOBODY}");
+    let trusted = run_with_disks(&[socket_spec(&socket, &[&uid])], &guest);
+    assert_eq!(trusted.code(), 0, "{trusted:#?}");
+    assert_eq!(
+        trusted.result_u64("blk-checksum", "fnv"),
+        fnv1a64(&bytes[..len]),
+        "{trusted:#?}"
+    );
+}
+
+/// The `info` response's first device.
+fn first_device(vm: &ApiVm) -> Value {
+    let info = vm.ctl(&["info"]);
+    assert_eq!(info.code(), 0, "{info:#?}");
+    let response: Value = serde_json::from_str(&info.stdout).expect("JSON");
+    response["result"]["devices"][0].clone()
+}
+
+#[test]
+fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real_backend() {
+    let dir = ScratchDir::new("peer-reconnect");
+    let (shared, _) = shared_dir(&dir);
+    let socket = shared.join("blk.sock");
+    let mut real = start_blk(None, &socket, &shared);
+    let spec = socket_spec(&socket, &[]);
+    let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", LONG_COMPUTE], "");
+
+    // The real backend goes; another user takes its socket path.
+    real.terminate_cleanly();
+    let mut squatter = start_blk(Some(NOBODY), &socket, &shared);
+    squatter.wait_for_output_count("frontend connected", 3);
+    let refusal = "refused: the backend";
+    vm.wait_until("pvstack reports the refusal", |vm| {
+        vm.log().contains(refusal)
+    });
+    assert_eq!(first_device(&vm)["backend_state"], "reconnecting");
+    squatter.terminate_cleanly();
+    let log = vm.log();
+    assert_eq!(log.matches(refusal).count(), 1, "one line:\n{log}");
+    assert!(log.contains("runs as uid 65534"), "{log}");
+
+    // The real backend comes back and the device is served again.
+    let _real = start_blk(None, &socket, &shared);
+    vm.wait_until("the device reconnects", |vm| {
+        first_device(vm)["backend_state"] == "connected"
+    });
+
+    // A swap to a squatter is refused; the device stays where it was.
+    let other = shared.join("other.sock");
+    let _other_squatter = start_blk(Some(NOBODY), &other, &shared);
+    let swap = vm.ctl(&["device", "swap", "blk0", "--socket", utf8(&other)]);
+    assert_ne!(swap.code(), 0, "{swap:#?}");
+    assert!(
+        swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
+        "{swap:#?}"
+    );
+    let device = first_device(&vm);
+    assert_eq!(device["backend_state"], "connected", "{device:#}");
+    assert_eq!(device["socket"], utf8(&socket), "{device:#}");
+    assert_eq!(device["refused_swaps"], 1, "{device:#}");
+    let shutdown = vm.ctl(&["shutdown"]);
+    assert_eq!(shutdown.code(), 0, "{shutdown:#?}");
+    assert!(vm.wait().success(), "{}", vm.log());
+}

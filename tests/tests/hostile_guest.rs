@@ -1,0 +1,179 @@
+//! A hostile guest flooding real backends with what they log: bad block
+//! requests to pvstack-blk, output that claims lost lines to
+//! pvstack-console. Each is answered (or shown) every time, but the log
+//! grows by a bounded number of lines, not one per request.
+
+use pvstack_tests::process::LoggedProcess;
+use pvstack_tests::vhost_frontend::{
+    negotiate, share, start_backend, start_ring, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE,
+    VIRTIO_F_VERSION_1,
+};
+use pvstack_tests::ScratchDir;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+const RAM: usize = 1 << 20;
+/// Lines one call site may write per 10 s (pvstack-logging's BURST), and
+/// the line that says how many were held back.
+const BURST: usize = 10;
+
+/// Lines of `process`'s log that contain `needle`.
+fn lines_with(process: &LoggedProcess, needle: &str) -> usize {
+    process
+        .log()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .count()
+}
+
+/// 320 requests of an unknown type: each gets UNSUPP, the log a few
+/// lines. Before the fix each wrote a warning.
+#[test]
+fn a_flood_of_bad_block_requests_keeps_the_log_bounded() {
+    let dir = ScratchDir::new("hostile-guest-blk");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; 64 << 10]).expect("write the image");
+    let socket = dir.path("blk.sock");
+    let mut backend = start_backend(
+        "pvstack-blk",
+        &socket,
+        &["--image", image.to_str().expect("UTF-8 path")],
+    );
+    let mut frontend = negotiate(
+        &socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let ram = Ram::new(RAM);
+    share(&mut frontend, &ram);
+    let mut queue = Ring::new(0, 16, 0x1000);
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&0xdeadu32.to_le_bytes());
+    ram.write(0x8000, &header);
+    queue.put(&ram, 0, (0x8000, 16, DESC_F_NEXT, 1));
+    queue.put(&ram, 1, (0x9000, 1, DESC_F_WRITE, 0));
+    let started = start_ring(&mut frontend, &ram, &queue);
+    let mut used = 0u16;
+    for _ in 0..320 {
+        ram.write(0x9000, &[0xff]);
+        queue.offer(&ram, 0);
+        started.kick();
+        used += 1;
+        queue.wait_used(&ram, used, &mut backend);
+        // VIRTIO_BLK_S_UNSUPP, every time.
+        assert_eq!(ram.read(0x9000, 1), [2], "status of request {used}");
+    }
+    // The connection's totals count every one.
+    drop(frontend);
+    backend.wait_for_output("rejected 320 requests, returned 0 chains unanswered");
+    let rejected = lines_with(&backend, "rejected a request");
+    assert!(
+        rejected <= BURST,
+        "{rejected} log lines for 320 bad requests:\n{}",
+        backend.log()
+    );
+    assert!(backend.is_running());
+}
+
+/// 200 lines whose stamps each skip a sequence number: each loss is
+/// shown in the output, the log gets a few lines. Before the fix each
+/// wrote a warning.
+#[test]
+fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
+    let dir = ScratchDir::new("hostile-guest-console");
+    let socket = dir.path("console.sock");
+    let output = dir.path("console.out");
+    let mut backend = start_backend(
+        "pvstack-console",
+        &socket,
+        &[
+            "--listen",
+            dir.path("server.sock").to_str().expect("UTF-8 path"),
+            "--log",
+            output.to_str().expect("UTF-8 path"),
+        ],
+    );
+    let mut frontend = negotiate(
+        &socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let ram = Ram::new(RAM);
+    share(&mut frontend, &ram);
+    let mut tx = Ring::new(1, 16, 0x1000);
+    let text: String = (0..200)
+        .map(|n| format!("\x1b_pvs;{};0\x1b\\line {n}\n", 2 * n))
+        .collect();
+    ram.write(0x10000, text.as_bytes());
+    tx.put(&ram, 0, (0x10000, text.len() as u32, 0, 0));
+    tx.offer(&ram, 0);
+    start_ring(&mut frontend, &ram, &tx).kick();
+    tx.wait_used(&ram, 1, &mut backend);
+    backend.terminate_cleanly();
+    let shown = std::fs::read_to_string(&output).expect("read the console log");
+    assert_eq!(
+        shown.matches("[pvstack-console: 1 lines lost]").count(),
+        199,
+        "{shown}"
+    );
+    let warned = lines_with(&backend, "lines of guest output lost");
+    assert!(
+        warned <= BURST,
+        "{warned} log lines for 199 losses:\n{}",
+        backend.log()
+    );
+}
+
+/// 64 KiB of guest output with `--log-max-bytes 4096`: the log and its
+/// one rotated copy stay within the limit and hold the newest output.
+/// Before the fix the log grew with everything the guest wrote.
+#[test]
+fn the_console_log_stays_within_its_limit() {
+    let dir = ScratchDir::new("hostile-guest-console-log");
+    let socket = dir.path("console.sock");
+    let output = dir.path("console.out");
+    let mut backend = start_backend(
+        "pvstack-console",
+        &socket,
+        &[
+            "--listen",
+            dir.path("server.sock").to_str().expect("UTF-8 path"),
+            "--log",
+            output.to_str().expect("UTF-8 path"),
+            "--log-max-bytes",
+            "4096",
+        ],
+    );
+    let mut frontend = negotiate(
+        &socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let ram = Ram::new(RAM);
+    share(&mut frontend, &ram);
+    let mut tx = Ring::new(1, 16, 0x1000);
+    let started = start_ring(&mut frontend, &ram, &tx);
+    let mut last = String::new();
+    for chunk in 0..64u16 {
+        let text: String = (0..128).map(|n| format!("{chunk:03}:{n:03}\n")).collect();
+        ram.write(0x10000, text.as_bytes());
+        tx.put(&ram, 0, (0x10000, text.len() as u32, 0, 0));
+        tx.offer(&ram, 0);
+        started.kick();
+        tx.wait_used(&ram, chunk + 1, &mut backend);
+        last = text;
+    }
+    backend.terminate_cleanly();
+    let current = std::fs::read(&output).expect("read the log");
+    let rotated = std::fs::read(dir.path("console.out.1")).expect("read the rotated log");
+    assert!(
+        current.len() <= 4096 && rotated.len() <= 4096,
+        "{} and {} bytes",
+        current.len(),
+        rotated.len()
+    );
+    assert!(
+        current.ends_with(last.as_bytes()),
+        "the newest output is not in the log"
+    );
+    assert!(lines_with(&backend, "rotated to") <= BURST + 1);
+}

@@ -1,0 +1,330 @@
+//! A stock Linux L2 guest's I/O through pvstack under nested SVM (see
+//! nested_linux.rs for the set-up): its NIC on a TAP in the L1, pinged
+//! and carrying 64 MiB each way over TCP; its console over `--console
+//! unix=`, where a typed command is answered; and its disk, written and
+//! read back without a pause while the backend is swapped (pvstack-blk
+//! to another pvstack-blk, to qemu-storage-daemon and back) and
+//! SIGKILLed. Each test is one L1 boot; the assertions are on checksums
+//! taken on both sides, what the L2 printed (its kernel log included)
+//! and the control API's counters.
+
+use std::time::Duration;
+
+use pvstack_tests::nested::{guest_script, line_after, Nested, NestedRun, L2_INITRAMFS, L2_KERNEL};
+use pvstack_tests::qemu::GuestRun;
+
+/// Bytes sent each way over TCP.
+const TCP_MIB: u32 = 64;
+/// When an L1 of these tests counts as hung: their I/O goes through an
+/// L2 and an L1 both emulated (QEMU's TCG under KVM under TCG); the TAP
+/// test's 128 MiB had not finished after 20 minutes on a loaded 2-core
+/// host, nor had the disk test's swaps, SIGKILLs and write loop.
+const HANG_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The L2's side of the network test: eth0 at 10.0.2.2, a shell on hvc0,
+/// receives the L1's bytes on port 5001 (0x1389), then sends its own to
+/// the L1's port 5002 (busybox nc listens on IPv6's any address, which
+/// takes IPv4 too: /proc/net/tcp6 shows it), and waits for the shell on hvc0 to leave
+/// /tmp/hvc-done. A busybox nc that reads EOF on its stdin shuts the
+/// connection's sending half, and the other nc then stops reading: the
+/// receivers read from a FIFO that no one writes (opened read-write, so
+/// it never ends).
+fn l2_network_script() -> String {
+    format!(
+        r#"ip addr add 10.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
+sh </dev/hvc0 >/dev/hvc0 2>&1 &
+dd if=/dev/urandom of=/tmp/to-l1 bs=1M count={TCP_MIB} 2>/dev/null
+echo "L2-SENT-MD5 $(md5sum </tmp/to-l1)"
+mkfifo /tmp/hold
+nc -l -p 5001 <>/tmp/hold | md5sum >/tmp/from-l1.md5 &
+receiver=$!
+until grep -qs ':1389 [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6; do sleep 0.1; done
+echo L2-LISTENING
+wait $receiver
+echo "L2-RECEIVED-MD5 $(cat /tmp/from-l1.md5)"
+nc 10.0.2.1 5002 </tmp/to-l1 >/dev/null
+echo "L2-SEND-STATUS $?"
+until [ -e /tmp/hvc-done ]; do sleep 0.1; done
+echo "L2-CPUS $(cat /sys/devices/system/cpu/online)"
+echo BEGIN dmesg; dmesg; echo END dmesg"#
+    )
+}
+
+/// The L1's side: pvstack runs the L2 with `--net tap=tap0` and
+/// `--console unix=`; the L1 gives tap0 10.0.2.1, pings the L2, sends its
+/// bytes, receives the L2's, then types a command on the L2's hvc0
+/// through the console socket (socat) and reads the answer.
+fn l1_network_script() -> String {
+    format!(
+        r#"
+dd if=/dev/urandom of=/tmp/to-l2 bs=1M count={TCP_MIB} 2>/dev/null
+echo "L1-SENT-MD5 $(md5sum </tmp/to-l2)"
+mkfifo /tmp/hold
+nc -l -p 5002 <>/tmp/hold | md5sum >/tmp/from-l2.md5 &
+receiver=$!
+wait_until "the L1's listener" grep -qs ':138A [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 || exit 1
+pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 1G --serial \
+    --net tap=tap0 --console unix=/tmp/hvc.sock \
+    --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
+    </dev/null >/tmp/linux.out 2>/tmp/linux.err &
+vm=$!
+# Ends the step after a failure, with what the L2 and pvstack printed.
+give_up() {{
+    echo "GAVE-UP $*"
+    kill $vm
+    wait $vm
+    cat /tmp/linux.out /tmp/linux.err
+    exit 1
+}}
+wait_until "pvstack-net's tap0" sh -c 'ip link show tap0 >/dev/null 2>&1' || give_up tap0
+ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up || give_up "configuring tap0"
+wait_until "the L2's listener" grep -q L2-LISTENING /tmp/linux.out || give_up "the L2's listener"
+ping -c 5 10.0.2.2 >/tmp/ping.out 2>&1
+echo "PING-STATUS $?"
+cat /tmp/ping.out
+nc 10.0.2.2 5001 </tmp/to-l2 >/dev/null
+echo "L1-SEND-STATUS $?"
+wait $receiver
+echo "L1-RECEIVED-MD5 $(cat /tmp/from-l2.md5)"
+mkfifo /tmp/typed
+socat -t 600 - UNIX-CONNECT:/tmp/hvc.sock </tmp/typed >/tmp/seen &
+exec 3>/tmp/typed
+echo 'echo HVC-ANSWER-$((6 * 7)); touch /tmp/hvc-done' >&3
+wait_until "the answer on hvc0" grep -q HVC-ANSWER-42 /tmp/seen || give_up "hvc0"
+wait $vm
+status=$?
+exec 3>&-
+wait
+cat /tmp/linux.out
+echo "HVC-SEEN $(tr -d '\r\n' </tmp/seen)"
+grep pvstack /tmp/linux.err
+exit $status
+"#
+    )
+}
+
+#[test]
+fn linux_nic_over_a_tap_and_console_over_a_unix_socket() {
+    let run = Nested::new("linux-tap-console")
+        .timeout(HANG_TIMEOUT)
+        .with_linux_guest()
+        .program("socat")
+        .step("script", &guest_script(&l2_network_script()))
+        .step("network", &l1_network_script())
+        .run();
+    run.assert_status("script", 0);
+    run.assert_status("network", 0);
+    let out = run.output("network");
+    assert_eq!(line_after(&out, "PVTEST-EXIT "), "0", "{out}");
+    assert_eq!(line_after(&out, "L2-CPUS "), "0-1", "{out}");
+
+    // Every ping answered through the TAP.
+    assert_eq!(line_after(&out, "PING-STATUS "), "0", "{out}");
+    assert!(
+        out.contains("5 packets transmitted, 5 packets received"),
+        "{out}"
+    );
+
+    // 64 MiB each way, the same bytes at both ends.
+    let digest = |prefix| first_word(line_after(&out, prefix));
+    assert_eq!(line_after(&out, "L1-SEND-STATUS "), "0", "{out}");
+    assert_eq!(line_after(&out, "L2-SEND-STATUS "), "0", "{out}");
+    assert_eq!(
+        digest("L1-SENT-MD5 "),
+        digest("L2-RECEIVED-MD5 "),
+        "L1 to L2: {out}"
+    );
+    assert_eq!(
+        digest("L2-SENT-MD5 "),
+        digest("L1-RECEIVED-MD5 "),
+        "L2 to L1: {out}"
+    );
+    assert_ne!(digest("L1-SENT-MD5 "), digest("L2-SENT-MD5 "), "{out}");
+
+    // The command typed on hvc0 ran in the L2 and its answer came back
+    // (the echo of the typed line holds `$((6 * 7))`, not 42).
+    assert!(
+        line_after(&out, "HVC-SEEN ").contains("HVC-ANSWER-42"),
+        "{out}"
+    );
+
+    kernel_log(&run, "network").assert_clean_kernel_log("Run /init as init process");
+}
+
+/// First 4 KiB block after the disk's 1 MiB slots (at 32 MiB): the L1
+/// writes the stop marker there when it is done, and the L2 looks for it
+/// before each round.
+const STOP_BLOCK: u32 = 8192;
+const STOP_MARKER: &str = "STOP-THE-LOOP";
+/// 1 MiB slots (MiB 1 to 8) the L2 writes directly (O_DIRECT), and as many
+/// after them (MiB 9 to 16) it writes through its page cache.
+const SLOTS: u32 = 8;
+
+/// The L2's disk loop: each round writes fresh random bytes to one slot
+/// with O_DIRECT and to another through the page cache (fsync), reads
+/// both back with O_DIRECT and compares; prints `ROUND n ok` or what
+/// failed. After the stop marker, it prints each slot's md5, its kernel
+/// log and the tally.
+fn l2_disk_script() -> String {
+    format!(
+        r#"round=0
+bad=0
+while :; do
+    marker=$(dd if=/dev/vda bs=4096 skip={STOP_BLOCK} count=1 iflag=direct 2>/dev/null | head -c {marker_len})
+    [ "$marker" = {STOP_MARKER} ] && break
+    direct=$((round % {SLOTS} + 1))
+    cached=$((direct + {SLOTS}))
+    dd if=/dev/urandom of=/tmp/w bs=1M count=2 2>/dev/null
+    ok=1
+    dd if=/tmp/w of=/dev/vda bs=1M count=1 seek=$direct oflag=direct 2>/tmp/err || {{ ok=0; cat /tmp/err; }}
+    dd if=/tmp/w of=/dev/vda bs=1M skip=1 count=1 seek=$cached conv=fsync 2>/tmp/err || {{ ok=0; cat /tmp/err; }}
+    dd if=/dev/vda of=/tmp/r bs=1M skip=$direct count=1 iflag=direct 2>/tmp/err || {{ ok=0; cat /tmp/err; }}
+    dd if=/dev/vda bs=1M skip=$cached count=1 iflag=direct 2>>/tmp/err >>/tmp/r || {{ ok=0; cat /tmp/err; }}
+    cmp -s /tmp/w /tmp/r || ok=0
+    if [ $ok = 1 ]; then echo "ROUND $round ok"; else echo "ROUND $round FAILED"; bad=$((bad + 1)); fi
+    round=$((round + 1))
+done
+slot=1
+while [ $slot -le $((2 * {SLOTS})) ]; do
+    echo "L2-SLOT $slot $(dd if=/dev/vda bs=1M skip=$slot count=1 iflag=direct 2>/dev/null | md5sum)"
+    slot=$((slot + 1))
+done
+echo "L2-ROUNDS $round"
+echo "L2-BAD-ROUNDS $bad"
+echo BEGIN dmesg; dmesg; echo END dmesg"#,
+        marker_len = STOP_MARKER.len()
+    )
+}
+
+/// The L1's side: the disk image served by two pvstack-blk and a
+/// qemu-storage-daemon on three sockets; pvstack starts on the first and
+/// is swapped to each in turn, then the serving pvstack-blk is SIGKILLed
+/// twice and started again on its socket. Between any two of these the
+/// L2 completes at least two more rounds. Then the stop marker, and each
+/// slot's md5 as the image holds it.
+fn l1_disk_script() -> String {
+    format!(
+        r#"
+img=/tmp/vda.img
+truncate -s 64M $img
+pvstack-blk --socket /tmp/a.sock --image $img 2>/tmp/a.log &
+a=$!
+pvstack-blk --socket /tmp/b.sock --image $img 2>/tmp/b.log &
+b=$!
+qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$img \
+    --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/tmp/q.sock,writable=on \
+    >/tmp/q.log 2>&1 &
+q=$!
+wait_until "the three backends" test -S /tmp/a.sock -a -S /tmp/b.sock -a -S /tmp/q.sock || exit 1
+# There before pvstack's redirection makes it: it is counted right away.
+: >/tmp/linux.out
+RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 512M --serial \
+    --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 \
+    --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
+    </dev/null >/tmp/linux.out 2>/tmp/linux.err &
+vm=$!
+give_up() {{
+    echo "GAVE-UP $*"
+    kill $vm
+    wait $vm
+    cat /tmp/linux.out /tmp/linux.err
+    exit 1
+}}
+# Waits until the L2 has finished two more rounds than it had.
+two_more_rounds() {{
+    done_before=$(grep -c '^ROUND ' /tmp/linux.out)
+    wait_until "two more rounds after $1" sh -c \
+        "[ \$(grep -c '^ROUND ' /tmp/linux.out) -ge $((done_before + 2)) ]" || give_up "$1"
+}}
+two_more_rounds "the start"
+for target in b q a; do
+    pvstack ctl --api-socket /tmp/vm.sock device swap blk0 --socket /tmp/$target.sock >/tmp/swap.json
+    echo "SWAP $target $? $(cat /tmp/swap.json)"
+    two_more_rounds "the swap to $target"
+done
+for crash in 1 2; do
+    kill -KILL $a
+    wait $a
+    rm -f /tmp/a.sock
+    pvstack-blk --socket /tmp/a.sock --image $img 2>>/tmp/a.log &
+    a=$!
+    wait_until "reconnect $crash" sh -c \
+        "pvstack ctl --api-socket /tmp/vm.sock info | grep -q '\"reconnects\":{{\"count\":$crash,'" ||
+        give_up "reconnect $crash"
+    echo "RECONNECTED $crash"
+    two_more_rounds "crash $crash"
+done
+echo "INFO $(pvstack ctl --api-socket /tmp/vm.sock info)"
+printf {STOP_MARKER} | dd of=$img bs=4096 seek={STOP_BLOCK} conv=notrunc 2>/dev/null
+wait $vm
+status=$?
+cat /tmp/linux.out
+grep pvstack /tmp/linux.err
+kill $a $b $q
+wait
+slot=1
+while [ $slot -le $((2 * {SLOTS})) ]; do
+    echo "IMAGE-SLOT $slot $(dd if=$img bs=1M skip=$slot count=1 2>/dev/null | md5sum)"
+    slot=$((slot + 1))
+done
+exit $status
+"#
+    )
+}
+
+#[test]
+fn linux_disk_survives_backend_swaps_and_sigkills_under_a_write_loop() {
+    let run = Nested::new("linux-blk-swap")
+        .timeout(HANG_TIMEOUT)
+        .with_linux_guest()
+        .program("qemu-storage-daemon")
+        .step("script", &guest_script(&l2_disk_script()))
+        .step("disk", &l1_disk_script())
+        .run();
+    run.assert_status("script", 0);
+    run.assert_status("disk", 0);
+    let out = run.output("disk");
+    assert_eq!(line_after(&out, "PVTEST-EXIT "), "0", "{out}");
+
+    // Each swap accepted, each crash followed by a reconnect.
+    for target in ["b", "q", "a"] {
+        let swap = line_after(&out, &format!("SWAP {target} "));
+        assert!(swap.starts_with("0 "), "swap to {target}: {out}");
+    }
+    let info: serde_json::Value = serde_json::from_str(line_after(&out, "INFO "))
+        .unwrap_or_else(|e| panic!("info is not JSON ({e}):\n{out}"));
+    let disk = &info["result"]["devices"][0];
+    assert_eq!(disk["swaps"]["count"], 3, "{disk}");
+    assert_eq!(disk["reconnects"]["count"], 2, "{disk}");
+    assert_eq!(disk["socket"], "/tmp/a.sock", "{disk}");
+
+    // Every round read back what it wrote, and the image holds what the
+    // L2 last wrote in every slot.
+    let rounds: u32 = line_after(&out, "L2-ROUNDS ").parse().expect("a count");
+    assert!(
+        rounds >= 12,
+        "two rounds after the start and after each of five events: {out}"
+    );
+    assert_eq!(line_after(&out, "L2-BAD-ROUNDS "), "0", "{out}");
+    for slot in 1..=2 * SLOTS {
+        let l2 = first_word(line_after(&out, &format!("L2-SLOT {slot} ")));
+        let image = first_word(line_after(&out, &format!("IMAGE-SLOT {slot} ")));
+        assert_eq!(l2, image, "slot {slot}: {out}");
+    }
+
+    // No I/O error, no warning in the L2's kernel log.
+    kernel_log(&run, "disk").assert_clean_kernel_log("virtio_blk virtio0");
+}
+
+/// The first word of `text` (an md5 of `md5sum`'s line).
+fn first_word(text: &str) -> &str {
+    text.split_whitespace().next().unwrap_or_default()
+}
+
+/// The L2's kernel log, as the section `dmesg` of step `step`'s output.
+fn kernel_log(run: &NestedRun, step: &str) -> GuestRun {
+    GuestRun {
+        console: run.output(step),
+        script_status: None,
+    }
+}

@@ -1,0 +1,103 @@
+//! Operations on a running vhost-user device that talk to backends: a
+//! swap, a requested reconnect, and the supervisor's reconnect attempts.
+//! Each connects, negotiates (and starts a child backend) without the
+//! device's lock, waits for a stopped backend's requests without it, and
+//! takes it only to install the new connection and replay the ring setup,
+//! so vCPUs touching the device, the control API and the VM's shutdown
+//! wait for a backend only as long as that replay takes.
+
+use std::path::Path;
+use std::sync::{Arc, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+use super::device::{Reconnected, VhostUserDevice};
+use super::supervisor::SharedVhostUserDevice;
+use crate::error::Result;
+use crate::virtio::mmio::MmioTransport;
+
+/// How long a swap or a requested reconnect waits for the old backend to
+/// complete the requests it had taken (without the device's lock).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a new backend's first completion, so the stall
+/// recorded is the one the guest sees.
+const SERVICE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The device behind its transport, a weak reference as the supervisor
+/// holds it.
+pub type WeakVhostUserDevice = Weak<std::sync::Mutex<MmioTransport<VhostUserDevice>>>;
+
+/// Locks the device even if a thread panicked while holding it.
+pub fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<VhostUserDevice>> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Moves the device to the backend listening on `socket`: connects and
+/// checks it first (a backend that cannot take over is refused and the
+/// old one keeps serving), then stops the rings on the old backend once
+/// the requests it took are complete, replays the ring setup to the new
+/// one, and resumes. Returns the stall: how long no backend served the
+/// rings.
+pub fn swap(device: &SharedVhostUserDevice, socket: &Path) -> Result<Duration> {
+    let result = try_swap(device, socket);
+    lock(device).device_mut().record_swap(socket, &result);
+    result
+}
+
+fn try_swap(device: &SharedVhostUserDevice, socket: &Path) -> Result<Duration> {
+    let attempt = lock(device).device().swap_attempt(socket)?;
+    let new = attempt.connect()?;
+    let progress = lock(device).device_mut().stop_for_swap(attempt, new)?;
+    let began = progress.began();
+    let drained = progress
+        .drain()
+        .map_or(Ok(()), |rings| rings.drain(DRAIN_TIMEOUT));
+    let watch = lock(device).device_mut().finish_swap(progress, drained)?;
+    if let Some(rings) = watch {
+        rings.wait_for_service(SERVICE_TIMEOUT);
+    }
+    Ok(began.elapsed())
+}
+
+/// Ends the device's connection on request and reconnects at once (the
+/// `device reconnect` command): the rings are stopped cleanly first, so
+/// nothing is served twice. If the attempt fails, the supervisor keeps
+/// trying.
+pub fn reconnect(device: &SharedVhostUserDevice) -> Result<Duration> {
+    let began = Instant::now();
+    let drain = lock(device).device_mut().stop_for_reconnect();
+    if let Some(rings) = drain {
+        if let Err(err) = rings.drain(DRAIN_TIMEOUT) {
+            let name = lock(device).device().name().to_string();
+            warn!("{name}: {err}; reconnecting anyway, from the used rings");
+        }
+    }
+    lock(device).device_mut().drop_connection();
+    reconnect_once(&Arc::downgrade(device), began)?;
+    Ok(began.elapsed())
+}
+
+/// One attempt to reach the backend of a device that lost its connection
+/// at `began`, and to resume its rings there. Nothing to do if the device
+/// is gone or another attempt got there first.
+pub fn reconnect_once(device: &WeakVhostUserDevice, began: Instant) -> Result<()> {
+    let Some(shared) = device.upgrade() else {
+        return Ok(());
+    };
+    let attempt = lock(&shared).device().reconnect_attempt();
+    // No strong reference while connecting: the VM may end meanwhile.
+    drop(shared);
+    let connected = attempt.connect()?;
+    let Some(shared) = device.upgrade() else {
+        return Ok(());
+    };
+    let installed = lock(&shared).device_mut().finish_reconnect(connected)?;
+    if let Reconnected::Installed(watch) = installed {
+        if let Some(rings) = watch {
+            rings.wait_for_service(SERVICE_TIMEOUT);
+        }
+        lock(&shared).device_mut().record_reconnect(began.elapsed());
+    }
+    Ok(())
+}

@@ -1,0 +1,544 @@
+//! Live replacement of the VMM (`pvstack ctl upgrade --binary PATH`).
+//!
+//! The running pvstack (the old process) starts the new binary as
+//! `pvstack take-over --fd 3`, with one end of a Unix socket pair as fd 3,
+//! and the two talk in [`Message`]s, each a JSON body that may carry file
+//! descriptors (SCM_RIGHTS):
+//!
+//! 1. old → new `Offer` + the guest memfd: the new process creates its KVM
+//!    VM on the same memory, and its vCPUs (the guest still runs).
+//! 2. new → old `Prepared`. The old pauses the guest (every vCPU parked),
+//!    reads the VM's state and sends `State` + the API socket, and per
+//!    device its kick and call eventfds, its backend connection and its
+//!    inflight log. Backends are not stopped: their rings, memory, kicks
+//!    and calls stay the same, so they serve on throughout.
+//! 3. The new process adopts the connections, binds the eventfds in its
+//!    VM, sets the saved state (guest clocks moved on by the pause) and
+//!    answers `Ready`; the old answers `Commit`, after which it will never
+//!    run the guest again; the new one resumes the guest, raises every
+//!    device's interrupt once (one raised while no VM listened is not
+//!    lost), serves the API and answers `Running`. The old process then
+//!    exits without tearing anything down.
+//!
+//! Any failure before `Commit` (the new process dying included) ends the
+//! new process and resumes the guest in the old one. Backends pvstack
+//! started itself (`--blk image=`, `--net tap=`, `--console stdio`) die
+//! with the old process (PR_SET_PDEATHSIG); the new process's supervisors
+//! then start new ones, which take over with the inflight log, as after a
+//! backend crash.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use pvstack_devices::vhost_user::InflightLog;
+use pvstack_devices::InheritedDevice;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::capture::LiveVm;
+use super::restore::{own_console, restore_devices, restore_vcpus, vm_config};
+use super::state::{monotonic_ns, VmSpec, VmState};
+use crate::api::VmControl;
+use crate::cli::TakeOverArgs;
+use crate::error::{Error, Result};
+use crate::lifecycle::VmEnd;
+use crate::memory;
+use crate::run::Devices;
+use crate::vm::Vm;
+
+/// Test-only fault injection: with this variable set to `prepared` or
+/// `state`, the new process dies (SIGKILL) right after that step, as a
+/// process killed in the middle of a take-over would; the tests check
+/// that the old one then resumes the guest.
+const DIE_AT_VARIABLE: &str = "PVSTACK_TEST_TAKE_OVER_DIE_AT";
+
+/// Dies by SIGKILL if [`DIE_AT_VARIABLE`] names `step`.
+fn die_if_asked(step: &str) {
+    if std::env::var(DIE_AT_VARIABLE).is_ok_and(|at| at == step) {
+        log::warn!("take-over: dying after {step}, as {DIE_AT_VARIABLE} asks");
+        // SAFETY: raise(2) with a valid signal number.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
+/// The file descriptor the new process finds its end of the socket on.
+const CHANNEL_FD: RawFd = 3;
+/// How long either side waits for the other's next message: generous,
+/// it only turns a hung peer into a failure.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most descriptors one message carries (the kernel's SCM_MAX_FD).
+const MAX_FDS: usize = 253;
+/// Longest message body accepted.
+const MAX_BODY: u64 = 64 << 20;
+
+/// One step of the conversation (see the module documentation).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "kebab-case")]
+enum Message {
+    /// Carries the memfd.
+    Offer {
+        spec: VmSpec,
+    },
+    Prepared,
+    /// Carries the API listener (if `api`), then per device in `devices`
+    /// its kicks, call, connection and (if it has one) inflight log.
+    State {
+        state: Box<VmState>,
+        api: bool,
+        devices: Vec<HandedDevice>,
+    },
+    Ready,
+    Commit,
+    Running {
+        pid: u32,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Which descriptors of a `State` message belong to one device.
+#[derive(Debug, Serialize, Deserialize)]
+struct HandedDevice {
+    id: String,
+    slot: u32,
+    kicks: usize,
+    inflight: bool,
+}
+
+/// One end of the socket pair.
+struct Channel {
+    stream: UnixStream,
+}
+
+impl Channel {
+    fn send(&self, message: &Message, fds: &[RawFd]) -> Result<()> {
+        let body = serde_json::to_vec(message)
+            .map_err(|e| Error::Takeover(format!("cannot encode {message:?}: {e}")))?;
+        let header = (body.len() as u64).to_le_bytes();
+        let io =
+            |e: std::io::Error| Error::Takeover(format!("cannot send to the other pvstack: {e}"));
+        self.stream
+            .send_with_fds(&[&header[..]], fds)
+            .map_err(|e| io(std::io::Error::from_raw_os_error(e.errno())))?;
+        (&self.stream).write_all(&body).map_err(io)
+    }
+
+    fn receive(&self) -> Result<(Message, Vec<OwnedFd>)> {
+        let gone = |what: String| Error::Takeover(format!("the other pvstack {what}"));
+        let mut header = [0u8; 8];
+        let mut fds = vec![-1; MAX_FDS];
+        let mut iovec = [libc::iovec {
+            iov_base: header.as_mut_ptr().cast(),
+            iov_len: header.len(),
+        }];
+        // SAFETY: the iovec points at `header`, which lives across the call
+        // and may hold any bytes.
+        let (read, count) = unsafe { self.stream.recv_with_fds(&mut iovec, &mut fds) }
+            .map_err(|e| gone(format!("cannot be heard: {e}")))?;
+        // SAFETY: the first `count` entries are descriptors the kernel
+        // just gave this process; nothing else owns them.
+        let owned: Vec<OwnedFd> = fds[..count]
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if read == 0 {
+            return Err(gone("hung up".into()));
+        }
+        if read < header.len() {
+            (&self.stream)
+                .read_exact(&mut header[read..])
+                .map_err(|e| gone(format!("hung up mid-message: {e}")))?;
+        }
+        let len = u64::from_le_bytes(header);
+        if len > MAX_BODY {
+            return Err(gone(format!("sent a {len}-byte message")));
+        }
+        let mut body = vec![0u8; len as usize];
+        (&self.stream)
+            .read_exact(&mut body)
+            .map_err(|e| gone(format!("hung up mid-message: {e}")))?;
+        let message = serde_json::from_slice(&body)
+            .map_err(|e| gone(format!("sent an unreadable message: {e}")))?;
+        if let Message::Failed { error } = &message {
+            return Err(Error::Takeover(format!("the new pvstack failed: {error}")));
+        }
+        Ok((message, owned))
+    }
+
+    fn expect(&self, name: &str, matches: impl Fn(&Message) -> bool) -> Result<Vec<OwnedFd>> {
+        let (message, fds) = self.receive()?;
+        if !matches(&message) {
+            return Err(Error::Takeover(format!(
+                "expected {name} from the other pvstack, got {message:?}"
+            )));
+        }
+        Ok(fds)
+    }
+}
+
+/// The new process that runs the VM now, and how long the guest was paused.
+pub struct HandedOver {
+    pub pid: u32,
+    pub paused: Duration,
+}
+
+/// The old process's side: hands the VM over to a new pvstack started
+/// from `binary`. On success the caller exits; on failure the VM runs on
+/// here (and the new process has been stopped).
+pub fn hand_over(
+    live: &LiveVm,
+    control: &VmControl,
+    listener: &UnixListener,
+    binary: &Path,
+) -> Result<HandedOver> {
+    live.check_supported("hand over")?;
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| Error::Takeover(format!("cannot create a socket pair: {e}")))?;
+    ours.set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| Error::Takeover(format!("cannot set a timeout: {e}")))?;
+    let mut child = spawn(binary, theirs)?;
+    let result = converse(live, control, listener, &Channel { stream: ours }, &child);
+    match result {
+        Ok(done) => Ok(done),
+        Err(err) => {
+            // The new process must not run on with half a VM.
+            let _ = child.kill();
+            let _ = child.wait();
+            log::warn!(
+                "take-over by {} failed; the VM runs on here: {err}",
+                binary.display()
+            );
+            Err(err)
+        }
+    }
+}
+
+/// Starts `binary take-over --fd 3` with `channel` as its fd 3; it
+/// inherits stdin, stdout and stderr (the guest's console goes on there).
+fn spawn(binary: &Path, channel: UnixStream) -> Result<Child> {
+    let fd = channel.as_raw_fd();
+    let mut command = Command::new(binary);
+    command.args(["take-over", "--fd", &CHANNEL_FD.to_string()]);
+    command.args(crate::sandbox::take_over_args());
+    // SAFETY: between fork and exec the closure only calls dup2 and fcntl,
+    // which are async-signal-safe, on descriptors it names.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, CHANNEL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 onto itself keeps close-on-exec; clear it either way.
+            if libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| Error::Takeover(format!("cannot start {}: {e}", binary.display())))?;
+    drop(channel);
+    log::info!(
+        "take-over: started {} (pid {})",
+        binary.display(),
+        child.id()
+    );
+    Ok(child)
+}
+
+/// Steps 1 to 3 of the module documentation, on the old side.
+fn converse(
+    live: &LiveVm,
+    control: &VmControl,
+    listener: &UnixListener,
+    channel: &Channel,
+    child: &Child,
+) -> Result<HandedOver> {
+    let memory = &control.machine.memory;
+    let memfd = memory::backing_file(memory)
+        .ok_or_else(|| Error::Takeover("guest memory has no file behind it".into()))?;
+    channel.send(
+        &Message::Offer {
+            spec: live.spec.clone(),
+        },
+        &[memfd.as_raw_fd()],
+    )?;
+    channel.expect("Prepared", |m| matches!(m, Message::Prepared))?;
+
+    let began = Instant::now();
+    let paused = live.pause(control)?;
+    let state = live.capture(control, &paused, Vec::new())?;
+    let captured = began.elapsed();
+    // The devices stay locked until this process exits (or the hand-over
+    // fails): no guest access, reset or reconnect may touch them now.
+    let guards: Vec<_> = live.devices.iter().map(|d| d.lock()).collect();
+    // KVM binds an eventfd to one irqfd at a time, across VMs: this VM
+    // lets go of the interrupts for the new one to bind them. What the
+    // backends signal meanwhile stays counted in the eventfds, and KVM
+    // injects it when the new VM binds them.
+    let irqfds = Irqfds::release(live, &guards)?;
+    let mut fds: Vec<RawFd> = vec![listener.as_raw_fd()];
+    let mut owned = Vec::new();
+    let mut devices = Vec::new();
+    for (device, transport) in live.devices.iter().zip(&guards) {
+        let events = transport.events();
+        fds.extend(events.kicks.iter().map(|k| k.as_raw_fd()));
+        fds.push(events.call.as_raw_fd());
+        let connection = transport.device().connection_fd()?;
+        fds.push(connection.as_raw_fd());
+        owned.push(connection);
+        let inflight = transport.device().inflight_log();
+        if let Some(log) = inflight {
+            fds.push(log.file().as_raw_fd());
+        }
+        devices.push(HandedDevice {
+            id: device.id.clone(),
+            slot: device.slot,
+            kicks: events.kicks.len(),
+            inflight: inflight.is_some(),
+        });
+    }
+    if fds.len() > MAX_FDS {
+        return Err(Error::Takeover(format!(
+            "{} descriptors to hand over, at most {MAX_FDS} fit one message",
+            fds.len()
+        )));
+    }
+    channel.send(
+        &Message::State {
+            state: Box::new(state),
+            api: true,
+            devices,
+        },
+        &fds,
+    )?;
+    channel.expect("Ready", |m| matches!(m, Message::Ready))?;
+    let ready = began.elapsed();
+    channel.send(&Message::Commit, &[])?;
+    // From here on the guest is the new process's: whatever happens, this
+    // one must not resume it.
+    irqfds.keep_released();
+    paused.keep();
+    std::mem::forget(guards);
+    let reply = channel.receive();
+    let paused_for = began.elapsed();
+    match reply {
+        Ok((Message::Running { pid }, _)) => {
+            log::info!(
+                "take-over: pid {pid} runs the VM; the guest was paused {} us \
+                 (paused and captured after {} us, the new process ready after {} us)",
+                paused_for.as_micros(),
+                captured.as_micros(),
+                ready.as_micros()
+            );
+            Ok(HandedOver {
+                pid,
+                paused: paused_for,
+            })
+        }
+        other => {
+            log::error!(
+                "take-over: the new pvstack (pid {}) committed but then: {other:?}",
+                child.id()
+            );
+            Ok(HandedOver {
+                pid: child.id(),
+                paused: paused_for,
+            })
+        }
+    }
+}
+
+/// The devices' interrupt eventfds, unbound from this VM's irqfds for the
+/// new VM; bound again when dropped, unless the hand-over committed.
+struct Irqfds<'a> {
+    vm: &'a kvm_ioctls::VmFd,
+    released: Vec<(EventFd, u32)>,
+}
+
+impl<'a> Irqfds<'a> {
+    fn release(
+        live: &'a LiveVm,
+        devices: &[std::sync::MutexGuard<
+            '_,
+            pvstack_devices::virtio::mmio::MmioTransport<
+                pvstack_devices::vhost_user::VhostUserDevice,
+            >,
+        >],
+    ) -> Result<Irqfds<'a>> {
+        let mut irqfds = Irqfds {
+            vm: &live.vm_fd,
+            released: Vec::new(),
+        };
+        for (device, transport) in live.devices.iter().zip(devices) {
+            let gsi = pvstack_protocols::layout::device_irq(device.slot);
+            let call = transport.events().call.try_clone().map_err(|e| {
+                Error::Takeover(format!("{}: cannot duplicate its call: {e}", device.id))
+            })?;
+            irqfds.vm.unregister_irqfd(&call, gsi).map_err(|e| {
+                Error::Takeover(format!("{}: cannot unbind its interrupt: {e}", device.id))
+            })?;
+            irqfds.released.push((call, gsi));
+        }
+        Ok(irqfds)
+    }
+
+    fn keep_released(mut self) {
+        self.released.clear();
+    }
+}
+
+impl Drop for Irqfds<'_> {
+    fn drop(&mut self) {
+        for (call, gsi) in &self.released {
+            if let Err(e) = self.vm.register_irqfd(call, *gsi) {
+                log::error!("cannot bind the interrupt of GSI {gsi} again: {e}");
+            }
+            // Raise it once: a completion may have come while unbound.
+            let _ = call.write(1);
+        }
+    }
+}
+
+/// `pvstack take-over --fd N`: the new process's side. Runs the VM it is
+/// handed until it ends.
+pub fn take_over(args: &TakeOverArgs) -> Result<VmEnd> {
+    crate::sandbox::configure(&args.sandbox);
+    // SAFETY: the old pvstack started this process with its end of the
+    // socket pair as this descriptor, which nothing else here owns.
+    let stream = unsafe { UnixStream::from_raw_fd(args.fd) };
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| Error::Takeover(format!("fd {}: not a socket: {e}", args.fd)))?;
+    let channel = Channel { stream };
+    let end = match take_over_on(&channel) {
+        Ok(run) => run(),
+        Err(err) => {
+            let _ = channel.send(
+                &Message::Failed {
+                    error: err.to_string(),
+                },
+                &[],
+            );
+            Err(err)
+        }
+    };
+    end
+}
+
+/// Steps 1 to 3 on the new side; returns what runs the VM.
+fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> + '_>> {
+    let (offer, mut fds) = channel.receive()?;
+    let Message::Offer { mut spec } = offer else {
+        return Err(Error::Takeover(format!("expected an offer, got {offer:?}")));
+    };
+    let memfd = fds
+        .pop()
+        .ok_or_else(|| Error::Takeover("the offer carried no guest memory".into()))?;
+    let memory = memory::from_file(std::fs::File::from(memfd), spec.memory_size)?;
+    let mut vm = Vm::with_memory(&vm_config(&spec), memory)?;
+    let vcpus = vm.create_vcpus()?;
+    let console = own_console(&spec)?;
+    channel.send(&Message::Prepared, &[])?;
+    log::info!("take-over: VM prepared, waiting for its state");
+    die_if_asked("prepared");
+
+    let (message, fds) = channel.receive()?;
+    let Message::State {
+        state,
+        api,
+        devices: handed,
+    } = message
+    else {
+        return Err(Error::Takeover(format!(
+            "expected the state, got {message:?}"
+        )));
+    };
+    die_if_asked("state");
+    state.check_host(Path::new("the handed-over state"))?;
+    let mut fds = fds.into_iter();
+    let mut take = |what: &str| {
+        fds.next()
+            .ok_or_else(|| Error::Takeover(format!("the state lacks the descriptor of {what}")))
+    };
+    let listener = if api {
+        Some(UnixListener::from(take("the API socket")?))
+    } else {
+        None
+    };
+    let mut inherited = Vec::new();
+    let mut logs = Vec::new();
+    for device in &handed {
+        let kicks = (0..device.kicks)
+            .map(|_| take(&device.id).map(eventfd))
+            .collect::<Result<Vec<_>>>()?;
+        let call = eventfd(take(&device.id)?);
+        let connection = UnixStream::from(take(&device.id)?);
+        let saved = state.devices.iter().find(|d| d.id == device.id);
+        let socket = saved.map(|d| d.socket.clone()).unwrap_or_else(PathBuf::new);
+        if device.inflight {
+            let file = std::fs::File::from(take(&device.id)?);
+            let shape = saved.and_then(|d| d.inflight).ok_or_else(|| {
+                Error::Takeover(format!("{}: an inflight log without its shape", device.id))
+            })?;
+            logs.push((device.id.clone(), InflightLog::from_parts(file, shape)));
+        }
+        inherited.push((
+            device.slot,
+            InheritedDevice {
+                kicks,
+                call,
+                connection: Some((connection, socket)),
+            },
+        ));
+    }
+    let find = |slot: u32| inherited.iter().find(|(s, _)| *s == slot).map(|(_, i)| i);
+    let devices = Devices::attach(&mut vm, &mut spec, &find)?;
+    let mut take_log = |id: &str| {
+        logs.iter()
+            .position(|(log_id, _)| log_id == id)
+            .map(|i| logs.swap_remove(i).1)
+    };
+    restore_devices(&devices, &state.devices, Some(&mut take_log))?;
+    devices.serve(&mut vm, spec, listener)?;
+    let advance = monotonic_ns().saturating_sub(state.taken_at_ns);
+    let launches = restore_vcpus(&vm, &vcpus, &state, advance)?;
+    crate::sandbox::confine_vmm_after_take_over()?;
+    let calls: Vec<EventFd> = inherited
+        .iter()
+        .filter_map(|(_, i)| i.call.try_clone().ok())
+        .collect();
+    channel.send(&Message::Ready, &[])?;
+    channel.expect("Commit", |m| matches!(m, Message::Commit))?;
+    let guest_time_ns = state.guest_time_ns.saturating_add(advance);
+    Ok(Box::new(move || {
+        // An interrupt a backend raised while no VM listened would be
+        // lost; a spurious one costs the driver a look at its used ring.
+        for call in &calls {
+            let _ = call.write(1);
+        }
+        let _ = channel.send(
+            &Message::Running {
+                pid: std::process::id(),
+            },
+            &[],
+        );
+        log::info!("take-over: running the VM (advanced its clocks by {advance} ns)");
+        let end = vm.run_vcpus(vcpus, launches, console, guest_time_ns);
+        drop(devices);
+        end
+    }))
+}
+
+fn eventfd(fd: OwnedFd) -> EventFd {
+    // SAFETY: the descriptor is an eventfd the old process handed over
+    // (its position in the message says so), owned by nothing else.
+    unsafe { EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) }
+}
