@@ -100,6 +100,31 @@ fn poke(tid: i32, addr: u64, bytes: &[u8]) {
     }
 }
 
+/// Attaches to `tid` and stops it while it waits in a system call; its
+/// registers then, or Err(signal) if the process died. A thread caught
+/// in user space (between two calls, or about to restart one, e.g. right
+/// after an earlier injection) is let go and caught again a little later.
+fn stop_in_syscall(tid: i32) -> Result<libc::user_regs_struct, i32> {
+    for _ in 0..1000 {
+        ptrace(
+            libc::PTRACE_SEIZE,
+            tid,
+            0,
+            libc::PTRACE_O_TRACESYSGOOD as u64,
+        )
+        .unwrap_or_else(|e| panic!("PTRACE_SEIZE {tid}: {e}"));
+        ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0).expect("PTRACE_INTERRUPT");
+        wait_stop(tid)?;
+        let regs = get_regs(tid);
+        if (regs.orig_rax as i64) >= 0 {
+            return Ok(regs);
+        }
+        ptrace(libc::PTRACE_DETACH, tid, 0, 0).expect("PTRACE_DETACH");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("thread {tid} was never caught in a system call");
+}
+
 /// Runs system call `nr` with `args` in thread `tid` (waiting in a system
 /// call). `data`, if given, is copied below the thread's stack pointer
 /// first and `args[data_arg]` points at it (e.g. a path for openat).
@@ -109,22 +134,10 @@ pub fn inject_syscall(
     mut args: [u64; 6],
     data: Option<(&[u8], usize)>,
 ) -> Injected {
-    ptrace(
-        libc::PTRACE_SEIZE,
-        tid,
-        0,
-        libc::PTRACE_O_TRACESYSGOOD as u64,
-    )
-    .unwrap_or_else(|e| panic!("PTRACE_SEIZE {tid}: {e}"));
-    ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0).expect("PTRACE_INTERRUPT");
-    if let Err(signal) = wait_stop(tid) {
-        return Injected::Killed(signal);
-    }
-    let saved = get_regs(tid);
-    assert!(
-        (saved.orig_rax as i64) >= 0,
-        "thread {tid} was not in a system call: {saved:?}"
-    );
+    let saved = match stop_in_syscall(tid) {
+        Ok(saved) => saved,
+        Err(signal) => return Injected::Killed(signal),
+    };
     let mut regs = saved;
     if let Some((bytes, arg)) = data {
         // Below the red zone, in the stack the thread has already used.

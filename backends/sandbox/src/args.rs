@@ -7,8 +7,8 @@ use crate::user::User;
 /// What a seccomp filter does with a system call outside its list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompMode {
-    /// Kill the process (SECCOMP_RET_KILL_PROCESS); the kernel logs the
-    /// system call (see `pvstack_sandbox::audit`).
+    /// Refuse the call and end the process with a line naming it
+    /// (SECCOMP_RET_TRAP and a SIGSYS handler: `pvstack_sandbox::sigsys`).
     On,
     /// Allow it and log it (SECCOMP_RET_LOG): for making the lists.
     Log,
@@ -30,10 +30,10 @@ impl fmt::Display for SeccompMode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct SandboxArgs {
     /// The seccomp allow-list, installed once the backend is set up: `on`
-    /// kills the process on any other system call (the kernel log then has
-    /// an `audit: type=1326 ... syscall=N` line naming it: `dmesg | grep
-    /// type=1326`), `log` allows and logs it there (for making the lists),
-    /// `off` installs none. Also taken from PVSTACK_SECCOMP.
+    /// ends the process on any other system call, after a line on stderr
+    /// naming the thread and the call; `log` allows it and the kernel logs
+    /// it (`dmesg | grep type=1326`, the `syscall=N` field: for making the
+    /// lists); `off` installs none. Also taken from PVSTACK_SECCOMP.
     #[arg(long, value_name = "MODE", value_enum, env = "PVSTACK_SECCOMP", default_value_t = SeccompMode::On)]
     pub seccomp: SeccompMode,
 

@@ -9,12 +9,17 @@ use syscalls::Sysno;
 /// their file descriptors, mapping the guest memory and inflight regions
 /// they send, epoll and eventfds in the queue workers, starting a fresh
 /// daemon's threads for each connection, reading /proc/loadavg for
-/// adaptive polling, removing the socket files at exit.
+/// adaptive polling, removing the socket files at exit, checking what a
+/// frontend hands over (readlink of /proc/self/fd/N tells an eventfd) and
+/// who it is (getsockopt SO_PEERCRED), bounding how long a frontend may
+/// take (socket timeouts).
 pub const SERVE: &[Sysno] = &[
     Sysno::accept4,
     Sysno::socket,
     Sysno::connect,
     Sysno::shutdown,
+    Sysno::getsockopt,
+    Sysno::setsockopt,
     Sysno::sendmsg,
     Sysno::recvmsg,
     Sysno::sendto,
@@ -35,6 +40,8 @@ pub const SERVE: &[Sysno] = &[
     Sysno::statx,
     Sysno::lseek,
     Sysno::openat,
+    Sysno::readlink,
+    Sysno::readlinkat,
     Sysno::dup,
     Sysno::clone3,
     Sysno::clone,

@@ -8,16 +8,13 @@ pub struct HostProtections {
     /// The seccomp filter actions the kernel has (actions_avail), or why
     /// they are unknown.
     pub seccomp_actions: Result<String, String>,
-    /// Whether the kernel logs seccomp kills (actions_logged has
-    /// kill_process), which is how a killed process's system call is found.
-    pub kills_logged: bool,
+    /// Whether the kernel logs what `--seccomp log` lets through
+    /// (actions_logged has log), which is how the lists are made.
+    pub log_recorded: bool,
     /// The Landlock ABI version, or why there is none.
     pub landlock_abi: Result<i64, String>,
     /// Whether prctl(PR_GET_NO_NEW_PRIVS) works.
     pub no_new_privs: bool,
-    /// Whether this process can read the kernel log (/dev/kmsg), where
-    /// seccomp kills are recorded.
-    pub kernel_log_readable: bool,
 }
 
 const ACTIONS_AVAIL: &str = "/proc/sys/kernel/seccomp/actions_avail";
@@ -28,23 +25,23 @@ impl HostProtections {
         let seccomp_actions = std::fs::read_to_string(ACTIONS_AVAIL)
             .map(|text| text.trim().to_owned())
             .map_err(|e| format!("{ACTIONS_AVAIL}: {e}"));
-        let kills_logged = std::fs::read_to_string(ACTIONS_LOGGED)
-            .is_ok_and(|text| text.split_whitespace().any(|a| a == "kill_process"));
+        let log_recorded = std::fs::read_to_string(ACTIONS_LOGGED)
+            .is_ok_and(|text| text.split_whitespace().any(|a| a == "log"));
         HostProtections {
             seccomp_actions,
-            kills_logged,
+            log_recorded,
             landlock_abi: landlock_abi(),
             // SAFETY: prctl with integer arguments only.
             no_new_privs: unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) } >= 0,
-            kernel_log_readable: std::fs::File::open("/dev/kmsg").is_ok(),
         }
     }
 
-    /// Whether `--seccomp on` and `log` can work: both actions exist.
+    /// Whether `--seccomp on` and `log` can work: their actions (trap,
+    /// log) exist.
     pub fn seccomp_usable(&self) -> bool {
         self.seccomp_actions.as_ref().is_ok_and(|actions| {
             let has = |a: &str| actions.split_whitespace().any(|x| x == a);
-            has("kill_process") && has("log") && has("allow")
+            has("trap") && has("log") && has("allow")
         })
     }
 }
@@ -80,8 +77,8 @@ mod tests {
 
     #[test]
     fn this_host_has_what_the_sandbox_uses() {
-        // The project's machines (see README): seccomp with kill_process
-        // and log, Landlock, no_new_privs.
+        // The project's machines (see README): seccomp with trap and log,
+        // Landlock, no_new_privs.
         let host = HostProtections::probe();
         assert!(host.seccomp_usable(), "{:?}", host.seccomp_actions);
         assert!(

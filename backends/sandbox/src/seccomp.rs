@@ -1,8 +1,9 @@
 //! Allow-list seccomp filters, compiled with seccompiler.
 //!
 //! A filter allows exactly the union of the lists it is built from; any
-//! other system call kills the whole process (`--seccomp on`), or is
-//! allowed and logged by the kernel (`--seccomp log`). Filters stack: a
+//! other system call is not made and ends the whole process with a line
+//! naming it (`--seccomp on`, see [`crate::sigsys`]), or is allowed and
+//! logged by the kernel (`--seccomp log`). Filters stack: a
 //! thread that installs its own filter on top of the process's gets what
 //! both allow, so a thread kind's list narrows the process's.
 
@@ -35,6 +36,12 @@ pub fn install(
     let Some(program) = compile(name, lists, mode)? else {
         return Ok(());
     };
+    if mode == SeccompMode::On {
+        crate::sigsys::install(name).map_err(|e| Error::InstallFilter {
+            list: name.to_owned(),
+            message: format!("cannot handle SIGSYS: {e}"),
+        })?;
+    }
     let installed = match scope {
         Scope::Thread => seccompiler::apply_filter(&program),
         Scope::Process => seccompiler::apply_filter_all_threads(&program),
@@ -54,10 +61,24 @@ pub fn install(
     Ok(())
 }
 
-/// Whether this process already runs under a seccomp filter (one it
-/// inherited through execve, say): the `Seccomp:` line of
-/// /proc/self/status is 2 (SECCOMP_MODE_FILTER).
-pub fn filtered() -> Result<bool, Error> {
+/// For a process that may run under a filter inherited through execve
+/// (which keeps filters but resets signal handlers): whether there is
+/// one, and if so and `mode` is `on`, SIGSYS is handled again as
+/// [`install`] would, so a refused call is named.
+pub fn adopt_inherited(name: &str, mode: SeccompMode) -> Result<bool, Error> {
+    let inherited = filtered()?;
+    if inherited && mode == SeccompMode::On {
+        crate::sigsys::install(name).map_err(|e| Error::InstallFilter {
+            list: name.to_owned(),
+            message: format!("cannot handle SIGSYS: {e}"),
+        })?;
+    }
+    Ok(inherited)
+}
+
+/// Whether this process already runs under a seccomp filter: the
+/// `Seccomp:` line of /proc/self/status is 2 (SECCOMP_MODE_FILTER).
+fn filtered() -> Result<bool, Error> {
     const STATUS: &str = "/proc/self/status";
     let status = std::fs::read_to_string(STATUS).map_err(|cause| Error::ReadStatus {
         path: STATUS,
@@ -76,7 +97,7 @@ pub fn compile(
     mode: SeccompMode,
 ) -> Result<Option<BpfProgram>, Error> {
     let mismatch = match mode {
-        SeccompMode::On => SeccompAction::KillProcess,
+        SeccompMode::On => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Off => return Ok(None),
     };

@@ -6,6 +6,11 @@ use std::io;
 
 use crate::Error;
 
+/// The user pvstack's backends switch to unless told otherwise: nobody
+/// and nogroup on Debian, given by number so that a host without a
+/// password database (an initramfs, a container) has it too.
+pub const DEFAULT_USER: &str = "65534:65534";
+
 /// The unprivileged user a process switches to once it is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {

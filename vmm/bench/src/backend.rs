@@ -351,6 +351,26 @@ fn remove_if_there(path: &Path) -> Result<()> {
     }
 }
 
+/// The user a confined pvstack-blk switches to, with `dir` handed to it:
+/// nobody (by number) when the bench runs as root, none otherwise (only root can
+/// switch).
+fn sandbox_user(dir: &Path) -> Result<Option<&'static str>> {
+    const USER: &str = pvstack_sandbox::user::DEFAULT_USER;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let user = pvstack_sandbox::User::parse(USER).map_err(|reason| Error::Bench {
+        what: "vhost-user".into(),
+        reason,
+    })?;
+    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(|e| Error::Bench {
+        what: "vhost-user".into(),
+        reason: format!("cannot hand {} to {user}: {e}", dir.display()),
+    })?;
+    Ok(Some(USER))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,24 +405,4 @@ mod tests {
         );
         assert_eq!(args[6..], ["--pidfile", "/d/qsd.pid"]);
     }
-}
-
-/// The user a confined pvstack-blk switches to, with `dir` handed to it:
-/// `nobody` when the bench runs as root, none otherwise (only root can
-/// switch).
-fn sandbox_user(dir: &Path) -> Result<Option<&'static str>> {
-    const USER: &str = "nobody";
-    // SAFETY: geteuid cannot fail and touches no memory.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let user = pvstack_sandbox::User::parse(USER).map_err(|reason| Error::Bench {
-        what: "vhost-user".into(),
-        reason,
-    })?;
-    std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid)).map_err(|e| Error::Bench {
-        what: "vhost-user".into(),
-        reason: format!("cannot hand {} to {user}: {e}", dir.display()),
-    })?;
-    Ok(Some(USER))
 }

@@ -19,10 +19,11 @@ use crate::error::{Error, Result};
 pub struct SandboxOptions {
     /// The seccomp allow-lists, installed once the VM is set up (one for
     /// the whole process, a narrower one on each vCPU thread) and passed
-    /// on to the backends pvstack starts: `on` kills the process on any
-    /// other system call (find it with `dmesg | grep type=1326`: the
-    /// `syscall=N` field), `log` allows and logs it there, `off` installs
-    /// none. Also taken from PVSTACK_SECCOMP.
+    /// on to the backends pvstack starts: `on` ends the process on any
+    /// other system call, after a line on stderr naming the thread and the
+    /// call; `log` allows it and the kernel logs it (`dmesg | grep
+    /// type=1326`, the `syscall=N` field); `off` installs none. Also taken
+    /// from PVSTACK_SECCOMP.
     #[arg(long, value_name = "MODE", value_enum, env = "PVSTACK_SECCOMP", default_value_t = SeccompMode::On)]
     pub seccomp: SeccompMode,
 
@@ -30,7 +31,8 @@ pub struct SandboxOptions {
     /// `pty`, `unix=`) switch to once they have opened what they need: a
     /// name or UID[:GID], or `keep` to leave them pvstack's user. Only
     /// root can switch, so a pvstack that is not root keeps its user.
-    #[arg(long, value_name = "NAME|UID[:GID]|keep", default_value = "nobody", value_parser = parse_backend_user)]
+    /// The default is nobody:nogroup by number.
+    #[arg(long, value_name = "NAME|UID[:GID]|keep", default_value = pvstack_sandbox::user::DEFAULT_USER, value_parser = parse_backend_user)]
     pub backend_user: BackendUser,
 }
 
@@ -104,14 +106,33 @@ pub fn confine_vmm() -> Result<()> {
     seccomp::install("pvstack", VMM_LISTS, Scope::Process, mode()).map_err(sandbox_error)
 }
 
+/// [`configure`] for `pvstack take-over`, which the pvstack handing over
+/// started under its own filter: SIGSYS is handled again from here on
+/// (execve reset its handler), so that a call the inherited filter
+/// refuses while this process sets up is named too.
+pub fn configure_take_over(options: &SandboxOptions) -> Result<()> {
+    configure(options);
+    let inherited = seccomp::adopt_inherited("pvstack", mode()).map_err(sandbox_error)?;
+    let _ = INHERITED.set(inherited);
+    Ok(())
+}
+
+/// Whether this pvstack runs under a filter inherited through execve, as
+/// [`configure_take_over`] found.
+static INHERITED: OnceLock<bool> = OnceLock::new();
+
 /// As [`confine_vmm`] for a pvstack that took a VM over: the filter of
 /// the pvstack that started it is still there (a filter outlives execve
-/// and cannot be removed), and it is this list, so a second copy would
-/// only make every system call dearer and, upgrade after upgrade, fill
-/// the kernel's limit on stacked filters. Installs it if there is none.
+/// and cannot be removed), and it is this list when the binary is the
+/// same, so a second copy would only make every system call dearer and,
+/// upgrade after upgrade, fill the kernel's limit on stacked filters.
+/// Installs it if there is none.
 pub fn confine_vmm_after_take_over() -> Result<()> {
-    if mode() != SeccompMode::Off && seccomp::filtered().map_err(sandbox_error)? {
-        log::info!("seccomp {}: keeping the filter inherited from the pvstack handing over", mode());
+    if mode() != SeccompMode::Off && INHERITED.get() == Some(&true) {
+        log::info!(
+            "seccomp {}: keeping the filter inherited from the pvstack that handed over",
+            mode()
+        );
         return Ok(());
     }
     confine_vmm()

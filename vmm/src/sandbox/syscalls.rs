@@ -1,60 +1,26 @@
 //! pvstack's seccomp allow-lists, on top of the runtime's
-//! (pvstack_sandbox::runtime).
+//! (pvstack_sandbox::runtime); `super` says which filter holds which.
 
 use pvstack_sandbox::Sysno;
 
-/// What every thread of `pvstack run` may do once the VM is set up (the
-/// process-wide filter): KVM's ioctls, vhost-user connections (connect,
-/// messages with descriptors, replies awaited with poll), reconnecting
-/// and swapping backends, the control API's socket, the in-VMM emulated
-/// devices' image and TAP I/O, the signal thread, and starting a
-/// replacement backend child and stopping it (see [`BACKEND_START`]).
+/// What `pvstack run` needs beyond what its backends do. Its
+/// process-wide filter (every thread) allows this, [`BACKEND_START`] and
+/// each backend's lists, because pvstack does what they do: it speaks
+/// vhost-user and connects to backends (`pvstack_sandbox::backend`),
+/// serves emulated disks and NICs with the same calls as pvstack-blk and
+/// pvstack-net, and the backends it (re)starts inherit its filter.
+/// Beyond that: snapshots (a directory,
+/// guest memory copied in the kernel, files renamed into place, which the
+/// console log's rotation does too), a take-over's socket pair, and
+/// starting, watching and stopping backend children.
 pub const VMM: &[Sysno] = &[
-    Sysno::ioctl,
-    Sysno::read,
-    Sysno::readv,
-    Sysno::pread64,
-    Sysno::pwrite64,
-    Sysno::preadv,
-    Sysno::pwritev,
-    Sysno::fsync,
-    Sysno::fdatasync,
-    Sysno::fallocate,
-    Sysno::lseek,
-    Sysno::socket,
     Sysno::socketpair,
-    Sysno::connect,
-    Sysno::accept4,
-    Sysno::shutdown,
-    Sysno::sendmsg,
-    Sysno::recvmsg,
-    Sysno::sendto,
-    Sysno::recvfrom,
-    Sysno::getsockopt,
-    Sysno::setsockopt,
-    Sysno::poll,
-    Sysno::ppoll,
-    Sysno::epoll_create1,
-    Sysno::epoll_ctl,
-    Sysno::epoll_wait,
-    Sysno::eventfd2,
-    Sysno::memfd_create,
-    Sysno::ftruncate,
-    Sysno::fstat,
-    Sysno::newfstatat,
-    Sysno::statx,
-    Sysno::openat,
     Sysno::getdents64,
     Sysno::mkdir,
-    Sysno::unlink,
-    Sysno::unlinkat,
     Sysno::rmdir,
-    Sysno::readlink,
-    Sysno::rt_sigtimedwait,
-    Sysno::rt_sigaction,
-    // Starting and stopping backend children.
-    Sysno::clone,
-    Sysno::clone3,
+    Sysno::rename,
+    Sysno::sendfile,
+    // Starting and stopping backend children, and a take-over.
     Sysno::execve,
     Sysno::wait4,
     Sysno::waitid,
@@ -93,22 +59,18 @@ pub const BACKEND_START: &[Sysno] = &[
     Sysno::landlock_add_rule,
     Sysno::landlock_restrict_self,
     Sysno::seccomp,
-    Sysno::io_uring_setup,
-    Sysno::io_uring_enter,
-    Sysno::io_uring_register,
-    Sysno::preadv2,
-    Sysno::pwritev2,
-    Sysno::epoll_pwait,
-    Sysno::dup,
     Sysno::uname,
 ];
 
-/// A vCPU thread (its own filter, stacked on [`VMM`]): running the vCPU
+/// A vCPU thread (its own filter, stacked on the process-wide one, so
+/// only what both allow is allowed): running the vCPU
 /// and the exits it handles: MMIO and port I/O on the buses, hypercalls,
 /// a device's activation, reset and the vhost-user messages they send
 /// (memory table, rings, eventfds, the inflight region's descriptor), and
-/// the emulated devices' image and TAP I/O. No new sockets, files,
-/// processes or threads.
+/// the emulated devices' image and TAP I/O, and pvstack's own guest's
+/// console lines (hypercalls) into `--console-log`, which the vCPU that
+/// writes the line past the size limit rotates (rename, then open the
+/// file afresh). No new sockets, processes or threads.
 pub const VCPU: &[Sysno] = &[
     Sysno::ioctl,
     Sysno::read,
@@ -132,4 +94,6 @@ pub const VCPU: &[Sysno] = &[
     Sysno::fstat,
     Sysno::newfstatat,
     Sysno::statx,
+    Sysno::rename,
+    Sysno::openat,
 ];

@@ -410,7 +410,7 @@ impl Drop for Irqfds<'_> {
 /// `pvstack take-over --fd N`: the new process's side. Runs the VM it is
 /// handed until it ends.
 pub fn take_over(args: &TakeOverArgs) -> Result<VmEnd> {
-    crate::sandbox::configure(&args.sandbox);
+    crate::sandbox::configure_take_over(&args.sandbox)?;
     // SAFETY: the old pvstack started this process with its end of the
     // socket pair as this descriptor, which nothing else here owns.
     let stream = unsafe { UnixStream::from_raw_fd(args.fd) };

@@ -165,14 +165,14 @@ impl BackendProcess {
         }
     }
 
-    /// A child killed by its seccomp filter cannot say why: the kernel's
-    /// record names the system call.
+    /// A child ended by its seccomp filter wrote the system call on its
+    /// stderr (pvstack's); say which child that line was from.
     fn explain_sigsys(&self, status: std::process::ExitStatus) {
         if status.signal() == Some(libc::SIGSYS) {
             error!(
-                "{}: {}",
+                "{} (pid {}) died of SIGSYS: its seccomp filter caught a system call outside its allow-list (named in its last line above)",
                 self.program.display(),
-                pvstack_sandbox::audit::explain_kill(self.child.id())
+                self.child.id()
             );
         }
     }
