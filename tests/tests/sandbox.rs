@@ -1,7 +1,7 @@
 //! The sandbox on the real binaries: a system call outside a process's
 //! seccomp allow-list kills it (or is logged with `--seccomp log`); a
 //! vCPU thread's list is narrower than the rest of pvstack's; backends
-//! that pvstack starts run as `nobody` with no capabilities, and Landlock
+//! that pvstack starts run as 65534:65534 with no capabilities, and Landlock
 //! keeps them from files other than their own; pvstack runs without root
 //! on a KVM node its user may open. Each test makes the forbidden thing
 //! happen inside the running process (pvstack_tests::inject) and checks

@@ -9,7 +9,7 @@ use syscalls::Sysno;
 /// their file descriptors, mapping the guest memory and inflight regions
 /// they send, epoll and eventfds in the queue workers, starting a fresh
 /// daemon's threads for each connection, reading /proc/loadavg for
-/// adaptive polling, removing the socket files at exit, checking what a
+/// adaptive polling, removing the socket files (and the filter's daemon directory) at exit, checking what a
 /// frontend hands over (readlink of /proc/self/fd/N tells an eventfd) and
 /// who it is (getsockopt SO_PEERCRED), bounding how long a frontend may
 /// take (socket timeouts).
@@ -48,4 +48,5 @@ pub const SERVE: &[Sysno] = &[
     Sysno::rt_sigtimedwait,
     Sysno::unlink,
     Sysno::unlinkat,
+    Sysno::rmdir,
 ];

@@ -169,7 +169,7 @@ impl Backend {
         if !confined {
             command.args(["--seccomp", "off"]);
         } else if let Some(user) = sandbox_user(dir)? {
-            // As pvstack runs its own children: switched to `nobody` once
+            // As pvstack runs its own children: switched to 65534:65534 once
             // set up, in a directory handed to it.
             command.args(["--user", user]);
         }

@@ -79,7 +79,7 @@ pub struct BenchArgs {
     /// O_DIRECT on a disk), host (fio on the image, no VM: the ceiling),
     /// vhost-user-unconfined (vhost-user with pvstack and pvstack-blk
     /// under no seccomp filter and pvstack-blk keeping root: compared with
-    /// vhost-user, whose pvstack-blk also switches to nobody, it measures
+    /// vhost-user, whose pvstack-blk also switches to 65534:65534, it measures
     /// what the sandbox costs).
     #[arg(
         long,

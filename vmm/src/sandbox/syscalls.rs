@@ -17,7 +17,6 @@ pub const VMM: &[Sysno] = &[
     Sysno::socketpair,
     Sysno::getdents64,
     Sysno::mkdir,
-    Sysno::rmdir,
     Sysno::rename,
     Sysno::sendfile,
     // Starting and stopping backend children, and a take-over.
