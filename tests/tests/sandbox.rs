@@ -148,7 +148,10 @@ fn vcpu_threads_have_a_narrower_list_than_the_rest_of_pvstack() {
         "{finished:#?}"
     );
     let line = refusal_line("vcpu0", "socket", libc::SYS_socket);
-    assert!(finished.stdout.contains(&line), "no {line:?} in {finished:#?}");
+    assert!(
+        finished.stdout.contains(&line),
+        "no {line:?} in {finished:#?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -277,7 +280,11 @@ fn backends_pvstack_starts_run_as_nobody_and_reach_only_their_files() {
     inject_syscall(blk as i32, SYS_PERSONALITY, [QUERY, 0, 0, 0, 0, 0], None);
     vm.wait_for("died of SIGSYS");
     let line = refusal_line("pvstack-blk", "personality", SYS_PERSONALITY);
-    assert!(vm.output().contains(&line), "no {line:?} in:\n{}", vm.output());
+    assert!(
+        vm.output().contains(&line),
+        "no {line:?} in:\n{}",
+        vm.output()
+    );
     let replacement = wait_for_child_other_than(&vm, blk);
     assert_dropped(replacement);
     let finished = vm.terminate();

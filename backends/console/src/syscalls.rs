@@ -7,9 +7,4 @@ use pvstack_sandbox::Sysno;
 /// tcsetattr, the window size) and the output log (written, synced,
 /// renamed to FILE.1 when it reaches its size). Console clients on the
 /// Unix socket server need nothing beyond every backend's list.
-pub const CONSOLE: &[Sysno] = &[
-    Sysno::ioctl,
-    Sysno::pwrite64,
-    Sysno::fsync,
-    Sysno::rename,
-];
+pub const CONSOLE: &[Sysno] = &[Sysno::ioctl, Sysno::pwrite64, Sysno::fsync, Sysno::rename];

@@ -77,7 +77,12 @@ unsafe fn trapped_syscall(info: *const libc::siginfo_t) -> i32 {
     const SI_SYSCALL_OFFSET: usize = 16 + std::mem::size_of::<*const c_void>();
     // SAFETY: siginfo_t is 128 bytes; the offset is inside it and aligned
     // for an i32.
-    unsafe { info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>().read() }
+    unsafe {
+        info.cast::<u8>()
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<i32>()
+            .read()
+    }
 }
 
 /// A fixed buffer for the line: no allocation in a signal handler.
