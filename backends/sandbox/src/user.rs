@@ -104,6 +104,11 @@ where
             buf.resize(buf.len() * 2, 0);
             continue;
         }
+        // getpwnam_r(3): these mean "no such entry" too, as where there
+        // is no password database at all (an initramfs: ENOENT).
+        if [libc::ENOENT, libc::ESRCH, libc::EBADF, libc::EPERM].contains(&rc) {
+            return Ok(None);
+        }
         if rc != 0 {
             return Err(Error::LookUpUser {
                 name: what.to_owned(),
