@@ -14,7 +14,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -160,16 +160,22 @@ pub struct ReconnectAttempt {
 }
 
 impl ReconnectAttempt {
-    /// Connects (starting a new child backend for one pvstack runs
-    /// itself), negotiates and checks the configuration space.
-    pub fn connect(&self) -> Result<Connected> {
-        let (mut new, process) = {
-            let mut reconnect = self
-                .reconnector
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            reconnect()?
-        };
+    /// Waits for this device's turn to reconnect. One attempt at a time,
+    /// from connecting to installing: when the supervisor and a `device
+    /// reconnect` request both try, the second must see the first's
+    /// connection installed rather than connect as well, since a backend
+    /// serves one frontend at a time and would leave it waiting for
+    /// replies. Taken without the device's lock, which it may take.
+    pub fn turn(&self) -> MutexGuard<'_, Reconnector> {
+        self.reconnector
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connects with `turn` (starting a new child backend for one pvstack
+    /// runs itself), negotiates and checks the configuration space.
+    pub fn connect(&self, turn: &mut Reconnector) -> Result<Connected> {
+        let (mut new, process) = turn()?;
         self.config.check(new.as_mut())?;
         Ok((new, process))
     }
@@ -1478,9 +1484,16 @@ mod tests {
         assert_eq!(status.state, BackendState::Connected);
         assert_eq!(status.stats.reconnects.count, 1);
         assert_eq!(status.stats.refused_swaps, 1);
-        // A connection that comes in after another was installed is dropped.
+        // An attempt that finds the device connected again (another got
+        // there first) connects nowhere.
         let _late = listen("/scripted/hangup-a", Script::default(), &rig.log);
         rig.reconnect_once().unwrap();
+        assert!(rig.steps().is_empty());
+        // A connection offered after another was installed is dropped.
+        let attempt = lock(&rig.device).device().reconnect_attempt();
+        let late = attempt.connect(&mut attempt.turn()).unwrap();
+        let offered = lock(&rig.device).device_mut().finish_reconnect(late);
+        assert!(matches!(offered, Ok(Reconnected::AlreadyConnected)));
         assert_eq!(rig.steps(), ["hangup-a connect", "hangup-a shut down"]);
         assert_eq!(rig.status().stats.reconnects.count, 1);
     }
