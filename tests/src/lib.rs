@@ -240,6 +240,19 @@ impl Captured {
     }
 }
 
+/// Polls `ready` every 10 ms until it holds; panics after
+/// [`HANG_TIMEOUT`] (a hang, not a timing requirement).
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < HANG_TIMEOUT,
+            "{what}: still waiting after {HANG_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits for `child`; kills it and returns `None` if it still runs after
 /// [`HANG_TIMEOUT`].
 pub fn wait_or_kill(child: &mut Child) -> Option<ExitStatus> {

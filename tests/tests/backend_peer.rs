@@ -13,7 +13,6 @@ use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{pattern_image, run_with_disks, socket_spec, utf8};
 use pvstack_tests::{assert_pvstack_error, ScratchDir};
-use serde_json::Value;
 
 /// The user the squatting backend runs as.
 const NOBODY: u32 = 65534;
@@ -82,14 +81,6 @@ fn a_backend_of_another_user_is_refused_at_start_unless_named() {
     );
 }
 
-/// The `info` response's first device.
-fn first_device(vm: &ApiVm) -> Value {
-    let info = vm.ctl(&["info"]);
-    assert_eq!(info.code(), 0, "{info:#?}");
-    let response: Value = serde_json::from_str(&info.stdout).expect("JSON");
-    response["result"]["devices"][0].clone()
-}
-
 #[test]
 fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real_backend() {
     let dir = ScratchDir::new("peer-reconnect");
@@ -107,7 +98,7 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
     vm.wait_until("pvstack reports the refusal", |vm| {
         vm.log().contains(refusal)
     });
-    assert_eq!(first_device(&vm)["backend_state"], "reconnecting");
+    assert_eq!(vm.first_device()["backend_state"], "reconnecting");
     squatter.terminate_cleanly();
     let log = vm.log();
     assert_eq!(log.matches(refusal).count(), 1, "one line:\n{log}");
@@ -116,7 +107,7 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
     // The real backend comes back and the device is served again.
     let _real = start_blk(None, &socket, &shared);
     vm.wait_until("the device reconnects", |vm| {
-        first_device(vm)["backend_state"] == "connected"
+        vm.first_device()["backend_state"] == "connected"
     });
 
     // A swap to a squatter is refused; the device stays where it was.
@@ -128,7 +119,7 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
         swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
         "{swap:#?}"
     );
-    let device = first_device(&vm);
+    let device = vm.first_device();
     assert_eq!(device["backend_state"], "connected", "{device:#}");
     assert_eq!(device["socket"], utf8(&socket), "{device:#}");
     assert_eq!(device["refused_swaps"], 1, "{device:#}");

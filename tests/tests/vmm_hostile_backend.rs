@@ -20,7 +20,6 @@ use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{socket_spec, utf8, zeroed_image};
 use pvstack_tests::ScratchDir;
-use serde_json::Value;
 
 const IMAGE_BYTES: usize = 1 << 20;
 
@@ -258,14 +257,6 @@ impl Drop for HostileBackend {
     }
 }
 
-/// The `info` response's first device.
-fn first_device(vm: &ApiVm) -> Value {
-    let info = vm.ctl(&["info"]);
-    assert_eq!(info.code(), 0, "{info:#?}");
-    let response: Value = serde_json::from_str(&info.stdout).expect("JSON");
-    response["result"]["devices"][0].clone()
-}
-
 #[test]
 fn a_backend_cannot_resize_guest_memory() {
     let dir = ScratchDir::new("hostile-backend-resize");
@@ -288,7 +279,7 @@ fn a_backend_cannot_resize_guest_memory() {
         "every resize refused by a seal: {errors:?}"
     );
     // pvstack is alive (no SIGBUS), answers, and ends on SIGTERM.
-    assert!(first_device(&vm)["backend_state"].is_string());
+    assert!(vm.first_device()["backend_state"].is_string());
     let status = vm.signal_and_wait(libc::SIGTERM);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
 }
@@ -307,7 +298,7 @@ fn refused_on_reconnect(name: &str, hostility: Hostility, needle: &str) {
     real.terminate_cleanly();
     let backend = HostileBackend::listen(&socket, hostility);
     vm.wait_until("pvstack gives the device up", |vm| {
-        first_device(vm)["backend_state"] == "failed"
+        vm.first_device()["backend_state"] == "failed"
     });
     assert!(
         backend.connections() >= 1,
@@ -364,7 +355,7 @@ fn a_silent_backend_holds_neither_the_api_nor_sigterm() {
     let stalled = backend.stalled();
     // The API answers while pvstack still waits for that reply (it gives
     // a backend 10 s per reply): the wait holds no lock the API needs.
-    assert_eq!(first_device(&vm)["backend_state"], "reconnecting");
+    assert_eq!(vm.first_device()["backend_state"], "reconnecting");
     assert_eq!(
         backend.stalled(),
         stalled,
