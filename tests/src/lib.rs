@@ -8,6 +8,7 @@ pub mod blk_process;
 pub mod blk_vm;
 pub mod nested;
 pub mod net;
+pub mod other_user;
 pub mod process;
 pub mod qemu;
 pub mod qsd;

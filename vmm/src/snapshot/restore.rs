@@ -139,6 +139,9 @@ fn override_spec(spec: &mut VmSpec, args: &RestoreArgs) -> Result<()> {
     if args.api_socket.is_some() {
         spec.api_socket.clone_from(&args.api_socket);
     }
+    if let Some(mode) = args.api_socket_mode {
+        spec.api_socket_mode = mode;
+    }
     if args.console_log.is_some() {
         spec.console_log.clone_from(&args.console_log);
     }

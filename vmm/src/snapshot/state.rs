@@ -150,6 +150,14 @@ pub struct VmSpec {
     pub serial: bool,
     pub console_log: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
+    /// The API socket's permissions (`--api-socket-mode`).
+    #[serde(default = "default_socket_mode")]
+    pub api_socket_mode: u32,
+}
+
+/// A state written before `api_socket_mode` existed had 0600 sockets.
+fn default_socket_mode() -> u32 {
+    pvstack_backend_common::DEFAULT_SOCKET_MODE
 }
 
 /// One vCPU.

@@ -24,21 +24,15 @@ use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::BackendConnection;
-use super::control::DRAIN_TIMEOUT;
+use super::control::{WeakVhostUserDevice, DRAIN_TIMEOUT};
 use super::handle::{check_rings, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
 use super::peer::AllowedBackend;
 use super::process::BackendProcess;
+use super::reset::{self, StandIn};
 use super::stall::StallStats;
 use super::watch::{used_idx, RingWatch};
 use crate::error::{Error, Result};
 use crate::virtio::{clone_eventfd, read_config_bytes, Activation, VirtioDevice};
-
-/// How long a driver's reset waits for the backend to complete the
-/// requests it had taken. A vCPU waits this long at most (besides the
-/// backend's replies to the stop itself); a backend that is slower loses
-/// its connection, so that nothing it completes later is mistaken for a
-/// completion on the rings the driver sets up next.
-pub const RESET_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the driver sees of a device.
 #[derive(Clone, Debug)]
@@ -267,6 +261,13 @@ pub struct VhostUserDevice {
     activation: u64,
     state: BackendState,
     stats: BackendStats,
+    /// The device behind its transport, where a driver's reset finishes
+    /// from its own thread (see [`super::reset`]); set by
+    /// [`Self::attach`].
+    this: Option<WeakVhostUserDevice>,
+    /// A driver's reset is stopping the backend's rings on its own thread,
+    /// which holds the connection; `handle` is a [`StandIn`] meanwhile.
+    resetting: bool,
 }
 
 impl VhostUserDevice {
@@ -324,7 +325,15 @@ impl VhostUserDevice {
             activation: 0,
             state: BackendState::Connected,
             stats: BackendStats::default(),
+            this: None,
+            resetting: false,
         }
+    }
+
+    /// Tells the device where it lives (behind its transport), so a
+    /// driver's reset can finish from a thread of its own.
+    pub fn attach(&mut self, this: WeakVhostUserDevice) {
+        self.this = Some(this);
     }
 
     /// The device's name in logs and in the control API.
@@ -362,8 +371,10 @@ impl VhostUserDevice {
 
     /// The current connection's number and a duplicate of its socket, to
     /// watch for hang-up; `None` while no backend is connected.
+    /// `None` too while a driver's reset has the connection (its thread
+    /// sees a hang-up itself).
     pub fn watch(&self) -> Result<Option<(u64, OwnedFd)>> {
-        if self.state != BackendState::Connected {
+        if self.state != BackendState::Connected || self.resetting {
             return Ok(None);
         }
         Ok(Some((self.connection, self.handle.watch_fd()?)))
@@ -384,12 +395,7 @@ impl VhostUserDevice {
     /// Begins a swap to the backend listening on `socket`; refused while
     /// the device has no backend to swap from.
     pub fn swap_attempt(&self, socket: &Path) -> Result<SwapAttempt> {
-        if self.state != BackendState::Connected {
-            return Err(Error::Incompatible {
-                socket: self.handle.socket().to_path_buf(),
-                reason: "the device is reconnecting to its backend; swap once it is back".into(),
-            });
-        }
+        self.require_connected("swap")?;
         Ok(SwapAttempt {
             connector: self.connector.clone(),
             config: self.config_check(),
@@ -407,7 +413,10 @@ impl VhostUserDevice {
         attempt: SwapAttempt,
         mut new: Box<dyn BackendConnection>,
     ) -> Result<SwapInProgress> {
-        if self.connection != attempt.connection || self.state != BackendState::Connected {
+        if self.connection != attempt.connection
+            || self.state != BackendState::Connected
+            || self.resetting
+        {
             return Err(Error::Incompatible {
                 socket: attempt.socket,
                 reason: "the device's own backend connection changed meanwhile; try again".into(),
@@ -562,6 +571,7 @@ impl VhostUserDevice {
         self.process = process;
         self.connection += 1;
         self.state = BackendState::Connected;
+        self.resetting = false;
     }
 
     /// Ends the current connection: the guest's requests wait in the
@@ -569,6 +579,8 @@ impl VhostUserDevice {
     fn lose_connection(&mut self) {
         self.handle.shut_down();
         self.state = BackendState::Reconnecting;
+        // A reset's thread still holding the old connection ends it.
+        self.resetting = false;
     }
 
     /// Marks the connection lost (the watcher saw a hang-up): the
@@ -583,6 +595,7 @@ impl VhostUserDevice {
                 self.handle.socket().display()
             );
             self.state = BackendState::Reconnecting;
+            self.resetting = false;
         }
     }
 
@@ -647,7 +660,7 @@ impl VhostUserDevice {
     /// Stops the rings on the current backend before a requested
     /// reconnect, so nothing is served twice; returns what to drain.
     pub fn stop_for_reconnect(&mut self) -> Option<RingWatch> {
-        if self.state != BackendState::Connected {
+        if self.state != BackendState::Connected || self.resetting {
             return None;
         }
         let rings = self.rings.as_mut()?;
@@ -661,6 +674,36 @@ impl VhostUserDevice {
                 None
             }
         }
+    }
+
+    /// Ends a driver's reset whose thread stopped the rings (`stopped`)
+    /// on `connection`, taken from the device when its connection number
+    /// was `number`: gives the connection back. (The driver cannot start
+    /// the device meanwhile: the transport ignores status writes until
+    /// the reset is done.) A backend that did not stop in time, or a
+    /// connection the device has moved on from, is dropped.
+    pub fn finish_reset(
+        &mut self,
+        connection: Box<dyn BackendConnection>,
+        number: u64,
+        stopped: Result<()>,
+    ) {
+        if !self.resetting || self.connection != number {
+            connection.shut_down();
+            return;
+        }
+        self.resetting = false;
+        // The stand-in goes; it holds nothing of the backend.
+        drop(std::mem::replace(&mut self.handle, connection));
+        if let Err(err) = stopped {
+            warn_limited!(
+                "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
+                self.name
+            );
+            self.lose_connection();
+            return;
+        }
+        info_limited!("{}: driver reset the device; rings stopped", self.name);
     }
 
     /// Ends the current connection on request; a reconnect follows.
@@ -712,12 +755,16 @@ impl VhostUserDevice {
     /// Whether the backend is connected, so its rings can be stopped or
     /// its connection handed over.
     fn require_connected(&self, what: &str) -> Result<()> {
-        if self.state == BackendState::Connected {
+        let reason = if self.state != BackendState::Connected {
+            format!("the device is reconnecting to its backend; {what} once it is back")
+        } else if self.resetting {
+            format!("the driver is resetting the device; {what} once its backend has stopped")
+        } else {
             return Ok(());
-        }
+        };
         Err(Error::Incompatible {
             socket: self.handle.socket().to_path_buf(),
-            reason: format!("the device is reconnecting to its backend; {what} once it is back"),
+            reason,
         })
     }
 
@@ -877,31 +924,43 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     /// Stops the rings: the backend must stop taking requests and, within
-    /// [`RESET_DRAIN_TIMEOUT`], complete those it took. One that fails
-    /// either loses its connection and is reconnected; the rings are the
-    /// driver's again at once.
+    /// [`reset::RESET_DRAIN_TIMEOUT`], complete those it took. That runs on
+    /// a thread of its own ([`reset::spawn_stop`]), so the vCPU and the
+    /// device's lock are free at once; the status register reads 0 once
+    /// it is done ([`VirtioDevice::reset_pending`]). A backend that fails
+    /// loses its connection and is reconnected.
     fn reset(&mut self) {
         self.activation += 1;
-        let Some(mut rings) = self.rings.take() else {
+        let Some(rings) = self.rings.take() else {
             return;
         };
-        if self.state != BackendState::Connected || self.rings_unserved {
+        if self.state != BackendState::Connected || self.rings_unserved || self.resetting {
             return;
         }
-        let stopped = self
-            .handle
-            .stop(&mut rings)
-            .and_then(|()| RingWatch::of(&rings).drain(RESET_DRAIN_TIMEOUT));
-        match stopped {
-            Ok(()) => info_limited!("{}: driver reset the device; rings stopped", self.name),
-            Err(err) => {
-                warn_limited!(
-                    "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
-                    self.name
-                );
-                self.lose_connection();
-            }
+        let Some(this) = self.this.clone() else {
+            // Only a device outside a transport (never on the bus) has
+            // nowhere to finish a reset: stop serving the rings at once.
+            warn_limited!(
+                "{}: reset outside a transport; dropping the backend's connection",
+                self.name
+            );
+            self.lose_connection();
+            return;
+        };
+        let stand_in: Box<dyn BackendConnection> = Box::new(StandIn::of(self.handle.as_ref()));
+        let connection = std::mem::replace(&mut self.handle, stand_in);
+        self.resetting = true;
+        if let Err(err) = reset::spawn_stop(&self.name, this, connection, rings, self.connection) {
+            warn_limited!(
+                "{}: cannot start the reset's thread ({err}); the backend's connection is closed, reconnecting",
+                self.name
+            );
+            self.lose_connection();
         }
+    }
+
+    fn reset_pending(&self) -> bool {
+        self.resetting
     }
 
     /// The backend raises the interrupt itself, through the irqfd, so the
@@ -943,7 +1002,6 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::vhost_user::control::{self, lock};
     use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
-    use crate::virtio::mmio::MmioTransport;
     use crate::virtio::DeviceEvents;
 
     const VERSION_1: u64 = 1 << 32;
@@ -1001,6 +1059,8 @@ mod tests {
         completes: bool,
         /// Connecting waits at this gate.
         gate: Option<Gate>,
+        /// Stopping the rings waits at this gate.
+        stop_gate: Option<Gate>,
     }
 
     impl Default for Script {
@@ -1013,6 +1073,7 @@ mod tests {
                 fail_stop: false,
                 completes: true,
                 gate: None,
+                stop_gate: None,
             }
         }
     }
@@ -1134,6 +1195,9 @@ mod tests {
             Ok(())
         }
         fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
+            if let Some(gate) = &self.script.stop_gate {
+                gate.pass();
+            }
             self.record("stop".into());
             if self.script.fail_stop {
                 return Err(self.fail("stop"));
@@ -1194,7 +1258,7 @@ mod tests {
             Arc::new(connect_scripted),
         );
         let events = DeviceEvents::new(1).unwrap();
-        let device = Arc::new(Mutex::new(MmioTransport::new(test, device, events)));
+        let device = supervisor::behind_transport(device, events);
         start_driver(&device);
         log.lock().unwrap().clear();
         Rig {
@@ -1248,9 +1312,19 @@ mod tests {
         assert_ne!(status & VIRTIO_CONFIG_S_DRIVER_OK, 0, "{status:#x}");
     }
 
-    /// The driver's reset: status 0.
+    /// The driver's reset: status 0, then, as virtio asks, the status read
+    /// until it is 0 (the backend has stopped).
     fn reset_driver(device: &SharedVhostUserDevice) {
         write_register(device, VIRTIO_MMIO_STATUS, 0);
+        wait_for_reset(device);
+    }
+
+    fn wait_for_reset(device: &SharedVhostUserDevice) {
+        let deadline = Instant::now() + HANG;
+        while read_register(device, VIRTIO_MMIO_STATUS) != 0 {
+            assert!(Instant::now() < deadline, "the reset never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Touches the device's registers from another thread, as a vCPU
@@ -1526,6 +1600,42 @@ mod tests {
         assert!(!transport.device().is_active());
         assert_eq!(transport.device().interrupt_status(), 0);
         assert_eq!(transport.device().status().state, BackendState::Connected);
+    }
+
+    #[test]
+    fn a_reset_stops_the_backend_without_holding_the_device_lock() {
+        let gate = Gate::default();
+        let stalling = Script {
+            stop_gate: Some(gate.clone()),
+            ..Script::default()
+        };
+        let rig = rig("stallreset", stalling);
+        rig.rings(2, 0);
+        write_register(&rig.device, VIRTIO_MMIO_STATUS, 0);
+        gate.wait_for_arrival();
+        // The vCPU's write returned; the registers and the API answer
+        // while the backend has not stopped, and the reset shows as under
+        // way: the status does not read 0 yet, and a status write is
+        // ignored.
+        registers_answer_while(&rig.device, "the backend was stopping");
+        assert_ne!(read_register(&rig.device, VIRTIO_MMIO_STATUS), 0);
+        write_register(&rig.device, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(rig.status().state, BackendState::Connected);
+        let refused = rig.swap("/scripted/stallreset-b").unwrap_err().to_string();
+        assert!(
+            refused.contains("the driver is resetting the device"),
+            "{refused}"
+        );
+        gate.open();
+        wait_for_reset(&rig.device);
+        assert_eq!(rig.steps(), ["stallreset-a stop"]);
+        // The driver starts the device again on the same backend.
+        start_driver(&rig.device);
+        assert_eq!(
+            rig.steps(),
+            ["stallreset-a prepare", "stallreset-a resume at [0]"]
+        );
+        assert_eq!(rig.status().state, BackendState::Connected);
     }
 
     #[test]

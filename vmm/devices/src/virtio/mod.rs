@@ -234,6 +234,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation<'_>) -> Result<()>;
     /// Stops serving the queues (the driver reset the device).
     fn reset(&mut self);
+    /// Whether the last reset is still under way (a device that stops its
+    /// queues without holding up the vCPU): until it is done the status
+    /// register does not read 0, which virtio drivers wait for.
+    fn reset_pending(&self) -> bool {
+        false
+    }
     /// The InterruptStatus register's value.
     fn interrupt_status(&self) -> u32;
     /// The driver's write of `queue` to QueueNotify exited to the VMM. A
