@@ -22,6 +22,7 @@
 
 pub mod capture;
 pub mod memfile;
+pub mod phases;
 pub mod platform;
 pub mod restore;
 pub mod save;

@@ -42,6 +42,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::capture::LiveVm;
+use super::phases::{describe, Phase, PhaseClock};
 use super::restore::{own_console, restore_devices, restore_vcpus, vm_config};
 use super::state::{monotonic_ns, VmSpec, VmState};
 use crate::api::VmControl;
@@ -93,7 +94,11 @@ enum Message {
         api: bool,
         devices: Vec<HandedDevice>,
     },
-    Ready,
+    /// With how long each of the new process's steps took.
+    Ready {
+        #[serde(default)]
+        phases: Vec<Phase>,
+    },
     Commit,
     Running {
         pid: u32,
@@ -183,10 +188,12 @@ impl Channel {
     }
 }
 
-/// The new process that runs the VM now, and how long the guest was paused.
+/// The new process that runs the VM now, how long the guest was paused
+/// and what the pause was spent on.
 pub struct HandedOver {
     pub pid: u32,
     pub paused: Duration,
+    pub phases: Vec<Phase>,
 }
 
 /// The old process's side: hands the VM over to a new pvstack started
@@ -263,6 +270,7 @@ fn converse(
     let memory = &control.machine.memory;
     let memfd = memory::backing_file(memory)
         .ok_or_else(|| Error::Takeover("guest memory has no file behind it".into()))?;
+    let offered = Instant::now();
     channel.send(
         &Message::Offer {
             spec: live.spec.clone(),
@@ -270,11 +278,14 @@ fn converse(
         &[memfd.as_raw_fd()],
     )?;
     channel.expect("Prepared", |m| matches!(m, Message::Prepared))?;
+    let prepared = offered.elapsed();
 
     let began = Instant::now();
+    let mut phases = PhaseClock::start();
     let paused = live.pause(control)?;
+    phases.mark("pause");
     let state = live.capture(control, &paused, Vec::new())?;
-    let captured = began.elapsed();
+    phases.mark("capture");
     // The devices stay locked until this process exits (or the hand-over
     // fails): no guest access, reset or reconnect may touch them now.
     let guards: Vec<_> = live.devices.iter().map(|d| d.lock()).collect();
@@ -283,6 +294,7 @@ fn converse(
     // backends signal meanwhile stays counted in the eventfds, and KVM
     // injects it when the new VM binds them.
     let irqfds = Irqfds::release(live, &guards)?;
+    phases.mark("release-irqfds");
     let mut fds: Vec<RawFd> = vec![listener.as_raw_fd()];
     let mut owned = Vec::new();
     let mut devices = Vec::new();
@@ -318,8 +330,15 @@ fn converse(
         },
         &fds,
     )?;
-    channel.expect("Ready", |m| matches!(m, Message::Ready))?;
-    let ready = began.elapsed();
+    phases.mark("send-state");
+    let (reply, _) = channel.receive()?;
+    let Message::Ready { phases: theirs } = reply else {
+        return Err(Error::Takeover(format!(
+            "expected Ready from the other pvstack, got {reply:?}"
+        )));
+    };
+    phases.mark("new-process");
+    phases.add("new:", theirs);
     channel.send(&Message::Commit, &[])?;
     // From here on the guest is the new process's: whatever happens, this
     // one must not resume it.
@@ -328,18 +347,20 @@ fn converse(
     std::mem::forget(guards);
     let reply = channel.receive();
     let paused_for = began.elapsed();
+    phases.mark("commit");
     match reply {
         Ok((Message::Running { pid }, _)) => {
             log::info!(
-                "take-over: pid {pid} runs the VM; the guest was paused {} us \
-                 (paused and captured after {} us, the new process ready after {} us)",
+                "take-over: pid {pid} runs the VM; the guest was paused {} us ({}), \
+                 after {} us of preparation while it ran",
                 paused_for.as_micros(),
-                captured.as_micros(),
-                ready.as_micros()
+                describe(phases.phases()),
+                prepared.as_micros()
             );
             Ok(HandedOver {
                 pid,
                 paused: paused_for,
+                phases: phases.into_phases(),
             })
         }
         other => {
@@ -350,6 +371,7 @@ fn converse(
             Ok(HandedOver {
                 pid: child.id(),
                 paused: paused_for,
+                phases: phases.into_phases(),
             })
         }
     }
@@ -460,6 +482,7 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         )));
     };
     die_if_asked("state");
+    let mut phases = PhaseClock::start();
     state.check_host(Path::new("the handed-over state"))?;
     let mut fds = fds.into_iter();
     let mut take = |what: &str| {
@@ -498,21 +521,31 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         ));
     }
     let find = |slot: u32| inherited.iter().find(|(s, _)| *s == slot).map(|(_, i)| i);
+    phases.mark("check-state");
     let devices = Devices::attach(&mut vm, &mut spec, &find)?;
+    phases.mark("attach-devices");
     let mut take_log = |id: &str| {
         logs.iter()
             .position(|(log_id, _)| log_id == id)
             .map(|i| logs.swap_remove(i).1)
     };
     restore_devices(&devices, &state.devices, Some(&mut take_log))?;
+    phases.mark("restore-devices");
     devices.serve(&mut vm, spec, listener)?;
+    phases.mark("serve-api");
     let advance = monotonic_ns().saturating_sub(state.taken_at_ns);
     let launches = restore_vcpus(&vm, &vcpus, &state, advance)?;
+    phases.mark("restore-vcpus");
     let calls: Vec<EventFd> = inherited
         .iter()
         .filter_map(|(_, i)| i.call.try_clone().ok())
         .collect();
-    channel.send(&Message::Ready, &[])?;
+    channel.send(
+        &Message::Ready {
+            phases: phases.into_phases(),
+        },
+        &[],
+    )?;
     channel.expect("Commit", |m| matches!(m, Message::Commit))?;
     let guest_time_ns = state.guest_time_ns.saturating_add(advance);
     Ok(Box::new(move || {
