@@ -23,6 +23,7 @@
 pub mod capture;
 pub mod memfile;
 pub mod phases;
+pub mod relay;
 pub mod platform;
 pub mod restore;
 pub mod save;

@@ -139,7 +139,8 @@ mod tests {
                 revents: 0,
             }];
             // SAFETY: one live pollfd on an open eventfd; zero timeout.
-            unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) } == 0
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+            ready == 0
         });
         assert!(consumed, "the relay never took the call");
         relay.stop();

@@ -368,6 +368,11 @@ impl VhostUserDevice {
         self.connection
     }
 
+    /// Counts the driver's starts and resets of the device.
+    pub fn activation(&self) -> u64 {
+        self.activation
+    }
+
     fn config_check(&self) -> ConfigCheck {
         ConfigCheck {
             shown: self.shape.config.clone(),
