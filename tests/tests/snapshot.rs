@@ -663,7 +663,10 @@ fn the_upgrade_benchmark_reports_its_percentiles() {
     let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-upgrade");
     let bin_dir = pvstack().parent().expect("a directory").to_path_buf();
     for (args, needle) in [
-        (vec!["--replacements", "0"], "--replacements takes a positive number"),
+        (
+            vec!["--replacements", "0"],
+            "--replacements takes a positive number",
+        ),
         (vec!["--sizes", "lots"], "--sizes takes sizes"),
         (vec!["--fast"], "unknown argument '--fast'"),
     ] {

@@ -23,8 +23,8 @@
 pub mod capture;
 pub mod memfile;
 pub mod phases;
-pub mod relay;
 pub mod platform;
+pub mod relay;
 pub mod restore;
 pub mod save;
 pub mod state;

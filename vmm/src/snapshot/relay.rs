@@ -13,7 +13,7 @@
 //! when the new VM binds it.
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::VmFd;
@@ -23,40 +23,51 @@ use crate::error::{Error, Result};
 
 /// A thread that raises line `gsi` each time its `call` is signalled.
 pub struct InterruptRelay {
-    stop: EventFd,
+    /// Set once the relay must take no more calls. The thread takes and
+    /// raises each call holding this lock, so setting it under the lock
+    /// stops the relay at once, without waiting for the thread to be
+    /// scheduled (which on a loaded host can take many milliseconds).
+    stopped: Arc<Mutex<bool>>,
+    /// Wakes the thread so that it ends.
+    wake: EventFd,
     thread: Option<JoinHandle<()>>,
 }
 
 impl InterruptRelay {
     /// Starts relaying each `(call, gsi)` to `vm`.
     pub fn start(vm: Arc<VmFd>, calls: Vec<(EventFd, u32)>) -> Result<InterruptRelay> {
-        let stop = EventFd::new(EFD_NONBLOCK)
+        let wake = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| Error::Takeover(format!("cannot create the relay's stop eventfd: {e}")))?;
-        let stop_copy = stop
+        let wake_copy = wake
             .try_clone()
             .map_err(|e| Error::Takeover(format!("cannot duplicate an eventfd: {e}")))?;
+        let stopped = Arc::new(Mutex::new(false));
+        let relay_stopped = stopped.clone();
         let thread = std::thread::Builder::new()
             .name("irq-relay".into())
-            .spawn(move || relay(&vm, &calls, &stop_copy))
+            .spawn(move || relay(&vm, &calls, &wake_copy, &relay_stopped))
             .map_err(|e| Error::Takeover(format!("cannot start the interrupt relay: {e}")))?;
         Ok(InterruptRelay {
-            stop,
+            stopped,
+            wake,
             thread: Some(thread),
         })
     }
 
-    /// Stops relaying and waits for the thread: from now on the calls
-    /// stay counted in their eventfds.
-    pub fn stop(mut self) {
-        self.halt();
+    /// Stops relaying: from now on the calls stay counted in their
+    /// eventfds. The thread ends when it next runs ([`Drop`] waits).
+    pub fn stop(&self) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        if let Err(e) = self.wake.write(1) {
+            log::error!("cannot wake the interrupt relay to end it: {e}");
+        }
     }
+}
 
-    fn halt(&mut self) {
+impl Drop for InterruptRelay {
+    fn drop(&mut self) {
+        self.stop();
         if let Some(thread) = self.thread.take() {
-            if let Err(e) = self.stop.write(1) {
-                log::error!("cannot stop the interrupt relay: {e}");
-                return;
-            }
             if thread.join().is_err() {
                 log::error!("the interrupt relay panicked");
             }
@@ -64,16 +75,10 @@ impl InterruptRelay {
     }
 }
 
-impl Drop for InterruptRelay {
-    fn drop(&mut self) {
-        self.halt();
-    }
-}
-
-/// The relay thread: waits for `stop` or any call; raises the line of
-/// each call signalled.
-fn relay(vm: &VmFd, calls: &[(EventFd, u32)], stop: &EventFd) {
-    let mut polled: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
+/// The relay thread: waits for `wake` or any call; raises the line of
+/// each call signalled, until `stopped`.
+fn relay(vm: &VmFd, calls: &[(EventFd, u32)], wake: &EventFd, stopped: &Mutex<bool>) {
+    let mut polled: Vec<libc::pollfd> = std::iter::once(wake.as_raw_fd())
         .chain(calls.iter().map(|(call, _)| call.as_raw_fd()))
         .map(|fd| libc::pollfd {
             fd,
@@ -94,7 +99,8 @@ fn relay(vm: &VmFd, calls: &[(EventFd, u32)], stop: &EventFd) {
             log::error!("interrupt relay: poll failed: {error}");
             return;
         }
-        if polled[0].revents != 0 {
+        let stopped = stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        if *stopped {
             return;
         }
         for (entry, (call, gsi)) in polled[1..].iter().zip(calls) {
@@ -127,8 +133,8 @@ mod tests {
         let vm = Arc::new(kvm.create_vm().unwrap());
         vm.create_irq_chip().unwrap();
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        let relay = InterruptRelay::start(vm.clone(), vec![(call.try_clone().unwrap(), 5)])
-            .expect("relay");
+        let relay =
+            InterruptRelay::start(vm.clone(), vec![(call.try_clone().unwrap(), 5)]).expect("relay");
         call.write(1).unwrap();
         // The relay consumes the call (it raised the line).
         let consumed = (0..500).any(|_| {

@@ -11,7 +11,8 @@
 //!    their interrupts itself ([`super::relay`]). The guest runs on.
 //! 2. old → new `Devices` + per device its kick and call eventfds and its
 //!    backend connection: the new process creates its devices on them
-//!    (asking each backend what it offers) and answers `Attached`. The
+//!    (asking each backend what it offers, and telling it the features
+//!    the driver took) and answers `Attached`. The
 //!    old process holds the devices' locks meanwhile, so only one process
 //!    speaks to a backend at a time; the guest runs on (a vCPU that
 //!    touches a device's registers waits).
@@ -21,15 +22,14 @@
 //!    and calls stay the same, so they serve on throughout. A device whose
 //!    backend connection or driver activation changed since step 2 fails
 //!    the hand-over.
-//! 4. The new process sets the devices' transport state (telling each
-//!    backend the features the driver took), the saved state of the vCPUs
-//!    and the in-kernel devices (guest clocks moved on by the pause),
-//!    binds the devices' interrupts and answers `Ready` with how long each
-//!    step took; the old answers `Commit`, after which it will never run
-//!    the guest again; the new one resumes the guest, raises every
-//!    device's interrupt once (one raised while no VM listened is not
-//!    lost), serves the API and answers `Running`. The old process then
-//!    exits without tearing anything down.
+//! 4. The new process sets the devices' transport state, the saved state
+//!    of the vCPUs and the in-kernel devices (guest clocks moved on by the
+//!    pause), binds the devices' interrupts and answers `Ready` with how
+//!    long each step took; the old answers `Commit`, after which it will
+//!    never run the guest again; the new one resumes the guest, raises
+//!    every device's interrupt once (one raised while no VM listened is
+//!    not lost), serves the API and answers `Running`. The old process
+//!    then exits without tearing anything down.
 //!
 //! Any failure before `Commit` (the new process dying included) ends the
 //! new process and resumes the guest in the old one. Backends pvstack
@@ -63,8 +63,10 @@ use crate::cli::TakeOverArgs;
 use crate::error::{Error, Result};
 use crate::lifecycle::VmEnd;
 use crate::memory;
+use crate::memory::GuestMemory;
 use crate::run::Devices;
-use crate::vm::Vm;
+use crate::vcpu::Vcpu;
+use crate::vm::{Vm, VmConfig};
 
 /// Test-only fault injection: with this variable set to `prepared` or
 /// `state`, the new process dies (SIGKILL) right after that step, as a
@@ -135,6 +137,9 @@ struct HandedDevice {
     kicks: usize,
     /// The socket its backend listens on (for reconnects).
     socket: PathBuf,
+    /// The features its driver took, if it runs the device: the new
+    /// process tells the backend connection before the pause.
+    features: Option<u64>,
 }
 
 /// One end of the socket pair.
@@ -441,6 +446,7 @@ fn hand_devices_over(live: &LiveVm, channel: &Channel) -> Result<Vec<DeviceMark>
             slot: device.slot,
             kicks: events.kicks.len(),
             socket: transport.device().status().socket,
+            features: transport.device().driver_features(),
         });
     }
     if fds.len() > MAX_FDS {
@@ -488,9 +494,10 @@ impl<'a> Irqfds<'a> {
             relay: Some(InterruptRelay::start(live.vm_fd.clone(), relayed)?),
         };
         for (call, gsi, id) in calls {
-            irqfds.vm.unregister_irqfd(&call, gsi).map_err(|e| {
-                Error::Takeover(format!("{id}: cannot unbind its interrupt: {e}"))
-            })?;
+            irqfds
+                .vm
+                .unregister_irqfd(&call, gsi)
+                .map_err(|e| Error::Takeover(format!("{id}: cannot unbind its interrupt: {e}")))?;
             irqfds.released.push((call, gsi));
         }
         log::info!(
@@ -501,9 +508,10 @@ impl<'a> Irqfds<'a> {
         Ok(irqfds)
     }
 
-    /// Ends the relay: the guest is paused.
+    /// Ends the relay: the guest is paused. (Its thread is joined when
+    /// this is dropped, out of the pause.)
     fn stop_relay(&mut self) {
-        if let Some(relay) = self.relay.take() {
+        if let Some(relay) = &self.relay {
             relay.stop();
         }
     }
@@ -562,8 +570,7 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         .pop()
         .ok_or_else(|| Error::Takeover("the offer carried no guest memory".into()))?;
     let memory = memory::from_file(std::fs::File::from(memfd), spec.memory_size)?;
-    let mut vm = Vm::with_memory(&vm_config(&spec), memory)?;
-    let vcpus = vm.create_vcpus()?;
+    let (mut vm, vcpus) = create_vm_gently(&vm_config(&spec), memory)?;
     let console = own_console(&spec)?;
     channel.send(&Message::Prepared, &[])?;
     log::info!("take-over: VM prepared, waiting for its devices");
@@ -601,6 +608,19 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
     // backends what they offer; their interrupts are bound below, once
     // the old VM is paused and has let go of them.
     let devices = Devices::attach(&mut vm, &mut spec, &find)?;
+    for device in devices.vhost_user() {
+        let features = handed
+            .iter()
+            .find(|h| h.slot == device.slot)
+            .and_then(|h| h.features);
+        if let Some(features) = features {
+            device
+                .lock()
+                .device_mut()
+                .acknowledge_features(features)
+                .map_err(|e| Error::Takeover(format!("{}: {e}", device.id)))?;
+        }
+    }
     channel.send(&Message::Attached, &[])?;
     log::info!("take-over: devices attached, waiting for the state");
 
@@ -690,6 +710,33 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         drop(devices);
         end
     }))
+}
+
+/// Creates the VM and its vCPUs in a thread of the lowest priority:
+/// KVM's set-up of guest memory costs CPU time in proportion to its size,
+/// and meanwhile the guest runs on in the old process, whose vCPUs and
+/// backends should not lose the CPU to it on a busy host. (A thread of
+/// its own, since an unprivileged process cannot raise its priority
+/// again; it starts no threads that would inherit it.)
+fn create_vm_gently(config: &VmConfig, memory: GuestMemory) -> Result<(Vm, Vec<Vcpu>)> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setpriority(2) on the calling thread (who = 0 is
+                // the caller's thread on Linux); lowering needs no privilege.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, 19) } != 0 {
+                    log::debug!(
+                        "take-over: cannot lower the VM set-up's priority: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                let vm = Vm::with_memory(config, memory)?;
+                let vcpus = vm.create_vcpus()?;
+                Ok((vm, vcpus))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Error::Takeover("creating the VM panicked".into())))
+    })
 }
 
 fn eventfd(fd: OwnedFd) -> EventFd {

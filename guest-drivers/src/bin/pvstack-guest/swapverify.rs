@@ -292,7 +292,15 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     args.check(
         &[
             &DISK_KEYS,
-            &["mirror", "blocks", "secs", "rounds", "stop", "depth", "report_ms"],
+            &[
+                "mirror",
+                "blocks",
+                "secs",
+                "rounds",
+                "stop",
+                "depth",
+                "report_ms",
+            ],
             &NIC_KEYS,
             &ASIDE_KEYS,
         ],

@@ -259,6 +259,9 @@ pub struct VhostUserDevice {
     /// Counts the driver's starts and resets, so a swap that waited
     /// without the lock knows whether its rings are still the driver's.
     activation: u64,
+    /// The driver's features already acknowledged on an adopted
+    /// connection (see [`Self::acknowledge_features`]).
+    acknowledged: Option<u64>,
     state: BackendState,
     stats: BackendStats,
 }
@@ -316,6 +319,7 @@ impl VhostUserDevice {
             connector,
             connection: 0,
             activation: 0,
+            acknowledged: None,
             state: BackendState::Connected,
             stats: BackendStats::default(),
         }
@@ -795,11 +799,28 @@ impl VhostUserDevice {
     ) -> Result<()> {
         let mut setup = self.ring_setup(&activation)?;
         setup.inflight = inflight;
-        self.handle.acknowledge_features(&setup)?;
+        if self.acknowledged != Some(setup.features) {
+            self.handle.acknowledge_features(setup.features)?;
+        }
         self.activation += 1;
         self.rings_unserved = false;
         self.rings = Some(setup);
         Ok(())
+    }
+
+    /// Tells the adopted connection (see [`Self::adopt_rings`]) ahead of
+    /// time which features the driver took, so that adopting the rings
+    /// with the same features asks the backend nothing (a take-over does
+    /// this before it pauses the guest).
+    pub fn acknowledge_features(&mut self, features: u64) -> Result<()> {
+        self.handle.acknowledge_features(features)?;
+        self.acknowledged = Some(features);
+        Ok(())
+    }
+
+    /// The features the driver took, while it runs the device.
+    pub fn driver_features(&self) -> Option<u64> {
+        self.rings.as_ref().map(|rings| rings.features)
     }
 
     /// The inflight log of the running rings, if the backend keeps one.
