@@ -621,6 +621,20 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
         // The guest's writes go on here.
         wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
     }
+    // A take-over that succeeds, then a snapshot the new process resumes
+    // from: the backend it adopted learns its memory table before the
+    // rings start again (it knew guest memory by the old process's
+    // addresses).
+    vm.ctl_ok(&["upgrade", "--binary", utf8(&pvstack())]);
+    vm.wait_for_exit();
+    let written = vm.ctl_ok(&[
+        "snapshot",
+        "--to",
+        utf8(&dir.path("after-take-over")),
+        "--resume",
+    ]);
+    assert_eq!(written["state"], "running", "{written}");
+    wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
     let result = vm.finish(&image, None);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }

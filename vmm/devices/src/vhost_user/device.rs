@@ -262,6 +262,10 @@ pub struct VhostUserDevice {
     /// The driver's features already acknowledged on an adopted
     /// connection (see [`Self::acknowledge_features`]).
     acknowledged: Option<u64>,
+    /// The rings were adopted from another pvstack (see
+    /// [`Self::adopt_rings`]): the backend knows guest memory by that
+    /// process's addresses until it is given this one's memory table.
+    adopted: bool,
     state: BackendState,
     stats: BackendStats,
 }
@@ -320,6 +324,7 @@ impl VhostUserDevice {
             connection: 0,
             activation: 0,
             acknowledged: None,
+            adopted: false,
             state: BackendState::Connected,
             stats: BackendStats::default(),
         }
@@ -562,6 +567,8 @@ impl VhostUserDevice {
         let old = std::mem::replace(&mut self.handle, handle);
         old.shut_down();
         drop(old);
+        // A new connection gets the whole setup, memory table included.
+        self.adopted = false;
         self.process = process;
         self.connection += 1;
         self.state = BackendState::Connected;
@@ -749,7 +756,16 @@ impl VhostUserDevice {
 
     /// Starts the rings [`Self::stop_rings`] stopped again, on the same backend.
     pub fn resume_rings(&mut self) -> Result<()> {
-        if let Some(rings) = self.rings.as_ref() {
+        let Some(rings) = self.rings.as_mut() else {
+            return Ok(());
+        };
+        if self.adopted {
+            // Ring addresses go by this process's mapping of guest
+            // memory, which the backend learns only from a memory table
+            // sent here: set the stopped (and drained) rings up again.
+            self.handle.start(rings)?;
+            self.adopted = false;
+        } else {
             self.handle.resume(rings)?;
         }
         Ok(())
@@ -802,6 +818,7 @@ impl VhostUserDevice {
         if self.acknowledged != Some(setup.features) {
             self.handle.acknowledge_features(setup.features)?;
         }
+        self.adopted = true;
         self.activation += 1;
         self.rings_unserved = false;
         self.rings = Some(setup);
@@ -871,6 +888,9 @@ impl VirtioDevice for VhostUserDevice {
         check_rings(&setup)?;
         self.activation += 1;
         self.rings_unserved = false;
+        // The backend gets this process's memory table below (or a new
+        // connection gets it).
+        self.adopted = false;
         if self.state != BackendState::Connected {
             info_limited!(
                 "{}: driver started {} queues; they wait for the backend to reconnect",
