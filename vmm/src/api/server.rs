@@ -257,6 +257,7 @@ impl ApiServer {
                     Ok(done) => Response::ok(Reply::Upgrade {
                         pid: done.pid,
                         paused_us: micros(done.paused),
+                        phases: done.phases,
                     }),
                     Err(err) => {
                         Response::error(format!("upgrade failed, the VM runs on here: {err}"))

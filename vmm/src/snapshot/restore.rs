@@ -39,11 +39,12 @@ pub fn restore(args: &RestoreArgs) -> Result<VmEnd> {
     override_spec(&mut spec, args)?;
     let console = own_console(&spec)?;
     let file = memfile::load(&dir.join(MEMORY_FILE), spec.memory_size, args.memory)?;
+    let memory = memory::from_file(file, spec.memory_size)?;
+    // The VM's creation begins here: the vCPU's `boot:` line counts its
+    // `vm setup` from this point, so memory plus vm setup is the time from
+    // the restore's start to the first guest instruction.
     let memory_ready = began.elapsed();
-    let mut vm = Vm::with_memory(
-        &vm_config(&spec),
-        memory::from_file(file, spec.memory_size)?,
-    )?;
+    let mut vm = Vm::with_memory(&vm_config(&spec), memory)?;
     let devices = Devices::attach(&mut vm, &mut spec, &|_| None)?;
     restore_devices(&devices, &state.devices, None)?;
     let devices_ready = began.elapsed();

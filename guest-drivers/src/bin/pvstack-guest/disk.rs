@@ -69,10 +69,18 @@ pub fn open<'a>(
     default_queues: u16,
 ) -> Result<BlkDevice<'static>, Failure<'a>> {
     let index = args.number_or("disk", 0)?;
-    let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange {
-        name: "disk",
-        value: index,
-    })?;
+    open_at(env, args, "disk", index, default_queues)
+}
+
+/// As [`open`], for disk `index`, which the argument `name` gave.
+pub fn open_at<'a>(
+    env: &mut Env,
+    args: &Args<'a>,
+    name: &'static str,
+    index: u64,
+    default_queues: u16,
+) -> Result<BlkDevice<'static>, Failure<'a>> {
+    let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange { name, value: index })?;
     let queues = args.number_or("queues", u64::from(default_queues))?;
     if !(1..=blk::MAX_QUEUES as u64).contains(&queues) {
         return Err(ArgError::OutOfRange {

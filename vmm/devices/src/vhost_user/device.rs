@@ -259,6 +259,13 @@ pub struct VhostUserDevice {
     /// Counts the driver's starts and resets, so a swap that waited
     /// without the lock knows whether its rings are still the driver's.
     activation: u64,
+    /// The driver's features already acknowledged on an adopted
+    /// connection (see [`Self::acknowledge_features`]).
+    acknowledged: Option<u64>,
+    /// The rings were adopted from another pvstack (see
+    /// [`Self::adopt_rings`]): the backend knows guest memory by that
+    /// process's addresses until it is given this one's memory table.
+    adopted: bool,
     state: BackendState,
     stats: BackendStats,
     /// The device behind its transport, where a driver's reset finishes
@@ -323,6 +330,8 @@ impl VhostUserDevice {
             connector,
             connection: 0,
             activation: 0,
+            acknowledged: None,
+            adopted: false,
             state: BackendState::Connected,
             stats: BackendStats::default(),
             this: None,
@@ -383,6 +392,11 @@ impl VhostUserDevice {
     /// The current connection's number (see [`Self::watch`]).
     pub fn connection(&self) -> u64 {
         self.connection
+    }
+
+    /// Counts the driver's starts and resets of the device.
+    pub fn activation(&self) -> u64 {
+        self.activation
     }
 
     fn config_check(&self) -> ConfigCheck {
@@ -568,6 +582,8 @@ impl VhostUserDevice {
         let old = std::mem::replace(&mut self.handle, handle);
         old.shut_down();
         drop(old);
+        // A new connection gets the whole setup, memory table included.
+        self.adopted = false;
         self.process = process;
         self.connection += 1;
         self.state = BackendState::Connected;
@@ -793,7 +809,16 @@ impl VhostUserDevice {
 
     /// Starts the rings [`Self::stop_rings`] stopped again, on the same backend.
     pub fn resume_rings(&mut self) -> Result<()> {
-        if let Some(rings) = self.rings.as_ref() {
+        let Some(rings) = self.rings.as_mut() else {
+            return Ok(());
+        };
+        if self.adopted {
+            // Ring addresses go by this process's mapping of guest
+            // memory, which the backend learns only from a memory table
+            // sent here: set the stopped (and drained) rings up again.
+            self.handle.start(rings)?;
+            self.adopted = false;
+        } else {
             self.handle.resume(rings)?;
         }
         Ok(())
@@ -843,11 +868,29 @@ impl VhostUserDevice {
     ) -> Result<()> {
         let mut setup = self.ring_setup(&activation)?;
         setup.inflight = inflight;
-        self.handle.acknowledge_features(&setup)?;
+        if self.acknowledged != Some(setup.features) {
+            self.handle.acknowledge_features(setup.features)?;
+        }
+        self.adopted = true;
         self.activation += 1;
         self.rings_unserved = false;
         self.rings = Some(setup);
         Ok(())
+    }
+
+    /// Tells the adopted connection (see [`Self::adopt_rings`]) ahead of
+    /// time which features the driver took, so that adopting the rings
+    /// with the same features asks the backend nothing (a take-over does
+    /// this before it pauses the guest).
+    pub fn acknowledge_features(&mut self, features: u64) -> Result<()> {
+        self.handle.acknowledge_features(features)?;
+        self.acknowledged = Some(features);
+        Ok(())
+    }
+
+    /// The features the driver took, while it runs the device.
+    pub fn driver_features(&self) -> Option<u64> {
+        self.rings.as_ref().map(|rings| rings.features)
     }
 
     /// The inflight log of the running rings, if the backend keeps one.
@@ -898,6 +941,9 @@ impl VirtioDevice for VhostUserDevice {
         check_rings(&setup)?;
         self.activation += 1;
         self.rings_unserved = false;
+        // The backend gets this process's memory table below (or a new
+        // connection gets it).
+        self.adopted = false;
         if self.state != BackendState::Connected {
             info_limited!(
                 "{}: driver started {} queues; they wait for the backend to reconnect",
