@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use crate::{pvstack, run_to_end, send_signal, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT};
 
 /// A guest workload that computes for far longer than any test runs, so
@@ -83,6 +85,37 @@ impl ApiVm {
         )
     }
 
+    /// `pvstack ctl ARGS...`, which must succeed; the response's `result`.
+    pub fn ctl_ok(&self, args: &[&str]) -> Value {
+        let out = self.ctl(args);
+        assert_eq!(
+            out.code(),
+            0,
+            "pvstack ctl {args:?}: {out:#?}\npvstack log:\n{}",
+            self.log()
+        );
+        let response = response(&out.stdout);
+        assert_eq!(response["ok"], true, "{out:#?}");
+        response["result"].clone()
+    }
+
+    /// `pvstack ctl ARGS...`, which must be refused; the response's `error`.
+    pub fn ctl_refused(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert_eq!(out.code(), 1, "pvstack ctl {args:?}: {out:#?}");
+        refusal(&response(&out.stdout))
+    }
+
+    /// The result of `info`.
+    pub fn info(&self) -> Value {
+        self.ctl_ok(&["info"])
+    }
+
+    /// The first device `info` lists.
+    pub fn first_device(&self) -> Value {
+        self.info()["devices"][0].clone()
+    }
+
     /// Whether pvstack still runs.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("waitpid works").is_none()
@@ -124,6 +157,25 @@ impl ApiVm {
             )
         })
     }
+}
+
+/// One response line of the control API, parsed; it must carry API
+/// version 1 and `ok`.
+pub fn response(line: &str) -> Value {
+    let response: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("the API answered with something not JSON ({e}): {line}"));
+    assert_eq!(response["api_version"], 1, "{response:#}");
+    assert!(response["ok"].is_boolean(), "{response:#}");
+    response
+}
+
+/// The error message of a refused request.
+pub fn refusal(response: &Value) -> String {
+    assert_eq!(response["ok"], false, "{response:#}");
+    response["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a refusal without an error message: {response:#}"))
+        .to_string()
 }
 
 impl Drop for ApiVm {

@@ -9,6 +9,7 @@ pub mod blk_vm;
 pub mod inject;
 pub mod nested;
 pub mod net;
+pub mod other_user;
 pub mod process;
 pub mod qemu;
 pub mod qsd;
@@ -238,6 +239,19 @@ impl Captured {
             stdout,
             stderr,
         }
+    }
+}
+
+/// Polls `ready` every 10 ms until it holds; panics after
+/// [`HANG_TIMEOUT`] (a hang, not a timing requirement).
+pub fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < HANG_TIMEOUT,
+            "{what}: still waiting after {HANG_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -369,7 +370,21 @@ pub fn mem_table_payload(regions: &[(u64, u64, u64, u64)]) -> Vec<u8> {
 /// A backend process of this workspace, started on `socket` with `args`
 /// (logging at info to SOCKET.log), once it listens.
 pub fn start_backend(program: &str, socket: &Path, args: &[&str]) -> LoggedProcess {
+    start_backend_as(None, program, socket, args)
+}
+
+/// As [`start_backend`], run as the user and group `uid` if given (the
+/// test must then run as root).
+pub fn start_backend_as(
+    uid: Option<u32>,
+    program: &str,
+    socket: &Path,
+    args: &[&str],
+) -> LoggedProcess {
     let mut command = Command::new(binary(program));
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
     command
         .arg("--socket")
         .arg(socket)

@@ -5,15 +5,6 @@
 use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_vm::{image_spec, zeroed_image};
 use pvstack_tests::ScratchDir;
-use serde_json::Value;
-
-/// The `info` response's first device.
-fn first_device(vm: &ApiVm) -> Value {
-    let info = vm.ctl(&["info"]);
-    assert_eq!(info.code(), 0, "{info:#?}");
-    let response: Value = serde_json::from_str(&info.stdout).expect("JSON");
-    response["result"]["devices"][0].clone()
-}
 
 /// Whether `pid` is gone or a zombie (dead, not yet reaped).
 fn dead(pid: u64) -> bool {
@@ -33,7 +24,7 @@ fn a_started_backend_dies_on_sigterm_and_is_started_again() {
     zeroed_image(&image, 1 << 20);
     let spec = image_spec(&image, &[]);
     let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", LONG_COMPUTE], "");
-    let first = first_device(&vm)["backend_pid"]
+    let first = vm.first_device()["backend_pid"]
         .as_u64()
         .expect("pvstack started the backend");
     // SAFETY: kill(2) with a pid pvstack reports for its own child.
@@ -41,13 +32,13 @@ fn a_started_backend_dies_on_sigterm_and_is_started_again() {
     assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
     vm.wait_until("the backend dies of SIGTERM", |_| dead(first));
     vm.wait_until("pvstack starts another backend", |vm| {
-        let device = first_device(vm);
+        let device = vm.first_device();
         device["backend_state"] == "connected"
             && device["backend_pid"]
                 .as_u64()
                 .is_some_and(|pid| pid != first)
     });
-    let second = first_device(&vm)["backend_pid"].as_u64().expect("a pid");
+    let second = vm.first_device()["backend_pid"].as_u64().expect("a pid");
     let status = vm.signal_and_wait(libc::SIGTERM);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
     assert!(dead(second), "backend {second} outlived pvstack");

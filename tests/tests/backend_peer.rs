@@ -2,8 +2,9 @@
 //! or the user `backend-uid=` names: a backend socket squatted by another
 //! local user is refused before it is sent anything, at start, on every
 //! reconnect and on a swap, with one clear line, and the device keeps
-//! waiting for the real backend. The squatter runs as `nobody` (the tests
-//! run as root and use setpriv).
+//! waiting for the real backend. The same for disks, NICs and consoles
+//! (one check serves them all). The squatter runs as `nobody` (the tests
+//! run as root and use setpriv or `CommandExt::uid`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,9 @@ use pvstack_guest::checksum::fnv1a64;
 use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{pattern_image, run_with_disks, socket_spec, utf8};
-use pvstack_tests::{assert_pvstack_error, ScratchDir};
-use serde_json::Value;
+use pvstack_tests::process::LoggedProcess;
+use pvstack_tests::vhost_frontend::start_backend_as;
+use pvstack_tests::{assert_pvstack_error, run_pvstack, ScratchDir};
 
 /// The user the squatting backend runs as.
 const NOBODY: u32 = 65534;
@@ -82,14 +84,6 @@ fn a_backend_of_another_user_is_refused_at_start_unless_named() {
     );
 }
 
-/// The `info` response's first device.
-fn first_device(vm: &ApiVm) -> Value {
-    let info = vm.ctl(&["info"]);
-    assert_eq!(info.code(), 0, "{info:#?}");
-    let response: Value = serde_json::from_str(&info.stdout).expect("JSON");
-    response["result"]["devices"][0].clone()
-}
-
 #[test]
 fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real_backend() {
     let dir = ScratchDir::new("peer-reconnect");
@@ -107,7 +101,7 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
     vm.wait_until("pvstack reports the refusal", |vm| {
         vm.log().contains(refusal)
     });
-    assert_eq!(first_device(&vm)["backend_state"], "reconnecting");
+    assert_eq!(vm.first_device()["backend_state"], "reconnecting");
     squatter.terminate_cleanly();
     let log = vm.log();
     assert_eq!(log.matches(refusal).count(), 1, "one line:\n{log}");
@@ -116,7 +110,7 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
     // The real backend comes back and the device is served again.
     let _real = start_blk(None, &socket, &shared);
     vm.wait_until("the device reconnects", |vm| {
-        first_device(vm)["backend_state"] == "connected"
+        vm.first_device()["backend_state"] == "connected"
     });
 
     // A swap to a squatter is refused; the device stays where it was.
@@ -128,11 +122,126 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
         swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
         "{swap:#?}"
     );
-    let device = first_device(&vm);
+    let device = vm.first_device();
     assert_eq!(device["backend_state"], "connected", "{device:#}");
     assert_eq!(device["socket"], utf8(&socket), "{device:#}");
     assert_eq!(device["refused_swaps"], 1, "{device:#}");
     let shutdown = vm.ctl(&["shutdown"]);
     assert_eq!(shutdown.code(), 0, "{shutdown:#?}");
     assert!(vm.wait().success(), "{}", vm.log());
+}
+
+/// A pvstack-net in peer mode on `socket`, as `uid` if given; its peer
+/// socket is `socket` with the extension `wire`.
+fn start_net(uid: Option<u32>, socket: &Path) -> LoggedProcess {
+    let wire = socket.with_extension("wire");
+    let other = socket.with_extension("other-wire");
+    start_backend_as(
+        uid,
+        "pvstack-net",
+        socket,
+        &["--peer-bind", utf8(&wire), "--peer-connect", utf8(&other)],
+    )
+}
+
+/// A pvstack-console on `socket`, as `uid` if given, serving its console
+/// on `socket` with the extension `console`.
+fn start_console(uid: Option<u32>, socket: &Path) -> LoggedProcess {
+    let server = socket.with_extension("console");
+    start_backend_as(uid, "pvstack-console", socket, &["--listen", utf8(&server)])
+}
+
+#[test]
+fn a_nic_backend_of_another_user_is_refused_at_start_and_on_a_swap_unless_named() {
+    let dir = ScratchDir::new("peer-net");
+    let (shared, _) = shared_dir(&dir);
+    let squatted = shared.join("squatted.sock");
+    let squatter = start_net(Some(NOBODY), &squatted);
+
+    let spec = socket_spec(&squatted, &[]);
+    let refused = run_pvstack(&["run", "--net", &spec, "--guest-args", "hello"]);
+    assert_pvstack_error(
+        &refused,
+        1,
+        &["refused", "runs as uid 65534", "backend-uid=65534"],
+    );
+    assert!(!squatter.log().contains("memory"), "{}", squatter.log());
+    let trusting = socket_spec(&squatted, &[&format!("backend-uid={NOBODY}")]);
+    let trusted = run_pvstack(&["run", "--net", &trusting, "--guest-args", "hello"]);
+    assert_eq!(trusted.code(), 0, "{trusted:#?}");
+
+    // A running NIC is not swapped to the squatter either.
+    let socket = shared.join("net.sock");
+    let _real = start_net(None, &socket);
+    let vm = ApiVm::start(
+        &dir,
+        &[
+            "--net",
+            &socket_spec(&socket, &[]),
+            "--guest-args",
+            LONG_COMPUTE,
+        ],
+        "",
+    );
+    let swap = vm.ctl(&["device", "swap", "net0", "--socket", utf8(&squatted)]);
+    assert_ne!(swap.code(), 0, "{swap:#?}");
+    assert!(
+        swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
+        "{swap:#?}"
+    );
+    let device = vm.first_device();
+    assert_eq!(device["backend_state"], "connected", "{device:#}");
+    assert_eq!(device["socket"], utf8(&socket), "{device:#}");
+    assert_eq!(device["refused_swaps"], 1, "{device:#}");
+}
+
+#[test]
+fn a_console_backend_squatted_by_another_user_is_refused_on_reconnect_until_the_real_one_returns() {
+    let dir = ScratchDir::new("peer-console");
+    let (shared, _) = shared_dir(&dir);
+    let socket = shared.join("console.sock");
+    let mut real = start_console(None, &socket);
+    let spec = format!("socket={}", utf8(&socket));
+    let mut vm = ApiVm::start(
+        &dir,
+        &["--console", &spec, "--guest-args", LONG_COMPUTE],
+        "",
+    );
+
+    real.terminate_cleanly();
+    let mut squatter = start_console(Some(NOBODY), &socket);
+    let refusal = "refused: the backend";
+    vm.wait_until("pvstack refuses the squatter", |vm| {
+        vm.log().contains(refusal)
+    });
+    // pvstack keeps trying while the squatter is there, and sends it
+    // nothing each time.
+    squatter.wait_for_output_count("frontend connected", 3);
+    assert!(!squatter.log().contains("memory"), "{}", squatter.log());
+    squatter.terminate_cleanly();
+    let log = vm.log();
+    assert_eq!(log.matches(refusal).count(), 1, "one line:\n{log}");
+    assert!(log.contains("runs as uid 65534"), "{log}");
+    assert!(!log.contains("console0: reconnected"), "{log}");
+
+    let _real = start_console(None, &socket);
+    vm.wait_until("the console reconnects to the real backend", |vm| {
+        vm.log().contains("console0: reconnected")
+    });
+    let status = vm.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+}
+
+#[test]
+fn a_console_backend_of_the_user_backend_uid_names_is_served() {
+    let dir = ScratchDir::new("peer-console-named");
+    let (shared, _) = shared_dir(&dir);
+    let socket = shared.join("console.sock");
+    let _theirs = start_console(Some(NOBODY), &socket);
+    let plain = format!("socket={}", utf8(&socket));
+    let refused = run_pvstack(&["run", "--console", &plain, "--guest-args", "hello"]);
+    assert_pvstack_error(&refused, 1, &["refused", "runs as uid 65534"]);
+    let named = format!("{plain},backend-uid={NOBODY}");
+    let served = run_pvstack(&["run", "--console", &named, "--guest-args", "hello"]);
+    assert_eq!(served.code(), 0, "{served:#?}");
 }

@@ -10,18 +10,16 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pvstack_tests::api_vm::{refusal, response, ApiVm};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{
     assert_swap_verify_image, newest_write, read_image, stop_swap_verify, utf8,
     wait_for_write_after,
 };
 use pvstack_tests::qsd::QsdProcess;
-use pvstack_tests::{
-    parse_result, pvstack, run_to_end, wait_or_kill, Finished, ScratchDir, HANG_TIMEOUT,
-};
+use pvstack_tests::{parse_result, wait_until, ScratchDir, HANG_TIMEOUT};
 use serde_json::Value;
 
 /// Blocks the workload cycles over (1 MiB).
@@ -53,157 +51,38 @@ fn unique() -> u128 {
         .unwrap_or(0)
 }
 
-/// Polls `ready` until it holds; panics after [`HANG_TIMEOUT`] (a hang,
-/// not a timing requirement).
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !ready() {
-        assert!(
-            started.elapsed() < HANG_TIMEOUT,
-            "{what}: still waiting after {HANG_TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// pvstack running the guest workload `guest_args` on the disk `blk`, in
+/// the background with its API; returns once the workload runs.
+fn start_vm(dir: &ScratchDir, blk: &str, guest_args: &str) -> ApiVm {
+    ApiVm::start(
+        dir,
+        &["--blk", blk, "--guest-args", guest_args],
+        "blk-swap-verify: running",
+    )
 }
 
-/// pvstack running the guest workload in the background, with its API.
-struct Vm {
-    child: Child,
-    console: PathBuf,
-    stderr: PathBuf,
-    api: PathBuf,
+/// The one device, blk0, in `info`.
+fn blk0(vm: &ApiVm) -> Value {
+    let info = vm.info();
+    let devices = info["devices"].as_array().expect("info lists devices");
+    assert_eq!(devices.len(), 1, "{info:#}");
+    assert_eq!(devices[0]["id"], "blk0", "{info:#}");
+    devices[0].clone()
 }
 
-impl Vm {
-    fn start(dir: &ScratchDir, blk: &str, guest_args: &str) -> Vm {
-        let console = dir.path("console.log");
-        let stderr = dir.path("pvstack.log");
-        let api = dir.path("api.sock");
-        let child = Command::new(pvstack())
-            .args(["run", "--blk", blk, "--api-socket"])
-            .arg(&api)
-            .arg("--console-log")
-            .arg(&console)
-            .args(["--guest-args", guest_args])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("create pvstack log"))
-            .spawn()
-            .expect("spawn pvstack");
-        let mut vm = Vm {
-            child,
-            console,
-            stderr,
-            api,
-        };
-        wait_until("the guest starts its workload", || {
-            assert!(
-                vm.child.try_wait().expect("poll").is_none(),
-                "pvstack exited early:\n{}\n{}",
-                vm.console(),
-                vm.log()
-            );
-            vm.console().contains("blk-swap-verify: running")
-        });
-        vm
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// `pvstack ctl --api-socket API ARGS...`.
-    fn ctl(&self, args: &[&str]) -> Finished {
-        run_to_end(
-            Command::new(pvstack())
-                .arg("ctl")
-                .arg("--api-socket")
-                .arg(&self.api)
-                .args(args)
-                .env("RUST_LOG", "warn"),
-        )
-    }
-
-    /// `pvstack ctl ARGS...`, which must succeed; the response's `result`.
-    fn ctl_ok(&self, args: &[&str]) -> Value {
-        let out = self.ctl(args);
-        assert_eq!(
-            out.code(),
-            0,
-            "pvstack ctl {args:?}: {out:#?}\npvstack log:\n{}",
-            self.log()
-        );
-        let response = response(&out.stdout);
-        assert_eq!(response["ok"], true, "{out:#?}");
-        response["result"].clone()
-    }
-
-    /// `pvstack ctl ARGS...`, which must be refused; the response's `error`.
-    fn ctl_refused(&self, args: &[&str]) -> String {
-        let out = self.ctl(args);
-        assert_eq!(out.code(), 1, "pvstack ctl {args:?}: {out:#?}");
-        refusal(&response(&out.stdout))
-    }
-
-    /// The result of `info`.
-    fn info(&self) -> Value {
-        self.ctl_ok(&["info"])
-    }
-
-    /// The one device, blk0, in `info`.
-    fn blk0(&self) -> Value {
-        let info = self.info();
-        let devices = info["devices"].as_array().expect("info lists devices");
-        assert_eq!(devices.len(), 1, "{info:#}");
-        assert_eq!(devices[0]["id"], "blk0", "{info:#}");
-        devices[0].clone()
-    }
-
-    /// Stops the guest's `blk-swap-verify stop=1` on `image` and waits for
-    /// it to finish; returns the RESULT values.
-    fn finish(mut self, image: &Path) -> std::collections::BTreeMap<String, String> {
-        stop_swap_verify(image, BLOCKS);
-        let status = wait_or_kill(&mut self.child).expect("pvstack ends");
-        let console = self.console();
-        assert!(
-            status.success(),
-            "pvstack: {status}\nconsole:\n{console}\nlog:\n{}",
-            self.log()
-        );
-        parse_result(&console, "blk-swap-verify")
-            .unwrap_or_else(|| panic!("no RESULT line:\n{console}"))
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One response line of the control API, parsed; it must carry API
-/// version 1 and `ok`.
-fn response(line: &str) -> Value {
-    let response: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("the API answered with something not JSON ({e}): {line}"));
-    assert_eq!(response["api_version"], 1, "{response:#}");
-    assert!(response["ok"].is_boolean(), "{response:#}");
-    response
-}
-
-/// The error message of a refused request.
-fn refusal(response: &Value) -> String {
-    assert_eq!(response["ok"], false, "{response:#}");
-    response["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("a refusal without an error message: {response:#}"))
-        .to_string()
+/// Stops the guest's `blk-swap-verify stop=1` on `image` and waits for
+/// pvstack to end; returns the RESULT values.
+fn finish(mut vm: ApiVm, image: &Path) -> std::collections::BTreeMap<String, String> {
+    stop_swap_verify(image, BLOCKS);
+    let status = vm.wait();
+    let console = vm.console();
+    assert!(
+        status.success(),
+        "pvstack: {status}\nconsole:\n{console}\nlog:\n{}",
+        vm.log()
+    );
+    parse_result(&console, "blk-swap-verify")
+        .unwrap_or_else(|| panic!("no RESULT line:\n{console}"))
 }
 
 /// The `count` of the device's `swaps` or `reconnects` statistics.
@@ -225,7 +104,7 @@ fn raw_request(api: &Path, bytes: &[u8]) -> String {
     line
 }
 
-/// The guest writes and verifies until the test stops it ([`Vm::finish`]),
+/// The guest writes and verifies until the test stops it ([`finish`]),
 /// however long the test's swaps or crashes take.
 fn guest_args() -> String {
     format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=8")
@@ -243,7 +122,7 @@ fn swap_between_two_pvstack_blk_20_times() {
     let sockets = [dir.path("a.sock"), dir.path("b.sock")];
     let _a = start_backend(&sockets[0], &image, &[]);
     let _b = start_backend(&sockets[1], &image, &[]);
-    let vm = Vm::start(
+    let vm = start_vm(
         &dir,
         &format!("socket={},id=blk0", sockets[0].display()),
         &guest_args(),
@@ -261,10 +140,10 @@ fn swap_between_two_pvstack_blk_20_times() {
         assert!(out["stall_us"].is_u64(), "{out:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let blk0 = vm.blk0();
+    let blk0 = blk0(&vm);
     assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
     assert_eq!(blk0["socket"], utf8(&sockets[0]), "{blk0:#}");
-    let result = vm.finish(&image);
+    let result = finish(vm, &image);
     assert_image_matches(&image, &result);
 }
 
@@ -274,7 +153,7 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
     let sockets = [dir.path("blk.sock"), dir.path("qsd.sock")];
     let _blk = start_backend(&sockets[0], &image, &[]);
     let _qsd = QsdProcess::start(&image, &sockets[1], 1);
-    let vm = Vm::start(
+    let vm = start_vm(
         &dir,
         &format!("socket={}", sockets[0].display()),
         &guest_args(),
@@ -290,7 +169,7 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
         ]);
         // pvstack-blk keeps an inflight log; qemu-storage-daemon 10 offers none.
         let on_pvstack_blk = swap % 2 == 0;
-        let blk0 = vm.blk0();
+        let blk0 = blk0(&vm);
         assert_eq!(
             blk0["inflight_log"], on_pvstack_blk,
             "after swap {swap}: {blk0:#}"
@@ -298,9 +177,9 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
         assert_eq!(blk0["socket"], utf8(target), "after swap {swap}: {blk0:#}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let blk0 = vm.blk0();
+    let blk0 = blk0(&vm);
     assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
-    let result = vm.finish(&image);
+    let result = finish(vm, &image);
     assert_image_matches(&image, &result);
 }
 
@@ -309,7 +188,7 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
     let (dir, image) = scratch_with_image("swap-sigkill");
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
-    let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
+    let vm = start_vm(&dir, &format!("socket={}", socket.display()), &guest_args());
     let mut log = inflight_log_of(backend.pid());
     let log_inode = log.metadata().expect("inflight log metadata").ino();
     // Per restart: requests the killed backend's log showed in flight, and
@@ -323,7 +202,7 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
         wait_until("pvstack reconnects", || {
-            count(&vm.blk0(), "reconnects") == crash
+            count(&blk0(&vm), "reconnects") == crash
         });
         assert_eq!(
             inflight_log_of(backend.pid())
@@ -337,8 +216,8 @@ fn sigkill_pvstack_blk_20_times_during_writes() {
         );
         counts.push(served_again_after(&backend, &left, &mut log));
     }
-    assert_eq!(vm.blk0()["inflight_log"], true);
-    let result = vm.finish(&image);
+    assert_eq!(blk0(&vm)["inflight_log"], true);
+    let result = finish(vm, &image);
     // The last backend's totals, logged when pvstack hung up, agree with
     // what it said it served again.
     backend.wait_for_output("of the requests left by a previous backend)");
@@ -366,7 +245,7 @@ fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
     let (dir, image) = scratch_with_image("swap-sigkill-in-flight");
     let socket = dir.path("blk.sock");
     let mut backend = start_backend(&socket, &image, &[]);
-    let vm = Vm::start(&dir, &format!("socket={}", socket.display()), &guest_args());
+    let vm = start_vm(&dir, &format!("socket={}", socket.display()), &guest_args());
     // Per crash: requests the log showed in flight, and served again.
     let mut counts = Vec::new();
     for crash in 1..=3 {
@@ -376,12 +255,12 @@ fn sigkill_while_the_log_shows_requests_in_flight_and_they_are_served_again() {
         let _ = std::fs::remove_file(&socket);
         backend = start_backend(&socket, &image, &[]);
         wait_until("pvstack reconnects", || {
-            count(&vm.blk0(), "reconnects") == crash
+            count(&blk0(&vm), "reconnects") == crash
         });
         counts.push(served_again_after(&backend, &left, &mut log));
     }
     eprintln!("(in flight at the kill, served again) per crash: {counts:?}");
-    let result = vm.finish(&image);
+    let result = finish(vm, &image);
     assert_image_matches(&image, &result);
 }
 
@@ -553,7 +432,7 @@ fn refused_swaps_leave_the_old_backend_serving() {
     let _blk = start_backend(&socket, &image, &["--num-queues", "2"]);
     let _small = start_backend(&small_socket, &small, &["--num-queues", "2"]);
     let _one = start_backend(&one_queue, &image, &["--num-queues", "1"]);
-    let vm = Vm::start(
+    let vm = start_vm(
         &dir,
         &format!("socket={}", socket.display()),
         &format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=4 queues=2"),
@@ -573,13 +452,13 @@ fn refused_swaps_leave_the_old_backend_serving() {
         ]);
         assert!(error.contains(reason), "`{reason}` missing: {error}");
     }
-    let blk0 = vm.blk0();
+    let blk0 = blk0(&vm);
     assert_eq!(blk0["refused_swaps"], 3, "{blk0:#}");
     assert_eq!(count(&blk0, "swaps"), 0, "{blk0:#}");
     assert_eq!(blk0["socket"], utf8(&socket), "{blk0:#}");
     // The old backend goes on serving after the refusals.
     wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
-    let result = vm.finish(&image);
+    let result = finish(vm, &image);
     assert_image_matches(&image, &result);
 }
 
@@ -588,13 +467,13 @@ fn api_survives_bad_requests_and_silent_clients() {
     let (dir, image) = scratch_with_image("swap-api");
     let socket = dir.path("blk.sock");
     let _blk = start_backend(&socket, &image, &[]);
-    let vm = Vm::start(
+    let mut vm = start_vm(
         &dir,
         &format!("socket={}", socket.display()),
         &format!("blk-swap-verify blocks={BLOCKS} secs=600 depth=4"),
     );
     // A silent client first: the server must drop it and serve the next.
-    let silent = UnixStream::connect(&vm.api).expect("connect");
+    let silent = UnixStream::connect(vm.api()).expect("connect");
     for (request, needle) in [
         (&b"{not json\n"[..], "bad request"),
         (b"{\"command\":\"reboot\"}\n", "unknown variant"),
@@ -605,11 +484,11 @@ fn api_survives_bad_requests_and_silent_clients() {
         (b"{\"command\":\"device-reconnect\"}\n", "missing field"),
         (b"[1,2,3]\n", "bad request"),
     ] {
-        let error = refusal(&response(&raw_request(&vm.api, request)));
+        let error = refusal(&response(&raw_request(vm.api(), request)));
         assert!(error.contains(needle), "`{needle}` missing: {error}");
     }
     let long = vec![b'x'; 70 * 1024];
-    let error = refusal(&response(&raw_request(&vm.api, &long)));
+    let error = refusal(&response(&raw_request(vm.api(), &long)));
     assert!(error.contains("longer than"), "{error}");
     drop(silent);
     assert_eq!(vm.info()["state"], "running");
@@ -626,19 +505,18 @@ fn api_survives_bad_requests_and_silent_clients() {
     let out = vm.ctl_ok(&["device", "reconnect", "blk0"]);
     assert_eq!(out["device"], "blk0", "{out:#}");
     assert!(out["stall_us"].is_u64(), "{out:#}");
-    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert_eq!(count(&blk0(&vm), "reconnects"), 1);
     assert_eq!(
         vm.ctl_ok(&["shutdown"]),
         serde_json::json!({"state": "shutting-down"})
     );
-    let mut vm = vm;
-    let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
+    let status = vm.wait();
     assert!(status.success(), "{status}\n{}", vm.log());
 }
 
 /// The `backend_pid` of blk0 in `info`.
-fn backend_pid(vm: &Vm) -> libc::pid_t {
-    let blk0 = vm.blk0();
+fn backend_pid(vm: &ApiVm) -> libc::pid_t {
+    let blk0 = blk0(vm);
     blk0["backend_pid"]
         .as_i64()
         .and_then(|pid| libc::pid_t::try_from(pid).ok())
@@ -648,24 +526,24 @@ fn backend_pid(vm: &Vm) -> libc::pid_t {
 #[test]
 fn sigkill_of_the_vmms_own_child_restarts_it() {
     let (dir, image) = scratch_with_image("swap-image-child");
-    let vm = Vm::start(&dir, &format!("image={}", image.display()), &guest_args());
+    let vm = start_vm(&dir, &format!("image={}", image.display()), &guest_args());
     for crash in 1..=5 {
         std::thread::sleep(Duration::from_millis(200));
         let pid = backend_pid(&vm);
         // SAFETY: kill() with the pid of pvstack's child backend.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         wait_until("pvstack restarts its backend", || {
-            count(&vm.blk0(), "reconnects") == crash
+            count(&blk0(&vm), "reconnects") == crash
         });
         assert_ne!(backend_pid(&vm), pid, "a new child");
     }
-    let result = vm.finish(&image);
+    let result = finish(vm, &image);
     assert_image_matches(&image, &result);
 }
 
 /// blk0's `backend_state`.
-fn backend_state(vm: &Vm) -> String {
-    let blk0 = vm.blk0();
+fn backend_state(vm: &ApiVm) -> String {
+    let blk0 = blk0(vm);
     blk0["backend_state"]
         .as_str()
         .unwrap_or_else(|| panic!("no backend_state: {blk0:#}"))
@@ -674,7 +552,7 @@ fn backend_state(vm: &Vm) -> String {
 
 /// Waits until blk0 is no longer connected after its backend was killed;
 /// it must then be reconnecting, not failed.
-fn wait_for_reconnecting(vm: &Vm) {
+fn wait_for_reconnecting(vm: &ApiVm) {
     let mut state = String::new();
     wait_until("pvstack notices the hang-up", || {
         state = backend_state(vm);
@@ -694,7 +572,7 @@ fn reconnecting_gives_up_after_the_configured_window() {
     // instant (a rename), rather than after a process start.
     let spare_socket = dir.path("spare.sock");
     let mut spare = start_backend(&spare_socket, &image, &[]);
-    let vm = Vm::start(
+    let mut vm = start_vm(
         &dir,
         &format!(
             "socket={},reconnect-timeout={}",
@@ -719,7 +597,7 @@ fn reconnecting_gives_up_after_the_configured_window() {
         );
         state == "connected"
     });
-    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert_eq!(count(&blk0(&vm), "reconnects"), 1);
 
     // With nobody listening, it gives up, and not before the window is
     // over: pvstack counts the window from the hang-up it saw, which
@@ -734,7 +612,7 @@ fn reconnecting_gives_up_after_the_configured_window() {
         "gave up {gave_up_after:?} after the hang-up, inside the {WINDOW:?} window:\n{}",
         vm.log()
     );
-    assert_eq!(count(&vm.blk0(), "reconnects"), 1);
+    assert_eq!(count(&blk0(&vm), "reconnects"), 1);
     assert!(
         vm.log().contains("blk0: gave up reconnecting"),
         "{}",
@@ -742,7 +620,6 @@ fn reconnecting_gives_up_after_the_configured_window() {
     );
     // The guest's requests wait for ever; the VM itself still obeys.
     vm.ctl_ok(&["shutdown"]);
-    let mut vm = vm;
-    let status = wait_or_kill(&mut vm.child).expect("pvstack ends");
+    let status = vm.wait();
     assert!(status.success(), "{status}\n{}", vm.log());
 }

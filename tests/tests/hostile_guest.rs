@@ -1,7 +1,9 @@
 //! A hostile guest flooding real backends with what they log: bad block
 //! requests to pvstack-blk, output that claims lost lines to
-//! pvstack-console. Each is answered (or shown) every time, but the log
-//! grows by a bounded number of lines, not one per request.
+//! pvstack-console, malformed frames to pvstack-net. Each is answered (or
+//! shown, or dropped and counted) every time, but the log grows by a
+//! bounded number of lines, not one per request, and the backend serves
+//! on.
 
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::{
@@ -9,6 +11,8 @@ use pvstack_tests::vhost_frontend::{
     VIRTIO_F_VERSION_1,
 };
 use pvstack_tests::ScratchDir;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 const RAM: usize = 1 << 20;
@@ -176,4 +180,98 @@ fn the_console_log_stays_within_its_limit() {
         "the newest output is not in the log"
     );
     assert!(lines_with(&backend, "rotated to") <= BURST + 1);
+}
+
+/// Bad transmit chains to pvstack-net in peer mode: descriptors outside
+/// guest memory, a chain longer than any frame, one that loops, a
+/// device-writable buffer, then 300 frames shorter than an Ethernet
+/// header. Each chain is returned, none reaches the peer, the log holds a
+/// bounded number of lines, and a good frame afterwards is delivered
+/// byte for byte.
+#[test]
+fn bad_frames_from_the_guest_are_dropped_and_the_log_stays_bounded() {
+    let dir = ScratchDir::new("hostile-guest-net");
+    let socket = dir.path("net.sock");
+    let peer_path = dir.path("peer.wire");
+    let peer = UnixDatagram::bind(&peer_path).expect("bind the peer's socket");
+    let utf8 = |path: &std::path::Path| path.to_str().expect("UTF-8 path").to_string();
+    let mut backend = start_backend(
+        "pvstack-net",
+        &socket,
+        &[
+            "--peer-bind",
+            &utf8(&dir.path("net.wire")),
+            "--peer-connect",
+            &utf8(&peer_path),
+        ],
+    );
+    let mut frontend = negotiate(
+        &socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let ram = Ram::new(RAM);
+    share(&mut frontend, &ram);
+    let mut tx = Ring::new(1, 16, 0x1000);
+    let started = start_ring(&mut frontend, &ram, &tx);
+    let mut used = 0u16;
+    let mut send = |tx: &mut Ring, backend: &mut LoggedProcess| {
+        tx.offer(&ram, 0);
+        started.kick();
+        used += 1;
+        tx.wait_used(&ram, used, backend);
+    };
+    let frame_at = 0x10000u64;
+    let bad: [&[(u64, u32, u16, u16)]; 5] = [
+        // A buffer far outside the 1 MiB of guest memory.
+        &[(1 << 40, 64, 0, 0)],
+        // A buffer running past the end of guest memory.
+        &[(RAM as u64 - 32, 64, 0, 0)],
+        // 128 KiB: more than a header and the largest frame.
+        &[(frame_at, 128 << 10, 0, 0)],
+        // A chain that loops on itself.
+        &[(frame_at, 64, DESC_F_NEXT, 0)],
+        // A buffer only the device may write.
+        &[(frame_at, 64, DESC_F_WRITE, 0)],
+    ];
+    for chain in bad {
+        for (slot, &descriptor) in (0u16..).zip(chain) {
+            tx.put(&ram, slot, descriptor);
+        }
+        send(&mut tx, &mut backend);
+    }
+    // A flood: header and 4 bytes, less than an Ethernet header.
+    tx.put(&ram, 0, (frame_at, 16, 0, 0));
+    for _ in 0..300 {
+        send(&mut tx, &mut backend);
+    }
+    peer.set_nonblocking(true).expect("non-blocking");
+    let mut buf = [0u8; 2048];
+    assert!(peer.recv(&mut buf).is_err(), "a bad frame reached the peer");
+
+    // A good frame: a zeroed virtio-net header, then 60 bytes.
+    let frame: Vec<u8> = (0..60u8).collect();
+    let mut chain = vec![0u8; 12];
+    chain.extend_from_slice(&frame);
+    ram.write(frame_at, &chain);
+    tx.put(&ram, 0, (frame_at, chain.len() as u32, 0, 0));
+    send(&mut tx, &mut backend);
+    peer.set_nonblocking(false).expect("blocking");
+    peer.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let got = peer
+        .recv(&mut buf)
+        .expect("the good frame reaches the peer");
+    assert_eq!(&buf[..got], &frame[..]);
+
+    let dropped = lines_with(&backend, "dropped a frame from the guest");
+    assert!(
+        (1..=BURST).contains(&dropped),
+        "{dropped} log lines for 305 bad frames:\n{}",
+        backend.log()
+    );
+    assert!(backend.is_running());
+    drop(frontend);
+    backend.terminate_cleanly();
+    assert!(backend.log().contains("tx_bad=305"), "{}", backend.log());
 }

@@ -3,7 +3,7 @@
 //! (the input is unusable) or 2 (the options do not fit together). On a
 //! PVM host (where these tests run) a stock Linux kernel is refused; the
 //! kernels here are made by the tests (a bzImage setup header in front of
-//! a zero payload), so no download is needed.
+//! a zero payload, or a broken LZ4 one), so no download is needed.
 //!
 //! Booting a real kernel needs a VMX/SVM host; on PVM machines that is
 //! done under nested SVM (see README, "Linux guests").
@@ -27,6 +27,8 @@ const INITRD_ADDR_MAX: usize = 0x22c;
 const KERNEL_ALIGNMENT: usize = 0x230;
 const XLOADFLAGS: usize = 0x236;
 const CMDLINE_SIZE: usize = 0x238;
+const PAYLOAD_OFFSET: usize = 0x248;
+const PAYLOAD_LENGTH: usize = 0x24c;
 const PREF_ADDRESS: usize = 0x258;
 const INIT_SIZE: usize = 0x260;
 
@@ -136,6 +138,38 @@ fn truncated_bzimage() {
         &run_kernel(&kernel, &[]),
         RUNTIME,
         &["truncated bzImage: 528 bytes"],
+    );
+}
+
+#[test]
+fn bzimage_with_a_broken_lz4_kernel() {
+    // The kernel build's LZ4 format: magic, blocks of (length, LZ4 block),
+    // then the decompressed length. pvstack decompresses it itself.
+    let mut payload = 0x184c_2102u32.to_le_bytes().to_vec();
+    payload.extend_from_slice(&100u32.to_le_bytes()); // a 100-byte block...
+    payload.extend_from_slice(&[0x10; 20]); // ...of which only 20 are there
+    payload.extend_from_slice(&(1u32 << 20).to_le_bytes());
+    let dir = ScratchDir::new("linux-lz4");
+    let mut image = synthetic_bzimage(4096);
+    image[5 * 512..5 * 512 + payload.len()].copy_from_slice(&payload);
+    image[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4]
+        .copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let kernel = write(&dir, "vmlinuz", &image);
+    assert_one_line_error(
+        &run_kernel(&kernel, &[]),
+        RUNTIME,
+        &[
+            "vmlinuz",
+            "its LZ4 payload is corrupt: a block of 100 bytes, with 20 left",
+        ],
+    );
+    // A header that puts the compressed kernel beyond the file's end.
+    image[PAYLOAD_OFFSET..PAYLOAD_OFFSET + 4].copy_from_slice(&8192u32.to_le_bytes());
+    let kernel = write(&dir, "vmlinuz-outside", &image);
+    assert_one_line_error(
+        &run_kernel(&kernel, &[]),
+        RUNTIME,
+        &["places the compressed kernel outside the file"],
     );
 }
 

@@ -1,5 +1,6 @@
 //! scripts/nested-run itself: bad input refused in one line before anything
-//! boots, a hung L1 killed and reported, and a command's exit status, its
+//! boots, a hung L1 killed and reported, an L1 that resets or powers off
+//! by itself reported with QEMU's reason, and a command's exit status, its
 //! working directory and the files given with --file reaching the L1; and
 //! scripts/bench-linux-boot, which runs on it, refusing bad usage.
 
@@ -74,6 +75,26 @@ fn a_hung_l1_is_killed_and_reported() {
     let run = nested_run(&["--timeout", "5", "sleep", "1000"]);
     run.assert_error("nested-run", 1, &["still ran after 5s", "killed QEMU"]);
     assert!(!run.stdout.contains("NESTED-EXIT"), "{run:#?}");
+}
+
+#[test]
+fn an_l1_that_stops_by_itself_is_reported_with_qemus_reason() {
+    // The magic SysRq key: `b` resets the L1 at once, `o` powers it off,
+    // neither from the command's own exit.
+    for (key, reason) in [("b", "guest-reset"), ("o", "guest-shutdown")] {
+        let command =
+            format!("echo 1 >/proc/sys/kernel/sysrq; echo {key} >/proc/sysrq-trigger; sleep 60");
+        let run = nested_run(&["sh", "-c", &command]);
+        run.assert_error(
+            "nested-run",
+            1,
+            &[
+                "the L1 stopped before the command finished",
+                &format!("QEMU's shutdown reason: {reason}"),
+            ],
+        );
+        assert!(!run.stdout.contains("NESTED-EXIT"), "{run:#?}");
+    }
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! Snapshot, restore and live replacement of pvstack (issue 14), with
 //! real processes: the guest runs `blk-swap-verify` on a disk served by
-//! pvstack-blk, with a second disk on qemu-storage-daemon, a NIC on
+//! pvstack-blk and the same on a second disk on qemu-storage-daemon
+//! (`mirror=1`), with a NIC on
 //! pvstack-net in peer mode and a virtio-console on pvstack-console, all
 //! external backends that keep running while pvstack is snapshotted and
 //! restored, or replaced by a new pvstack process. Beside the disk the
 //! guest answers pings from a second VM on the NIC's peer and writes
 //! stamped tick lines on the console. At the end the image must hold
 //! exactly the guest's completed writes, no ping may have gone unanswered
-//! across a replacement, and no console line may be missing.
+//! across a replacement, and no console line may be missing; the same
+//! holds for the second image.
 
 use std::fs::File;
 use std::io::Read;
@@ -68,6 +70,8 @@ struct Backends {
     _net: [LoggedProcess; 2],
     _console: LoggedProcess,
     specs: Vec<String>,
+    /// The image qemu-storage-daemon serves.
+    second_image: PathBuf,
     /// The pvstack-net on the other end of the guest NIC's peer wire.
     peer_socket: PathBuf,
     /// Where people attach to the guest's console.
@@ -127,6 +131,7 @@ impl Backends {
             _net: [net_a, net_b],
             _console: console,
             specs,
+            second_image: second,
             peer_socket: dir.path("net-b.sock"),
             console_server: dir.path("console-server.sock"),
         }
@@ -305,11 +310,18 @@ impl Vm {
             .collect()
     }
 
-    /// Ends the guest's `blk-swap-verify stop=1` on `image`, waits for its
-    /// RESULT line and for the VM's process to end (its API socket goes
-    /// away).
-    fn finish(&mut self, image: &Path) -> std::collections::BTreeMap<String, String> {
+    /// Ends the guest's `blk-swap-verify stop=1` on `image` (and on its
+    /// `mirror` disk's image), waits for its RESULT line and for the VM's
+    /// process to end (its API socket goes away).
+    fn finish(
+        &mut self,
+        image: &Path,
+        mirror: Option<&Path>,
+    ) -> std::collections::BTreeMap<String, String> {
         stop_swap_verify(image, BLOCKS);
+        if let Some(mirror) = mirror {
+            stop_swap_verify(mirror, BLOCKS);
+        }
         wait_until("the guest's RESULT", || {
             parse_result(&self.console(), "blk-swap-verify").is_some()
         });
@@ -346,7 +358,7 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
     vm.spawn(&run_args(
         &backends,
         &vm,
-        &format!("blk-swap-verify stop=1 ip={GUEST_IP}/24 tick_ms=20"),
+        &format!("blk-swap-verify stop=1 mirror=1 ip={GUEST_IP}/24 tick_ms=20"),
     ));
     wait_until_or(
         "the workload runs",
@@ -398,8 +410,15 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
     // The first replaced process was this test's child, and exits 0.
     vm.wait_for_exit();
 
-    let result = vm.finish(&image);
+    let result = vm.finish(&image, Some(&backends.second_image));
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
+    // The disk on qemu-storage-daemon took writes across every snapshot
+    // and replacement too, and holds exactly those the guest saw complete.
+    assert_swap_verify_image(
+        &read_image(&backends.second_image),
+        BLOCKS,
+        &mirror_result(&result),
+    );
     assert_eq!(result["ticks_lost"], "0", "{result:?}");
     console.assert_every_tick(result["ticks"].parse().expect("ticks"));
     let logs = vm.logs();
@@ -408,12 +427,25 @@ fn snapshot_restore_cycles_then_live_replacements_lose_no_write() {
         TAKEOVER_CYCLES,
         "every new process ran the VM"
     );
-    // Each restore restarts the rings the guest uses: disk 0, the NIC and
-    // the console (the disk on qemu-storage-daemon stays unused).
+    // Each restore restarts the rings of both disks, the NIC and the
+    // console.
     assert_eq!(
         logs.matches("rings restored on").count(),
-        SNAPSHOT_CYCLES * 3
+        SNAPSHOT_CYCLES * 4
     );
+}
+
+/// The mirror disk's part of a `blk-swap-verify` RESULT, under the keys
+/// of the first disk's.
+fn mirror_result(
+    result: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let mirror: std::collections::BTreeMap<String, String> = result
+        .iter()
+        .filter_map(|(key, value)| Some((key.strip_prefix("mirror_")?.to_string(), value.clone())))
+        .collect();
+    assert!(mirror.contains_key("table_fnv"), "no mirror in {result:?}");
+    mirror
 }
 
 #[test]
@@ -501,7 +533,7 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
     }
     // The VM the snapshot came from goes on writing.
     wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
-    let result = vm.finish(&image);
+    let result = vm.finish(&image, None);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
 
@@ -589,7 +621,21 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
         // The guest's writes go on here.
         wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
     }
-    let result = vm.finish(&image);
+    // A take-over that succeeds, then a snapshot the new process resumes
+    // from: the backend it adopted learns its memory table before the
+    // rings start again (it knew guest memory by the old process's
+    // addresses).
+    vm.ctl_ok(&["upgrade", "--binary", utf8(&pvstack())]);
+    vm.wait_for_exit();
+    let written = vm.ctl_ok(&[
+        "snapshot",
+        "--to",
+        utf8(&dir.path("after-take-over")),
+        "--resume",
+    ]);
+    assert_eq!(written["state"], "running", "{written}");
+    wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
+    let result = vm.finish(&image, None);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
 
@@ -622,4 +668,70 @@ fn a_vm_with_device_state_in_the_vmm_is_neither_snapshotted_nor_handed_over() {
     assert!(!snapshot.exists(), "nothing written");
     vm.ctl_ok(&["shutdown"]);
     vm.wait_for_exit();
+}
+
+/// scripts/bench-upgrade at a tiny size: it measures, and says so in the
+/// shape its readers rely on (the numbers themselves are not judged).
+#[test]
+fn the_upgrade_benchmark_reports_its_percentiles() {
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-upgrade");
+    let bin_dir = pvstack().parent().expect("a directory").to_path_buf();
+    for (args, needle) in [
+        (
+            vec!["--replacements", "0"],
+            "--replacements takes a positive number",
+        ),
+        (vec!["--sizes", "lots"], "--sizes takes sizes"),
+        (vec!["--fast"], "unknown argument '--fast'"),
+    ] {
+        let run = run_to_end(Command::new(&bench).args(&args));
+        run.assert_error("bench-upgrade", 2, &[needle]);
+    }
+    let run = run_to_end(
+        Command::new(&bench)
+            .args([
+                "--replacements",
+                "3",
+                "--sizes",
+                "64M",
+                "--restores",
+                "2",
+                "--restore-sizes",
+                "64M",
+            ])
+            .env("PVSTACK_BIN_DIR", &bin_dir),
+    );
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let upgrade = result_fields(&run.stdout, "RESULT upgrade ");
+    assert_eq!(upgrade["size"], "64M", "{run:#?}");
+    assert_eq!(upgrade["replacements"], "3", "{run:#?}");
+    assert_eq!(upgrade["mismatches"], "0", "{run:#?}");
+    assert_eq!(upgrade["errors"], "0", "{run:#?}");
+    for key in ["pause", "guest"] {
+        let p50: u64 = upgrade[&format!("{key}_p50_us")].parse().expect("p50");
+        let p99: u64 = upgrade[&format!("{key}_p99_us")].parse().expect("p99");
+        let max: u64 = upgrade[&format!("{key}_max_us")].parse().expect("max");
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{key}: {upgrade:?}");
+    }
+    assert!(
+        run.stdout.contains("pause phases, medians (us):") && run.stdout.contains("new:"),
+        "{run:#?}"
+    );
+    let restore = result_fields(&run.stdout, "RESULT restore ");
+    assert_eq!(restore["restores"], "2", "{run:#?}");
+    let p50: f64 = restore["first_instruction_p50_ms"].parse().expect("p50");
+    let max: f64 = restore["first_instruction_max_ms"].parse().expect("max");
+    assert!(0.0 < p50 && p50 <= max, "{restore:?}");
+}
+
+/// The `key=value` fields of the line of `output` that starts with `prefix`.
+fn result_fields(output: &str, prefix: &str) -> std::collections::BTreeMap<String, String> {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{output}"));
+    line.split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
 }

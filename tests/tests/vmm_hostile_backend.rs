@@ -5,7 +5,9 @@
 //! space larger than the device's are refused: pvstack keeps running,
 //! the device is reported failed (its reconnect window ends) or keeps
 //! waiting, and pvstack still ends cleanly on SIGTERM. A backend that
-//! never answers holds neither the control API nor SIGTERM.
+//! never answers holds neither the control API nor SIGTERM, not even when
+//! the guest resets its device and pvstack must wait for the backend to
+//! stop its rings.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -18,9 +20,8 @@ use std::time::Duration;
 
 use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{socket_spec, utf8, zeroed_image};
+use pvstack_tests::blk_vm::{run_with_disks, socket_spec, utf8, zeroed_image};
 use pvstack_tests::ScratchDir;
-use serde_json::Value;
 
 const IMAGE_BYTES: usize = 1 << 20;
 
@@ -32,6 +33,7 @@ const HEADER: usize = 12;
 /// Requests this backend answers or acts on.
 const GET_FEATURES: u32 = 1;
 const SET_MEM_TABLE: u32 = 5;
+const GET_VRING_BASE: u32 = 11;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
 const GET_CONFIG: u32 = 24;
@@ -56,6 +58,9 @@ enum Hostility {
     /// Never answers GET_FEATURES; holds the connection until the
     /// frontend closes it.
     Silent,
+    /// Serves until the rings are to stop (a reset), then never answers
+    /// GET_VRING_BASE; holds the connection until the frontend closes it.
+    StallStop,
 }
 
 /// One message from the frontend, with the file descriptors it carried.
@@ -155,7 +160,7 @@ fn serve(mut stream: UnixStream, hostility: Hostility, report: &Mutex<Report>) -
                 let _ = io::copy(&mut stream, &mut io::sink());
                 return Ok(());
             }
-            (GET_FEATURES, Hostility::Silent) => {
+            (GET_FEATURES, Hostility::Silent) | (GET_VRING_BASE, Hostility::StallStop) => {
                 let number = report.lock().unwrap().connections;
                 report.lock().unwrap().stalled = Some(number);
                 let _ = io::copy(&mut stream, &mut io::sink());
@@ -258,14 +263,6 @@ impl Drop for HostileBackend {
     }
 }
 
-/// The `info` response's first device.
-fn first_device(vm: &ApiVm) -> Value {
-    let info = vm.ctl(&["info"]);
-    assert_eq!(info.code(), 0, "{info:#?}");
-    let response: Value = serde_json::from_str(&info.stdout).expect("JSON");
-    response["result"]["devices"][0].clone()
-}
-
 #[test]
 fn a_backend_cannot_resize_guest_memory() {
     let dir = ScratchDir::new("hostile-backend-resize");
@@ -288,7 +285,7 @@ fn a_backend_cannot_resize_guest_memory() {
         "every resize refused by a seal: {errors:?}"
     );
     // pvstack is alive (no SIGBUS), answers, and ends on SIGTERM.
-    assert!(first_device(&vm)["backend_state"].is_string());
+    assert!(vm.first_device()["backend_state"].is_string());
     let status = vm.signal_and_wait(libc::SIGTERM);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
 }
@@ -307,7 +304,7 @@ fn refused_on_reconnect(name: &str, hostility: Hostility, needle: &str) {
     real.terminate_cleanly();
     let backend = HostileBackend::listen(&socket, hostility);
     vm.wait_until("pvstack gives the device up", |vm| {
-        first_device(vm)["backend_state"] == "failed"
+        vm.first_device()["backend_state"] == "failed"
     });
     assert!(
         backend.connections() >= 1,
@@ -364,7 +361,7 @@ fn a_silent_backend_holds_neither_the_api_nor_sigterm() {
     let stalled = backend.stalled();
     // The API answers while pvstack still waits for that reply (it gives
     // a backend 10 s per reply): the wait holds no lock the API needs.
-    assert_eq!(first_device(&vm)["backend_state"], "reconnecting");
+    assert_eq!(vm.first_device()["backend_state"], "reconnecting");
     assert_eq!(
         backend.stalled(),
         stalled,
@@ -379,4 +376,55 @@ fn a_silent_backend_holds_neither_the_api_nor_sigterm() {
         stalled,
         "pvstack tried again before it ended"
     );
+}
+
+#[test]
+fn a_backend_that_stalls_a_guest_reset_holds_neither_the_api_nor_sigterm() {
+    let dir = ScratchDir::new("hostile-backend-stall-reset");
+    let socket = dir.path("blk.sock");
+    let backend = HostileBackend::listen(&socket, Hostility::StallStop);
+    let spec = socket_spec(&socket, &[]);
+    // The guest starts the disk's driver, then resets the running device:
+    // pvstack must stop the backend's rings, and the backend never says
+    // it has.
+    let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", "blk-reset"], "");
+    vm.wait_until("the guest's reset waits for the stalled backend", |_| {
+        backend.stalled().is_some()
+    });
+    let stalled = backend.stalled();
+    // The API answers while GET_VRING_BASE is still unanswered on a live
+    // connection (pvstack gives a backend 10 s per reply): neither the
+    // vCPU nor the exchange holds the device's lock meanwhile.
+    let device = vm.first_device();
+    assert_eq!(device["backend_state"], "connected", "{device:#}");
+    assert_eq!(device["active"], false, "{device:#}");
+    assert_eq!(
+        backend.stalled(),
+        stalled,
+        "the API answered only once pvstack had given up on the backend"
+    );
+    // SIGTERM ends pvstack during the stall, not after the reply timeout.
+    let status = vm.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+    let log = vm.log();
+    assert!(!log.contains("did not stop in time"), "{log}");
+    assert!(
+        !vm.console().contains("RESULT blk-reset"),
+        "{}",
+        vm.console()
+    );
+    assert_eq!(backend.connections(), 1);
+}
+
+#[test]
+fn a_guest_reset_on_an_honest_backend_completes_and_the_device_starts_again() {
+    let dir = ScratchDir::new("hostile-backend-honest-reset");
+    let image = dir.path("disk.img");
+    zeroed_image(&image, IMAGE_BYTES);
+    let socket = dir.path("blk.sock");
+    let mut backend = BlkProcess::start(&socket, &["--image", utf8(&image)]);
+    let run = run_with_disks(&[socket_spec(&socket, &[])], "blk-reset count=3");
+    assert_eq!(run.code(), 0, "{run:#?}");
+    assert_eq!(run.result_u64("blk-reset", "starts"), 4, "{run:#?}");
+    backend.terminate_cleanly();
 }

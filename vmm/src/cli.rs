@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use pvstack_backend_common::parse_socket_mode;
 use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
 use pvstack_protocols::boot::CMDLINE_MAX;
 use pvstack_protocols::layout;
@@ -105,7 +106,9 @@ pub struct RunArgs {
     /// or `tap=NAME` to start pvstack-net on that TAP for the life of the
     /// VM (`mode=emulated`: the VMM serves the queues and the TAP itself,
     /// the baseline). Options: `id=ID` (default netN), `mac=MAC`,
-    /// `mtu=N` (default 1500), `queue-size=N`.
+    /// `mtu=N` (default 1500), `queue-size=N`, `backend-uid=UID` (as for
+    /// --blk: a user besides pvstack's own and root whose backend may get
+    /// guest memory).
     /// Example: --net tap=tap0,mac=52:54:00:12:34:56
     #[arg(long = "net", value_name = "SPEC")]
     pub net: Vec<NetSpec>,
@@ -115,8 +118,9 @@ pub struct RunArgs {
     /// pvstack-console over vhost-user, either already running,
     /// `socket=PATH`, or started for the life of the VM on `stdio`, a new
     /// `pty` (its path is printed), or `unix=PATH` (a console server that
-    /// clients attach to, e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`);
-    /// or `uart`, the same as --serial.
+    /// clients attach to, e.g. `socat -,raw,echo=0 UNIX-CONNECT:PATH`,
+    /// mode 0600); or `uart`, the same as --serial. `socket=PATH` takes
+    /// `backend-uid=UID` as --blk does.
     #[arg(long, value_name = "SPEC")]
     pub console: Option<ConsoleSpec>,
 
@@ -132,6 +136,12 @@ pub struct RunArgs {
     /// must not exist yet; `pvstack ctl --api-socket PATH` talks to it.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Permissions (octal) of the --api-socket file. The default, 600,
+    /// lets only pvstack's user (and root) control the VM; e.g. 660
+    /// shares it with the group.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_socket_mode)]
+    pub api_socket_mode: u32,
 }
 
 /// Options of `pvstack ctl`.
@@ -231,6 +241,11 @@ pub struct RestoreArgs {
     /// Serve the control API on PATH instead of the snapshot's socket.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Permissions (octal) of the API socket instead of the snapshot's
+    /// (600 unless `run --api-socket-mode` said otherwise).
+    #[arg(long, value_name = "MODE", value_parser = parse_socket_mode)]
+    pub api_socket_mode: Option<u32>,
 
     /// Append pvstack's own guest's console to FILE instead of the
     /// snapshot's --console-log.

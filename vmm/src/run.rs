@@ -62,6 +62,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
         serial: args.serial,
         console_log: args.console_log.clone(),
         api_socket: args.api_socket.clone(),
+        api_socket_mode: args.api_socket_mode,
     };
     // The devices own their backend connections (and any child backend
     // process), so they must live until the VM has ended.
@@ -196,7 +197,7 @@ impl Devices {
                 .collect();
             let server = match listener {
                 Some(listener) => ApiServer::from_listener(listener, path, devices),
-                None => ApiServer::bind(path, devices)?,
+                None => ApiServer::bind(path, spec.api_socket_mode, devices)?,
             };
             vm.serve_api(server);
         }

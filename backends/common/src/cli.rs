@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::logging::init_logging;
+use crate::peer::{parse_uid, TrustedUsers};
+use crate::socket_file::parse_socket_mode;
 
 /// Exit status for a runtime failure (clap itself exits 2 on usage errors,
 /// so backends put every argument check in a clap value parser).
@@ -18,6 +20,25 @@ pub struct SocketArgs {
     /// kind of file there is refused.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
+
+    /// Permissions (octal) of every socket this backend makes: the
+    /// vhost-user socket, and pvstack-console's --listen or pvstack-net's
+    /// --peer-bind socket. The default, 600, lets only this user (and root)
+    /// connect; e.g. 660 shares them with the group.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "600",
+        value_parser = parse_socket_mode
+    )]
+    pub socket_mode: u32,
+
+    /// Also serve frontends running as this user. By default a frontend
+    /// is served only if it runs as this backend's user or as root; any
+    /// other is refused (one log line) before it can send anything, and
+    /// the backend goes on listening.
+    #[arg(long, value_name = "UID", value_parser = parse_uid)]
+    pub frontend_uid: Option<u32>,
 
     /// Exit after the first frontend disconnects instead of listening for the
     /// next one.
@@ -34,6 +55,15 @@ pub struct SocketArgs {
         value_parser = parse_timeout
     )]
     pub negotiation_timeout: Duration,
+}
+
+impl SocketArgs {
+    /// The users whose frontends this backend serves.
+    pub fn trusted_frontends(&self) -> TrustedUsers {
+        TrustedUsers {
+            also: self.frontend_uid,
+        }
+    }
 }
 
 /// clap value parser for `--negotiation-timeout`: 1 to 3600 seconds.

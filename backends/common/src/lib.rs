@@ -16,8 +16,11 @@
 //! ```
 //!
 //! Every frontend reaches the daemon through a [`message_filter::FilteredSocket`],
-//! which bounds connections and time and checks memory tables
-//! ([`mem_table`]). A backend that needs vhost-user messages
+//! which refuses frontends of other users ([`peer`]), bounds connections
+//! and time and checks memory tables ([`mem_table`]). Every socket a
+//! backend makes is 0600 unless `--socket-mode` says otherwise
+//! ([`listen_with_mode`]). pvstack itself uses [`peer`] and the socket
+//! helpers too, so both ends of a connection apply the same rules. A backend that needs vhost-user messages
 //! vhost-user-backend does not handle gives it a filter of its own and
 //! serves with [`serve_on`]; [`inflight`] is such a filter and the log it
 //! manages.
@@ -30,10 +33,12 @@ mod logging;
 pub mod mem_table;
 mod memory;
 pub mod message_filter;
+pub mod peer;
 pub mod poll;
 mod ring_requests;
 mod serve;
 mod signals;
+mod socket_file;
 mod socket_path;
 mod vring;
 
@@ -43,5 +48,8 @@ pub use logging::init_logging;
 pub use memory::GuestMemorySlot;
 pub use serve::{listen, serve_on, serve_with};
 pub use signals::{block_stop_signals, StopSignal};
+pub use socket_file::{
+    bind_datagram_with_mode, listen_with_mode, parse_socket_mode, DEFAULT_SOCKET_MODE,
+};
 pub use socket_path::prepare_socket_path;
 pub use vring::{avail_pending, clone_exit_event, signal_if_needed};

@@ -12,6 +12,8 @@
 //! Every backend serves through it, because it is also where a hostile or
 //! broken frontend is held in check before the daemon (which serves one
 //! frontend at a time and trusts what it is sent) sees anything:
+//! - a frontend of another user (SO_PEERCRED: not this backend's user,
+//!   root or `--frontend-uid`) is refused at once, with one log line;
 //! - at most [`MAX_CONNECTIONS`] frontends at once; more are closed;
 //! - a connection must reach SET_OWNER within the negotiation timeout,
 //!   and every message, once begun, must arrive whole within it, so a
@@ -27,7 +29,7 @@ use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,8 +42,9 @@ use vhost::vhost_user::Listener;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::mem_table::MemoryTableGuard;
+use crate::peer::TrustedUsers;
 use crate::ring_requests::check_ring_request;
-use crate::{block_stop_signals, listen, prepare_socket_path, Error, SocketArgs};
+use crate::{block_stop_signals, listen, listen_with_mode, prepare_socket_path, Error, SocketArgs};
 
 /// Most frontend connections held at once (each costs two threads and
 /// four descriptors). The daemon serves one; the others wait their turn.
@@ -217,16 +220,18 @@ impl FilteredSocket {
         // Checked and bound before `filtered` exists: its drop removes the
         // public path, which must never be a file this did not create.
         prepare_socket_path(&args.socket)?;
-        let listener = UnixListener::bind(&args.socket).map_err(|source| Error::Filter {
-            path: args.socket.clone(),
-            what: "cannot listen",
-            cause: source,
-        })?;
+        let listener =
+            listen_with_mode(&args.socket, args.socket_mode).map_err(|source| Error::Filter {
+                path: args.socket.clone(),
+                what: "cannot listen",
+                cause: source,
+            })?;
         let filtered = FilteredSocket {
             public: args.socket.clone(),
             daemon_dir,
         };
         let timeout = args.negotiation_timeout;
+        let trusted = args.trusted_frontends();
         let open = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("filter".into())
@@ -239,6 +244,9 @@ impl FilteredSocket {
                             continue;
                         }
                     };
+                    if !may_serve(&front, trusted) {
+                        continue;
+                    }
                     let Some(slot) = ConnectionSlot::take(&open) else {
                         warn_limited!(
                             "filter: refused a frontend: {MAX_CONNECTIONS} connections are open"
@@ -279,6 +287,26 @@ impl Drop for FilteredSocket {
         let _ = std::fs::remove_file(&self.public);
         let _ = std::fs::remove_file(self.daemon_dir.join(DAEMON_SOCKET));
         let _ = std::fs::remove_dir(&self.daemon_dir);
+    }
+}
+
+/// Whether `front` runs as a user this backend serves; one that does not
+/// is refused (dropped) with one log line, as is one whose credentials
+/// cannot be read.
+fn may_serve(front: &UnixStream, trusted: TrustedUsers) -> bool {
+    match trusted.check(front) {
+        Ok(Ok(_)) => true,
+        Ok(Err(untrusted)) => {
+            warn_limited!(
+                "filter: refused a frontend: {untrusted}; start the backend with --frontend-uid {} to serve it",
+                untrusted.peer.uid
+            );
+            false
+        }
+        Err(e) => {
+            warn_limited!("filter: refused a frontend: cannot learn who it is (SO_PEERCRED): {e}");
+            false
+        }
     }
 }
 
@@ -590,6 +618,7 @@ fn read_rest(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixListener;
 
     #[test]
     fn messages_round_trip_with_their_descriptors() {

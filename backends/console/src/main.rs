@@ -123,7 +123,7 @@ fn run(args: &Args) -> Result<(), Error> {
     } else if args.pty {
         pty::start(&hub).map_err(host_error("cannot open a PTY"))?;
     } else if let Some(path) = &args.listen {
-        _server = Some(server::start(&hub, path)?);
+        _server = Some(server::start(&hub, path, args.socket.socket_mode)?);
     }
     let (filtered, listener) = FilteredSocket::start(&args.socket, || Box::new(PassThrough))?;
     confine(args, &filtered)?;

@@ -311,6 +311,13 @@ mod tests {
         whole
     }
 
+    /// Each input, whole and byte by byte, shows as its expected bytes.
+    fn assert_shown(cases: &[(&[u8], &[u8])]) {
+        for &(input, shown) in cases {
+            assert_eq!(both(input), shown, "{}", String::from_utf8_lossy(input));
+        }
+    }
+
     #[test]
     fn text_utf8_and_console_controls_pass() {
         let text = "plain text, tabs\tand bells\x07\r\nüñíçødé € 😀 \x08x\x0c\x0b".as_bytes();
@@ -344,9 +351,7 @@ mod tests {
             (b"a\x1b^privacy\x1b\\b\x1bXsos\x1b\\c", b"abc"),
             (b"a\x1bkscreen title\x1b\\b", b"ab"),
         ];
-        for (input, shown) in cases {
-            assert_eq!(both(input), shown, "{}", String::from_utf8_lossy(input));
-        }
+        assert_shown(&cases);
     }
 
     #[test]
@@ -363,9 +368,7 @@ mod tests {
             (b"a\x05b", b"ab"),
             (b"a\x1b[5ib\x1b[4i", b"ab"),
         ];
-        for (input, shown) in cases {
-            assert_eq!(both(input), shown, "{}", String::from_utf8_lossy(input));
-        }
+        assert_shown(&cases);
     }
 
     #[test]

@@ -116,7 +116,11 @@ fn main() -> ExitCode {
 fn open_link(args: &Args) -> Result<Link, Error> {
     match (&args.tap, &args.peer_bind, &args.peer_connect) {
         (Some(name), _, _) => Ok(Link::Tap(Tap::open(name)?)),
-        (None, Some(local), Some(remote)) => Ok(Link::Peer(PeerSocket::bind(local, remote)?)),
+        (None, Some(local), Some(remote)) => Ok(Link::Peer(PeerSocket::bind(
+            local,
+            remote,
+            args.socket.socket_mode,
+        )?)),
         // clap's required_unless_present/requires rule the rest out.
         _ => unreachable!("clap enforces --tap or both --peer-* flags"),
     }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use pvstack_backend_common::prepare_socket_path;
+use pvstack_backend_common::{bind_datagram_with_mode, prepare_socket_path};
 use pvstack_logging::warn_limited;
 
 use crate::error::Error;
@@ -38,8 +38,10 @@ pub struct PeerSocket {
 impl PeerSocket {
     /// Binds `local` (replacing a socket file nobody holds any more,
     /// refusing one a process is still bound to or listens on, and any
-    /// other kind of file) and sends to `remote`.
-    pub fn bind(local: &Path, remote: &Path) -> Result<Self, Error> {
+    /// other kind of file) with a socket file of permissions `mode`, so
+    /// that by default only this user may send to it, and sends to
+    /// `remote`.
+    pub fn bind(local: &Path, remote: &Path, mode: u32) -> Result<Self, Error> {
         let peer_error = |what: &'static str, source: io::Error| Error::Peer {
             path: local.to_path_buf(),
             what,
@@ -48,8 +50,8 @@ impl PeerSocket {
         let local = std::path::absolute(local)
             .map_err(|source| peer_error("cannot make the path absolute", source))?;
         prepare_socket_path(&local)?;
-        let socket =
-            UnixDatagram::bind(&local).map_err(|source| peer_error("cannot bind", source))?;
+        let socket = bind_datagram_with_mode(&local, mode)
+            .map_err(|source| peer_error("cannot bind", source))?;
         socket
             .set_nonblocking(true)
             .map_err(|source| peer_error("cannot make it non-blocking", source))?;
@@ -169,7 +171,7 @@ mod tests {
     fn only_the_peers_frames_are_taken() {
         let dir = scratch("sender");
         let (a_path, b_path) = (dir.join("a.wire"), dir.join("b.wire"));
-        let a = PeerSocket::bind(&a_path, &b_path).unwrap();
+        let a = PeerSocket::bind(&a_path, &b_path, 0o600).unwrap();
         let stranger = UnixDatagram::bind(dir.join("stranger")).unwrap();
         stranger.send_to(b"not from b", &a_path).unwrap();
         UnixDatagram::unbound()
@@ -179,7 +181,7 @@ mod tests {
         // B not there yet: nobody is the peer.
         let mut buf = [0u8; 64];
         assert_eq!(a.recv(&mut buf).unwrap(), None);
-        let b = PeerSocket::bind(&b_path, &a_path).unwrap();
+        let b = PeerSocket::bind(&b_path, &a_path, 0o600).unwrap();
         stranger.send_to(b"still not from b", &a_path).unwrap();
         b.send(b"from b").unwrap();
         assert_eq!(recv_one(&a, &mut buf), Some(6));
@@ -187,7 +189,7 @@ mod tests {
         assert_eq!(a.strangers(), 3);
         // B restarts on the same path: its frames still pass.
         drop(b);
-        let b = PeerSocket::bind(&b_path, &a_path).unwrap();
+        let b = PeerSocket::bind(&b_path, &a_path, 0o600).unwrap();
         b.send(b"b again").unwrap();
         assert_eq!(recv_one(&a, &mut buf), Some(7));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -198,7 +200,9 @@ mod tests {
         let dir = scratch("live");
         let path = dir.join("a.wire");
         let holder = UnixDatagram::bind(&path).unwrap();
-        let err = PeerSocket::bind(&path, &dir.join("b.wire")).err().unwrap();
+        let err = PeerSocket::bind(&path, &dir.join("b.wire"), 0o600)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("in use"), "{err}");
         // The holder still receives what is sent to the path.
         UnixDatagram::unbound()
@@ -208,7 +212,7 @@ mod tests {
         let mut byte = [0u8; 1];
         assert_eq!(holder.recv(&mut byte).unwrap(), 1);
         drop(holder);
-        PeerSocket::bind(&path, &dir.join("b.wire")).expect("a stale socket is replaced");
+        PeerSocket::bind(&path, &dir.join("b.wire"), 0o600).expect("a stale socket is replaced");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

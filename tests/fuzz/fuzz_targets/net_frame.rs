@@ -38,8 +38,8 @@ fn bench() -> &'static Bench {
         let (ours, theirs) = (dir.join("net-a.sock"), dir.join("net-b.sock"));
         Bench {
             mem: memfd_memory(MEMORY),
-            link: Link::Peer(PeerSocket::bind(&ours, &theirs).expect("bind the peer link")),
-            peer: PeerSocket::bind(&theirs, &ours).expect("bind the other end"),
+            link: Link::Peer(PeerSocket::bind(&ours, &theirs, 0o600).expect("bind the peer link")),
+            peer: PeerSocket::bind(&theirs, &ours, 0o600).expect("bind the other end"),
         }
     })
 }

@@ -92,8 +92,15 @@ pub enum Reply {
         state: VmState,
     },
     /// `upgrade`: the process that now runs the VM, and how long the
-    /// guest was paused (from pause to the new process's resume).
-    Upgrade { pid: u32, paused_us: u64 },
+    /// guest was paused (from pause to the new process's resume) and
+    /// how long each step of that pause took (`new:` steps in the new
+    /// process).
+    Upgrade {
+        pid: u32,
+        paused_us: u64,
+        #[serde(default)]
+        phases: Vec<crate::snapshot::phases::Phase>,
+    },
     /// `pause`, `resume`, `shutdown`: the VM's state afterwards. Last:
     /// the untagged replies above also carry a state.
     State { state: VmState },

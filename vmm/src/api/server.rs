@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, info, warn};
+use pvstack_backend_common::listen_with_mode;
 use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
@@ -64,9 +65,10 @@ pub struct RunningApi {
 }
 
 impl ApiServer {
-    /// Binds the API socket at `path` (which must not exist yet).
-    pub fn bind(path: &Path, devices: Vec<ApiDevice>) -> Result<Self> {
-        let listener = UnixListener::bind(path).map_err(|source| Error::File {
+    /// Binds the API socket at `path` (which must not exist yet), its
+    /// file with permissions `mode` (0600 unless `--api-socket-mode`).
+    pub fn bind(path: &Path, mode: u32, devices: Vec<ApiDevice>) -> Result<Self> {
+        let listener = listen_with_mode(path, mode).map_err(|source| Error::File {
             action: "bind the API socket",
             path: path.to_path_buf(),
             cause: source,
@@ -255,6 +257,7 @@ impl ApiServer {
                     Ok(done) => Response::ok(Reply::Upgrade {
                         pid: done.pid,
                         paused_us: micros(done.paused),
+                        phases: done.phases,
                     }),
                     Err(err) => {
                         Response::error(format!("upgrade failed, the VM runs on here: {err}"))

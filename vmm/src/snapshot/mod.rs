@@ -22,7 +22,9 @@
 
 pub mod capture;
 pub mod memfile;
+pub mod phases;
 pub mod platform;
+pub mod relay;
 pub mod restore;
 pub mod save;
 pub mod state;

@@ -40,11 +40,12 @@ pub fn restore(args: &RestoreArgs) -> Result<VmEnd> {
     crate::sandbox::configure(&args.sandbox);
     let console = own_console(&spec)?;
     let file = memfile::load(&dir.join(MEMORY_FILE), spec.memory_size, args.memory)?;
+    let memory = memory::from_file(file, spec.memory_size)?;
+    // The VM's creation begins here: the vCPU's `boot:` line counts its
+    // `vm setup` from this point, so memory plus vm setup is the time from
+    // the restore's start to the first guest instruction.
     let memory_ready = began.elapsed();
-    let mut vm = Vm::with_memory(
-        &vm_config(&spec),
-        memory::from_file(file, spec.memory_size)?,
-    )?;
+    let mut vm = Vm::with_memory(&vm_config(&spec), memory)?;
     let devices = Devices::attach(&mut vm, &mut spec, &|_| None)?;
     restore_devices(&devices, &state.devices, None)?;
     let devices_ready = began.elapsed();
@@ -140,6 +141,9 @@ fn override_spec(spec: &mut VmSpec, args: &RestoreArgs) -> Result<()> {
     }
     if args.api_socket.is_some() {
         spec.api_socket.clone_from(&args.api_socket);
+    }
+    if let Some(mode) = args.api_socket_mode {
+        spec.api_socket_mode = mode;
     }
     if args.console_log.is_some() {
         spec.console_log.clone_from(&args.console_log);

@@ -20,7 +20,10 @@ use crate::kvm_flavour::{Flavour, Privilege};
 /// The `format` field of every state file.
 pub const FORMAT: &str = "pvstack-vm-state";
 /// The state format's version; a state of any other version is refused.
-pub const VERSION: u32 = 1;
+/// 2: a `--console socket=` device records its `backend_uid` (the spec
+/// became a struct variant, which version 1 readers cannot parse), and a
+/// take-over hands the devices over before the pause.
+pub const VERSION: u32 = 2;
 /// The state in a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// Guest RAM in a snapshot directory: the memfd's bytes at their offsets,
@@ -150,6 +153,14 @@ pub struct VmSpec {
     pub serial: bool,
     pub console_log: Option<PathBuf>,
     pub api_socket: Option<PathBuf>,
+    /// The API socket's permissions (`--api-socket-mode`).
+    #[serde(default = "default_socket_mode")]
+    pub api_socket_mode: u32,
+}
+
+/// A state written before `api_socket_mode` existed had 0600 sockets.
+fn default_socket_mode() -> u32 {
+    pvstack_backend_common::DEFAULT_SOCKET_MODE
 }
 
 /// One vCPU.

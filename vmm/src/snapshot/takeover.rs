@@ -6,19 +6,30 @@
 //! descriptors (SCM_RIGHTS):
 //!
 //! 1. old → new `Offer` + the guest memfd: the new process creates its KVM
-//!    VM on the same memory, and its vCPUs (the guest still runs).
-//! 2. new → old `Prepared`. The old pauses the guest (every vCPU parked),
-//!    reads the VM's state and sends `State` + the API socket, and per
-//!    device its kick and call eventfds, its backend connection and its
-//!    inflight log. Backends are not stopped: their rings, memory, kicks
-//!    and calls stay the same, so they serve on throughout.
-//! 3. The new process adopts the connections, binds the eventfds in its
-//!    VM, sets the saved state (guest clocks moved on by the pause) and
-//!    answers `Ready`; the old answers `Commit`, after which it will never
-//!    run the guest again; the new one resumes the guest, raises every
-//!    device's interrupt once (one raised while no VM listened is not
-//!    lost), serves the API and answers `Running`. The old process then
-//!    exits without tearing anything down.
+//!    VM on the same memory, and its vCPUs, and answers `Prepared`.
+//!    Meanwhile the old process lets go of the devices' irqfds and relays
+//!    their interrupts itself ([`super::relay`]). The guest runs on.
+//! 2. old → new `Devices` + per device its kick and call eventfds and its
+//!    backend connection: the new process creates its devices on them
+//!    (asking each backend what it offers, and telling it the features
+//!    the driver took) and answers `Attached`. The
+//!    old process holds the devices' locks meanwhile, so only one process
+//!    speaks to a backend at a time; the guest runs on (a vCPU that
+//!    touches a device's registers waits).
+//! 3. The old pauses the guest (every vCPU parked), stops relaying, reads
+//!    the VM's state and sends `State` + the API socket and the devices'
+//!    inflight logs. Backends are not stopped: their rings, memory, kicks
+//!    and calls stay the same, so they serve on throughout. A device whose
+//!    backend connection or driver activation changed since step 2 fails
+//!    the hand-over.
+//! 4. The new process sets the devices' transport state, the saved state
+//!    of the vCPUs and the in-kernel devices (guest clocks moved on by the
+//!    pause), binds the devices' interrupts and answers `Ready` with how
+//!    long each step took; the old answers `Commit`, after which it will
+//!    never run the guest again; the new one resumes the guest, raises
+//!    every device's interrupt once (one raised while no VM listened is
+//!    not lost), serves the API and answers `Running`. The old process
+//!    then exits without tearing anything down.
 //!
 //! Any failure before `Commit` (the new process dying included) ends the
 //! new process and resumes the guest in the old one. Backends pvstack
@@ -35,13 +46,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pvstack_devices::vhost_user::InflightLog;
+use pvstack_devices::vhost_user::{InflightLog, VhostUserDevice};
+use pvstack_devices::virtio::mmio::MmioTransport;
 use pvstack_devices::InheritedDevice;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::capture::LiveVm;
+use super::phases::{describe, Phase, PhaseClock};
+use super::relay::InterruptRelay;
 use super::restore::{own_console, restore_devices, restore_vcpus, vm_config};
 use super::state::{monotonic_ns, VmSpec, VmState};
 use crate::api::VmControl;
@@ -49,8 +63,10 @@ use crate::cli::TakeOverArgs;
 use crate::error::{Error, Result};
 use crate::lifecycle::VmEnd;
 use crate::memory;
+use crate::memory::GuestMemory;
 use crate::run::Devices;
-use crate::vm::Vm;
+use crate::vcpu::Vcpu;
+use crate::vm::{Vm, VmConfig};
 
 /// Test-only fault injection: with this variable set to `prepared` or
 /// `state`, the new process dies (SIGKILL) right after that step, as a
@@ -86,14 +102,24 @@ enum Message {
         spec: VmSpec,
     },
     Prepared,
-    /// Carries the API listener (if `api`), then per device in `devices`
-    /// its kicks, call, connection and (if it has one) inflight log.
+    /// Carries per device in `devices` its kicks, call and connection.
+    Devices {
+        devices: Vec<HandedDevice>,
+    },
+    /// The new process has created the devices on what it was handed.
+    Attached,
+    /// Carries the API listener (if `api`), then the inflight log of each
+    /// device named in `inflight`, in that order.
     State {
         state: Box<VmState>,
         api: bool,
-        devices: Vec<HandedDevice>,
+        inflight: Vec<String>,
     },
-    Ready,
+    /// With how long each of the new process's steps took.
+    Ready {
+        #[serde(default)]
+        phases: Vec<Phase>,
+    },
     Commit,
     Running {
         pid: u32,
@@ -103,13 +129,17 @@ enum Message {
     },
 }
 
-/// Which descriptors of a `State` message belong to one device.
+/// Which descriptors of a `Devices` message belong to one device.
 #[derive(Debug, Serialize, Deserialize)]
 struct HandedDevice {
     id: String,
     slot: u32,
     kicks: usize,
-    inflight: bool,
+    /// The socket its backend listens on (for reconnects).
+    socket: PathBuf,
+    /// The features its driver took, if it runs the device: the new
+    /// process tells the backend connection before the pause.
+    features: Option<u64>,
 }
 
 /// One end of the socket pair.
@@ -183,10 +213,12 @@ impl Channel {
     }
 }
 
-/// The new process that runs the VM now, and how long the guest was paused.
+/// The new process that runs the VM now, how long the guest was paused
+/// and what the pause was spent on.
 pub struct HandedOver {
     pub pid: u32,
     pub paused: Duration,
+    pub phases: Vec<Phase>,
 }
 
 /// The old process's side: hands the VM over to a new pvstack started
@@ -204,13 +236,30 @@ pub fn hand_over(
     ours.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(|e| Error::Takeover(format!("cannot set a timeout: {e}")))?;
     let mut child = spawn(binary, theirs)?;
-    let result = converse(live, control, listener, &Channel { stream: ours }, &child);
+    let channel = Channel { stream: ours };
+    // KVM binds an eventfd to one irqfd at a time, across VMs: this VM
+    // lets go of the interrupts for the new one to bind them, while the
+    // new process starts and the guest runs on, since that is slow (see
+    // `relay`).
+    let mut irqfds = None;
+    let result = Irqfds::release(live).and_then(|released| {
+        let irqfds = irqfds.insert(released);
+        converse(live, control, listener, &channel, &child, irqfds)
+    });
     match result {
-        Ok(done) => Ok(done),
+        Ok(done) => {
+            if let Some(irqfds) = irqfds {
+                irqfds.keep_released();
+            }
+            Ok(done)
+        }
         Err(err) => {
-            // The new process must not run on with half a VM.
+            // The new process must not run on with half a VM, and must be
+            // gone before this VM binds the interrupts again (dropping
+            // `irqfds`): it may hold them.
             let _ = child.kill();
             let _ = child.wait();
+            drop(irqfds);
             log::warn!(
                 "take-over by {} failed; the VM runs on here: {err}",
                 binary.display()
@@ -253,17 +302,19 @@ fn spawn(binary: &Path, channel: UnixStream) -> Result<Child> {
     Ok(child)
 }
 
-/// Steps 1 to 3 of the module documentation, on the old side.
+/// Steps 1 to 4 of the module documentation, on the old side.
 fn converse(
     live: &LiveVm,
     control: &VmControl,
     listener: &UnixListener,
     channel: &Channel,
     child: &Child,
+    irqfds: &mut Irqfds<'_>,
 ) -> Result<HandedOver> {
     let memory = &control.machine.memory;
     let memfd = memory::backing_file(memory)
         .ok_or_else(|| Error::Takeover("guest memory has no file behind it".into()))?;
+    let offered = Instant::now();
     channel.send(
         &Message::Offer {
             spec: live.spec.clone(),
@@ -272,75 +323,74 @@ fn converse(
     )?;
     channel.expect("Prepared", |m| matches!(m, Message::Prepared))?;
 
+    let marks = hand_devices_over(live, channel)?;
+    let prepared = offered.elapsed();
+
     let began = Instant::now();
+    let mut phases = PhaseClock::start();
     let paused = live.pause(control)?;
+    phases.mark("pause");
+    // What the backends signal from now on stays counted in the eventfds,
+    // and KVM injects it when the new VM binds them.
+    irqfds.stop_relay();
+    phases.mark("stop-relay");
     let state = live.capture(control, &paused, Vec::new())?;
-    let captured = began.elapsed();
+    phases.mark("capture");
     // The devices stay locked until this process exits (or the hand-over
     // fails): no guest access, reset or reconnect may touch them now.
     let guards: Vec<_> = live.devices.iter().map(|d| d.lock()).collect();
-    // KVM binds an eventfd to one irqfd at a time, across VMs: this VM
-    // lets go of the interrupts for the new one to bind them. What the
-    // backends signal meanwhile stays counted in the eventfds, and KVM
-    // injects it when the new VM binds them.
-    let irqfds = Irqfds::release(live, &guards)?;
     let mut fds: Vec<RawFd> = vec![listener.as_raw_fd()];
-    let mut owned = Vec::new();
-    let mut devices = Vec::new();
-    for (device, transport) in live.devices.iter().zip(&guards) {
-        let events = transport.events();
-        fds.extend(events.kicks.iter().map(|k| k.as_raw_fd()));
-        fds.push(events.call.as_raw_fd());
-        let connection = transport.device().connection_fd()?;
-        fds.push(connection.as_raw_fd());
-        owned.push(connection);
-        let inflight = transport.device().inflight_log();
-        if let Some(log) = inflight {
-            fds.push(log.file().as_raw_fd());
+    let mut inflight = Vec::new();
+    for ((device, transport), mark) in live.devices.iter().zip(&guards).zip(&marks) {
+        if DeviceMark::of(transport) != *mark {
+            return Err(Error::Takeover(format!(
+                "{}: its driver restarted it or its backend reconnected during the hand-over; try again",
+                device.id
+            )));
         }
-        devices.push(HandedDevice {
-            id: device.id.clone(),
-            slot: device.slot,
-            kicks: events.kicks.len(),
-            inflight: inflight.is_some(),
-        });
-    }
-    if fds.len() > MAX_FDS {
-        return Err(Error::Takeover(format!(
-            "{} descriptors to hand over, at most {MAX_FDS} fit one message",
-            fds.len()
-        )));
+        if let Some(log) = transport.device().inflight_log() {
+            fds.push(log.file().as_raw_fd());
+            inflight.push(device.id.clone());
+        }
     }
     channel.send(
         &Message::State {
             state: Box::new(state),
             api: true,
-            devices,
+            inflight,
         },
         &fds,
     )?;
-    channel.expect("Ready", |m| matches!(m, Message::Ready))?;
-    let ready = began.elapsed();
+    phases.mark("send-state");
+    let (reply, _) = channel.receive()?;
+    let Message::Ready { phases: theirs } = reply else {
+        return Err(Error::Takeover(format!(
+            "expected Ready from the other pvstack, got {reply:?}"
+        )));
+    };
+    phases.mark("new-process");
+    phases.add("new:", theirs);
     channel.send(&Message::Commit, &[])?;
     // From here on the guest is the new process's: whatever happens, this
-    // one must not resume it.
-    irqfds.keep_released();
+    // one must not resume it (nor bind its interrupts: see `hand_over`).
     paused.keep();
     std::mem::forget(guards);
     let reply = channel.receive();
     let paused_for = began.elapsed();
+    phases.mark("commit");
     match reply {
         Ok((Message::Running { pid }, _)) => {
             log::info!(
-                "take-over: pid {pid} runs the VM; the guest was paused {} us \
-                 (paused and captured after {} us, the new process ready after {} us)",
+                "take-over: pid {pid} runs the VM; the guest was paused {} us ({}), \
+                 after {} us of preparation while it ran",
                 paused_for.as_micros(),
-                captured.as_micros(),
-                ready.as_micros()
+                describe(phases.phases()),
+                prepared.as_micros()
             );
             Ok(HandedOver {
                 pid,
                 paused: paused_for,
+                phases: phases.into_phases(),
             })
         }
         other => {
@@ -351,52 +401,131 @@ fn converse(
             Ok(HandedOver {
                 pid: child.id(),
                 paused: paused_for,
+                phases: phases.into_phases(),
             })
         }
     }
 }
 
+/// What must not change about a device between its hand-over and the
+/// pause: its backend connection and its driver's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DeviceMark {
+    connection: u64,
+    activation: u64,
+}
+
+impl DeviceMark {
+    fn of(transport: &MmioTransport<VhostUserDevice>) -> DeviceMark {
+        DeviceMark {
+            connection: transport.device().connection(),
+            activation: transport.device().activation(),
+        }
+    }
+}
+
+/// Step 2 before the pause: hands each device's eventfds and backend
+/// connection to the new process, which creates its devices on them
+/// (and asks the backends what they offer) while the guest runs. The
+/// devices stay locked meanwhile, so nothing here speaks to a backend at
+/// the same time (a vCPU touching a device's registers waits); returns
+/// what must still hold at the pause.
+fn hand_devices_over(live: &LiveVm, channel: &Channel) -> Result<Vec<DeviceMark>> {
+    let guards: Vec<_> = live.devices.iter().map(|d| d.lock()).collect();
+    let mut fds: Vec<RawFd> = Vec::new();
+    let mut connections = Vec::new();
+    let mut devices = Vec::new();
+    for (device, transport) in live.devices.iter().zip(&guards) {
+        let events = transport.events();
+        fds.extend(events.kicks.iter().map(|k| k.as_raw_fd()));
+        fds.push(events.call.as_raw_fd());
+        let connection = transport.device().connection_fd()?;
+        fds.push(connection.as_raw_fd());
+        connections.push(connection);
+        devices.push(HandedDevice {
+            id: device.id.clone(),
+            slot: device.slot,
+            kicks: events.kicks.len(),
+            socket: transport.device().status().socket,
+            features: transport.device().driver_features(),
+        });
+    }
+    if fds.len() > MAX_FDS {
+        return Err(Error::Takeover(format!(
+            "{} descriptors to hand over, at most {MAX_FDS} fit one message",
+            fds.len()
+        )));
+    }
+    channel.send(&Message::Devices { devices }, &fds)?;
+    channel.expect("Attached", |m| matches!(m, Message::Attached))?;
+    Ok(guards.iter().map(|t| DeviceMark::of(t)).collect())
+}
+
 /// The devices' interrupt eventfds, unbound from this VM's irqfds for the
-/// new VM; bound again when dropped, unless the hand-over committed.
+/// new VM and relayed meanwhile (see `relay`); bound again when dropped,
+/// unless the hand-over committed.
 struct Irqfds<'a> {
     vm: &'a kvm_ioctls::VmFd,
     released: Vec<(EventFd, u32)>,
+    relay: Option<InterruptRelay>,
 }
 
 impl<'a> Irqfds<'a> {
-    fn release(
-        live: &'a LiveVm,
-        devices: &[std::sync::MutexGuard<
-            '_,
-            pvstack_devices::virtio::mmio::MmioTransport<
-                pvstack_devices::vhost_user::VhostUserDevice,
-            >,
-        >],
-    ) -> Result<Irqfds<'a>> {
+    /// Relays every device's interrupt, then unbinds its irqfd.
+    fn release(live: &'a LiveVm) -> Result<Irqfds<'a>> {
+        let mut calls = Vec::new();
+        for device in &live.devices {
+            let gsi = pvstack_protocols::layout::device_irq(device.slot);
+            let call = device.lock().events().call.try_clone().map_err(|e| {
+                Error::Takeover(format!("{}: cannot duplicate its call: {e}", device.id))
+            })?;
+            calls.push((call, gsi, device.id.as_str()));
+        }
+        let mut relayed = Vec::new();
+        for (call, gsi, _) in &calls {
+            let copy = call
+                .try_clone()
+                .map_err(|e| Error::Takeover(format!("cannot duplicate a call: {e}")))?;
+            relayed.push((copy, *gsi));
+        }
+        let began = Instant::now();
         let mut irqfds = Irqfds {
             vm: &live.vm_fd,
             released: Vec::new(),
+            relay: Some(InterruptRelay::start(live.vm_fd.clone(), relayed)?),
         };
-        for (device, transport) in live.devices.iter().zip(devices) {
-            let gsi = pvstack_protocols::layout::device_irq(device.slot);
-            let call = transport.events().call.try_clone().map_err(|e| {
-                Error::Takeover(format!("{}: cannot duplicate its call: {e}", device.id))
-            })?;
-            irqfds.vm.unregister_irqfd(&call, gsi).map_err(|e| {
-                Error::Takeover(format!("{}: cannot unbind its interrupt: {e}", device.id))
-            })?;
+        for (call, gsi, id) in calls {
+            irqfds
+                .vm
+                .unregister_irqfd(&call, gsi)
+                .map_err(|e| Error::Takeover(format!("{id}: cannot unbind its interrupt: {e}")))?;
             irqfds.released.push((call, gsi));
         }
+        log::info!(
+            "take-over: {} device interrupts unbound in {} us, relayed meanwhile",
+            irqfds.released.len(),
+            began.elapsed().as_micros()
+        );
         Ok(irqfds)
     }
 
+    /// Ends the relay: the guest is paused. (Its thread is joined when
+    /// this is dropped, out of the pause.)
+    fn stop_relay(&mut self) {
+        if let Some(relay) = &self.relay {
+            relay.stop();
+        }
+    }
+
     fn keep_released(mut self) {
+        self.stop_relay();
         self.released.clear();
     }
 }
 
 impl Drop for Irqfds<'_> {
     fn drop(&mut self) {
+        self.stop_relay();
         for (call, gsi) in &self.released {
             if let Err(e) = self.vm.register_irqfd(call, *gsi) {
                 log::error!("cannot bind the interrupt of GSI {gsi} again: {e}");
@@ -433,7 +562,7 @@ pub fn take_over(args: &TakeOverArgs) -> Result<VmEnd> {
     end
 }
 
-/// Steps 1 to 3 on the new side; returns what runs the VM.
+/// Steps 1 to 4 on the new side; returns what runs the VM.
 fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> + '_>> {
     let (offer, mut fds) = channel.receive()?;
     let Message::Offer { mut spec } = offer else {
@@ -443,18 +572,65 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         .pop()
         .ok_or_else(|| Error::Takeover("the offer carried no guest memory".into()))?;
     let memory = memory::from_file(std::fs::File::from(memfd), spec.memory_size)?;
-    let mut vm = Vm::with_memory(&vm_config(&spec), memory)?;
-    let vcpus = vm.create_vcpus()?;
+    let (mut vm, vcpus) = create_vm_gently(&vm_config(&spec), memory)?;
     let console = own_console(&spec)?;
     channel.send(&Message::Prepared, &[])?;
-    log::info!("take-over: VM prepared, waiting for its state");
+    log::info!("take-over: VM prepared, waiting for its devices");
     die_if_asked("prepared");
+
+    let (message, fds) = channel.receive()?;
+    let Message::Devices { devices: handed } = message else {
+        return Err(Error::Takeover(format!(
+            "expected the devices, got {message:?}"
+        )));
+    };
+    let mut fds = fds.into_iter();
+    let mut take = |what: &str| {
+        fds.next()
+            .ok_or_else(|| Error::Takeover(format!("the hand-over lacks a descriptor of {what}")))
+    };
+    let mut inherited = Vec::new();
+    for device in &handed {
+        let kicks = (0..device.kicks)
+            .map(|_| take(&device.id).map(eventfd))
+            .collect::<Result<Vec<_>>>()?;
+        let call = eventfd(take(&device.id)?);
+        let connection = UnixStream::from(take(&device.id)?);
+        inherited.push((
+            device.slot,
+            InheritedDevice {
+                kicks,
+                call,
+                connection: Some((connection, device.socket.clone())),
+            },
+        ));
+    }
+    let find = |slot: u32| inherited.iter().find(|(s, _)| *s == slot).map(|(_, i)| i);
+    // The old process holds the devices while this one asks their
+    // backends what they offer; their interrupts are bound below, once
+    // the old VM is paused and has let go of them.
+    let devices = Devices::attach(&mut vm, &mut spec, &find)?;
+    for device in devices.vhost_user() {
+        let features = handed
+            .iter()
+            .find(|h| h.slot == device.slot)
+            .and_then(|h| h.features);
+        if let Some(features) = features {
+            device
+                .lock()
+                .device_mut()
+                .acknowledge_features(features)
+                .map_err(|e| Error::Takeover(format!("{}: {e}", device.id)))?;
+        }
+    }
+    channel.send(&Message::Attached, &[])?;
+    log::info!("take-over: devices attached, waiting for the state");
 
     let (message, fds) = channel.receive()?;
     let Message::State {
         state,
         api,
-        devices: handed,
+        inflight,
     } = message
     else {
         return Err(Error::Takeover(format!(
@@ -462,6 +638,7 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         )));
     };
     die_if_asked("state");
+    let mut phases = PhaseClock::start();
     state.check_host(Path::new("the handed-over state"))?;
     let mut fds = fds.into_iter();
     let mut take = |what: &str| {
@@ -473,49 +650,51 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
     } else {
         None
     };
-    let mut inherited = Vec::new();
     let mut logs = Vec::new();
-    for device in &handed {
-        let kicks = (0..device.kicks)
-            .map(|_| take(&device.id).map(eventfd))
-            .collect::<Result<Vec<_>>>()?;
-        let call = eventfd(take(&device.id)?);
-        let connection = UnixStream::from(take(&device.id)?);
-        let saved = state.devices.iter().find(|d| d.id == device.id);
-        let socket = saved.map(|d| d.socket.clone()).unwrap_or_else(PathBuf::new);
-        if device.inflight {
-            let file = std::fs::File::from(take(&device.id)?);
-            let shape = saved.and_then(|d| d.inflight).ok_or_else(|| {
-                Error::Takeover(format!("{}: an inflight log without its shape", device.id))
-            })?;
-            logs.push((device.id.clone(), InflightLog::from_parts(file, shape)));
-        }
-        inherited.push((
-            device.slot,
-            InheritedDevice {
-                kicks,
-                call,
-                connection: Some((connection, socket)),
-            },
-        ));
+    for id in inflight {
+        let file = std::fs::File::from(take(&id)?);
+        let shape = state
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .and_then(|d| d.inflight)
+            .ok_or_else(|| Error::Takeover(format!("{id}: an inflight log without its shape")))?;
+        logs.push((id, InflightLog::from_parts(file, shape)));
     }
-    let find = |slot: u32| inherited.iter().find(|(s, _)| *s == slot).map(|(_, i)| i);
-    let devices = Devices::attach(&mut vm, &mut spec, &find)?;
+    phases.mark("check-state");
     let mut take_log = |id: &str| {
         logs.iter()
             .position(|(log_id, _)| log_id == id)
             .map(|i| logs.swap_remove(i).1)
     };
     restore_devices(&devices, &state.devices, Some(&mut take_log))?;
+    phases.mark("restore-devices");
     devices.serve(&mut vm, spec, listener)?;
+    phases.mark("serve-api");
     let advance = monotonic_ns().saturating_sub(state.taken_at_ns);
     let launches = restore_vcpus(&vm, &vcpus, &state, advance)?;
+    phases.mark("restore-vcpus");
+    // After the irqchip's state is set, so that what the backends
+    // signalled while no VM listened is injected into it.
+    for (slot, device) in &inherited {
+        let gsi = pvstack_protocols::layout::device_irq(*slot);
+        vm.vm_fd()
+            .register_irqfd(&device.call, gsi)
+            .map_err(|e| Error::Takeover(format!("cannot bind the interrupt of GSI {gsi}: {e}")))?;
+    }
+    phases.mark("bind-irqfds");
+    // Set-up ends with the interrupts bound.
     crate::sandbox::confine_vmm_after_take_over()?;
     let calls: Vec<EventFd> = inherited
         .iter()
         .filter_map(|(_, i)| i.call.try_clone().ok())
         .collect();
-    channel.send(&Message::Ready, &[])?;
+    channel.send(
+        &Message::Ready {
+            phases: phases.into_phases(),
+        },
+        &[],
+    )?;
     channel.expect("Commit", |m| matches!(m, Message::Commit))?;
     let guest_time_ns = state.guest_time_ns.saturating_add(advance);
     Ok(Box::new(move || {
@@ -535,6 +714,33 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         drop(devices);
         end
     }))
+}
+
+/// Creates the VM and its vCPUs in a thread of the lowest priority:
+/// KVM's set-up of guest memory costs CPU time in proportion to its size,
+/// and meanwhile the guest runs on in the old process, whose vCPUs and
+/// backends should not lose the CPU to it on a busy host. (A thread of
+/// its own, since an unprivileged process cannot raise its priority
+/// again; it starts no threads that would inherit it.)
+fn create_vm_gently(config: &VmConfig, memory: GuestMemory) -> Result<(Vm, Vec<Vcpu>)> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setpriority(2) on the calling thread (who = 0 is
+                // the caller's thread on Linux); lowering needs no privilege.
+                if unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, 19) } != 0 {
+                    log::debug!(
+                        "take-over: cannot lower the VM set-up's priority: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+                let vm = Vm::with_memory(config, memory)?;
+                let vcpus = vm.create_vcpus()?;
+                Ok((vm, vcpus))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Error::Takeover("creating the VM panicked".into())))
+    })
 }
 
 fn eventfd(fd: OwnedFd) -> EventFd {

@@ -56,12 +56,15 @@ impl Drop for ServerSocket {
 }
 
 /// Listens on `path` (replacing a stale socket, like the vhost-user
-/// socket) and serves clients on a thread of its own.
-pub fn start(hub: &Arc<Hub>, path: &Path) -> Result<ServerSocket, crate::error::Error> {
+/// socket) with a socket file of permissions `mode` (`--socket-mode`),
+/// and serves clients on a thread of its own.
+pub fn start(hub: &Arc<Hub>, path: &Path, mode: u32) -> Result<ServerSocket, crate::error::Error> {
     pvstack_backend_common::prepare_socket_path(path)?;
-    let listener = UnixListener::bind(path).map_err(|source| crate::error::Error::Io {
-        what: format!("cannot listen on {}", path.display()),
-        cause: source,
+    let listener = pvstack_backend_common::listen_with_mode(path, mode).map_err(|source| {
+        crate::error::Error::Io {
+            what: format!("cannot listen on {}", path.display()),
+            cause: source,
+        }
     })?;
     log::info!("console server listening on {}", path.display());
     let hub = Arc::clone(hub);

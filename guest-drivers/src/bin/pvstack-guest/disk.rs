@@ -69,10 +69,18 @@ pub fn open<'a>(
     default_queues: u16,
 ) -> Result<BlkDevice<'static>, Failure<'a>> {
     let index = args.number_or("disk", 0)?;
-    let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange {
-        name: "disk",
-        value: index,
-    })?;
+    open_at(env, args, "disk", index, default_queues)
+}
+
+/// As [`open`], for disk `index`, which the argument `name` gave.
+pub fn open_at<'a>(
+    env: &mut Env,
+    args: &Args<'a>,
+    name: &'static str,
+    index: u64,
+    default_queues: u16,
+) -> Result<BlkDevice<'static>, Failure<'a>> {
+    let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange { name, value: index })?;
     let queues = args.number_or("queues", u64::from(default_queues))?;
     if !(1..=blk::MAX_QUEUES as u64).contains(&queues) {
         return Err(ArgError::OutOfRange {
@@ -81,16 +89,7 @@ pub fn open<'a>(
         }
         .into());
     }
-    let options = BlkOptions {
-        queues: queues as u16,
-        queue_size: QUEUE_SIZE,
-        event_idx: args.number_or("event_idx", 1)? != 0,
-    };
-    let info = find_device(&env.boot, device_id::BLOCK, index)?;
-    // SAFETY: the window comes from the VMM's boot info, and this is the
-    // only transport made for it.
-    let transport = unsafe { MmioTransport::new(info.mmio_addr) };
-    let mut device = BlkDevice::new(transport, &options, &mut env.memory)?;
+    let mut device = start(env, index, queues as u16, args)?;
     if u64::from(device.queue_count()) < queues {
         println!(
             "disk {index}: the device offers only {} queues",
@@ -121,6 +120,49 @@ pub fn open<'a>(
         id.as_ref().map_or("(GET_ID failed)", |id| id.as_str()),
     );
     Ok(device)
+}
+
+/// Resets virtio-blk disk `index` and starts its driver with `queues`
+/// queues: negotiation, ring setup, DRIVER_OK.
+fn start<'a>(
+    env: &mut Env,
+    index: u32,
+    queues: u16,
+    args: &Args<'a>,
+) -> Result<BlkDevice<'static>, Failure<'a>> {
+    let options = BlkOptions {
+        queues,
+        queue_size: QUEUE_SIZE,
+        event_idx: args.number_or("event_idx", 1)? != 0,
+    };
+    let info = find_device(&env.boot, device_id::BLOCK, index)?;
+    // SAFETY: the window comes from the VMM's boot info, and a driver made
+    // earlier for it is dropped (its rings are given up by the reset this
+    // driver starts with).
+    let transport = unsafe { MmioTransport::new(info.mmio_addr) };
+    Ok(BlkDevice::new(transport, &options, &mut env.memory)?)
+}
+
+/// `blk-reset [count=N]`: starts disk `disk=N`'s driver, then resets the
+/// running device and starts it again, N times (default 1). Sends no
+/// request, so any backend that sets rings up and stops them will do.
+pub fn reset<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
+    args.check(&[&DISK_KEYS, &["count"]], 0)?;
+    let index = args.number_or("disk", 0)?;
+    let index = u32::try_from(index).map_err(|_| ArgError::OutOfRange {
+        name: "disk",
+        value: index,
+    })?;
+    let count = args.number_or("count", 1)?;
+    let mut starts = 0u64;
+    for _ in 0..=count {
+        // Each driver is given up when the next one resets the device.
+        let _driver = start(env, index, 1, &args)?;
+        starts += 1;
+        println!("blk-reset: driver started ({starts})");
+    }
+    println!("RESULT blk-reset starts={starts}");
+    Ok(true)
 }
 
 /// A GET_ID answer: up to 20 bytes, NUL-padded.

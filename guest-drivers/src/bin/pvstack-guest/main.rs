@@ -189,6 +189,7 @@ fn run<'a>(env: &mut Env, workload: &'a str, args: Args<'a>) -> Outcome<'a> {
         "blk-verify" => disk::verify(env, args),
         "blk-checksum" => disk::checksum(env, args),
         "blk-zero" => disk::zero(env, args),
+        "blk-reset" => disk::reset(env, args),
         "blk-bench" => bench::run(env, args),
         "blk-evil" => evil::run(env, args),
         "shell" => shell::run(env, args),

@@ -44,6 +44,9 @@ struct Slot {
 pub struct Slots {
     slots: &'static mut [Slot],
     buf_len: usize,
+    /// The job has nothing more to issue.
+    exhausted: bool,
+    in_flight: usize,
 }
 
 impl Slots {
@@ -73,7 +76,12 @@ impl Slots {
                 .ok_or(Failure::OutOfMemory)?
                 .as_mut_ptr();
         }
-        Ok(Slots { slots, buf_len })
+        Ok(Slots {
+            slots,
+            buf_len,
+            exhausted: false,
+            in_flight: 0,
+        })
     }
 
     /// Runs `job` until it has nothing more to issue and every request has
@@ -83,68 +91,78 @@ impl Slots {
         device: &mut impl BlockDevice,
         job: &mut impl Job,
     ) -> Result<(), VirtioError> {
+        while !self.turn(device, job)? {}
+        Ok(())
+    }
+
+    /// One turn of [`Self::run`]'s loop: issues what `job` has for the
+    /// free slots, lets it work beside the disk, and hands it what
+    /// completed. True once it has nothing more to issue and every request
+    /// has completed: so another loop can drive this pipeline too.
+    pub fn turn(
+        &mut self,
+        device: &mut impl BlockDevice,
+        job: &mut impl Job,
+    ) -> Result<bool, VirtioError> {
         let buf_len = self.buf_len;
-        let mut exhausted = false;
-        let mut in_flight = 0usize;
-        loop {
-            if !exhausted {
-                for queue in 0..device.queue_count() {
-                    let mut added = false;
-                    for slot in self
-                        .slots
-                        .iter_mut()
-                        .filter(|s| s.queue == queue && s.io.is_none())
-                    {
-                        // SAFETY: the slot's buffer is bump memory only this
-                        // slot uses, and the device is not using it (the
-                        // slot is idle).
-                        let buf = unsafe { core::slice::from_raw_parts_mut(slot.buf, buf_len) };
-                        let Some(io) = job.next(buf) else {
-                            exhausted = true;
-                            break;
-                        };
-                        let data = Buffer {
-                            addr: slot.buf as u64,
-                            len: io.len,
-                            device_writes: io.kind == request::IN,
-                        };
-                        // SAFETY: the buffer stays the device's until this
-                        // slot's completion is polled below.
-                        slot.token = unsafe {
-                            device.submit(queue, io.kind, io.offset / SECTOR_SIZE, Some(data))?
-                        };
-                        slot.io = Some(io);
-                        in_flight += 1;
-                        added = true;
-                    }
-                    if added {
-                        device.kick(queue)?;
-                    }
-                    if exhausted {
-                        break;
-                    }
-                }
-            }
-            if exhausted && in_flight == 0 {
-                return Ok(());
-            }
-            job.between();
+        if !self.exhausted {
             for queue in 0..device.queue_count() {
-                while let Some(done) = device.poll(queue)? {
-                    let Some(slot) = self
-                        .slots
-                        .iter_mut()
-                        .find(|s| s.queue == queue && s.io.is_some() && s.token == done.token)
-                    else {
-                        continue;
+                let mut added = false;
+                for slot in self
+                    .slots
+                    .iter_mut()
+                    .filter(|s| s.queue == queue && s.io.is_none())
+                {
+                    // SAFETY: the slot's buffer is bump memory only this
+                    // slot uses, and the device is not using it (the
+                    // slot is idle).
+                    let buf = unsafe { core::slice::from_raw_parts_mut(slot.buf, buf_len) };
+                    let Some(io) = job.next(buf) else {
+                        self.exhausted = true;
+                        break;
                     };
-                    let Some(io) = slot.io.take() else { continue };
-                    in_flight -= 1;
-                    // SAFETY: the device is done with the buffer (completion polled).
-                    let buf = unsafe { core::slice::from_raw_parts(slot.buf, buf_len) };
-                    job.done(&io, done.status, &buf[..io.len as usize]);
+                    let data = Buffer {
+                        addr: slot.buf as u64,
+                        len: io.len,
+                        device_writes: io.kind == request::IN,
+                    };
+                    // SAFETY: the buffer stays the device's until this
+                    // slot's completion is polled below.
+                    slot.token = unsafe {
+                        device.submit(queue, io.kind, io.offset / SECTOR_SIZE, Some(data))?
+                    };
+                    slot.io = Some(io);
+                    self.in_flight += 1;
+                    added = true;
+                }
+                if added {
+                    device.kick(queue)?;
+                }
+                if self.exhausted {
+                    break;
                 }
             }
         }
+        if self.exhausted && self.in_flight == 0 {
+            return Ok(true);
+        }
+        job.between();
+        for queue in 0..device.queue_count() {
+            while let Some(done) = device.poll(queue)? {
+                let Some(slot) = self
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.queue == queue && s.io.is_some() && s.token == done.token)
+                else {
+                    continue;
+                };
+                let Some(io) = slot.io.take() else { continue };
+                self.in_flight -= 1;
+                // SAFETY: the device is done with the buffer (completion polled).
+                let buf = unsafe { core::slice::from_raw_parts(slot.buf, buf_len) };
+                job.done(&io, done.status, &buf[..io.len as usize]);
+            }
+        }
+        Ok(false)
     }
 }

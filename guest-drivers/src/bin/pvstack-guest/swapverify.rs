@@ -13,9 +13,17 @@
 //! with `seqblock::STOP_MARKER` (the host writes it into the image).
 //!
 //! Beside the disk it can answer pings and tick on the console (`aside`).
+//!
+//! With `mirror=N` it runs the same workload on disk N too (its own
+//! blocks, its own stop block), driven from the first disk's polling
+//! loop, and reports it with `mirror_` keys.
+//!
+//! With `report_ms=N` it prints the longest request latency of each N ms
+//! window (`blk-swap-verify: window max_latency_us=U`), so the host can
+//! tell what one event (a live replacement of the VMM) cost the guest.
 
 use crate::aside::{Aside, ASIDE_KEYS};
-use crate::disk::{open, DISK_KEYS};
+use crate::disk::{open, open_at, DISK_KEYS};
 use crate::net::NIC_KEYS;
 use crate::pipeline::{Io, Job, Slots};
 use crate::{Env, Failure, Outcome};
@@ -23,7 +31,7 @@ use pvstack_guest::args::{ArgError, Args};
 use pvstack_guest::clock::{rdtsc, Clock};
 use pvstack_guest::println;
 use pvstack_guest::seqblock::{self, BLOCK_SIZE, STOP_MARKER};
-use pvstack_guest::virtio::blk::{request, status};
+use pvstack_guest::virtio::blk::{request, status, BlkDevice};
 use pvstack_guest::virtio::VirtioError;
 
 /// Blocks used when `blocks=` is not given.
@@ -61,7 +69,8 @@ struct StopBlock {
     seen: bool,
 }
 
-struct SwapVerifyJob<'m> {
+/// The write-and-verify workload on one disk.
+struct Verifier<'m> {
     clock: Clock,
     started: u64,
     limit: Limit,
@@ -79,12 +88,84 @@ struct SwapVerifyJob<'m> {
     mismatches: u64,
     errors: u64,
     max_latency_us: u64,
+    /// Window reports (`report_ms=`).
+    report: Option<Report>,
+}
+
+/// The workload on a second disk (`mirror=N`), whose pipeline the first
+/// disk's loop turns.
+struct Mirror<'m> {
+    device: BlkDevice<'static>,
+    slots: Slots,
+    job: Verifier<'m>,
+    done: bool,
+}
+
+impl Mirror<'_> {
+    fn turn(&mut self) -> Result<(), VirtioError> {
+        if !self.done {
+            self.done = self.slots.turn(&mut self.device, &mut self.job)?;
+        }
+        Ok(())
+    }
+}
+
+/// The workload on the first disk, with the mirror and the work beside.
+struct SwapVerifyJob<'m> {
+    disk: Verifier<'m>,
+    mirror: Option<Mirror<'m>>,
     aside: Aside,
-    /// The first error of the work beside the disk, which ends it.
+    /// The first error of the mirror or the work beside the disk, which
+    /// ends them.
     aside_error: Option<VirtioError>,
 }
 
-impl SwapVerifyJob<'_> {
+impl Job for SwapVerifyJob<'_> {
+    fn next(&mut self, buf: &mut [u8]) -> Option<Io> {
+        self.disk.next(buf)
+    }
+
+    fn done(&mut self, io: &Io, status: u8, buf: &[u8]) {
+        self.disk.done(io, status, buf);
+    }
+
+    fn between(&mut self) {
+        self.disk.between();
+        if self.aside_error.is_none() {
+            let mirror = self.mirror.as_mut().map_or(Ok(()), Mirror::turn);
+            self.aside_error = mirror.and_then(|()| self.aside.poll()).err();
+        }
+    }
+}
+
+/// The longest request latency of the current window, printed and reset
+/// every `every_us`.
+struct Report {
+    every_us: u64,
+    /// TSC when the window began.
+    began: u64,
+    max_latency_us: u64,
+}
+
+impl Report {
+    fn record(&mut self, latency_us: u64) {
+        self.max_latency_us = self.max_latency_us.max(latency_us);
+    }
+
+    fn print_if_due(&mut self, clock: &Clock) {
+        if clock.us_since(self.began) < self.every_us {
+            return;
+        }
+        println!(
+            "blk-swap-verify: window max_latency_us={}",
+            self.max_latency_us
+        );
+        self.max_latency_us = 0;
+        self.began = rdtsc();
+    }
+}
+
+impl Verifier<'_> {
     fn may_write(&self) -> bool {
         match &self.limit {
             Limit::Writes(n) => self.next_seq <= *n,
@@ -125,7 +206,7 @@ impl SwapVerifyJob<'_> {
     }
 }
 
-impl Job for SwapVerifyJob<'_> {
+impl Job for Verifier<'_> {
     fn next(&mut self, buf: &mut [u8]) -> Option<Io> {
         if let Some(io) = self.stop_read() {
             return Some(io);
@@ -165,9 +246,11 @@ impl Job for SwapVerifyJob<'_> {
             return;
         }
         let block = (io.offset / BLOCK_SIZE as u64) as usize;
-        self.max_latency_us = self
-            .max_latency_us
-            .max(self.clock.us_since(self.issued[block]));
+        let latency_us = self.clock.us_since(self.issued[block]);
+        self.max_latency_us = self.max_latency_us.max(latency_us);
+        if let Some(report) = &mut self.report {
+            report.record(latency_us);
+        }
         if status != status::OK {
             self.errors += 1;
             println!("blk-swap-verify: block {block}: request failed with status {status}");
@@ -197,19 +280,27 @@ impl Job for SwapVerifyJob<'_> {
     }
 
     fn between(&mut self) {
-        if self.aside_error.is_none() {
-            self.aside_error = self.aside.poll().err();
+        if let Some(report) = &mut self.report {
+            report.print_if_due(&self.clock);
         }
     }
 }
 
-/// `blk-swap-verify [disk=N] [blocks=N] [secs=N|rounds=N] [stop=1] [depth=N]`,
+/// `blk-swap-verify [disk=N] [mirror=N] [blocks=N] [secs=N|rounds=N] [stop=1] [depth=N] [report_ms=N]`,
 /// and what `aside` takes: `[ip=CIDR [gw=IP] [nic=N]] [tick_ms=N [console=N]]`.
 pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
     args.check(
         &[
             &DISK_KEYS,
-            &["blocks", "secs", "rounds", "stop", "depth"],
+            &[
+                "mirror",
+                "blocks",
+                "secs",
+                "rounds",
+                "stop",
+                "depth",
+                "report_ms",
+            ],
             &NIC_KEYS,
             &ASIDE_KEYS,
         ],
@@ -247,7 +338,81 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         }
         .into());
     }
-    let limit = match (args.number("rounds")?, args.number("secs")?) {
+    let report = match args.number("report_ms")? {
+        Some(0) => {
+            return Err(ArgError::OutOfRange {
+                name: "report_ms",
+                value: 0,
+            }
+            .into())
+        }
+        Some(ms) => Some(Report {
+            every_us: ms.saturating_mul(1000),
+            began: rdtsc(),
+            max_latency_us: 0,
+        }),
+        None => None,
+    };
+    let mirror = match args.number("mirror")? {
+        Some(index) => {
+            let device = open_at(env, &args, "mirror", index, 1)?;
+            let capacity_blocks = device.config().capacity_bytes() / BLOCK_SIZE as u64;
+            if blocks + u64::from(stop) > capacity_blocks {
+                return Err(ArgError::OutOfRange {
+                    name: "blocks",
+                    value: blocks,
+                }
+                .into());
+            }
+            let slots = Slots::new(env, &device, depth as u16, BLOCK_SIZE)?;
+            let job = verifier(env, blocks, limit(&args, stop, blocks)?, None)?;
+            Some(Mirror {
+                device,
+                slots,
+                job,
+                done: false,
+            })
+        }
+        None => None,
+    };
+    let mut job = SwapVerifyJob {
+        disk: verifier(env, blocks, limit(&args, stop, blocks)?, report)?,
+        mirror,
+        aside,
+        aside_error: None,
+    };
+    let mut slots = Slots::new(env, &device, depth as u16, BLOCK_SIZE)?;
+    println!("blk-swap-verify: running on {blocks} blocks, depth {depth}");
+    slots.run(&mut device, &mut job)?;
+    // The mirror's own stop comes when it comes.
+    while job.aside_error.is_none() && job.mirror.as_ref().is_some_and(|m| !m.done) {
+        job.between();
+    }
+    if let Some(error) = job.aside_error {
+        return Err(error.into());
+    }
+    let (aside, aside_healthy) = job.aside.finish()?;
+    let disk = &job.disk;
+    let mirror = job.mirror.as_ref().map(|m| &m.job);
+    println!(
+        "RESULT blk-swap-verify writes={} reads={} mismatches={} errors={} blocks={blocks} \
+         last_seq={} max_latency_us={} table_fnv={:#018x}{}{aside}",
+        disk.writes,
+        disk.reads,
+        disk.mismatches,
+        disk.errors,
+        disk.next_seq - 1,
+        disk.max_latency_us,
+        disk.table_fnv(),
+        MirrorSummary(mirror),
+    );
+    Ok(disk.passed() && mirror.is_none_or(Verifier::passed) && aside_healthy)
+}
+
+/// When to stop writing, as `rounds=`, `secs=` and `stop=1` say; the stop
+/// block (`stop=1`) follows the `blocks` verified ones.
+fn limit<'a>(args: &Args<'a>, stop: bool, blocks: u64) -> Result<Limit, Failure<'a>> {
+    Ok(match (args.number("rounds")?, args.number("secs")?) {
         (Some(rounds), None) if !stop => Limit::Writes(rounds),
         (None, secs) if stop => Limit::StopBlock(
             StopBlock {
@@ -267,10 +432,19 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
             }
             .into())
         }
-    };
+    })
+}
+
+/// A fresh workload over `blocks` blocks.
+fn verifier<'a>(
+    env: &mut Env,
+    blocks: u64,
+    limit: Limit,
+    report: Option<Report>,
+) -> Result<Verifier<'static>, Failure<'a>> {
     let count = blocks as usize;
     let memory = &mut env.memory;
-    let mut job = SwapVerifyJob {
+    Ok(Verifier {
         clock: env.clock,
         started: rdtsc(),
         limit,
@@ -293,26 +467,37 @@ pub fn run<'a>(env: &mut Env, args: Args<'a>) -> Outcome<'a> {
         mismatches: 0,
         errors: 0,
         max_latency_us: 0,
-        aside,
-        aside_error: None,
-    };
-    let mut slots = Slots::new(env, &device, depth as u16, BLOCK_SIZE)?;
-    println!("blk-swap-verify: running on {blocks} blocks, depth {depth}");
-    slots.run(&mut device, &mut job)?;
-    if let Some(error) = job.aside_error {
-        return Err(error.into());
+        report,
+    })
+}
+
+impl Verifier<'_> {
+    fn passed(&self) -> bool {
+        self.mismatches == 0 && self.errors == 0
     }
-    let (aside, aside_healthy) = job.aside.finish()?;
-    let table_fnv = seqblock::table_fnv(job.table.iter().copied());
-    println!(
-        "RESULT blk-swap-verify writes={} reads={} mismatches={} errors={} blocks={blocks} \
-         last_seq={} max_latency_us={} table_fnv={table_fnv:#018x}{aside}",
-        job.writes,
-        job.reads,
-        job.mismatches,
-        job.errors,
-        job.next_seq - 1,
-        job.max_latency_us,
-    );
-    Ok(job.mismatches == 0 && job.errors == 0 && aside_healthy)
+
+    fn table_fnv(&self) -> u64 {
+        seqblock::table_fnv(self.table.iter().copied())
+    }
+}
+
+/// The mirror's part of the RESULT line, if there is a mirror.
+struct MirrorSummary<'r>(Option<&'r Verifier<'r>>);
+
+impl core::fmt::Display for MirrorSummary<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let Some(mirror) = self.0 else {
+            return Ok(());
+        };
+        write!(
+            f,
+            " mirror_writes={} mirror_reads={} mirror_mismatches={} mirror_errors={} \
+             mirror_table_fnv={:#018x}",
+            mirror.writes,
+            mirror.reads,
+            mirror.mismatches,
+            mirror.errors,
+            mirror.table_fnv()
+        )
+    }
 }

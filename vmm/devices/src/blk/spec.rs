@@ -9,6 +9,7 @@ use std::time::Duration;
 use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
 
 use crate::error::Error;
+use crate::vhost_user::peer::BACKEND_UID_KEY;
 use crate::vhost_user::AllowedBackend;
 
 /// Most queues a block device may have.
@@ -146,7 +147,7 @@ const KEYS: Keys = Keys {
         "num-queues",
         "queue-size",
         "reconnect-timeout",
-        "backend-uid",
+        BACKEND_UID_KEY,
     ],
     flags: &["readonly"],
 };
@@ -192,13 +193,7 @@ fn parse(value: &str) -> Result<BlkSpec, String> {
             )),
         })
         .transpose()?;
-    let backend_uid = list
-        .get("backend-uid")
-        .map(|uid| {
-            uid.parse::<u32>()
-                .map_err(|_| format!("backend-uid must be a numeric uid, not {uid:?}"))
-        })
-        .transpose()?;
+    let backend_uid = AllowedBackend::from_option(list.get(BACKEND_UID_KEY))?.also_uid;
     Ok(BlkSpec {
         source,
         id: id.map(str::to_string),

@@ -22,8 +22,7 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
 use crate::vhost_user::{
-    AllowedBackend, BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice,
-    VhostUserHandle,
+    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
 use crate::virtio::DeviceEvents;
 
@@ -84,7 +83,7 @@ pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<Con
         handle,
         process,
         Box::new(move || connect(&reconnect_spec)),
-        AllowedBackend::default(),
+        spec.allowed_backend(),
     );
     let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
     let info = ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_CONSOLE);
@@ -95,9 +94,9 @@ pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<Con
 /// spec names a running one.
 fn connect(spec: &ConsoleSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     let (host_side, stdin): (Vec<OsString>, Stdio) = match spec {
-        ConsoleSpec::Socket(socket) => {
+        ConsoleSpec::Socket { path, .. } => {
             return Ok((
-                VhostUserHandle::connect(socket, AllowedBackend::default())?,
+                VhostUserHandle::connect(path, spec.allowed_backend())?,
                 None,
             ))
         }
@@ -115,7 +114,7 @@ fn connect(spec: &ConsoleSpec) -> Result<(VhostUserHandle, Option<BackendProcess
     let mut args = host_side;
     args.push("--exit-on-disconnect".into());
     let (process, stream) = BackendProcess::start_with_stdin(BACKEND_PROGRAM, &args, stdin)?;
-    let handle = VhostUserHandle::from_stream(stream, process.socket(), AllowedBackend::default())?;
+    let handle = VhostUserHandle::from_stream(stream, process.socket(), spec.allowed_backend())?;
     Ok((handle, Some(process)))
 }
 

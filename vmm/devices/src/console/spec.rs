@@ -6,13 +6,20 @@ use std::str::FromStr;
 use pvstack_options::{Keys, OptionList};
 
 use crate::error::Error;
+use crate::vhost_user::peer::BACKEND_UID_KEY;
+use crate::vhost_user::AllowedBackend;
 
 /// Where the guest's console goes.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleSpec {
     /// virtio-console served by a pvstack-console (or other vhost-user
-    /// console backend) already listening on this socket.
-    Socket(PathBuf),
+    /// console backend) already listening on `path`; a backend run by
+    /// `backend_uid` is trusted besides pvstack's own user and root.
+    Socket {
+        path: PathBuf,
+        #[serde(default)]
+        backend_uid: Option<u32>,
+    },
     /// virtio-console served by a pvstack-console child on pvstack's stdio.
     Stdio,
     /// virtio-console served by a pvstack-console child on a new PTY,
@@ -30,11 +37,23 @@ impl ConsoleSpec {
     pub fn is_virtio(&self) -> bool {
         !matches!(self, ConsoleSpec::Uart)
     }
+
+    /// Whose backends may serve the console: for `socket=`, also
+    /// `backend-uid=`; a backend pvstack starts runs as its own user.
+    pub fn allowed_backend(&self) -> AllowedBackend {
+        match self {
+            ConsoleSpec::Socket { backend_uid, .. } => AllowedBackend {
+                also_uid: *backend_uid,
+            },
+            _ => AllowedBackend::default(),
+        }
+    }
 }
 
-/// The forms `--console` takes: exactly one of these.
+/// The forms `--console` takes: exactly one of these (`backend-uid=`
+/// only with `socket=`).
 const KEYS: Keys = Keys {
-    valued: &["socket", "unix"],
+    valued: &["socket", "unix", BACKEND_UID_KEY],
     flags: &["stdio", "pty", "uart"],
 };
 
@@ -52,9 +71,17 @@ impl FromStr for ConsoleSpec {
 
 fn parse(value: &str) -> Result<ConsoleSpec, String> {
     let list = OptionList::parse(value, KEYS)?;
+    let backend_uid = AllowedBackend::from_option(list.get(BACKEND_UID_KEY))?.also_uid;
+    if backend_uid.is_some() && list.get("socket").is_none() {
+        return Err(format!(
+            "{BACKEND_UID_KEY}= goes with socket=PATH: pvstack runs the backends it starts itself"
+        ));
+    }
     let mut given = [
-        list.get("socket")
-            .map(|path| ConsoleSpec::Socket(path.into())),
+        list.get("socket").map(|path| ConsoleSpec::Socket {
+            path: path.into(),
+            backend_uid,
+        }),
         list.get("unix").map(|path| ConsoleSpec::Unix(path.into())),
         list.flag("stdio").then_some(ConsoleSpec::Stdio),
         list.flag("pty").then_some(ConsoleSpec::Pty),
@@ -76,8 +103,15 @@ mod tests {
     fn parses_every_form() {
         assert_eq!(
             "socket=/tmp/c.sock".parse::<ConsoleSpec>().unwrap(),
-            ConsoleSpec::Socket("/tmp/c.sock".into())
+            ConsoleSpec::Socket {
+                path: "/tmp/c.sock".into(),
+                backend_uid: None
+            }
         );
+        let trusting = "socket=/tmp/c.sock,backend-uid=65534"
+            .parse::<ConsoleSpec>()
+            .unwrap();
+        assert_eq!(trusting.allowed_backend().also_uid, Some(65534));
         assert_eq!(
             "unix=/tmp/l".parse::<ConsoleSpec>().unwrap(),
             ConsoleSpec::Unix("/tmp/l".into())
@@ -93,6 +127,8 @@ mod tests {
             "file=x",
             "stdio,pty",
             "socket=a,unix=b",
+            "stdio,backend-uid=65534",
+            "socket=a,backend-uid=nobody",
         ] {
             let err = bad.parse::<ConsoleSpec>().unwrap_err().to_string();
             assert!(err.starts_with("invalid --console value"), "{bad}: {err}");

@@ -24,8 +24,7 @@ use crate::context::DeviceContext;
 use crate::error::{Error, Result};
 use crate::vhost_user::supervisor::{self, ReconnectPolicy};
 use crate::vhost_user::{
-    AllowedBackend, BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice,
-    VhostUserHandle,
+    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -157,7 +156,7 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
         handle,
         process,
         reconnector,
-        AllowedBackend::default(),
+        spec.allowed_backend(),
     );
     let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
     Ok(NetDevice {
@@ -219,7 +218,7 @@ pub fn format_mac(mac: [u8; 6]) -> String {
 fn connect(spec: &NetSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> {
     match &spec.source {
         NetSource::Socket(socket) => Ok((
-            VhostUserHandle::connect(socket, AllowedBackend::default())?,
+            VhostUserHandle::connect(socket, spec.allowed_backend())?,
             None,
         )),
         NetSource::Tap(tap) => {
@@ -232,7 +231,7 @@ fn connect(spec: &NetSpec) -> Result<(VhostUserHandle, Option<BackendProcess>)> 
             ];
             let (process, stream) = BackendProcess::start(BACKEND_PROGRAM, &args)?;
             let handle =
-                VhostUserHandle::from_stream(stream, process.socket(), AllowedBackend::default())?;
+                VhostUserHandle::from_stream(stream, process.socket(), spec.allowed_backend())?;
             Ok((handle, Some(process)))
         }
     }

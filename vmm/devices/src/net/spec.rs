@@ -1,5 +1,5 @@
 //! [`NetSpec`]: one `--net` option value,
-//! `socket=PATH[,id=ID][,mac=MAC][,mtu=N][,queue-size=N]` or
+//! `socket=PATH[,id=ID][,mac=MAC][,mtu=N][,queue-size=N][,backend-uid=UID]` or
 //! `tap=NAME[,mode=vhost-user|emulated][,...the same options]`.
 
 use std::path::PathBuf;
@@ -8,6 +8,8 @@ use std::str::FromStr;
 use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
 
 use crate::error::Error;
+use crate::vhost_user::peer::BACKEND_UID_KEY;
+use crate::vhost_user::AllowedBackend;
 
 /// Queue size when `queue-size` is not given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -69,6 +71,18 @@ pub struct NetSpec {
     /// Largest size of each queue.
     pub queue_size: u16,
     pub mode: NetMode,
+    /// A user besides pvstack's own and root whose backend may serve the
+    /// NIC (`backend-uid=`).
+    pub backend_uid: Option<u32>,
+}
+
+impl NetSpec {
+    /// Whose backends may serve the NIC.
+    pub fn allowed_backend(&self) -> AllowedBackend {
+        AllowedBackend {
+            also_uid: self.backend_uid,
+        }
+    }
 }
 
 impl FromStr for NetSpec {
@@ -110,7 +124,16 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
 
 /// The keys `--net` takes.
 const KEYS: Keys = Keys {
-    valued: &["socket", "tap", "id", "mac", "mtu", "queue-size", "mode"],
+    valued: &[
+        "socket",
+        "tap",
+        "id",
+        "mac",
+        "mtu",
+        "queue-size",
+        "mode",
+        BACKEND_UID_KEY,
+    ],
     flags: &[],
 };
 
@@ -158,6 +181,7 @@ fn parse(value: &str) -> Result<NetSpec, String> {
     let queue_size = list
         .get("queue-size")
         .map_or(Ok(DEFAULT_QUEUE_SIZE), parse_queue_size)?;
+    let backend_uid = AllowedBackend::from_option(list.get(BACKEND_UID_KEY))?.also_uid;
     Ok(NetSpec {
         source,
         id: id.map(str::to_string),
@@ -165,6 +189,7 @@ fn parse(value: &str) -> Result<NetSpec, String> {
         mtu,
         queue_size,
         mode,
+        backend_uid,
     })
 }
 
@@ -193,6 +218,9 @@ mod tests {
         let spec: NetSpec = "socket=/run/n.sock".parse().unwrap();
         assert_eq!(spec.source, NetSource::Socket("/run/n.sock".into()));
         assert_eq!((spec.mtu, spec.mac), (DEFAULT_MTU, None));
+        assert_eq!(spec.allowed_backend(), AllowedBackend::default());
+        let spec: NetSpec = "socket=/run/n.sock,backend-uid=65534".parse().unwrap();
+        assert_eq!(spec.backend_uid, Some(65534));
     }
 
     #[test]
@@ -205,5 +233,6 @@ mod tests {
         assert!(reason("socket=s,mode=emulated").contains("needs tap="));
         assert!(reason("tap=t,tap=u").contains("twice"));
         assert!(reason("tap=t,speed=1").contains("unknown key"));
+        assert!(reason("socket=s,backend-uid=nobody").contains("numeric uid"));
     }
 }

@@ -50,9 +50,9 @@ pub trait BackendConnection: Send {
     fn shut_down(&self);
 
     /// Tells this side of an adopted connection (see
-    /// `VhostUserHandle::adopt`) which features the running rings use,
-    /// without touching the rings.
-    fn acknowledge_features(&mut self, _setup: &RingSetup) -> Result<()> {
+    /// `VhostUserHandle::adopt`) which features the driver took for the
+    /// running rings, without touching the rings.
+    fn acknowledge_features(&mut self, _features: u64) -> Result<()> {
         Ok(())
     }
 

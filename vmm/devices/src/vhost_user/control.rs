@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 
-use super::device::{Reconnected, VhostUserDevice};
+use super::device::{BackendState, Reconnected, VhostUserDevice};
 use super::supervisor::SharedVhostUserDevice;
 use crate::error::Result;
 use crate::virtio::mmio::MmioTransport;
@@ -88,11 +88,21 @@ pub fn reconnect_once(device: &WeakVhostUserDevice, began: Instant) -> Result<()
     let attempt = lock(&shared).device().reconnect_attempt();
     // No strong reference while connecting: the VM may end meanwhile.
     drop(shared);
-    let connected = attempt.connect()?;
+    let mut turn = attempt.turn();
+    let Some(shared) = device.upgrade() else {
+        return Ok(());
+    };
+    if lock(&shared).device().status().state == BackendState::Connected {
+        // Another attempt reconnected it while this one waited its turn.
+        return Ok(());
+    }
+    drop(shared);
+    let connected = attempt.connect(&mut turn)?;
     let Some(shared) = device.upgrade() else {
         return Ok(());
     };
     let installed = lock(&shared).device_mut().finish_reconnect(connected)?;
+    drop(turn);
     if let Reconnected::Installed(watch) = installed {
         if let Some(rings) = watch {
             rings.wait_for_service(SERVICE_TIMEOUT);

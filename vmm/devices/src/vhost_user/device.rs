@@ -14,7 +14,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -24,21 +24,15 @@ use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 use vm_memory::GuestMemoryMmap;
 
 use super::connection::BackendConnection;
-use super::control::DRAIN_TIMEOUT;
+use super::control::{WeakVhostUserDevice, DRAIN_TIMEOUT};
 use super::handle::{check_rings, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
 use super::peer::AllowedBackend;
 use super::process::BackendProcess;
+use super::reset::{self, StandIn};
 use super::stall::StallStats;
 use super::watch::{used_idx, RingWatch};
 use crate::error::{Error, Result};
 use crate::virtio::{clone_eventfd, read_config_bytes, Activation, VirtioDevice};
-
-/// How long a driver's reset waits for the backend to complete the
-/// requests it had taken. A vCPU waits this long at most (besides the
-/// backend's replies to the stop itself); a backend that is slower loses
-/// its connection, so that nothing it completes later is mistaken for a
-/// completion on the rings the driver sets up next.
-pub const RESET_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What the driver sees of a device.
 #[derive(Clone, Debug)]
@@ -160,16 +154,22 @@ pub struct ReconnectAttempt {
 }
 
 impl ReconnectAttempt {
-    /// Connects (starting a new child backend for one pvstack runs
-    /// itself), negotiates and checks the configuration space.
-    pub fn connect(&self) -> Result<Connected> {
-        let (mut new, process) = {
-            let mut reconnect = self
-                .reconnector
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            reconnect()?
-        };
+    /// Waits for this device's turn to reconnect. One attempt at a time,
+    /// from connecting to installing: when the supervisor and a `device
+    /// reconnect` request both try, the second must see the first's
+    /// connection installed rather than connect as well, since a backend
+    /// serves one frontend at a time and would leave it waiting for
+    /// replies. Taken without the device's lock, which it may take.
+    pub fn turn(&self) -> MutexGuard<'_, Reconnector> {
+        self.reconnector
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connects with `turn` (starting a new child backend for one pvstack
+    /// runs itself), negotiates and checks the configuration space.
+    pub fn connect(&self, turn: &mut Reconnector) -> Result<Connected> {
+        let (mut new, process) = turn()?;
         self.config.check(new.as_mut())?;
         Ok((new, process))
     }
@@ -259,8 +259,22 @@ pub struct VhostUserDevice {
     /// Counts the driver's starts and resets, so a swap that waited
     /// without the lock knows whether its rings are still the driver's.
     activation: u64,
+    /// The driver's features already acknowledged on an adopted
+    /// connection (see [`Self::acknowledge_features`]).
+    acknowledged: Option<u64>,
+    /// The rings were adopted from another pvstack (see
+    /// [`Self::adopt_rings`]): the backend knows guest memory by that
+    /// process's addresses until it is given this one's memory table.
+    adopted: bool,
     state: BackendState,
     stats: BackendStats,
+    /// The device behind its transport, where a driver's reset finishes
+    /// from its own thread (see [`super::reset`]); set by
+    /// [`Self::attach`].
+    this: Option<WeakVhostUserDevice>,
+    /// A driver's reset is stopping the backend's rings on its own thread,
+    /// which holds the connection; `handle` is a [`StandIn`] meanwhile.
+    resetting: bool,
 }
 
 impl VhostUserDevice {
@@ -316,9 +330,19 @@ impl VhostUserDevice {
             connector,
             connection: 0,
             activation: 0,
+            acknowledged: None,
+            adopted: false,
             state: BackendState::Connected,
             stats: BackendStats::default(),
+            this: None,
+            resetting: false,
         }
+    }
+
+    /// Tells the device where it lives (behind its transport), so a
+    /// driver's reset can finish from a thread of its own.
+    pub fn attach(&mut self, this: WeakVhostUserDevice) {
+        self.this = Some(this);
     }
 
     /// The device's name in logs and in the control API.
@@ -356,8 +380,10 @@ impl VhostUserDevice {
 
     /// The current connection's number and a duplicate of its socket, to
     /// watch for hang-up; `None` while no backend is connected.
+    /// `None` too while a driver's reset has the connection (its thread
+    /// sees a hang-up itself).
     pub fn watch(&self) -> Result<Option<(u64, OwnedFd)>> {
-        if self.state != BackendState::Connected {
+        if self.state != BackendState::Connected || self.resetting {
             return Ok(None);
         }
         Ok(Some((self.connection, self.handle.watch_fd()?)))
@@ -366,6 +392,11 @@ impl VhostUserDevice {
     /// The current connection's number (see [`Self::watch`]).
     pub fn connection(&self) -> u64 {
         self.connection
+    }
+
+    /// Counts the driver's starts and resets of the device.
+    pub fn activation(&self) -> u64 {
+        self.activation
     }
 
     fn config_check(&self) -> ConfigCheck {
@@ -378,12 +409,7 @@ impl VhostUserDevice {
     /// Begins a swap to the backend listening on `socket`; refused while
     /// the device has no backend to swap from.
     pub fn swap_attempt(&self, socket: &Path) -> Result<SwapAttempt> {
-        if self.state != BackendState::Connected {
-            return Err(Error::Incompatible {
-                socket: self.handle.socket().to_path_buf(),
-                reason: "the device is reconnecting to its backend; swap once it is back".into(),
-            });
-        }
+        self.require_connected("swap")?;
         Ok(SwapAttempt {
             connector: self.connector.clone(),
             config: self.config_check(),
@@ -401,7 +427,10 @@ impl VhostUserDevice {
         attempt: SwapAttempt,
         mut new: Box<dyn BackendConnection>,
     ) -> Result<SwapInProgress> {
-        if self.connection != attempt.connection || self.state != BackendState::Connected {
+        if self.connection != attempt.connection
+            || self.state != BackendState::Connected
+            || self.resetting
+        {
             return Err(Error::Incompatible {
                 socket: attempt.socket,
                 reason: "the device's own backend connection changed meanwhile; try again".into(),
@@ -553,9 +582,12 @@ impl VhostUserDevice {
         let old = std::mem::replace(&mut self.handle, handle);
         old.shut_down();
         drop(old);
+        // A new connection gets the whole setup, memory table included.
+        self.adopted = false;
         self.process = process;
         self.connection += 1;
         self.state = BackendState::Connected;
+        self.resetting = false;
     }
 
     /// Ends the current connection: the guest's requests wait in the
@@ -563,6 +595,8 @@ impl VhostUserDevice {
     fn lose_connection(&mut self) {
         self.handle.shut_down();
         self.state = BackendState::Reconnecting;
+        // A reset's thread still holding the old connection ends it.
+        self.resetting = false;
     }
 
     /// Marks the connection lost (the watcher saw a hang-up): the
@@ -577,6 +611,7 @@ impl VhostUserDevice {
                 self.handle.socket().display()
             );
             self.state = BackendState::Reconnecting;
+            self.resetting = false;
         }
     }
 
@@ -641,7 +676,7 @@ impl VhostUserDevice {
     /// Stops the rings on the current backend before a requested
     /// reconnect, so nothing is served twice; returns what to drain.
     pub fn stop_for_reconnect(&mut self) -> Option<RingWatch> {
-        if self.state != BackendState::Connected {
+        if self.state != BackendState::Connected || self.resetting {
             return None;
         }
         let rings = self.rings.as_mut()?;
@@ -655,6 +690,36 @@ impl VhostUserDevice {
                 None
             }
         }
+    }
+
+    /// Ends a driver's reset whose thread stopped the rings (`stopped`)
+    /// on `connection`, taken from the device when its connection number
+    /// was `number`: gives the connection back. (The driver cannot start
+    /// the device meanwhile: the transport ignores status writes until
+    /// the reset is done.) A backend that did not stop in time, or a
+    /// connection the device has moved on from, is dropped.
+    pub fn finish_reset(
+        &mut self,
+        connection: Box<dyn BackendConnection>,
+        number: u64,
+        stopped: Result<()>,
+    ) {
+        if !self.resetting || self.connection != number {
+            connection.shut_down();
+            return;
+        }
+        self.resetting = false;
+        // The stand-in goes; it holds nothing of the backend.
+        drop(std::mem::replace(&mut self.handle, connection));
+        if let Err(err) = stopped {
+            warn_limited!(
+                "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
+                self.name
+            );
+            self.lose_connection();
+            return;
+        }
+        info_limited!("{}: driver reset the device; rings stopped", self.name);
     }
 
     /// Ends the current connection on request; a reconnect follows.
@@ -706,12 +771,16 @@ impl VhostUserDevice {
     /// Whether the backend is connected, so its rings can be stopped or
     /// its connection handed over.
     fn require_connected(&self, what: &str) -> Result<()> {
-        if self.state == BackendState::Connected {
+        let reason = if self.state != BackendState::Connected {
+            format!("the device is reconnecting to its backend; {what} once it is back")
+        } else if self.resetting {
+            format!("the driver is resetting the device; {what} once its backend has stopped")
+        } else {
             return Ok(());
-        }
+        };
         Err(Error::Incompatible {
             socket: self.handle.socket().to_path_buf(),
-            reason: format!("the device is reconnecting to its backend; {what} once it is back"),
+            reason,
         })
     }
 
@@ -740,7 +809,16 @@ impl VhostUserDevice {
 
     /// Starts the rings [`Self::stop_rings`] stopped again, on the same backend.
     pub fn resume_rings(&mut self) -> Result<()> {
-        if let Some(rings) = self.rings.as_ref() {
+        let Some(rings) = self.rings.as_mut() else {
+            return Ok(());
+        };
+        if self.adopted {
+            // Ring addresses go by this process's mapping of guest
+            // memory, which the backend learns only from a memory table
+            // sent here: set the stopped (and drained) rings up again.
+            self.handle.start(rings)?;
+            self.adopted = false;
+        } else {
             self.handle.resume(rings)?;
         }
         Ok(())
@@ -790,11 +868,29 @@ impl VhostUserDevice {
     ) -> Result<()> {
         let mut setup = self.ring_setup(&activation)?;
         setup.inflight = inflight;
-        self.handle.acknowledge_features(&setup)?;
+        if self.acknowledged != Some(setup.features) {
+            self.handle.acknowledge_features(setup.features)?;
+        }
+        self.adopted = true;
         self.activation += 1;
         self.rings_unserved = false;
         self.rings = Some(setup);
         Ok(())
+    }
+
+    /// Tells the adopted connection (see [`Self::adopt_rings`]) ahead of
+    /// time which features the driver took, so that adopting the rings
+    /// with the same features asks the backend nothing (a take-over does
+    /// this before it pauses the guest).
+    pub fn acknowledge_features(&mut self, features: u64) -> Result<()> {
+        self.handle.acknowledge_features(features)?;
+        self.acknowledged = Some(features);
+        Ok(())
+    }
+
+    /// The features the driver took, while it runs the device.
+    pub fn driver_features(&self) -> Option<u64> {
+        self.rings.as_ref().map(|rings| rings.features)
     }
 
     /// The inflight log of the running rings, if the backend keeps one.
@@ -845,6 +941,9 @@ impl VirtioDevice for VhostUserDevice {
         check_rings(&setup)?;
         self.activation += 1;
         self.rings_unserved = false;
+        // The backend gets this process's memory table below (or a new
+        // connection gets it).
+        self.adopted = false;
         if self.state != BackendState::Connected {
             info_limited!(
                 "{}: driver started {} queues; they wait for the backend to reconnect",
@@ -871,31 +970,43 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     /// Stops the rings: the backend must stop taking requests and, within
-    /// [`RESET_DRAIN_TIMEOUT`], complete those it took. One that fails
-    /// either loses its connection and is reconnected; the rings are the
-    /// driver's again at once.
+    /// [`reset::RESET_DRAIN_TIMEOUT`], complete those it took. That runs on
+    /// a thread of its own ([`reset::spawn_stop`]), so the vCPU and the
+    /// device's lock are free at once; the status register reads 0 once
+    /// it is done ([`VirtioDevice::reset_pending`]). A backend that fails
+    /// loses its connection and is reconnected.
     fn reset(&mut self) {
         self.activation += 1;
-        let Some(mut rings) = self.rings.take() else {
+        let Some(rings) = self.rings.take() else {
             return;
         };
-        if self.state != BackendState::Connected || self.rings_unserved {
+        if self.state != BackendState::Connected || self.rings_unserved || self.resetting {
             return;
         }
-        let stopped = self
-            .handle
-            .stop(&mut rings)
-            .and_then(|()| RingWatch::of(&rings).drain(RESET_DRAIN_TIMEOUT));
-        match stopped {
-            Ok(()) => info_limited!("{}: driver reset the device; rings stopped", self.name),
-            Err(err) => {
-                warn_limited!(
-                    "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
-                    self.name
-                );
-                self.lose_connection();
-            }
+        let Some(this) = self.this.clone() else {
+            // Only a device outside a transport (never on the bus) has
+            // nowhere to finish a reset: stop serving the rings at once.
+            warn_limited!(
+                "{}: reset outside a transport; dropping the backend's connection",
+                self.name
+            );
+            self.lose_connection();
+            return;
+        };
+        let stand_in: Box<dyn BackendConnection> = Box::new(StandIn::of(self.handle.as_ref()));
+        let connection = std::mem::replace(&mut self.handle, stand_in);
+        self.resetting = true;
+        if let Err(err) = reset::spawn_stop(&self.name, this, connection, rings, self.connection) {
+            warn_limited!(
+                "{}: cannot start the reset's thread ({err}); the backend's connection is closed, reconnecting",
+                self.name
+            );
+            self.lose_connection();
         }
+    }
+
+    fn reset_pending(&self) -> bool {
+        self.resetting
     }
 
     /// The backend raises the interrupt itself, through the irqfd, so the
@@ -937,7 +1048,6 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::vhost_user::control::{self, lock};
     use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
-    use crate::virtio::mmio::MmioTransport;
     use crate::virtio::DeviceEvents;
 
     const VERSION_1: u64 = 1 << 32;
@@ -995,6 +1105,8 @@ mod tests {
         completes: bool,
         /// Connecting waits at this gate.
         gate: Option<Gate>,
+        /// Stopping the rings waits at this gate.
+        stop_gate: Option<Gate>,
     }
 
     impl Default for Script {
@@ -1007,6 +1119,7 @@ mod tests {
                 fail_stop: false,
                 completes: true,
                 gate: None,
+                stop_gate: None,
             }
         }
     }
@@ -1128,6 +1241,9 @@ mod tests {
             Ok(())
         }
         fn stop(&mut self, setup: &mut RingSetup) -> Result<()> {
+            if let Some(gate) = &self.script.stop_gate {
+                gate.pass();
+            }
             self.record("stop".into());
             if self.script.fail_stop {
                 return Err(self.fail("stop"));
@@ -1188,7 +1304,7 @@ mod tests {
             Arc::new(connect_scripted),
         );
         let events = DeviceEvents::new(1).unwrap();
-        let device = Arc::new(Mutex::new(MmioTransport::new(test, device, events)));
+        let device = supervisor::behind_transport(device, events);
         start_driver(&device);
         log.lock().unwrap().clear();
         Rig {
@@ -1242,9 +1358,19 @@ mod tests {
         assert_ne!(status & VIRTIO_CONFIG_S_DRIVER_OK, 0, "{status:#x}");
     }
 
-    /// The driver's reset: status 0.
+    /// The driver's reset: status 0, then, as virtio asks, the status read
+    /// until it is 0 (the backend has stopped).
     fn reset_driver(device: &SharedVhostUserDevice) {
         write_register(device, VIRTIO_MMIO_STATUS, 0);
+        wait_for_reset(device);
+    }
+
+    fn wait_for_reset(device: &SharedVhostUserDevice) {
+        let deadline = Instant::now() + HANG;
+        while read_register(device, VIRTIO_MMIO_STATUS) != 0 {
+            assert!(Instant::now() < deadline, "the reset never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Touches the device's registers from another thread, as a vCPU
@@ -1478,9 +1604,16 @@ mod tests {
         assert_eq!(status.state, BackendState::Connected);
         assert_eq!(status.stats.reconnects.count, 1);
         assert_eq!(status.stats.refused_swaps, 1);
-        // A connection that comes in after another was installed is dropped.
+        // An attempt that finds the device connected again (another got
+        // there first) connects nowhere.
         let _late = listen("/scripted/hangup-a", Script::default(), &rig.log);
         rig.reconnect_once().unwrap();
+        assert!(rig.steps().is_empty());
+        // A connection offered after another was installed is dropped.
+        let attempt = lock(&rig.device).device().reconnect_attempt();
+        let late = attempt.connect(&mut attempt.turn()).unwrap();
+        let offered = lock(&rig.device).device_mut().finish_reconnect(late);
+        assert!(matches!(offered, Ok(Reconnected::AlreadyConnected)));
         assert_eq!(rig.steps(), ["hangup-a connect", "hangup-a shut down"]);
         assert_eq!(rig.status().stats.reconnects.count, 1);
     }
@@ -1513,6 +1646,42 @@ mod tests {
         assert!(!transport.device().is_active());
         assert_eq!(transport.device().interrupt_status(), 0);
         assert_eq!(transport.device().status().state, BackendState::Connected);
+    }
+
+    #[test]
+    fn a_reset_stops_the_backend_without_holding_the_device_lock() {
+        let gate = Gate::default();
+        let stalling = Script {
+            stop_gate: Some(gate.clone()),
+            ..Script::default()
+        };
+        let rig = rig("stallreset", stalling);
+        rig.rings(2, 0);
+        write_register(&rig.device, VIRTIO_MMIO_STATUS, 0);
+        gate.wait_for_arrival();
+        // The vCPU's write returned; the registers and the API answer
+        // while the backend has not stopped, and the reset shows as under
+        // way: the status does not read 0 yet, and a status write is
+        // ignored.
+        registers_answer_while(&rig.device, "the backend was stopping");
+        assert_ne!(read_register(&rig.device, VIRTIO_MMIO_STATUS), 0);
+        write_register(&rig.device, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(rig.status().state, BackendState::Connected);
+        let refused = rig.swap("/scripted/stallreset-b").unwrap_err().to_string();
+        assert!(
+            refused.contains("the driver is resetting the device"),
+            "{refused}"
+        );
+        gate.open();
+        wait_for_reset(&rig.device);
+        assert_eq!(rig.steps(), ["stallreset-a stop"]);
+        // The driver starts the device again on the same backend.
+        start_driver(&rig.device);
+        assert_eq!(
+            rig.steps(),
+            ["stallreset-a prepare", "stallreset-a resume at [0]"]
+        );
+        assert_eq!(rig.status().state, BackendState::Connected);
     }
 
     #[test]

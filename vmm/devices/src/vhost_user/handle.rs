@@ -433,9 +433,9 @@ impl BackendConnection for VhostUserHandle {
     /// connection whose rings run: the backend already serves them, and
     /// this side of the conversation must know the features (VRING_ENABLE
     /// needs VHOST_USER_F_PROTOCOL_FEATURES acknowledged).
-    fn acknowledge_features(&mut self, setup: &RingSetup) -> Result<()> {
+    fn acknowledge_features(&mut self, features: u64) -> Result<()> {
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let features = setup.features | (self.backend_features & protocol_bit);
+        let features = features | (self.backend_features & protocol_bit);
         self.step("SET_FEATURES", |f| f.set_features(features))
     }
 

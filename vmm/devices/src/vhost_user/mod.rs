@@ -4,8 +4,9 @@
 //! ([`process`]), and the thread that reconnects a device whose backend
 //! hung up ([`supervisor`]), swaps and reconnects that never hold the
 //! device's lock while they wait for a backend ([`control`], with
-//! [`watch`] reading the rings meanwhile), whose backend may get guest
-//! memory ([`peer`]), and a bound on how long a
+//! [`watch`] reading the rings meanwhile), a driver's reset that stops the
+//! backend without holding up the vCPU ([`reset`]), whose backend may get
+//! guest memory ([`peer`]), and a bound on how long a
 //! backend may take to reply ([`watchdog`]). Every vhost-user device type (block, net,
 //! console) is a [`VhostUserDevice`] with its own [`DeviceShape`].
 
@@ -15,6 +16,7 @@ pub mod device;
 pub mod handle;
 pub mod peer;
 pub mod process;
+pub mod reset;
 pub mod stall;
 pub mod supervisor;
 pub mod watch;

@@ -57,12 +57,23 @@ pub fn supervised(
     policy: ReconnectPolicy,
 ) -> Result<SharedVhostUserDevice> {
     let id = device.name().to_string();
-    let transport = Arc::new(Mutex::new(MmioTransport::new(id.clone(), device, events)));
+    let transport = behind_transport(device, events);
     spawn(&id, &transport, policy).map_err(|source| Error::Thread {
         what: format!("{id} supervisor"),
         cause: source,
     })?;
     Ok(transport)
+}
+
+/// Puts `device` behind a virtio-mmio transport with `events`, and tells
+/// it where it lives (so a driver's reset can finish from its own thread).
+pub fn behind_transport(device: VhostUserDevice, events: DeviceEvents) -> SharedVhostUserDevice {
+    let id = device.name().to_string();
+    let transport = Arc::new(Mutex::new(MmioTransport::new(id, device, events)));
+    lock(&transport)
+        .device_mut()
+        .attach(Arc::downgrade(&transport));
+    transport
 }
 
 fn supervise(device: &WeakVhostUserDevice, policy: ReconnectPolicy) {
@@ -98,7 +109,8 @@ fn supervise(device: &WeakVhostUserDevice, policy: ReconnectPolicy) {
                             }
                         }
                     }
-                    Ok(None) => {}
+                    // A driver's reset has the connection for a moment.
+                    Ok(None) => std::thread::sleep(FIRST_BACKOFF),
                     Err(err) => {
                         warn!("cannot watch a backend connection: {err}");
                         std::thread::sleep(MAX_BACKOFF);

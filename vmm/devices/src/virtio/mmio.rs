@@ -36,6 +36,9 @@ pub struct MmioTransport<D: VirtioDevice> {
     device: D,
     events: DeviceEvents,
     status: u32,
+    /// The status when the driver last reset the device: what the status
+    /// register reads while that reset is still under way.
+    status_at_reset: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -57,6 +60,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             device,
             events,
             status: 0,
+            status_at_reset: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -132,6 +136,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 .selected_queue()
                 .map_or(0, |queue| u32::from(queue.ready)),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.device.interrupt_status(),
+            VIRTIO_MMIO_STATUS if self.device.reset_pending() => self.status_at_reset,
             VIRTIO_MMIO_STATUS => self.status,
             // No shared memory regions: their length reads as all ones.
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
@@ -248,6 +253,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
+        if self.device.reset_pending() {
+            warn_limited!(
+                "{}: status {value:#x} written before the reset completed (status reads 0 then); ignored",
+                self.name
+            );
+            return;
+        }
         let cleared = self.status & !value;
         if cleared != 0 {
             warn_limited!(
@@ -312,6 +324,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.device.reset();
         }
         debug!("{}: reset", self.name);
+        self.status_at_reset = self.status;
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;

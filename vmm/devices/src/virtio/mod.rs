@@ -144,7 +144,9 @@ impl DeviceEvents {
     /// The eventfds of the device `ctx` describes, bound in KVM as
     /// [`Self::register`] binds them: new ones, or those the device
     /// inherits from the pvstack that ran the VM before (whose backend
-    /// waits on and signals them).
+    /// waits on and signals them). An inherited call is not bound: KVM
+    /// binds an eventfd to one irqfd at a time, across VMs, so the process
+    /// taking over binds it once the old VM has let go of it.
     pub fn for_context(ctx: &crate::DeviceContext<'_>, queues: u16) -> Result<Self> {
         let Some(inherited) = ctx.inherited else {
             return Self::register(ctx.vm, ctx.mmio_base, ctx.gsi, queues);
@@ -166,7 +168,7 @@ impl DeviceEvents {
                 .collect::<Result<_>>()?,
             call: clone_eventfd(&inherited.call, "the inherited call".into())?,
         };
-        events.bind(ctx.vm, ctx.mmio_base, ctx.gsi)?;
+        events.bind_kicks(ctx.vm, ctx.mmio_base)?;
         Ok(events)
     }
 
@@ -174,6 +176,11 @@ impl DeviceEvents {
     fn bind(&self, vm: &VmFd, mmio_base: u64, gsi: u32) -> Result<()> {
         vm.register_irqfd(&self.call, gsi)
             .map_err(|source| Error::IrqFd { gsi, cause: source })?;
+        self.bind_kicks(vm, mmio_base)
+    }
+
+    /// Binds each kick to QueueNotify at `mmio_base`.
+    fn bind_kicks(&self, vm: &VmFd, mmio_base: u64) -> Result<()> {
         let addr = mmio_base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
         for (queue, kick) in (0u16..).zip(&self.kicks) {
             vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), u32::from(queue))
@@ -234,6 +241,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation<'_>) -> Result<()>;
     /// Stops serving the queues (the driver reset the device).
     fn reset(&mut self);
+    /// Whether the last reset is still under way (a device that stops its
+    /// queues without holding up the vCPU): until it is done the status
+    /// register does not read 0, which virtio drivers wait for.
+    fn reset_pending(&self) -> bool {
+        false
+    }
     /// The InterruptStatus register's value.
     fn interrupt_status(&self) -> u32;
     /// The driver's write of `queue` to QueueNotify exited to the VMM. A

@@ -71,11 +71,7 @@ impl BzImage {
         if header.loadflags & LOADED_HIGH == 0 {
             return Err("a zImage (loaded below 1 MiB); pvstack boots bzImages".into());
         }
-        let setup_sects = match header.setup_sects {
-            0 => 4,
-            n => usize::from(n),
-        };
-        let kernel_start = (setup_sects + 1) * 512;
+        let kernel_start = Self::kernel_start(&header);
         let kernel_len = header.syssize as usize * 16;
         let needed = kernel_start + kernel_len;
         if image.len() < needed {
@@ -85,6 +81,24 @@ impl BzImage {
             ));
         }
         Ok(BzImage { header })
+    }
+
+    /// Where the protected-mode kernel begins in the file: after the boot
+    /// sector and the setup sectors.
+    fn kernel_start(header: &setup_header) -> usize {
+        let setup_sects = match header.setup_sects {
+            0 => 4,
+            n => usize::from(n),
+        };
+        (setup_sects + 1) * 512
+    }
+
+    /// The compressed kernel in `image` (the file this header was parsed
+    /// from), as the header's payload_offset and payload_length place it
+    /// in the protected-mode kernel; `None` if they point outside it.
+    pub fn payload<'a>(&self, image: &'a [u8]) -> Option<&'a [u8]> {
+        let start = Self::kernel_start(&self.header) + self.header.payload_offset as usize;
+        image.get(start..start.checked_add(self.header.payload_length as usize)?)
     }
 
     /// Where linux-loader puts the protected-mode kernel (code32_start,
@@ -184,6 +198,28 @@ pub(crate) mod tests {
         image[SETUP_HEADER_OFFSET..SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>()]
             .copy_from_slice(header.as_slice());
         image
+    }
+
+    /// A synthetic bzImage whose protected-mode kernel is `payload` (as
+    /// its compressed kernel, at offset 0).
+    pub(crate) fn with_payload(payload: &[u8]) -> Vec<u8> {
+        let padded = payload.len().next_multiple_of(16);
+        let mut image = synthetic(padded);
+        let payload_length = SETUP_HEADER_OFFSET + 0x5b; // 0x24c in the file
+        image[payload_length..payload_length + 4]
+            .copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image[5 * 512..5 * 512 + payload.len()].copy_from_slice(payload);
+        image
+    }
+
+    #[test]
+    fn payload_is_where_the_header_says() {
+        let image = with_payload(b"compressed kernel");
+        let bz = BzImage::parse(&image).unwrap();
+        assert_eq!(bz.payload(&image), Some(&b"compressed kernel"[..]));
+        let mut beyond = image.clone();
+        beyond[0x248] = 0xff; // payload_offset past the file's end
+        assert_eq!(BzImage::parse(&beyond).unwrap().payload(&beyond), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The Linux boot path: a bzImage ([`bzimage`]) or a PVH vmlinux
-//! ([`pvh`]) with its initrd and command line, checked against the VM's
-//! memory before any VM exists ([`LinuxGuest::new`]), then written into
+//! The Linux boot path: a bzImage ([`bzimage`]), whose kernel pvstack
+//! unpacks itself when it knows the compression ([`payload`]), or a PVH
+//! vmlinux ([`pvh`]) with its initrd and command line, checked against
+//! the VM's memory before any VM exists ([`LinuxGuest::new`]), then written into
 //! guest memory with the boot parameters, the e820 map ([`e820`]) and the
 //! ACPI tables and a reset vector ([`reset_vector`], what Linux jumps to
 //! when it reboots "through the BIOS") ([`LinuxGuest::load`]); [`layout`]
@@ -9,12 +10,14 @@
 pub mod bzimage;
 pub mod e820;
 pub mod layout;
+pub mod payload;
 pub mod pvh;
 pub mod reset_vector;
 
 use std::fs::File;
 use std::io::Cursor;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -35,10 +38,20 @@ use crate::x86;
 use crate::x86::gdt::{self, CodeMode};
 use crate::x86::paging::{self, PageZero};
 
-/// How the kernel is entered.
+/// How the kernel is loaded and entered.
 #[derive(Clone, Copy, Debug)]
 enum Format {
+    /// A bzImage, loaded whole and entered at its decompressor.
     BzImage(BzImage),
+    /// A bzImage whose kernel pvstack unpacked: the vmlinux (the guest's
+    /// `image`) is loaded at its segments' addresses and entered at
+    /// `entry`, its 64-bit entry, with the bzImage's boot parameters; it
+    /// takes memory up to `end`.
+    Unpacked {
+        bz: BzImage,
+        entry: u64,
+        end: u64,
+    },
     Pvh(PvhKernel),
 }
 
@@ -90,8 +103,22 @@ impl LinuxGuest {
             image: name.clone(),
             reason,
         };
+        let mut image = image;
         let format = match kind {
-            KernelKind::BzImage => Format::BzImage(BzImage::parse(&image).map_err(bad)?),
+            KernelKind::BzImage => {
+                let bz = BzImage::parse(&image).map_err(bad)?;
+                match unpack(&name, &bz, &image).map_err(bad)? {
+                    Some(unpacked) => {
+                        image = unpacked.elf;
+                        Format::Unpacked {
+                            bz,
+                            entry: unpacked.entry,
+                            end: unpacked.end,
+                        }
+                    }
+                    None => Format::BzImage(bz),
+                }
+            }
             KernelKind::Pvh => Format::Pvh(PvhKernel::parse(&image).map_err(bad)?),
             KernelKind::OwnGuest => {
                 return Err(bad(
@@ -101,6 +128,7 @@ impl LinuxGuest {
         };
         let (kernel_end, cmdline_max, initrd_max) = match format {
             Format::BzImage(bz) => (bz.footprint_end(), bz.cmdline_max(), bz.initrd_addr_max()),
+            Format::Unpacked { bz, end, .. } => (end, bz.cmdline_max(), bz.initrd_addr_max()),
             Format::Pvh(kernel) => (kernel.end, pvh::CMDLINE_MAX, u64::from(u32::MAX)),
         };
         let low_end = e820::low_ram_end(mem_size);
@@ -187,12 +215,21 @@ impl LinuxGuest {
         };
         let high_memory = Some(GuestAddress(layout::HIGH_MEMORY_START));
         match self.format {
-            Format::BzImage(bz) => {
+            Format::BzImage(bz) | Format::Unpacked { bz, .. } => {
                 gdt::write(mem, 0, CodeMode::Long)?;
                 paging::write(mem, false, PageZero::Mapped)?;
-                let loaded =
-                    BzImageLoader::load(mem, None, &mut Cursor::new(&self.image), high_memory)
-                        .map_err(load_error)?;
+                let image = &mut Cursor::new(&self.image);
+                let entry = match self.format {
+                    Format::Unpacked { entry, .. } => {
+                        ElfLoader::load(mem, None, image, high_memory).map_err(load_error)?;
+                        entry
+                    }
+                    _ => {
+                        let loaded = BzImageLoader::load(mem, None, image, high_memory)
+                            .map_err(load_error)?;
+                        BzImage::entry(loaded.kernel_load.0)
+                    }
+                };
                 let params = bz.boot_params(layout::CMDLINE, initrd, &map, rsdp);
                 LinuxBootConfigurator::write_bootparams::<GuestMemory>(
                     &BootParams::new(&params, GuestAddress(layout::BOOT_PARAMS)),
@@ -200,7 +237,7 @@ impl LinuxGuest {
                 )
                 .map_err(boot_error)?;
                 Ok(LinuxEntry::Long64 {
-                    entry: BzImage::entry(loaded.kernel_load.0),
+                    entry,
                     boot_params: layout::BOOT_PARAMS,
                     stack_top: layout::BOOT_STACK_TOP,
                 })
@@ -282,6 +319,33 @@ impl LinuxGuest {
             })?;
         Ok(Some((initrd.addr, initrd.size)))
     }
+}
+
+/// The kernel of bzImage `name` (`bz`, parsed from `image`) unpacked by
+/// pvstack, or `None` if its compression is one pvstack leaves to the
+/// kernel's own decompressor.
+fn unpack(
+    name: &str,
+    bz: &BzImage,
+    image: &[u8],
+) -> std::result::Result<Option<payload::Unpacked>, String> {
+    let Some(compressed) = bz.payload(image) else {
+        return Err("its header places the compressed kernel outside the file".into());
+    };
+    let started = Instant::now();
+    let unpacked = payload::unpack(compressed)?;
+    match &unpacked {
+        Some(kernel) => log::info!(
+            "{name}: pvstack decompressed its kernel ({} MiB) in {:.1} ms; entering it at {:#x}",
+            kernel.elf.len() >> 20,
+            started.elapsed().as_secs_f64() * 1000.0,
+            kernel.entry
+        ),
+        None => log::info!(
+            "{name}: its kernel's compression is left to its own decompressor (pvstack unpacks LZ4)"
+        ),
+    }
+    Ok(unpacked)
 }
 
 /// Puts the initrd at `path` as high as it may go below `top`, page
@@ -403,5 +467,70 @@ mod tests {
             .unwrap();
         assert_eq!(u64::from(ramdisk_image), g.initrd.as_ref().unwrap().addr);
         std::fs::remove_file(initrd).unwrap();
+    }
+
+    #[test]
+    fn an_lz4_kernel_is_unpacked_and_entered_directly() {
+        use crate::boot::linux::bzimage::tests::with_payload;
+        use crate::boot::linux::payload::tests::{lz4_legacy, tiny_vmlinux};
+        let code: Vec<u8> = (0..20_000u32).map(|i| (i % 7) as u8).collect();
+        let image = with_payload(&lz4_legacy(&tiny_vmlinux(&code), 8192));
+        let g = LinuxGuest::new(
+            "vmlinuz".into(),
+            image,
+            KernelKind::BzImage,
+            None,
+            "quiet".into(),
+            64 << 20,
+        )
+        .unwrap();
+        let mem = crate::memory::create(64 << 20).unwrap();
+        let platform = AcpiPlatform {
+            cpus: 1,
+            virtio_mmio: vec![],
+            serial: false,
+        };
+        assert_eq!(
+            g.load(&mem, &platform).unwrap(),
+            LinuxEntry::Long64 {
+                entry: 0x100_0000,
+                boot_params: layout::BOOT_PARAMS,
+                stack_top: layout::BOOT_STACK_TOP
+            }
+        );
+        let mut loaded = vec![0u8; code.len()];
+        mem.read_slice(&mut loaded, GuestAddress(0x100_0000))
+            .unwrap();
+        assert_eq!(loaded, code, "the segment at its physical address");
+        let magic: u32 = mem
+            .read_obj(GuestAddress(layout::BOOT_PARAMS + 0x202))
+            .unwrap();
+        assert_eq!(
+            magic, 0x5372_6448,
+            "the bzImage's setup header in boot_params"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_lz4_kernel_is_refused() {
+        use crate::boot::linux::bzimage::tests::with_payload;
+        use crate::boot::linux::payload::tests::{lz4_legacy, tiny_vmlinux};
+        let mut payload = lz4_legacy(&tiny_vmlinux(&[0x90; 4000]), 8192);
+        let len = payload.len();
+        payload[len - 4..].copy_from_slice(&1u32.to_le_bytes());
+        let err = LinuxGuest::new(
+            "vmlinuz".into(),
+            with_payload(&payload),
+            KernelKind::BzImage,
+            None,
+            String::new(),
+            64 << 20,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string().contains("its LZ4 payload is corrupt"),
+            "{err}"
+        );
     }
 }

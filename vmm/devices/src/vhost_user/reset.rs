@@ -1,0 +1,133 @@
+//! A driver's reset of a vhost-user device, done without holding up the
+//! vCPU that asked for it or anyone else who needs the device's lock.
+//!
+//! A reset must stop the backend's rings (SET_VRING_ENABLE 0 and
+//! GET_VRING_BASE per queue, each answered only when the backend has
+//! stopped) and let the requests it took complete; a slow or hostile
+//! backend may take its whole reply timeout over each. The vCPU's MMIO
+//! write arrives with the device's lock held, so that exchange runs on a
+//! thread of its own ([`spawn_stop`]) with the connection, while the
+//! device keeps a [`StandIn`] that answers what the control API asks and
+//! refuses to talk to the backend. Until the thread is done, the status
+//! register does not read 0 (virtio asks drivers to wait for that before
+//! they set the device up again) and status writes are ignored. The
+//! thread gives the connection back under the lock
+//! (`VhostUserDevice::finish_reset`).
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::connection::BackendConnection;
+use super::control::{lock, WeakVhostUserDevice};
+use super::handle::RingSetup;
+use super::watch::RingWatch;
+use crate::error::{Error, Result};
+
+/// How long a driver's reset waits for the backend to complete the
+/// requests it had taken. A backend that is slower loses its connection,
+/// so that nothing it completes later is mistaken for a completion on the
+/// rings the driver sets up next.
+pub const RESET_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a reset asks of the backend: stop taking requests, then complete
+/// those taken within [`RESET_DRAIN_TIMEOUT`].
+fn stop_and_drain(connection: &mut dyn BackendConnection, rings: &mut RingSetup) -> Result<()> {
+    connection.stop(rings)?;
+    RingWatch::of(rings).drain(RESET_DRAIN_TIMEOUT)
+}
+
+/// Stops `rings` on `connection` on a thread named after `device_name`,
+/// then hands the connection and the outcome back to the device
+/// (`VhostUserDevice::finish_reset`, with `number`, the device's
+/// connection number when the reset began). If the thread cannot start,
+/// the connection is dropped (closed) and the error returned.
+pub fn spawn_stop(
+    device_name: &str,
+    device: WeakVhostUserDevice,
+    mut connection: Box<dyn BackendConnection>,
+    mut rings: RingSetup,
+    number: u64,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("{device_name}-reset"))
+        .spawn(move || {
+            let stopped = stop_and_drain(connection.as_mut(), &mut rings);
+            match device.upgrade() {
+                Some(device) => lock(&device)
+                    .device_mut()
+                    .finish_reset(connection, number, stopped),
+                None => connection.shut_down(),
+            }
+        })
+        .map(drop)
+}
+
+/// Holds the place of a connection that a reset's thread is using: says
+/// what the connection said of itself, and refuses every request.
+pub struct StandIn {
+    socket: PathBuf,
+    backend_features: u64,
+    queue_num: u64,
+    keeps_inflight_log: bool,
+}
+
+impl StandIn {
+    /// A stand-in for `connection`.
+    pub fn of(connection: &dyn BackendConnection) -> Self {
+        StandIn {
+            socket: connection.socket().to_path_buf(),
+            backend_features: connection.backend_features(),
+            queue_num: connection.queue_num(),
+            keeps_inflight_log: connection.keeps_inflight_log(),
+        }
+    }
+
+    fn busy(&self) -> Error {
+        Error::Incompatible {
+            socket: self.socket.clone(),
+            reason: "the backend is still stopping its rings after the driver's reset".into(),
+        }
+    }
+}
+
+impl BackendConnection for StandIn {
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    fn queue_num(&self) -> u64 {
+        self.queue_num
+    }
+
+    fn keeps_inflight_log(&self) -> bool {
+        self.keeps_inflight_log
+    }
+
+    fn get_config(&mut self, _len: u32) -> Result<Vec<u8>> {
+        Err(self.busy())
+    }
+
+    fn prepare(&mut self, _setup: &mut RingSetup) -> Result<()> {
+        Err(self.busy())
+    }
+
+    fn resume(&mut self, _setup: &RingSetup) -> Result<()> {
+        Err(self.busy())
+    }
+
+    fn stop(&mut self, _setup: &mut RingSetup) -> Result<()> {
+        Err(self.busy())
+    }
+
+    fn watch_fd(&self) -> Result<OwnedFd> {
+        Err(self.busy())
+    }
+
+    /// The reset's thread holds the connection; it ends it if need be.
+    fn shut_down(&self) {}
+}
