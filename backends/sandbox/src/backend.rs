@@ -11,7 +11,7 @@ use syscalls::Sysno;
 /// daemon's threads for each connection, reading /proc/loadavg for
 /// adaptive polling, removing the socket files (and the filter's daemon directory) at exit, checking what a
 /// frontend hands over (readlink of /proc/self/fd/N tells an eventfd) and
-/// who it is (getsockopt SO_PEERCRED), bounding how long a frontend may
+/// who it is (getsockopt SO_PEERCRED, compared with geteuid), bounding how long a frontend may
 /// take (socket timeouts).
 pub const SERVE: &[Sysno] = &[
     Sysno::accept4,
@@ -19,6 +19,7 @@ pub const SERVE: &[Sysno] = &[
     Sysno::connect,
     Sysno::shutdown,
     Sysno::getsockopt,
+    Sysno::geteuid,
     Sysno::setsockopt,
     Sysno::sendmsg,
     Sysno::recvmsg,

@@ -11,14 +11,17 @@ use pvstack_sandbox::Sysno;
 /// pvstack-net, and the backends it (re)starts inherit its filter.
 /// Beyond that: snapshots (a directory,
 /// guest memory copied in the kernel, files renamed into place, which the
-/// console log's rotation does too), a take-over's socket pair, and
-/// starting, watching and stopping backend children.
+/// console log's rotation does too), a take-over's socket pair, the
+/// lowest priority a taking-over pvstack gives the thread that creates
+/// its VM (it runs under this filter, inherited), and starting, watching
+/// and stopping backend children.
 pub const VMM: &[Sysno] = &[
     Sysno::socketpair,
     Sysno::getdents64,
     Sysno::mkdir,
     Sysno::rename,
     Sysno::sendfile,
+    Sysno::setpriority,
     // Starting and stopping backend children, and a take-over.
     Sysno::execve,
     Sysno::wait4,
@@ -35,8 +38,11 @@ pub const VMM: &[Sysno] = &[
 /// A backend child started after pvstack is confined (a supervisor
 /// replacing one that died) inherits pvstack's filter through execve and
 /// must be able to start and confine itself under it: the dynamic loader,
-/// binding its sockets, dropping to `--user`, Landlock and its own filter
-/// (which then narrows it to the backend's list).
+/// binding its sockets with their mode (fchmod on the socket before bind;
+/// chmod through /proc/self/fd where the umask narrowed a shared
+/// `--socket-mode`, which glibc makes chmod or fchmodat), dropping to
+/// `--user`, Landlock and its own filter (which then narrows it to the
+/// backend's list).
 pub const BACKEND_START: &[Sysno] = &[
     Sysno::arch_prctl,
     Sysno::set_tid_address,
@@ -45,9 +51,11 @@ pub const BACKEND_START: &[Sysno] = &[
     Sysno::fstatfs,
     Sysno::bind,
     Sysno::listen,
+    Sysno::fchmod,
+    Sysno::chmod,
+    Sysno::fchmodat,
     Sysno::getuid,
     Sysno::getgid,
-    Sysno::geteuid,
     Sysno::getegid,
     Sysno::setgroups,
     Sysno::setresuid,
@@ -69,7 +77,11 @@ pub const BACKEND_START: &[Sysno] = &[
 /// the emulated devices' image and TAP I/O, and pvstack's own guest's
 /// console lines (hypercalls) into `--console-log`, which the vCPU that
 /// writes the line past the size limit rotates (rename, then open the
-/// file afresh). No new sockets, processes or threads.
+/// file afresh). One thread: a driver's reset of a vhost-user device
+/// stops the backend's rings on a thread the vCPU starts
+/// (pvstack_devices' vhost_user::reset), which inherits this filter and
+/// needs nothing beyond it. No new sockets or processes (clone is allowed
+/// for that thread, but execve is not).
 pub const VCPU: &[Sysno] = &[
     Sysno::ioctl,
     Sysno::read,
@@ -95,4 +107,6 @@ pub const VCPU: &[Sysno] = &[
     Sysno::statx,
     Sysno::rename,
     Sysno::openat,
+    Sysno::clone3,
+    Sysno::clone,
 ];
