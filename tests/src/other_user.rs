@@ -1,6 +1,6 @@
 //! Acting as a local user other than the VM's, in tests that run as root:
 //! a process started with `CommandExt::uid`/`gid` (std drops the
-//! supplementary groups too) as [`NOBODY`] tries to reach sockets, or
+//! supplementary groups too) as [`STRANGER`] tries to reach sockets, or
 //! speaks the first vhost-user request to a backend. The process is a
 //! short perl script (perl is part of every Debian system), so the test
 //! sees exactly what that user's connect(2) or read(2) got.
@@ -12,8 +12,12 @@ use std::process::Command;
 
 use crate::{run_to_end, Finished};
 
-/// The other user: `nobody`.
-pub const NOBODY: u32 = 65534;
+/// The other user: a uid no part of pvstack runs as. Not `nobody`
+/// (65534): that is the default `--backend-user` of the backends pvstack
+/// starts, which own their socket files as that user (so that they can
+/// still use and remove them), so `nobody` reaches those sockets as
+/// their own backend does.
+pub const STRANGER: u32 = 65533;
 
 /// Panics unless the test runs as root, which it needs to act as another
 /// user.

@@ -6,8 +6,8 @@
 //! they were made under. And a backend whose socket is shared on purpose
 //! (`--socket-mode`) still serves only frontends of its own user, root or
 //! `--frontend-uid`: another one is refused with one log line, and the
-//! next honest frontend is served. The other user is `nobody`, in
-//! processes started with `CommandExt::uid` (the tests run as root).
+//! next honest frontend is served. The other user is a uid none of
+//! them runs as (`other_user::STRANGER`), in processes started with `CommandExt::uid` (the tests run as root).
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_vm::{image_spec, socket_spec, utf8, zeroed_image};
 use pvstack_tests::other_user::{
-    assert_root, connect_as, open_dir, vhost_user_frontend_as, FrontendOutcome, Kind, NOBODY,
+    assert_root, connect_as, open_dir, vhost_user_frontend_as, FrontendOutcome, Kind, STRANGER,
 };
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::start_backend;
@@ -118,12 +118,12 @@ fn another_user_cannot_connect_to_any_socket_whatever_the_umask() {
         .chain(daemons.iter().map(|d| (Kind::Stream, d.as_path())))
         .collect();
 
-    let as_nobody = connect_as(NOBODY, &all);
-    for ((_, socket), answer) in all.iter().zip(&as_nobody) {
+    let as_stranger = connect_as(STRANGER, &all);
+    for ((_, socket), answer) in all.iter().zip(&as_stranger) {
         assert_eq!(
             *answer,
             Some(libc::EACCES),
-            "uid {NOBODY} reached {} (mode {:o})",
+            "uid {STRANGER} reached {} (mode {:o})",
             socket.display(),
             mode_of(socket)
         );
@@ -160,7 +160,7 @@ fn a_shared_socket_mode_is_what_the_operator_asked_for() {
         &["--image", utf8(&image), "--socket-mode", "666"],
     );
     assert_eq!(mode_of(&socket), 0o666);
-    assert_eq!(connect_as(NOBODY, &[(Kind::Stream, &socket)]), [None]);
+    assert_eq!(connect_as(STRANGER, &[(Kind::Stream, &socket)]), [None]);
 }
 
 /// A backend on a socket anyone may connect to (`--socket-mode 666`).
@@ -194,7 +194,7 @@ fn another_users_frontend_is_refused_and_the_next_honest_one_served(program: &st
     let (socket, mut backend) = shared_backend(&dir, program, &[]);
 
     assert_eq!(
-        vhost_user_frontend_as(NOBODY, &socket),
+        vhost_user_frontend_as(STRANGER, &socket),
         FrontendOutcome::Refused,
         "{}",
         backend.log()
@@ -237,10 +237,10 @@ fn a_frontend_of_the_user_frontend_uid_names_is_served() {
     assert_root();
     let dir = ScratchDir::new("local-user-frontend-uid");
     open_dir(&dir.path(""), false);
-    let uid = NOBODY.to_string();
+    let uid = STRANGER.to_string();
     let (socket, backend) = shared_backend(&dir, "pvstack-blk", &["--frontend-uid", &uid]);
     assert_eq!(
-        vhost_user_frontend_as(NOBODY, &socket),
+        vhost_user_frontend_as(STRANGER, &socket),
         FrontendOutcome::Served,
         "{}",
         backend.log()
