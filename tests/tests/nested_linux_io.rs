@@ -68,9 +68,20 @@ pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 1G --
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
 vm=$!
-# Ends the step after a failure, with what the L2 and pvstack printed.
+# Ends the step after a failure (at once when pvstack has ended), with
+# what the L2 and pvstack printed and both ends' view of the link: tap0's
+# counters here, and, asked on its hvc0 shell, the L2's interrupts, eth0's
+# counters and TCP sockets.
 give_up() {{
-    echo "GAVE-UP $*"
+    echo "GAVE-UP $* at $(date -u +%T)"
+    ip -s link show tap0
+    if running $vm; then
+        echo "pvstack still runs; the L2's view:"
+        echo 'cat /proc/interrupts /proc/net/dev /proc/net/tcp /proc/net/tcp6' |
+            socat -t 30 - UNIX-CONNECT:/tmp/hvc.sock
+    else
+        echo "pvstack had ended"
+    fi
     kill $vm
     wait $vm
     cat /tmp/linux.out /tmp/linux.err
@@ -82,8 +93,14 @@ wait_until "the L2's listener" grep -q L2-LISTENING /tmp/linux.out || give_up "t
 ping -c 5 10.0.2.2 >/tmp/ping.out 2>&1
 echo "PING-STATUS $?"
 cat /tmp/ping.out
-nc 10.0.2.2 5001 </tmp/to-l2 >/dev/null
+nc 10.0.2.2 5001 </tmp/to-l2 >/dev/null &
+sender=$!
+wait_until "the L1's bytes to go" ended_or $vm ended_or $sender false && running $vm ||
+    give_up "sending to the L2"
+wait $sender
 echo "L1-SEND-STATUS $?"
+wait_until "the L2's bytes" ended_or $vm test -s /tmp/from-l2.md5 && running $vm ||
+    give_up "receiving from the L2"
 wait $receiver
 echo "L1-RECEIVED-MD5 $(cat /tmp/from-l2.md5)"
 mkfifo /tmp/typed
@@ -223,18 +240,25 @@ RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
 vm=$!
+# Ends the step after a failure (at once when pvstack has ended), with
+# what the L2, pvstack and the backends printed.
 give_up() {{
-    echo "GAVE-UP $*"
+    echo "GAVE-UP $* at $(date -u +%T)"
+    running $vm && echo "pvstack still runs" || echo "pvstack had ended"
     kill $vm
     wait $vm
     cat /tmp/linux.out /tmp/linux.err
+    for log in /tmp/a.log /tmp/b.log /tmp/q.log; do echo "== $log"; cat $log; done
     exit 1
+}}
+rounds_at_least() {{
+    [ $(grep -c '^ROUND ' /tmp/linux.out) -ge $1 ]
 }}
 # Waits until the L2 has finished two more rounds than it had.
 two_more_rounds() {{
     done_before=$(grep -c '^ROUND ' /tmp/linux.out)
-    wait_until "two more rounds after $1" sh -c \
-        "[ \$(grep -c '^ROUND ' /tmp/linux.out) -ge $((done_before + 2)) ]" || give_up "$1"
+    wait_until "two more rounds after $1" ended_or $vm rounds_at_least $((done_before + 2)) &&
+        running $vm || give_up "$1"
 }}
 two_more_rounds "the start"
 for target in b q a; do
@@ -248,9 +272,9 @@ for crash in 1 2; do
     rm -f /tmp/a.sock
     pvstack-blk --socket /tmp/a.sock --image $img 2>>/tmp/a.log &
     a=$!
-    wait_until "reconnect $crash" sh -c \
-        "pvstack ctl --api-socket /tmp/vm.sock info | grep -q '\"reconnects\":{{\"count\":$crash,'" ||
-        give_up "reconnect $crash"
+    wait_until "reconnect $crash" ended_or $vm sh -c \
+        "pvstack ctl --api-socket /tmp/vm.sock info | grep -q '\"reconnects\":{{\"count\":$crash,'" &&
+        running $vm || give_up "reconnect $crash"
     echo "RECONNECTED $crash"
     two_more_rounds "crash $crash"
 done
