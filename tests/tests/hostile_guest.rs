@@ -7,13 +7,11 @@
 
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::{
-    negotiate, share, start_backend, start_ring, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE,
-    VIRTIO_F_VERSION_1,
+    shared, start_backend, start_ring, Ring, DESC_F_NEXT, DESC_F_WRITE,
 };
 use pvstack_tests::ScratchDir;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 const RAM: usize = 1 << 20;
 /// Lines one call site may write per 10 s (pvstack-logging's BURST), and
@@ -42,13 +40,7 @@ fn a_flood_of_bad_block_requests_keeps_the_log_bounded() {
         &socket,
         &["--image", image.to_str().expect("UTF-8 path")],
     );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut queue = Ring::new(0, 16, 0x1000);
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&0xdeadu32.to_le_bytes());
@@ -96,13 +88,7 @@ fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
             output.to_str().expect("UTF-8 path"),
         ],
     );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let text: String = (0..200)
         .map(|n| format!("\x1b_pvs;{};0\x1b\\line {n}\n", 2 * n))
@@ -147,13 +133,7 @@ fn the_console_log_stays_within_its_limit() {
             "4096",
         ],
     );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
     let mut last = String::new();
@@ -205,13 +185,7 @@ fn bad_frames_from_the_guest_are_dropped_and_the_log_stays_bounded() {
             &utf8(&peer_path),
         ],
     );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
     let mut used = 0u16;
