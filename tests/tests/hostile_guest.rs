@@ -11,6 +11,7 @@ use pvstack_tests::vhost_frontend::{
 };
 use pvstack_tests::ScratchDir;
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::time::Duration;
 
 const RAM: usize = 1 << 20;
@@ -25,6 +26,24 @@ fn lines_with(process: &LoggedProcess, needle: &str) -> usize {
         .lines()
         .filter(|line| line.contains(needle))
         .count()
+}
+
+/// pvstack-console serving `dir`/console.sock and writing the guest's
+/// output to `dir`/console.out, with `more` arguments: the backend, its
+/// socket and the output file.
+fn console_logging(dir: &ScratchDir, more: &[&str]) -> (LoggedProcess, PathBuf, PathBuf) {
+    let socket = dir.path("console.sock");
+    let output = dir.path("console.out");
+    let server = dir.path("server.sock");
+    let mut args = vec![
+        "--listen",
+        server.to_str().expect("UTF-8 path"),
+        "--log",
+        output.to_str().expect("UTF-8 path"),
+    ];
+    args.extend_from_slice(more);
+    let backend = start_backend("pvstack-console", &socket, &args);
+    (backend, socket, output)
 }
 
 /// 320 requests of an unknown type: each gets UNSUPP, the log a few
@@ -76,18 +95,7 @@ fn a_flood_of_bad_block_requests_keeps_the_log_bounded() {
 #[test]
 fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
     let dir = ScratchDir::new("hostile-guest-console");
-    let socket = dir.path("console.sock");
-    let output = dir.path("console.out");
-    let mut backend = start_backend(
-        "pvstack-console",
-        &socket,
-        &[
-            "--listen",
-            dir.path("server.sock").to_str().expect("UTF-8 path"),
-            "--log",
-            output.to_str().expect("UTF-8 path"),
-        ],
-    );
+    let (mut backend, socket, output) = console_logging(&dir, &[]);
     let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let text: String = (0..200)
@@ -119,20 +127,7 @@ fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
 #[test]
 fn the_console_log_stays_within_its_limit() {
     let dir = ScratchDir::new("hostile-guest-console-log");
-    let socket = dir.path("console.sock");
-    let output = dir.path("console.out");
-    let mut backend = start_backend(
-        "pvstack-console",
-        &socket,
-        &[
-            "--listen",
-            dir.path("server.sock").to_str().expect("UTF-8 path"),
-            "--log",
-            output.to_str().expect("UTF-8 path"),
-            "--log-max-bytes",
-            "4096",
-        ],
-    );
+    let (mut backend, socket, output) = console_logging(&dir, &["--log-max-bytes", "4096"]);
     let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
