@@ -20,6 +20,15 @@ const TCP_MIB: u32 = 64;
 /// test's 128 MiB had not finished after 20 minutes on a loaded 2-core
 /// host, nor had the disk test's swaps, SIGKILLs and write loop.
 const HANG_TIMEOUT: Duration = Duration::from_secs(3600);
+/// vCPUs of these tests' L2. One: with two, the L2 died of a triple fault
+/// at random moments in 4 of 10 runs of the disk test on a loaded L1
+/// (twice during boot, before any disk request; twice after a reconnect),
+/// and in none of 8 runs with one; 80 boots of an L2 with two vCPUs on an
+/// otherwise idle L1 all passed. The cause (nested SVM as QEMU's TCG
+/// emulates it, or pvstack) is not known. What these tests check, I/O
+/// through the backends, does not need a second vCPU; nested_linux.rs
+/// boots L2s with two and three.
+const L2_CPUS: u32 = 1;
 
 /// The L2's side of the network test: eth0 at 10.0.2.2, a shell on hvc0,
 /// receives the L1's bytes on port 5001 (0x1389), then sends its own to
@@ -45,7 +54,6 @@ echo "L2-RECEIVED-MD5 $(cat /tmp/from-l1.md5)"
 nc 10.0.2.1 5002 </tmp/to-l1 >/dev/null
 echo "L2-SEND-STATUS $?"
 until [ -e /tmp/hvc-done ]; do sleep 0.1; done
-echo "L2-CPUS $(cat /sys/devices/system/cpu/online)"
 echo BEGIN dmesg; dmesg; echo END dmesg"#
     )
 }
@@ -63,7 +71,7 @@ mkfifo /tmp/hold
 nc -l -p 5002 <>/tmp/hold | md5sum >/tmp/from-l2.md5 &
 receiver=$!
 wait_until "the L1's listener" grep -qs ':138A [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 || exit 1
-pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 1G --serial \
+pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory 1G --serial \
     --net tap=tap0 --console unix=/tmp/hvc.sock \
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
@@ -133,7 +141,6 @@ fn linux_nic_over_a_tap_and_console_over_a_unix_socket() {
     run.assert_status("network", 0);
     let out = run.output("network");
     assert_eq!(line_after(&out, "PVTEST-EXIT "), "0", "{out}");
-    assert_eq!(line_after(&out, "L2-CPUS "), "0-1", "{out}");
 
     // Every ping answered through the TAP.
     assert_eq!(line_after(&out, "PING-STATUS "), "0", "{out}");
@@ -235,7 +242,7 @@ q=$!
 wait_until "the three backends" test -S /tmp/a.sock -a -S /tmp/b.sock -a -S /tmp/q.sock || exit 1
 # There before pvstack's redirection makes it: it is counted right away.
 : >/tmp/linux.out
-RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 512M --serial \
+RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory 512M --serial \
     --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 \
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
