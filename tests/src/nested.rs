@@ -45,6 +45,20 @@ wait_until() {
         sleep 0.1
     done
 }
+
+# running PID: whether this shell's child PID still runs (`kill -0` also
+# succeeds on a child that ended and was not waited for yet).
+running() {
+    [ -r /proc/$1/status ] && ! grep -q '^State:.*Z' /proc/$1/status
+}
+
+# ended_or PID COMMAND...: succeeds once PID has ended or COMMAND succeeds,
+# so that wait_until stops waiting for what an ended process cannot do.
+ended_or() {
+    pid=$1
+    shift
+    ! running $pid || "$@"
+}
 "#;
 
 /// Where [`Nested::with_linux_guest`] puts the L2 kernel in the L1.

@@ -246,6 +246,20 @@ pub fn share(frontend: &mut Frontend, ram: &Ram) {
         .expect("SET_MEM_TABLE");
 }
 
+/// How a test as frontend begins: connected and negotiated as pvstack
+/// does (virtio 1, no protocol features beyond pvstack's own), with
+/// `ram_size` bytes of guest RAM shared with the backend.
+pub fn shared(socket: &Path, ram_size: usize) -> (Frontend, Ram) {
+    let mut frontend = negotiate(
+        socket,
+        VIRTIO_F_VERSION_1,
+        VhostUserProtocolFeatures::empty(),
+    );
+    let ram = Ram::new(ram_size);
+    share(&mut frontend, &ram);
+    (frontend, ram)
+}
+
 /// A started ring's eventfds.
 pub struct Started {
     pub call: EventFd,

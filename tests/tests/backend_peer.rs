@@ -15,7 +15,7 @@ use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{pattern_image, run_with_disks, socket_spec, utf8};
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::start_backend_as;
-use pvstack_tests::{assert_pvstack_error, run_pvstack, ScratchDir};
+use pvstack_tests::{assert_pvstack_error, run_pvstack, Finished, ScratchDir};
 
 /// The user the squatting backend runs as.
 const NOBODY: u32 = 65534;
@@ -57,6 +57,44 @@ fn start_blk(uid: Option<u32>, socket: &Path, shared: &Path) -> BlkProcess {
     }
 }
 
+/// What pvstack logs when it refuses a backend on a reconnect.
+const REFUSAL: &str = "refused: the backend";
+
+/// Asserts that pvstack refused, at start, the backend `squatter` runs
+/// (as `nobody`), naming its uid and the option that would let it in,
+/// and sent it no memory.
+fn assert_refused_before_memory(refused: &Finished, squatter: &LoggedProcess) {
+    assert_pvstack_error(
+        refused,
+        1,
+        &["refused", "runs as uid 65534", "backend-uid=65534"],
+    );
+    assert!(!squatter.log().contains("memory"), "{}", squatter.log());
+}
+
+/// Asserts that pvstack's log holds one refusal line, however often it
+/// tried the squatter, naming the squatter's uid.
+fn assert_refused_in_one_line(vm: &ApiVm) {
+    let log = vm.log();
+    assert_eq!(log.matches(REFUSAL).count(), 1, "one line:\n{log}");
+    assert!(log.contains("runs as uid 65534"), "{log}");
+}
+
+/// Asks to swap `device` to the squatter's socket `squatted`: refused,
+/// naming the squatter's uid, and the device stays connected to `kept`.
+fn assert_swap_to_squatter_refused(vm: &ApiVm, device: &str, squatted: &Path, kept: &Path) {
+    let swap = vm.ctl(&["device", "swap", device, "--socket", utf8(squatted)]);
+    assert_ne!(swap.code(), 0, "{swap:#?}");
+    assert!(
+        swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
+        "{swap:#?}"
+    );
+    let device = vm.first_device();
+    assert_eq!(device["backend_state"], "connected", "{device:#}");
+    assert_eq!(device["socket"], utf8(kept), "{device:#}");
+    assert_eq!(device["refused_swaps"], 1, "{device:#}");
+}
+
 #[test]
 fn a_backend_of_another_user_is_refused_at_start_unless_named() {
     let dir = ScratchDir::new("peer-start");
@@ -67,12 +105,7 @@ fn a_backend_of_another_user_is_refused_at_start_unless_named() {
     let guest = format!("blk-checksum 0 {len}");
 
     let refused = run_with_disks(&[socket_spec(&socket, &[])], &guest);
-    assert_pvstack_error(
-        &refused,
-        1,
-        &["refused", "runs as uid 65534", "backend-uid=65534"],
-    );
-    assert!(!squatter.log().contains("memory"), "{}", squatter.log());
+    assert_refused_before_memory(&refused, &squatter);
 
     let uid = format!("backend-uid={NOBODY}");
     let trusted = run_with_disks(&[socket_spec(&socket, &[&uid])], &guest);
@@ -97,15 +130,12 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
     real.terminate_cleanly();
     let mut squatter = start_blk(Some(NOBODY), &socket, &shared);
     squatter.wait_for_output_count("frontend connected", 3);
-    let refusal = "refused: the backend";
     vm.wait_until("pvstack reports the refusal", |vm| {
-        vm.log().contains(refusal)
+        vm.log().contains(REFUSAL)
     });
     assert_eq!(vm.first_device()["backend_state"], "reconnecting");
     squatter.terminate_cleanly();
-    let log = vm.log();
-    assert_eq!(log.matches(refusal).count(), 1, "one line:\n{log}");
-    assert!(log.contains("runs as uid 65534"), "{log}");
+    assert_refused_in_one_line(&vm);
 
     // The real backend comes back and the device is served again.
     let _real = start_blk(None, &socket, &shared);
@@ -116,16 +146,7 @@ fn a_squatter_is_refused_on_reconnect_and_swap_and_the_device_waits_for_the_real
     // A swap to a squatter is refused; the device stays where it was.
     let other = shared.join("other.sock");
     let _other_squatter = start_blk(Some(NOBODY), &other, &shared);
-    let swap = vm.ctl(&["device", "swap", "blk0", "--socket", utf8(&other)]);
-    assert_ne!(swap.code(), 0, "{swap:#?}");
-    assert!(
-        swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
-        "{swap:#?}"
-    );
-    let device = vm.first_device();
-    assert_eq!(device["backend_state"], "connected", "{device:#}");
-    assert_eq!(device["socket"], utf8(&socket), "{device:#}");
-    assert_eq!(device["refused_swaps"], 1, "{device:#}");
+    assert_swap_to_squatter_refused(&vm, "blk0", &other, &socket);
     let shutdown = vm.ctl(&["shutdown"]);
     assert_eq!(shutdown.code(), 0, "{shutdown:#?}");
     assert!(vm.wait().success(), "{}", vm.log());
@@ -160,12 +181,7 @@ fn a_nic_backend_of_another_user_is_refused_at_start_and_on_a_swap_unless_named(
 
     let spec = socket_spec(&squatted, &[]);
     let refused = run_pvstack(&["run", "--net", &spec, "--guest-args", "hello"]);
-    assert_pvstack_error(
-        &refused,
-        1,
-        &["refused", "runs as uid 65534", "backend-uid=65534"],
-    );
-    assert!(!squatter.log().contains("memory"), "{}", squatter.log());
+    assert_refused_before_memory(&refused, &squatter);
     let trusting = socket_spec(&squatted, &[&format!("backend-uid={NOBODY}")]);
     let trusted = run_pvstack(&["run", "--net", &trusting, "--guest-args", "hello"]);
     assert_eq!(trusted.code(), 0, "{trusted:#?}");
@@ -183,16 +199,7 @@ fn a_nic_backend_of_another_user_is_refused_at_start_and_on_a_swap_unless_named(
         ],
         "",
     );
-    let swap = vm.ctl(&["device", "swap", "net0", "--socket", utf8(&squatted)]);
-    assert_ne!(swap.code(), 0, "{swap:#?}");
-    assert!(
-        swap.stdout.contains("runs as uid 65534") || swap.stderr.contains("runs as uid 65534"),
-        "{swap:#?}"
-    );
-    let device = vm.first_device();
-    assert_eq!(device["backend_state"], "connected", "{device:#}");
-    assert_eq!(device["socket"], utf8(&socket), "{device:#}");
-    assert_eq!(device["refused_swaps"], 1, "{device:#}");
+    assert_swap_to_squatter_refused(&vm, "net0", &squatted, &socket);
 }
 
 #[test]
@@ -210,18 +217,16 @@ fn a_console_backend_squatted_by_another_user_is_refused_on_reconnect_until_the_
 
     real.terminate_cleanly();
     let mut squatter = start_console(Some(NOBODY), &socket);
-    let refusal = "refused: the backend";
     vm.wait_until("pvstack refuses the squatter", |vm| {
-        vm.log().contains(refusal)
+        vm.log().contains(REFUSAL)
     });
     // pvstack keeps trying while the squatter is there, and sends it
     // nothing each time.
     squatter.wait_for_output_count("frontend connected", 3);
     assert!(!squatter.log().contains("memory"), "{}", squatter.log());
     squatter.terminate_cleanly();
+    assert_refused_in_one_line(&vm);
     let log = vm.log();
-    assert_eq!(log.matches(refusal).count(), 1, "one line:\n{log}");
-    assert!(log.contains("runs as uid 65534"), "{log}");
     assert!(!log.contains("console0: reconnected"), "{log}");
 
     let _real = start_console(None, &socket);

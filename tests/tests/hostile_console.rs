@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::{
-    negotiate, share, start_backend, start_ring, Held, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE,
-    VIRTIO_F_VERSION_1,
+    negotiate, share, shared, start_backend, start_ring, Held, Ram, Ring, DESC_F_NEXT,
+    DESC_F_WRITE, VIRTIO_F_VERSION_1,
 };
 use pvstack_tests::{ScratchDir, HANG_TIMEOUT};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -89,13 +89,7 @@ fn a_transmit_chain_outside_memory_costs_no_memory() {
     let dir = ScratchDir::new("hostile-console-outside");
     let (mut backend, socket, server) = console(&dir);
     let client = Client::attach(&server);
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(TX, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
 
@@ -124,13 +118,7 @@ fn a_transmit_chain_beyond_the_limit_is_cut_and_counted() {
     let dir = ScratchDir::new("hostile-console-oversize");
     let (mut backend, socket, server) = console(&dir);
     let client = Client::attach(&server);
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(TX, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
 

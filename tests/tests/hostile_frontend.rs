@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::{
     closed_by_peer, mem_table_payload, negotiate, raw_negotiated, recv_u64, send_raw, share,
-    start_backend, start_ring, Held, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE, FLAG_NEED_REPLY,
+    shared, start_backend, start_ring, Held, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE, FLAG_NEED_REPLY,
     FLAG_VERSION, VIRTIO_F_VERSION_1,
 };
 use pvstack_tests::ScratchDir;
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VringConfigData};
 
 const RAM: usize = 1 << 20;
@@ -108,13 +108,7 @@ impl Target {
     /// pvstack-net and pvstack-console take a transmitted chain.
     fn assert_serves_an_honest_frontend(&mut self) {
         self.assert_alive("the attack");
-        let mut frontend = negotiate(
-            &self.socket,
-            VIRTIO_F_VERSION_1,
-            VhostUserProtocolFeatures::empty(),
-        );
-        let ram = Ram::new(RAM);
-        share(&mut frontend, &ram);
+        let (mut frontend, ram) = shared(&self.socket, RAM);
         match self.device {
             Device::Blk => {
                 let mut queue = Ring::new(0, 16, 0x1000);
@@ -273,18 +267,6 @@ fn overlapping_and_absurd_memory_tables_are_refused() {
     }
 }
 
-/// A frontend that negotiated and shared its memory, for one bad request.
-fn shared(target: &Target) -> (Frontend, Ram) {
-    let mut frontend = negotiate(
-        &target.socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
-    (frontend, ram)
-}
-
 /// Queue sizes of 0, not a power of two and 65535, and rings whose
 /// addresses lie outside the memory table. Before the fix a size of 3
 /// was answered with success (and ignored, with an error line each time).
@@ -293,7 +275,7 @@ fn bad_queue_sizes_and_rings_outside_memory_are_refused() {
     for device in DEVICES {
         let mut target = Target::start(device, "rings");
         for size in [0u16, 3, 100, 65535] {
-            let (frontend, _ram) = shared(&target);
+            let (frontend, _ram) = shared(&target.socket, RAM);
             assert!(
                 frontend.set_vring_num(0, size).is_err(),
                 "{device:?} took a queue size of {size}"
@@ -314,7 +296,7 @@ fn bad_queue_sizes_and_rings_outside_memory_are_refused() {
             config
         };
         for which in 0..3 {
-            let (frontend, ram) = shared(&target);
+            let (frontend, ram) = shared(&target.socket, RAM);
             frontend.set_vring_num(0, 16).expect("SET_VRING_NUM");
             assert!(
                 frontend.set_vring_addr(0, &outside(&ram, which)).is_err(),

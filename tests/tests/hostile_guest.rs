@@ -7,13 +7,12 @@
 
 use pvstack_tests::process::LoggedProcess;
 use pvstack_tests::vhost_frontend::{
-    negotiate, share, start_backend, start_ring, Ram, Ring, DESC_F_NEXT, DESC_F_WRITE,
-    VIRTIO_F_VERSION_1,
+    shared, start_backend, start_ring, Ring, DESC_F_NEXT, DESC_F_WRITE,
 };
 use pvstack_tests::ScratchDir;
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::time::Duration;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 const RAM: usize = 1 << 20;
 /// Lines one call site may write per 10 s (pvstack-logging's BURST), and
@@ -29,6 +28,24 @@ fn lines_with(process: &LoggedProcess, needle: &str) -> usize {
         .count()
 }
 
+/// pvstack-console serving `dir`/console.sock and writing the guest's
+/// output to `dir`/console.out, with `more` arguments: the backend, its
+/// socket and the output file.
+fn console_logging(dir: &ScratchDir, more: &[&str]) -> (LoggedProcess, PathBuf, PathBuf) {
+    let socket = dir.path("console.sock");
+    let output = dir.path("console.out");
+    let server = dir.path("server.sock");
+    let mut args = vec![
+        "--listen",
+        server.to_str().expect("UTF-8 path"),
+        "--log",
+        output.to_str().expect("UTF-8 path"),
+    ];
+    args.extend_from_slice(more);
+    let backend = start_backend("pvstack-console", &socket, &args);
+    (backend, socket, output)
+}
+
 /// 320 requests of an unknown type: each gets UNSUPP, the log a few
 /// lines. Before the fix each wrote a warning.
 #[test]
@@ -42,13 +59,7 @@ fn a_flood_of_bad_block_requests_keeps_the_log_bounded() {
         &socket,
         &["--image", image.to_str().expect("UTF-8 path")],
     );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut queue = Ring::new(0, 16, 0x1000);
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&0xdeadu32.to_le_bytes());
@@ -84,25 +95,8 @@ fn a_flood_of_bad_block_requests_keeps_the_log_bounded() {
 #[test]
 fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
     let dir = ScratchDir::new("hostile-guest-console");
-    let socket = dir.path("console.sock");
-    let output = dir.path("console.out");
-    let mut backend = start_backend(
-        "pvstack-console",
-        &socket,
-        &[
-            "--listen",
-            dir.path("server.sock").to_str().expect("UTF-8 path"),
-            "--log",
-            output.to_str().expect("UTF-8 path"),
-        ],
-    );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut backend, socket, output) = console_logging(&dir, &[]);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let text: String = (0..200)
         .map(|n| format!("\x1b_pvs;{};0\x1b\\line {n}\n", 2 * n))
@@ -133,27 +127,8 @@ fn a_flood_of_lost_line_stamps_keeps_the_log_bounded() {
 #[test]
 fn the_console_log_stays_within_its_limit() {
     let dir = ScratchDir::new("hostile-guest-console-log");
-    let socket = dir.path("console.sock");
-    let output = dir.path("console.out");
-    let mut backend = start_backend(
-        "pvstack-console",
-        &socket,
-        &[
-            "--listen",
-            dir.path("server.sock").to_str().expect("UTF-8 path"),
-            "--log",
-            output.to_str().expect("UTF-8 path"),
-            "--log-max-bytes",
-            "4096",
-        ],
-    );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut backend, socket, output) = console_logging(&dir, &["--log-max-bytes", "4096"]);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
     let mut last = String::new();
@@ -205,13 +180,7 @@ fn bad_frames_from_the_guest_are_dropped_and_the_log_stays_bounded() {
             &utf8(&peer_path),
         ],
     );
-    let mut frontend = negotiate(
-        &socket,
-        VIRTIO_F_VERSION_1,
-        VhostUserProtocolFeatures::empty(),
-    );
-    let ram = Ram::new(RAM);
-    share(&mut frontend, &ram);
+    let (mut frontend, ram) = shared(&socket, RAM);
     let mut tx = Ring::new(1, 16, 0x1000);
     let started = start_ring(&mut frontend, &ram, &tx);
     let mut used = 0u16;

@@ -20,6 +20,15 @@ const TCP_MIB: u32 = 64;
 /// test's 128 MiB had not finished after 20 minutes on a loaded 2-core
 /// host, nor had the disk test's swaps, SIGKILLs and write loop.
 const HANG_TIMEOUT: Duration = Duration::from_secs(3600);
+/// vCPUs of these tests' L2. One: with two, the L2 died of a triple fault
+/// at random moments in 4 of 10 runs of the disk test on a loaded L1
+/// (twice during boot, before any disk request; twice after a reconnect),
+/// and in none of 8 runs with one; 80 boots of an L2 with two vCPUs on an
+/// otherwise idle L1 all passed. The cause (nested SVM as QEMU's TCG
+/// emulates it, or pvstack) is not known. What these tests check, I/O
+/// through the backends, does not need a second vCPU; nested_linux.rs
+/// boots L2s with two and three.
+const L2_CPUS: u32 = 1;
 
 /// The L2's side of the network test: eth0 at 10.0.2.2, a shell on hvc0,
 /// receives the L1's bytes on port 5001 (0x1389), then sends its own to
@@ -45,7 +54,6 @@ echo "L2-RECEIVED-MD5 $(cat /tmp/from-l1.md5)"
 nc 10.0.2.1 5002 </tmp/to-l1 >/dev/null
 echo "L2-SEND-STATUS $?"
 until [ -e /tmp/hvc-done ]; do sleep 0.1; done
-echo "L2-CPUS $(cat /sys/devices/system/cpu/online)"
 echo BEGIN dmesg; dmesg; echo END dmesg"#
     )
 }
@@ -63,14 +71,25 @@ mkfifo /tmp/hold
 nc -l -p 5002 <>/tmp/hold | md5sum >/tmp/from-l2.md5 &
 receiver=$!
 wait_until "the L1's listener" grep -qs ':138A [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 || exit 1
-pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 1G --serial \
+pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory 1G --serial \
     --net tap=tap0 --console unix=/tmp/hvc.sock \
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
 vm=$!
-# Ends the step after a failure, with what the L2 and pvstack printed.
+# Ends the step after a failure (at once when pvstack has ended), with
+# what the L2 and pvstack printed and both ends' view of the link: tap0's
+# counters here, and, asked on its hvc0 shell, the L2's interrupts, eth0's
+# counters and TCP sockets.
 give_up() {{
-    echo "GAVE-UP $*"
+    echo "GAVE-UP $* at $(date -u +%T)"
+    ip -s link show tap0
+    if running $vm; then
+        echo "pvstack still runs; the L2's view:"
+        echo 'cat /proc/interrupts /proc/net/dev /proc/net/tcp /proc/net/tcp6' |
+            socat -t 30 - UNIX-CONNECT:/tmp/hvc.sock
+    else
+        echo "pvstack had ended"
+    fi
     kill $vm
     wait $vm
     cat /tmp/linux.out /tmp/linux.err
@@ -82,8 +101,14 @@ wait_until "the L2's listener" grep -q L2-LISTENING /tmp/linux.out || give_up "t
 ping -c 5 10.0.2.2 >/tmp/ping.out 2>&1
 echo "PING-STATUS $?"
 cat /tmp/ping.out
-nc 10.0.2.2 5001 </tmp/to-l2 >/dev/null
+nc 10.0.2.2 5001 </tmp/to-l2 >/dev/null &
+sender=$!
+wait_until "the L1's bytes to go" ended_or $vm ended_or $sender false && running $vm ||
+    give_up "sending to the L2"
+wait $sender
 echo "L1-SEND-STATUS $?"
+wait_until "the L2's bytes" ended_or $vm test -s /tmp/from-l2.md5 && running $vm ||
+    give_up "receiving from the L2"
 wait $receiver
 echo "L1-RECEIVED-MD5 $(cat /tmp/from-l2.md5)"
 mkfifo /tmp/typed
@@ -116,7 +141,6 @@ fn linux_nic_over_a_tap_and_console_over_a_unix_socket() {
     run.assert_status("network", 0);
     let out = run.output("network");
     assert_eq!(line_after(&out, "PVTEST-EXIT "), "0", "{out}");
-    assert_eq!(line_after(&out, "L2-CPUS "), "0-1", "{out}");
 
     // Every ping answered through the TAP.
     assert_eq!(line_after(&out, "PING-STATUS "), "0", "{out}");
@@ -218,23 +242,30 @@ q=$!
 wait_until "the three backends" test -S /tmp/a.sock -a -S /tmp/b.sock -a -S /tmp/q.sock || exit 1
 # There before pvstack's redirection makes it: it is counted right away.
 : >/tmp/linux.out
-RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus 2 --memory 512M --serial \
+RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory 512M --serial \
     --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 \
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
 vm=$!
+# Ends the step after a failure (at once when pvstack has ended), with
+# what the L2, pvstack and the backends printed.
 give_up() {{
-    echo "GAVE-UP $*"
+    echo "GAVE-UP $* at $(date -u +%T)"
+    running $vm && echo "pvstack still runs" || echo "pvstack had ended"
     kill $vm
     wait $vm
     cat /tmp/linux.out /tmp/linux.err
+    for log in /tmp/a.log /tmp/b.log /tmp/q.log; do echo "== $log"; cat $log; done
     exit 1
+}}
+rounds_at_least() {{
+    [ $(grep -c '^ROUND ' /tmp/linux.out) -ge $1 ]
 }}
 # Waits until the L2 has finished two more rounds than it had.
 two_more_rounds() {{
     done_before=$(grep -c '^ROUND ' /tmp/linux.out)
-    wait_until "two more rounds after $1" sh -c \
-        "[ \$(grep -c '^ROUND ' /tmp/linux.out) -ge $((done_before + 2)) ]" || give_up "$1"
+    wait_until "two more rounds after $1" ended_or $vm rounds_at_least $((done_before + 2)) &&
+        running $vm || give_up "$1"
 }}
 two_more_rounds "the start"
 for target in b q a; do
@@ -248,9 +279,9 @@ for crash in 1 2; do
     rm -f /tmp/a.sock
     pvstack-blk --socket /tmp/a.sock --image $img 2>>/tmp/a.log &
     a=$!
-    wait_until "reconnect $crash" sh -c \
-        "pvstack ctl --api-socket /tmp/vm.sock info | grep -q '\"reconnects\":{{\"count\":$crash,'" ||
-        give_up "reconnect $crash"
+    wait_until "reconnect $crash" ended_or $vm sh -c \
+        "pvstack ctl --api-socket /tmp/vm.sock info | grep -q '\"reconnects\":{{\"count\":$crash,'" &&
+        running $vm || give_up "reconnect $crash"
     echo "RECONNECTED $crash"
     two_more_rounds "crash $crash"
 done

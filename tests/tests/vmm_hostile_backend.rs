@@ -22,6 +22,7 @@ use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{run_with_disks, socket_spec, utf8, zeroed_image};
 use pvstack_tests::ScratchDir;
+use serde_json::Value;
 
 const IMAGE_BYTES: usize = 1 << 20;
 
@@ -263,6 +264,48 @@ impl Drop for HostileBackend {
     }
 }
 
+/// Sends pvstack SIGTERM: it must end on it.
+fn assert_ends_on_sigterm(vm: &mut ApiVm) {
+    let status = vm.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+}
+
+/// A VM computing with a disk on a real pvstack-blk (socket options
+/// `options`), which stops; then a backend that misbehaves as
+/// `hostility` says takes its socket.
+fn taken_over(dir: &ScratchDir, options: &[&str], hostility: Hostility) -> (ApiVm, HostileBackend) {
+    let image = dir.path("disk.img");
+    zeroed_image(&image, IMAGE_BYTES);
+    let socket = dir.path("blk.sock");
+    let mut real = BlkProcess::start(&socket, &["--image", utf8(&image)]);
+    let spec = socket_spec(&socket, options);
+    let vm = ApiVm::start(dir, &["--blk", &spec, "--guest-args", LONG_COMPUTE], "");
+    real.terminate_cleanly();
+    let backend = HostileBackend::listen(&socket, hostility);
+    (vm, backend)
+}
+
+/// Waits (for `what`) until `backend` holds a request of pvstack's
+/// unanswered, then asks the control API for the disk: the answer must
+/// come while that request is still unanswered (pvstack gives a backend
+/// 10 s per reply). Returns the disk as `info` shows it and the number
+/// of the connection the backend holds.
+fn device_during_stall(
+    vm: &mut ApiVm,
+    backend: &HostileBackend,
+    what: &str,
+) -> (Value, Option<usize>) {
+    vm.wait_until(what, |_| backend.stalled().is_some());
+    let stalled = backend.stalled();
+    let device = vm.first_device();
+    assert_eq!(
+        backend.stalled(),
+        stalled,
+        "the API answered only once pvstack had given up on the backend"
+    );
+    (device, stalled)
+}
+
 #[test]
 fn a_backend_cannot_resize_guest_memory() {
     let dir = ScratchDir::new("hostile-backend-resize");
@@ -286,8 +329,7 @@ fn a_backend_cannot_resize_guest_memory() {
     );
     // pvstack is alive (no SIGBUS), answers, and ends on SIGTERM.
     assert!(vm.first_device()["backend_state"].is_string());
-    let status = vm.signal_and_wait(libc::SIGTERM);
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+    assert_ends_on_sigterm(&mut vm);
 }
 
 /// A disk on a real pvstack-blk that stops; a hostile backend takes its
@@ -295,14 +337,7 @@ fn a_backend_cannot_resize_guest_memory() {
 /// closes and reports the device failed, still running.
 fn refused_on_reconnect(name: &str, hostility: Hostility, needle: &str) {
     let dir = ScratchDir::new(name);
-    let image = dir.path("disk.img");
-    zeroed_image(&image, IMAGE_BYTES);
-    let socket = dir.path("blk.sock");
-    let mut real = BlkProcess::start(&socket, &["--image", utf8(&image)]);
-    let spec = socket_spec(&socket, &["reconnect-timeout=1"]);
-    let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", LONG_COMPUTE], "");
-    real.terminate_cleanly();
-    let backend = HostileBackend::listen(&socket, hostility);
+    let (mut vm, backend) = taken_over(&dir, &["reconnect-timeout=1"], hostility);
     vm.wait_until("pvstack gives the device up", |vm| {
         vm.first_device()["backend_state"] == "failed"
     });
@@ -313,8 +348,7 @@ fn refused_on_reconnect(name: &str, hostility: Hostility, needle: &str) {
     let log = vm.log();
     assert!(log.contains(needle), "{needle:?} not in:\n{log}");
     assert!(vm.is_running());
-    let status = vm.signal_and_wait(libc::SIGTERM);
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+    assert_ends_on_sigterm(&mut vm);
 }
 
 #[test]
@@ -347,30 +381,17 @@ fn a_configuration_space_larger_than_the_device_is_refused() {
 #[test]
 fn a_silent_backend_holds_neither_the_api_nor_sigterm() {
     let dir = ScratchDir::new("hostile-backend-silent");
-    let image = dir.path("disk.img");
-    zeroed_image(&image, IMAGE_BYTES);
-    let socket = dir.path("blk.sock");
-    let mut real = BlkProcess::start(&socket, &["--image", utf8(&image)]);
-    let spec = socket_spec(&socket, &[]);
-    let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", LONG_COMPUTE], "");
-    real.terminate_cleanly();
-    let backend = HostileBackend::listen(&socket, Hostility::Silent);
-    vm.wait_until("pvstack waits for the silent backend's reply", |_| {
-        backend.stalled().is_some()
-    });
-    let stalled = backend.stalled();
-    // The API answers while pvstack still waits for that reply (it gives
-    // a backend 10 s per reply): the wait holds no lock the API needs.
-    assert_eq!(vm.first_device()["backend_state"], "reconnecting");
-    assert_eq!(
-        backend.stalled(),
-        stalled,
-        "the API answered only once pvstack had given up on the backend"
+    let (mut vm, backend) = taken_over(&dir, &[], Hostility::Silent);
+    // The wait for the reply holds no lock the API needs.
+    let (device, stalled) = device_during_stall(
+        &mut vm,
+        &backend,
+        "pvstack waits for the silent backend's reply",
     );
+    assert_eq!(device["backend_state"], "reconnecting");
     // SIGTERM ends pvstack at once, not after the reply timeout and the
     // next attempt.
-    let status = vm.signal_and_wait(libc::SIGTERM);
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+    assert_ends_on_sigterm(&mut vm);
     assert_eq!(
         Some(backend.connections()),
         stalled,
@@ -388,24 +409,17 @@ fn a_backend_that_stalls_a_guest_reset_holds_neither_the_api_nor_sigterm() {
     // pvstack must stop the backend's rings, and the backend never says
     // it has.
     let mut vm = ApiVm::start(&dir, &["--blk", &spec, "--guest-args", "blk-reset"], "");
-    vm.wait_until("the guest's reset waits for the stalled backend", |_| {
-        backend.stalled().is_some()
-    });
-    let stalled = backend.stalled();
-    // The API answers while GET_VRING_BASE is still unanswered on a live
-    // connection (pvstack gives a backend 10 s per reply): neither the
+    // GET_VRING_BASE stays unanswered on a live connection: neither the
     // vCPU nor the exchange holds the device's lock meanwhile.
-    let device = vm.first_device();
+    let (device, _) = device_during_stall(
+        &mut vm,
+        &backend,
+        "the guest's reset waits for the stalled backend",
+    );
     assert_eq!(device["backend_state"], "connected", "{device:#}");
     assert_eq!(device["active"], false, "{device:#}");
-    assert_eq!(
-        backend.stalled(),
-        stalled,
-        "the API answered only once pvstack had given up on the backend"
-    );
     // SIGTERM ends pvstack during the stall, not after the reply timeout.
-    let status = vm.signal_and_wait(libc::SIGTERM);
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", vm.log());
+    assert_ends_on_sigterm(&mut vm);
     let log = vm.log();
     assert!(!log.contains("did not stop in time"), "{log}");
     assert!(

@@ -124,7 +124,8 @@ impl StampFilter {
         };
         let missing = lost.max(skipped);
         if missing > 0 {
-            self.lost_total += missing;
+            // The guest writes LOST: it may be any u64.
+            self.lost_total = self.lost_total.saturating_add(missing);
             pvstack_logging::warn_limited!(
                 "{missing} lines of guest output lost before line {seq}"
             );
@@ -179,6 +180,16 @@ mod tests {
             "[pvstack-console: 2 lines lost]\r\nb\n"
         );
         assert_eq!(filter.lost_total(), 5);
+    }
+
+    /// A guest's LOST counts are any u64; their total stops at the top.
+    #[test]
+    fn lost_counts_near_the_top_do_not_overflow_the_total() {
+        let mut filter = StampFilter::new();
+        let huge = u64::MAX - 1;
+        run(&mut filter, format!("\x1b_pvs;1;{huge}\x1b\\").as_bytes());
+        run(&mut filter, format!("\x1b_pvs;2;{huge}\x1b\\").as_bytes());
+        assert_eq!(filter.lost_total(), u64::MAX);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pvstack_backend_common::poll::AdaptivePoll;
 use pvstack_backend_common::{avail_pending, clone_exit_event, signal_if_needed, GuestMemorySlot};
-use pvstack_net::datapath::{receive, transmit, Delivery, RxPending};
+use pvstack_net::datapath::{notify_on_more_buffers, receive, transmit, Delivery, RxPending};
 use pvstack_net::features;
 use pvstack_net::frame::MAX_CHAIN_BYTES;
 use pvstack_net::link::Link;
@@ -185,15 +185,19 @@ impl NetBackend {
             if returned {
                 signal_if_needed(vring, RX_QUEUE);
             }
+            let Delivery::NoBuffers { posted } = outcome else {
+                return;
+            };
             // Out of buffers: ask for a kick when the driver adds some
-            // (they may already have come).
-            if outcome == Delivery::NoBuffers
-                && event_idx
-                && matches!(vring.enable_notification(), Ok(true))
-            {
-                continue;
+            // (they may already have come). Without EVENT_IDX kicks on
+            // this queue are never turned off.
+            if !event_idx {
+                return;
             }
-            return;
+            let more = notify_on_more_buffers(vring.get_mut().get_queue_mut(), &*mem, posted);
+            if !matches!(more, Ok(true)) {
+                return;
+            }
         }
     }
 }

@@ -18,8 +18,9 @@ use crate::stats::NetStats;
 pub enum Delivery {
     /// Written into the driver's buffers.
     Delivered,
-    /// Not enough receive buffers; the frame waits.
-    NoBuffers,
+    /// Not enough receive buffers; the frame waits. `posted` is the
+    /// available index it found: the buffers the driver had posted.
+    NoBuffers { posted: u16 },
     /// Dropped: the driver's buffers cannot hold it (or are broken).
     Dropped,
 }
@@ -112,9 +113,34 @@ where
                 pending.len = 0;
                 returned = true;
             }
-            Delivery::NoBuffers => return (returned, Delivery::NoBuffers),
+            outcome @ Delivery::NoBuffers { .. } => return (returned, outcome),
         }
     }
+}
+
+/// After [`Delivery::NoBuffers`] at available index `posted`: asks the
+/// driver to notify the device when it posts another receive buffer, and
+/// returns whether it has posted one since (then deliver again).
+///
+/// With EVENT_IDX the driver notifies when it moves the available index
+/// past the device's `avail_event`. Enabling notifications at the queue's
+/// own position would put `avail_event` at the frame's first buffer,
+/// which the driver has already posted: it would not notify again, and
+/// the buffers it did post would make the caller retry at once, in a
+/// loop, until enough came. So `avail_event` goes to `posted`.
+pub fn notify_on_more_buffers<M>(
+    queue: &mut Queue,
+    mem: &M,
+    posted: u16,
+) -> Result<bool, virtio_queue::Error>
+where
+    M: GuestMemory,
+{
+    let start = queue.next_avail();
+    queue.set_next_avail(posted);
+    let more = queue.enable_notification(mem);
+    queue.set_next_avail(start);
+    more
 }
 
 /// Copies a transmit chain (header + frame) into `buffer`, checking every
@@ -184,8 +210,10 @@ where
             break;
         }
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            // The queue stopped where the driver's posted buffers end.
+            let posted = queue.next_avail();
             queue.set_next_avail(start);
-            return Delivery::NoBuffers;
+            return Delivery::NoBuffers { posted };
         };
         let head = chain.head_index();
         let mut chain_len = 0u32;
@@ -244,7 +272,7 @@ mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Address, GuestMemoryMmap};
 
     const MEM_SIZE: u64 = 0x10_0000;
     const QUEUE_SIZE: u16 = 16;
@@ -388,6 +416,39 @@ mod tests {
         assert_eq!(queue.next_used(), 1, "the too-small buffer goes back empty");
     }
 
+    /// A frame larger than the buffers posted asks for a notification
+    /// at the available index, and retries only once the driver posts more.
+    #[test]
+    fn too_few_buffers_wait_for_the_next_one_without_retrying() {
+        let mem = memory();
+        let stats = NetStats::default();
+        let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        mock.add_desc_chains(&[writable(BUF, 100), writable(BUF + 0x1000, 100)], 0)
+            .expect("chains");
+        let mut queue: Queue = mock.create_queue().expect("queue");
+        queue.set_event_idx(true);
+        let mut frame = vec![1u8; 1000];
+        assert_eq!(
+            deliver(&mut queue, &mem, &mut frame, true, &stats),
+            Delivery::NoBuffers { posted: 2 }
+        );
+        assert_eq!(notify_on_more_buffers(&mut queue, &mem, 2), Ok(false));
+        let avail_event = mock
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(QUEUE_SIZE));
+        let avail_event: u16 = mem.read_obj(avail_event).expect("read");
+        assert_eq!(avail_event, 2, "a notification for the third buffer");
+        assert_eq!(queue.next_avail(), 0, "the two buffers stay available");
+
+        mock.add_desc_chains(&[writable(BUF + 0x2000, 900)], 2)
+            .expect("chain");
+        assert_eq!(notify_on_more_buffers(&mut queue, &mem, 2), Ok(true));
+        assert_eq!(
+            deliver(&mut queue, &mem, &mut frame, true, &stats),
+            Delivery::Delivered
+        );
+    }
+
     #[test]
     fn without_enough_buffers_nothing_is_consumed() {
         let mem = memory();
@@ -396,7 +457,7 @@ mod tests {
         let mut frame = vec![1u8; 1000];
         assert_eq!(
             deliver(&mut queue, &mem, &mut frame, true, &stats),
-            Delivery::NoBuffers
+            Delivery::NoBuffers { posted: 2 }
         );
         assert_eq!((queue.next_avail(), queue.next_used()), (0, 0));
     }

@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
         input.mergeable(),
         &stats,
     );
-    if delivery == Delivery::NoBuffers && input.frames.len() == 1 {
+    if matches!(delivery, Delivery::NoBuffers { .. }) && input.frames.len() == 1 {
         assert_eq!(
             queue.next_used(),
             next_used,

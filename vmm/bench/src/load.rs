@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -80,7 +80,7 @@ impl BackgroundLoad {
             threads,
             cpu_seconds,
             wall_seconds: self.started.elapsed().as_secs_f64(),
-            threads_left_after_stop: own_threads_named(THREAD_PREFIX),
+            threads_left_after_stop: threads_left_after_join(),
         }
     }
 
@@ -122,6 +122,21 @@ fn thread_cpu_seconds() -> f64 {
         return 0.0;
     }
     now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
+/// The load's threads still listed after they were joined, given up to a
+/// second to go: a joined thread's task stays in /proc/self/task for a
+/// moment while the kernel finishes its exit (join returns once the
+/// thread has released its memory, before that).
+fn threads_left_after_join() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let left = own_threads_named(THREAD_PREFIX);
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Threads of this process whose name starts with `prefix`.

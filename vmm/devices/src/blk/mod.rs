@@ -28,9 +28,11 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
-use crate::vhost_user::supervisor::{self, ReconnectPolicy};
+use crate::vhost_user::create::{first_connection, supervised_device};
+use crate::vhost_user::supervisor::ReconnectPolicy;
 use crate::vhost_user::{
-    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, BackendSpec, ConfigSource, DeviceShape, VhostUserDevice,
+    VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -186,10 +188,7 @@ pub fn create_blk(spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> 
 
 /// A block device served by a vhost-user backend.
 fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Result<BlkDevice> {
-    let (mut handle, process) = match ctx.inherited {
-        Some(inherited) => (inherited.adopt(&id)?, None),
-        None => connect(spec)?,
-    };
+    let (mut handle, process) = first_connection(&id, spec, ctx)?;
     let (shape, config) = negotiate_shape(spec, &mut handle)?;
     let queues = shape.queue_max_sizes.len() as u16;
     let events = DeviceEvents::for_context(ctx, queues)?;
@@ -207,21 +206,10 @@ fn create_vhost_user(id: String, spec: &BlkSpec, ctx: &DeviceContext<'_>) -> Res
         ctx.mmio_base,
         ctx.gsi
     );
-    let reconnect_spec = spec.clone();
-    let reconnector = Box::new(move || connect(&reconnect_spec));
-    let device = VhostUserDevice::new(
-        id.clone(),
-        shape,
-        ctx.memory.clone(),
-        handle,
-        process,
-        reconnector,
-        spec.allowed_backend(),
-    );
     let policy = ReconnectPolicy {
         window: spec.reconnect_timeout,
     };
-    let transport = supervisor::supervised(device, events, policy)?;
+    let transport = supervised_device(&id, spec, shape, ctx, (handle, process), events, policy)?;
     Ok(BlkDevice {
         id,
         mode: spec.mode,

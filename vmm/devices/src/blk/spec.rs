@@ -10,7 +10,7 @@ use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
 
 use crate::error::Error;
 use crate::vhost_user::peer::BACKEND_UID_KEY;
-use crate::vhost_user::AllowedBackend;
+use crate::vhost_user::{AllowedBackend, BackendProcess, BackendSpec, VhostUserHandle};
 
 /// Most queues a block device may have.
 pub const MAX_QUEUES: u16 = 64;
@@ -116,9 +116,13 @@ pub struct BlkSpec {
     pub backend_uid: Option<u32>,
 }
 
-impl BlkSpec {
+impl BackendSpec for BlkSpec {
+    fn connect(&self) -> crate::error::Result<(VhostUserHandle, Option<BackendProcess>)> {
+        super::connect(self)
+    }
+
     /// Whose backends may serve the disk.
-    pub fn allowed_backend(&self) -> AllowedBackend {
+    fn allowed_backend(&self) -> AllowedBackend {
         AllowedBackend {
             also_uid: self.backend_uid,
         }

@@ -20,9 +20,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
-use crate::vhost_user::supervisor::{self, ReconnectPolicy, SharedVhostUserDevice};
+use crate::vhost_user::create::{first_connection, supervised_device};
+use crate::vhost_user::supervisor::{ReconnectPolicy, SharedVhostUserDevice};
 use crate::vhost_user::{
-    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, BackendSpec, ConfigSource, DeviceShape, VhostUserHandle,
 };
 use crate::virtio::DeviceEvents;
 
@@ -63,10 +64,7 @@ impl ConsoleDevice {
 /// to a new child) and resumes where the guest left off.
 pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<ConsoleDevice> {
     let id = format!("console{}", ctx.index);
-    let (mut handle, process) = match ctx.inherited {
-        Some(inherited) => (inherited.adopt(&id)?, None),
-        None => connect(spec)?,
-    };
+    let (mut handle, process) = first_connection(&id, spec, ctx)?;
     let shape = negotiate_shape(&mut handle)?;
     let events = DeviceEvents::for_context(ctx, 2)?;
     info!(
@@ -75,17 +73,8 @@ pub fn create_console(spec: &ConsoleSpec, ctx: &DeviceContext<'_>) -> Result<Con
         ctx.mmio_base,
         ctx.gsi
     );
-    let reconnect_spec = spec.clone();
-    let device = VhostUserDevice::new(
-        id.clone(),
-        shape,
-        ctx.memory.clone(),
-        handle,
-        process,
-        Box::new(move || connect(&reconnect_spec)),
-        spec.allowed_backend(),
-    );
-    let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
+    let policy = ReconnectPolicy { window: None };
+    let transport = supervised_device(&id, spec, shape, ctx, (handle, process), events, policy)?;
     let info = ctx.device_info(device_kind::VIRTIO_MMIO, VIRTIO_ID_CONSOLE);
     Ok(ConsoleDevice { transport, info })
 }

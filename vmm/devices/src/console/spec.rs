@@ -7,7 +7,7 @@ use pvstack_options::{Keys, OptionList};
 
 use crate::error::Error;
 use crate::vhost_user::peer::BACKEND_UID_KEY;
-use crate::vhost_user::AllowedBackend;
+use crate::vhost_user::{AllowedBackend, BackendProcess, BackendSpec, VhostUserHandle};
 
 /// Where the guest's console goes.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,10 +37,16 @@ impl ConsoleSpec {
     pub fn is_virtio(&self) -> bool {
         !matches!(self, ConsoleSpec::Uart)
     }
+}
+
+impl BackendSpec for ConsoleSpec {
+    fn connect(&self) -> crate::error::Result<(VhostUserHandle, Option<BackendProcess>)> {
+        super::connect(self)
+    }
 
     /// Whose backends may serve the console: for `socket=`, also
     /// `backend-uid=`; a backend pvstack starts runs as its own user.
-    pub fn allowed_backend(&self) -> AllowedBackend {
+    fn allowed_backend(&self) -> AllowedBackend {
         match self {
             ConsoleSpec::Socket { backend_uid, .. } => AllowedBackend {
                 also_uid: *backend_uid,

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use log::info;
 use pvstack_logging::warn_limited;
-use pvstack_net::datapath::{receive, transmit, Delivery, RxPending};
+use pvstack_net::datapath::{notify_on_more_buffers, receive, transmit, Delivery, RxPending};
 use pvstack_net::features as backend_features;
 use pvstack_net::frame::MAX_CHAIN_BYTES;
 use pvstack_net::link::Link;
@@ -140,10 +140,10 @@ impl Shared {
             if returned {
                 signal(&self.name, &mut running.rx, mem, &running.call);
             }
-            if outcome != Delivery::NoBuffers {
+            let Delivery::NoBuffers { posted } = outcome else {
                 return false;
-            }
-            match running.rx.enable_notification(mem) {
+            };
+            match notify_on_more_buffers(&mut running.rx, mem, posted) {
                 Ok(true) => continue,
                 _ => return true,
             }

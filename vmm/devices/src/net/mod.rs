@@ -22,9 +22,11 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use crate::bus::SharedDevice;
 use crate::context::DeviceContext;
 use crate::error::{Error, Result};
-use crate::vhost_user::supervisor::{self, ReconnectPolicy};
+use crate::vhost_user::create::{first_connection, supervised_device};
+use crate::vhost_user::supervisor::ReconnectPolicy;
 use crate::vhost_user::{
-    BackendConnection, BackendProcess, ConfigSource, DeviceShape, VhostUserDevice, VhostUserHandle,
+    BackendConnection, BackendProcess, BackendSpec, ConfigSource, DeviceShape, VhostUserDevice,
+    VhostUserHandle,
 };
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::DeviceEvents;
@@ -132,10 +134,7 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
     if spec.mode == NetMode::Emulated {
         return create_emulated(id, spec, ctx, mac);
     }
-    let (handle, process) = match ctx.inherited {
-        Some(inherited) => (inherited.adopt(&id)?, None),
-        None => connect(spec)?,
-    };
+    let (handle, process) = first_connection(&id, spec, ctx)?;
     let shape = negotiate_shape(spec, &handle, mac)?;
     let events = DeviceEvents::for_context(ctx, NUM_QUEUES as u16)?;
     info!(
@@ -147,18 +146,8 @@ pub fn create_net(spec: &NetSpec, ctx: &DeviceContext<'_>) -> Result<NetDevice> 
         ctx.mmio_base,
         ctx.gsi
     );
-    let reconnect_spec = spec.clone();
-    let reconnector = Box::new(move || connect(&reconnect_spec));
-    let device = VhostUserDevice::new(
-        id.clone(),
-        shape,
-        ctx.memory.clone(),
-        handle,
-        process,
-        reconnector,
-        spec.allowed_backend(),
-    );
-    let transport = supervisor::supervised(device, events, ReconnectPolicy { window: None })?;
+    let policy = ReconnectPolicy { window: None };
+    let transport = supervised_device(&id, spec, shape, ctx, (handle, process), events, policy)?;
     Ok(NetDevice {
         id,
         bus_device: transport.clone(),

@@ -9,7 +9,7 @@ use pvstack_options::{check_id, parse_queue_size, Keys, OptionList};
 
 use crate::error::Error;
 use crate::vhost_user::peer::BACKEND_UID_KEY;
-use crate::vhost_user::AllowedBackend;
+use crate::vhost_user::{AllowedBackend, BackendProcess, BackendSpec, VhostUserHandle};
 
 /// Queue size when `queue-size` is not given.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -76,9 +76,13 @@ pub struct NetSpec {
     pub backend_uid: Option<u32>,
 }
 
-impl NetSpec {
+impl BackendSpec for NetSpec {
+    fn connect(&self) -> crate::error::Result<(VhostUserHandle, Option<BackendProcess>)> {
+        super::connect(self)
+    }
+
     /// Whose backends may serve the NIC.
-    pub fn allowed_backend(&self) -> AllowedBackend {
+    fn allowed_backend(&self) -> AllowedBackend {
         AllowedBackend {
             also_uid: self.backend_uid,
         }

@@ -1,6 +1,6 @@
 //! The vhost-user side of devices: what a device needs of its backend
 //! ([`connection`]), the vhost-user conversation with one ([`handle`]), a virtio device whose queues a backend serves
-//! ([`device`]), backend processes that pvstack starts itself
+//! ([`device`]) and what creating one of any kind takes ([`create`]), backend processes that pvstack starts itself
 //! ([`process`]), and the thread that reconnects a device whose backend
 //! hung up ([`supervisor`]), swaps and reconnects that never hold the
 //! device's lock while they wait for a backend ([`control`], with
@@ -12,6 +12,7 @@
 
 pub mod connection;
 pub mod control;
+pub mod create;
 pub mod device;
 pub mod handle;
 pub mod peer;
@@ -23,6 +24,7 @@ pub mod watch;
 mod watchdog;
 
 pub use connection::BackendConnection;
+pub use create::BackendSpec;
 pub use device::{
     BackendState, BackendStats, BackendStatus, ConfigSource, DeviceShape, Reconnector,
     RingPosition, VhostUserDevice,
