@@ -247,3 +247,39 @@ fn a_frontend_of_the_user_frontend_uid_names_is_served() {
     );
     assert!(!backend.log().contains(REFUSAL), "{}", backend.log());
 }
+
+/// The unprivileged user a backend started as root switches to (`--user`,
+/// nobody by default for the backends pvstack starts) is shared with
+/// other processes; a frontend of that user is not the one that started
+/// the backend and is refused.
+#[test]
+fn a_frontend_of_the_user_the_backend_switched_to_is_refused() {
+    assert_root();
+    let dir = ScratchDir::new("local-user-switched");
+    open_dir(&dir.path(""), false);
+    const NOBODY: u32 = 65534;
+    let (socket, mut backend) =
+        shared_backend(&dir, "pvstack-blk", &["--user", &NOBODY.to_string()]);
+    backend.wait_for_output("running as");
+
+    assert_eq!(
+        vhost_user_frontend_as(NOBODY, &socket),
+        FrontendOutcome::Refused,
+        "{}",
+        backend.log()
+    );
+    backend.wait_for_output(REFUSAL);
+    assert!(
+        backend
+            .log()
+            .contains(&format!("runs as uid {NOBODY}, not as uid {ROOT}")),
+        "{}",
+        backend.log()
+    );
+    assert_eq!(
+        vhost_user_frontend_as(ROOT, &socket),
+        FrontendOutcome::Served,
+        "{}",
+        backend.log()
+    );
+}

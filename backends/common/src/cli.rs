@@ -34,7 +34,8 @@ pub struct SocketArgs {
     pub socket_mode: u32,
 
     /// Also serve frontends running as this user. By default a frontend
-    /// is served only if it runs as this backend's user or as root; any
+    /// is served only if it runs as the user that started this backend
+    /// (before any --user switch) or as root; any
     /// other is refused (one log line) before it can send anything, and
     /// the backend goes on listening.
     #[arg(long, value_name = "UID", value_parser = parse_uid)]
@@ -58,11 +59,10 @@ pub struct SocketArgs {
 }
 
 impl SocketArgs {
-    /// The users whose frontends this backend serves.
+    /// The users whose frontends this backend serves: its own user as it
+    /// is now, so call this before dropping privileges.
     pub fn trusted_frontends(&self) -> TrustedUsers {
-        TrustedUsers {
-            also: self.frontend_uid,
-        }
+        TrustedUsers::new(self.frontend_uid)
     }
 }
 

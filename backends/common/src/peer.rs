@@ -1,7 +1,7 @@
 //! Who is at the other end of a Unix socket, as the kernel recorded it
 //! when the connection was made (SO_PEERCRED), and whether that user may
-//! be dealt with: this process's own user and root always, one more user
-//! if named. A backend checks each frontend this way before it serves it
+//! be dealt with: the user this process started as and root always, one
+//! more user if named. A backend checks each frontend this way before it serves it
 //! (`--frontend-uid`); pvstack checks each backend before it sends it
 //! guest memory (`backend-uid=`): both sides share this one rule.
 
@@ -16,12 +16,19 @@ pub struct PeerCredentials {
     pub uid: u32,
 }
 
-/// The users a process deals with over its sockets: its own effective
-/// uid and root always, and `also` if given.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The users a process deals with over its sockets: the effective uid it
+/// had when this was made, root, and `also` if given.
+///
+/// The uid is taken when this is made, not at each check: a backend makes
+/// it before it drops to an unprivileged user shared with others (nobody
+/// by default), and must go on serving only the user that started it, not
+/// every process of the user it became.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrustedUsers {
-    /// Another uid allowed besides this process's own and root.
-    pub also: Option<u32>,
+    /// This process's effective uid when this was made.
+    own: u32,
+    /// Another uid allowed besides `own` and root.
+    also: Option<u32>,
 }
 
 /// A peer [`TrustedUsers`] does not allow: says who it is and how to let
@@ -29,7 +36,7 @@ pub struct TrustedUsers {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Untrusted {
     pub peer: PeerCredentials,
-    /// This process's effective uid.
+    /// The uid this process serves as its own.
     pub ours: u32,
 }
 
@@ -44,9 +51,17 @@ impl fmt::Display for Untrusted {
 }
 
 impl TrustedUsers {
+    /// This process's user as it is now, root, and `also`.
+    pub fn new(also: Option<u32>) -> Self {
+        TrustedUsers {
+            own: effective_uid(),
+            also,
+        }
+    }
+
     /// Whether a peer running as `uid` is allowed.
     pub fn allows(&self, uid: u32) -> bool {
-        uid == 0 || uid == effective_uid() || Some(uid) == self.also
+        uid == 0 || uid == self.own || Some(uid) == self.also
     }
 
     /// Checks the process at the other end of `socket` (a connected Unix
@@ -58,7 +73,7 @@ impl TrustedUsers {
         } else {
             Err(Untrusted {
                 peer,
-                ours: effective_uid(),
+                ours: self.own,
             })
         })
     }
@@ -114,13 +129,11 @@ mod tests {
     fn our_own_uid_and_root_are_allowed_and_others_only_by_name() {
         let ours = effective_uid();
         let stranger = ours.wrapping_add(4242).max(1);
-        let default = TrustedUsers::default();
+        let default = TrustedUsers::new(None);
         assert!(default.allows(ours));
         assert!(default.allows(0));
         assert!(!default.allows(stranger));
-        let named = TrustedUsers {
-            also: Some(stranger),
-        };
+        let named = TrustedUsers::new(Some(stranger));
         assert!(named.allows(stranger));
         assert!(!named.allows(stranger + 1));
     }
@@ -131,7 +144,7 @@ mod tests {
         let peer = peer_credentials(&a).unwrap();
         assert_eq!(peer.uid, effective_uid());
         assert_eq!(peer.pid, std::process::id() as i32);
-        assert_eq!(TrustedUsers::default().check(&a).unwrap(), Ok(peer));
+        assert_eq!(TrustedUsers::new(None).check(&a).unwrap(), Ok(peer));
     }
 
     #[test]

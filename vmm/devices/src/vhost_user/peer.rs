@@ -38,9 +38,7 @@ impl AllowedBackend {
     }
 
     fn trusted(&self) -> TrustedUsers {
-        TrustedUsers {
-            also: self.also_uid,
-        }
+        TrustedUsers::new(self.also_uid)
     }
 
     /// Checks the process at the other end of `stream`, connected to the
@@ -74,11 +72,11 @@ mod tests {
     // adds: `backend-uid=` becomes that rule's `also`.
     #[test]
     fn the_backend_uid_is_the_rules_other_user() {
-        assert_eq!(AllowedBackend::default().trusted(), TrustedUsers::default());
+        assert_eq!(AllowedBackend::default().trusted(), TrustedUsers::new(None));
         let named = AllowedBackend {
             also_uid: Some(65534),
         };
-        assert_eq!(named.trusted(), TrustedUsers { also: Some(65534) });
+        assert_eq!(named.trusted(), TrustedUsers::new(Some(65534)));
     }
 
     #[test]
