@@ -284,7 +284,12 @@ impl Vm {
     /// `pvstack ctl ARGS`, which must succeed; its `result`.
     fn ctl_ok(&self, args: &[&str]) -> Value {
         let out = self.ctl(args);
-        assert_eq!(out.code(), 0, "pvstack ctl {args:?}: {out:#?}");
+        assert_eq!(
+            out.code(),
+            0,
+            "pvstack ctl {args:?}: {out:#?}\npvstack's logs:\n{}",
+            self.logs()
+        );
         let response: Value = serde_json::from_str(out.stdout.trim()).expect("JSON response");
         assert_eq!(response["ok"], Value::Bool(true), "{response}");
         response["result"].clone()
