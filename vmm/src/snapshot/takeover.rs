@@ -85,9 +85,15 @@ fn die_if_asked(step: &str) {
 
 /// The file descriptor the new process finds its end of the socket on.
 const CHANNEL_FD: RawFd = 3;
-/// How long either side waits for the other's next message: generous,
-/// it only turns a hung peer into a failure.
+/// How long either side waits for the other's next message while the
+/// guest is paused: generous, it only turns a hung peer into a failure.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long either side waits for the other's next message while the
+/// guest runs on (steps 1 and 2): building a VM and unbinding interrupts
+/// are slow on a busy host (KVM took 48 s to unbind four irqfds on a
+/// machine running three nested guests), and a wait here costs the guest
+/// nothing.
+const PREPARATION_TIMEOUT: Duration = Duration::from_secs(180);
 /// Most descriptors one message carries (the kernel's SCM_MAX_FD).
 const MAX_FDS: usize = 253;
 /// Longest message body accepted.
@@ -148,6 +154,13 @@ struct Channel {
 }
 
 impl Channel {
+    /// How long [`Self::receive`] waits from here on.
+    fn wait_at_most(&self, timeout: Duration) -> Result<()> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| Error::Takeover(format!("cannot set a timeout: {e}")))
+    }
+
     fn send(&self, message: &Message, fds: &[RawFd]) -> Result<()> {
         let body = serde_json::to_vec(message)
             .map_err(|e| Error::Takeover(format!("cannot encode {message:?}: {e}")))?;
@@ -233,19 +246,10 @@ pub fn hand_over(
     live.check_supported("hand over")?;
     let (ours, theirs) = UnixStream::pair()
         .map_err(|e| Error::Takeover(format!("cannot create a socket pair: {e}")))?;
-    ours.set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(|e| Error::Takeover(format!("cannot set a timeout: {e}")))?;
     let mut child = spawn(binary, theirs)?;
     let channel = Channel { stream: ours };
-    // KVM binds an eventfd to one irqfd at a time, across VMs: this VM
-    // lets go of the interrupts for the new one to bind them, while the
-    // new process starts and the guest runs on, since that is slow (see
-    // `relay`).
     let mut irqfds = None;
-    let result = Irqfds::release(live).and_then(|released| {
-        let irqfds = irqfds.insert(released);
-        converse(live, control, listener, &channel, &child, irqfds)
-    });
+    let result = converse(live, control, listener, &channel, &child, &mut irqfds);
     match result {
         Ok(done) => {
             if let Some(irqfds) = irqfds {
@@ -303,17 +307,18 @@ fn spawn(binary: &Path, channel: UnixStream) -> Result<Child> {
 }
 
 /// Steps 1 to 4 of the module documentation, on the old side.
-fn converse(
-    live: &LiveVm,
+fn converse<'a>(
+    live: &'a LiveVm,
     control: &VmControl,
     listener: &UnixListener,
     channel: &Channel,
     child: &Child,
-    irqfds: &mut Irqfds<'_>,
+    irqfds: &mut Option<Irqfds<'a>>,
 ) -> Result<HandedOver> {
     let memory = &control.machine.memory;
     let memfd = memory::backing_file(memory)
         .ok_or_else(|| Error::Takeover("guest memory has no file behind it".into()))?;
+    channel.wait_at_most(PREPARATION_TIMEOUT)?;
     let offered = Instant::now();
     channel.send(
         &Message::Offer {
@@ -321,11 +326,17 @@ fn converse(
         },
         &[memfd.as_raw_fd()],
     )?;
+    // KVM binds an eventfd to one irqfd at a time, across VMs: this VM
+    // lets go of the interrupts for the new one to bind them, while the
+    // new process builds its VM and the guest runs on, since that is
+    // slow (see `relay`).
+    let irqfds = irqfds.insert(Irqfds::release(live)?);
     channel.expect("Prepared", |m| matches!(m, Message::Prepared))?;
 
     let marks = hand_devices_over(live, channel)?;
     let prepared = offered.elapsed();
 
+    channel.wait_at_most(REPLY_TIMEOUT)?;
     let began = Instant::now();
     let mut phases = PhaseClock::start();
     let paused = live.pause(control)?;
@@ -544,7 +555,7 @@ pub fn take_over(args: &TakeOverArgs) -> Result<VmEnd> {
     // socket pair as this descriptor, which nothing else here owns.
     let stream = unsafe { UnixStream::from_raw_fd(args.fd) };
     stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .set_read_timeout(Some(PREPARATION_TIMEOUT))
         .map_err(|e| Error::Takeover(format!("fd {}: not a socket: {e}", args.fd)))?;
     let channel = Channel { stream };
     let end = match take_over_on(&channel) {
@@ -624,6 +635,8 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
         }
     }
     channel.send(&Message::Attached, &[])?;
+    // The old process pauses the guest and sends its state next.
+    channel.wait_at_most(REPLY_TIMEOUT)?;
     log::info!("take-over: devices attached, waiting for the state");
 
     let (message, fds) = channel.receive()?;
