@@ -338,6 +338,21 @@ impl Vm {
     }
 }
 
+impl Drop for Vm {
+    /// A failed test leaves no VM running: after a take-over the VM runs
+    /// in a process that is not this test's child, so it is asked to shut
+    /// down through its API.
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.api.exists() {
+            let _ = self.ctl(&["shutdown"]);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn run_args(backends: &Backends, vm: &Vm, guest_args: &str) -> Vec<String> {
     let mut args = vec!["run".to_string()];
     args.extend(backends.specs.iter().cloned());
