@@ -209,7 +209,7 @@ fn shmem_huge_pages(thp_dir: &Path) -> Item {
 fn shmem_verdict(setting: &str, source: &Path) -> Item {
     let what = "shmem huge pages";
     let advice = format!(
-        "set advise (echo advise > {}/shmem_enabled) for fewer nested page faults on a guest's first touches",
+        "set advise (echo advise > {}/shmem_enabled) so that KVM takes far fewer page faults (EPT/NPT) as a guest first touches its RAM",
         THP_DIR
     );
     match setting {

@@ -238,86 +238,23 @@ mod tests {
 
     #[test]
     fn guest_ram_on_shmem_with_huge_pages_is_mapped_huge() {
-        // A tmpfs mounted huge=advise offers shmem THP to mappings advised
-        // MADV_HUGEPAGE, as `shmem_enabled` = advise does for memfds, without
-        // touching the host's setting: the mount lives in a mount namespace
-        // of this test's thread alone.
-        let dir = std::env::temp_dir().join(format!("pvstack-huge-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: unshare and mount with valid C strings; they change only
-        // this thread's mount namespace, made private first so that nothing
-        // propagates to the host's.
-        unsafe {
-            assert_eq!(
-                libc::unshare(libc::CLONE_NEWNS),
-                0,
-                "unshare: {}",
-                std::io::Error::last_os_error()
-            );
-            let root = path(Path::new("/"));
-            assert_eq!(
-                libc::mount(
-                    std::ptr::null(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null()
-                ),
-                0
-            );
-            let tmpfs = std::ffi::CString::new("tmpfs").unwrap();
-            let options = std::ffi::CString::new("huge=advise,size=64m").unwrap();
-            assert_eq!(
-                libc::mount(
-                    tmpfs.as_ptr(),
-                    path(&dir).as_ptr(),
-                    tmpfs.as_ptr(),
-                    0,
-                    options.as_ptr().cast()
-                ),
-                0,
-                "mount tmpfs huge=advise: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        let tmpfs = huge_tmpfs::HugeTmpfs::mount("memory");
         let size = 16 << 20;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("ram"))
-            .unwrap();
-        file.set_len(size).unwrap();
-        let mem = from_file(file, size).unwrap();
+        let mem = from_file(tmpfs.file("ram", size), size).unwrap();
         assert_eq!(huge_page_misaligned(&mem), None);
         let region = mem.iter().next().unwrap();
         for offset in (0..size).step_by(4096) {
             mem.write_obj(offset, GuestAddress(offset)).unwrap();
         }
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let header = format!("{:x}-", region.as_ptr() as u64);
-        let mapping = smaps
-            .split_inclusive('\n')
-            .skip_while(|line| !line.starts_with(&header))
-            .take_while(|line| !line.starts_with("VmFlags"))
-            .collect::<String>();
-        let pmd_mapped_kib: u64 = mapping
-            .lines()
-            .find_map(|line| line.strip_prefix("ShmemPmdMapped:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .unwrap_or_else(|| panic!("no ShmemPmdMapped for the mapping in smaps:\n{mapping}"));
-        assert!(pmd_mapped_kib >= 2048, "no huge page mapped:\n{mapping}");
+        let pmd_mapped_kib = huge_tmpfs::pmd_mapped_kib(region.as_ptr());
+        assert!(
+            pmd_mapped_kib >= 2048,
+            "no huge page mapped ({pmd_mapped_kib} KiB)"
+        );
         assert_eq!(
             mem.read_obj::<u64>(GuestAddress(size - 4096)).unwrap(),
             size - 4096
         );
-        drop(mem);
-        // SAFETY: unmounts what this test mounted, in its own namespace.
-        unsafe { libc::umount2(path(&dir).as_ptr(), libc::MNT_DETACH) };
-        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]
@@ -326,5 +263,111 @@ mod tests {
         assert_eq!(parse_mem_total(text), Some(24588472 * 1024));
         assert_eq!(parse_mem_total("MemTotal: x kB"), None);
         assert!(host_mem_total(Path::new("/proc/meminfo")).unwrap() > 0);
+    }
+}
+
+/// Shmem with transparent huge pages for tests, without touching the
+/// host's `shmem_enabled`: a tmpfs mounted huge=advise offers 2 MiB pages
+/// to mappings advised MADV_HUGEPAGE, as `shmem_enabled` = advise does for
+/// memfds.
+#[cfg(test)]
+pub(crate) mod huge_tmpfs {
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::path::{Path, PathBuf};
+
+    /// A tmpfs mounted huge=advise in a mount namespace of the calling
+    /// thread alone (a test's own thread), unmounted on drop.
+    pub struct HugeTmpfs {
+        dir: PathBuf,
+    }
+
+    fn c_path(path: &Path) -> CString {
+        CString::new(path.as_os_str().as_encoded_bytes()).unwrap()
+    }
+
+    impl HugeTmpfs {
+        pub fn mount(name: &str) -> HugeTmpfs {
+            let dir =
+                std::env::temp_dir().join(format!("pvstack-huge-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let fstype = CString::new("tmpfs").unwrap();
+            let options = CString::new("huge=advise,size=256m").unwrap();
+            // SAFETY: unshare and mount with valid C strings; they change
+            // only this thread's mount namespace, made private first so
+            // that nothing propagates to the host's.
+            unsafe {
+                assert_eq!(
+                    libc::unshare(libc::CLONE_NEWNS),
+                    0,
+                    "unshare(CLONE_NEWNS): {}",
+                    std::io::Error::last_os_error()
+                );
+                let root = c_path(Path::new("/"));
+                let private = libc::MS_REC | libc::MS_PRIVATE;
+                let rc = libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    private,
+                    std::ptr::null(),
+                );
+                assert_eq!(rc, 0, "make / private: {}", std::io::Error::last_os_error());
+                let rc = libc::mount(
+                    fstype.as_ptr(),
+                    c_path(&dir).as_ptr(),
+                    fstype.as_ptr(),
+                    0,
+                    options.as_ptr().cast(),
+                );
+                assert_eq!(
+                    rc,
+                    0,
+                    "mount tmpfs huge=advise: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            HugeTmpfs { dir }
+        }
+
+        /// A new file `name` of `size` bytes (all holes) on this tmpfs.
+        pub fn file(&self, name: &str, size: u64) -> File {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(self.dir.join(name))
+                .unwrap();
+            file.set_len(size).unwrap();
+            file
+        }
+    }
+
+    impl Drop for HugeTmpfs {
+        fn drop(&mut self) {
+            // SAFETY: unmounts what `mount` mounted, in this thread's namespace.
+            unsafe { libc::umount2(c_path(&self.dir).as_ptr(), libc::MNT_DETACH) };
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+
+    /// The KiB of the mapping that starts at `start` mapped with 2 MiB
+    /// page-table entries (ShmemPmdMapped in /proc/self/smaps).
+    pub fn pmd_mapped_kib(start: *const u8) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let header = format!("{:x}-", start as u64);
+        let mapping = smaps
+            .split_inclusive('\n')
+            .skip_while(|line| !line.starts_with(&header))
+            .take_while(|line| !line.starts_with("VmFlags"))
+            .collect::<String>();
+        mapping
+            .lines()
+            .find_map(|line| line.strip_prefix("ShmemPmdMapped:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or_else(|| {
+                panic!("no ShmemPmdMapped for the mapping at {start:?} in smaps:\n{mapping}")
+            })
     }
 }

@@ -210,4 +210,40 @@ mod tests {
         assert!(err.contains("holds 67108864 bytes"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn guest_ram_in_huge_pages_saves_and_restores() {
+        // Where shmem THP is on, guest RAM's data comes in 2 MiB folios:
+        // SEEK_DATA finds whole huge pages, and both restores bring back
+        // the bytes (a map restore from a huge tmpfs gets huge pages again).
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+        let tmpfs = crate::memory::huge_tmpfs::HugeTmpfs::mount("memfile");
+        let size = 64 << 20;
+        let memory = crate::memory::from_file(tmpfs.file("ram", size), size).unwrap();
+        memory.write_slice(b"first page", GuestAddress(0)).unwrap();
+        memory
+            .write_slice(b"far away", GuestAddress(40 << 20))
+            .unwrap();
+        let pmd = crate::memory::huge_tmpfs::pmd_mapped_kib(memory.iter().next().unwrap().as_ptr());
+        assert_eq!(pmd, 2 * 2048, "both writes in huge pages");
+        let dir = std::env::temp_dir().join(format!("pvstack-memfile-huge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory.bin");
+        let _ = std::fs::remove_file(&path);
+        let memfd = crate::memory::backing_file(&memory).unwrap();
+        let saved = save(memfd, size, &path).unwrap();
+        assert_eq!(saved.data_bytes, 2 * (2 << 20), "the two huge pages, whole");
+        for mode in [MemoryMode::Copy, MemoryMode::Map] {
+            let restored =
+                crate::memory::from_file(load(&path, size, mode).unwrap(), size).unwrap();
+            let mut buf = [0u8; 10];
+            restored.read_slice(&mut buf, GuestAddress(0)).unwrap();
+            assert_eq!(&buf, b"first page", "{mode:?}");
+            restored
+                .read_slice(&mut buf[..8], GuestAddress(40 << 20))
+                .unwrap();
+            assert_eq!(&buf[..8], b"far away", "{mode:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
