@@ -16,6 +16,7 @@
 //! (`shmem_get_unmapped_area`), which [`huge_page_misaligned`] verifies.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,6 +31,42 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 /// Creates `size` bytes of guest RAM backed by a fresh memfd.
 pub fn create(size: u64) -> Result<GuestMemory> {
     from_file(create_memfd(size)?, size)
+}
+
+/// Creates `size` bytes of guest RAM in the host's reserved 2 MiB huge
+/// pages (a hugetlbfs memfd), every page taken now: a hugetlbfs page the
+/// host cannot supply later would be a SIGBUS in whoever touches it (the
+/// VMM, KVM on the guest's behalf, a backend). `size` must be whole huge
+/// pages (a usage error otherwise).
+pub fn create_huge(size: u64) -> Result<GuestMemory> {
+    if size % HUGE_PAGE_SIZE != 0 {
+        return Err(Error::Usage(format!(
+            "--hugepages: --memory must be a multiple of 2M, got {size} bytes"
+        )));
+    }
+    let memfd = new_memfd(size, Some(memfd::HugetlbSize::Huge2MB))?;
+    // SAFETY: fallocate on the descriptor this function owns; no memory
+    // is passed.
+    if unsafe { libc::fallocate(memfd.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
+        return Err(Error::HugePages {
+            needed: size / HUGE_PAGE_SIZE,
+            free: free_huge_pages(Path::new("/proc/meminfo")).unwrap_or(0),
+            cause: std::io::Error::last_os_error(),
+        });
+    }
+    from_file(seal_size(memfd, size)?, size)
+}
+
+/// The free huge pages of the default size, from `HugePages_Free` in
+/// `meminfo` (normally /proc/meminfo).
+fn free_huge_pages(meminfo: &Path) -> Option<u64> {
+    std::fs::read_to_string(meminfo)
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("HugePages_Free:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Guest RAM of `size` bytes backed by `file` (a memfd, or a snapshot's
@@ -123,24 +160,38 @@ fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
 /// the VMM. F_SEAL_SEAL keeps a backend from adding seals of its own
 /// (F_SEAL_FUTURE_WRITE would keep the next backend from mapping it).
 pub fn create_memfd(size: u64) -> Result<File> {
-    use memfd::FileSeal;
-    let memory_error = |source| Error::Memory {
-        size,
-        cause: source,
-    };
-    let memfd_error = |e| match e {
+    seal_size(new_memfd(size, None)?, size)
+}
+
+fn memory_error(size: u64) -> impl Fn(std::io::Error) -> Error {
+    move |cause| Error::Memory { size, cause }
+}
+
+fn memfd_error(size: u64) -> impl Fn(memfd::Error) -> Error {
+    move |e| match e {
         memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => {
-            memory_error(e)
+            memory_error(size)(e)
         }
-    };
+    }
+}
+
+/// A new memfd of `size` bytes (all holes), in huge pages of `huge` if given.
+fn new_memfd(size: u64, huge: Option<memfd::HugetlbSize>) -> Result<memfd::Memfd> {
     let memfd = memfd::MemfdOptions::default()
         .allow_sealing(true)
+        .hugetlb(huge)
         .create("pvstack-guest-ram")
-        .map_err(memfd_error)?;
-    memfd.as_file().set_len(size).map_err(memory_error)?;
+        .map_err(memfd_error(size))?;
+    memfd.as_file().set_len(size).map_err(memory_error(size))?;
+    Ok(memfd)
+}
+
+/// Seals `memfd` at its size (see [`create_memfd`]).
+fn seal_size(memfd: memfd::Memfd, size: u64) -> Result<File> {
+    use memfd::FileSeal;
     memfd
         .add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal])
-        .map_err(memfd_error)?;
+        .map_err(memfd_error(size))?;
     Ok(memfd.into_file())
 }
 
@@ -255,6 +306,25 @@ mod tests {
             mem.read_obj::<u64>(GuestAddress(size - 4096)).unwrap(),
             size - 4096
         );
+    }
+
+    #[test]
+    fn huge_pages_are_counted_from_meminfo_and_must_be_whole() {
+        let dir = std::env::temp_dir().join(format!("pvstack-meminfo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let meminfo = dir.join("meminfo");
+        std::fs::write(
+            &meminfo,
+            "HugePages_Total:     128\nHugePages_Free:       96\n",
+        )
+        .unwrap();
+        assert_eq!(free_huge_pages(&meminfo), Some(96));
+        std::fs::write(&meminfo, "MemTotal: 1 kB\n").unwrap();
+        assert_eq!(free_huge_pages(&meminfo), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(free_huge_pages(Path::new("/proc/meminfo")).is_some());
+        let err = create_huge((4 << 20) + 4096).unwrap_err();
+        assert!(err.is_usage(), "{err}");
     }
 
     #[test]
