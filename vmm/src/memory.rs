@@ -45,15 +45,22 @@ pub fn create_huge(size: u64) -> Result<GuestMemory> {
         )));
     }
     let memfd = new_memfd(size, Some(memfd::HugetlbSize::Huge2MB))?;
+    // Counted before: a fallocate that fails keeps the pages it got until
+    // the memfd is dropped.
+    let free = free_huge_pages(Path::new("/proc/meminfo")).unwrap_or(0);
     // SAFETY: fallocate on the descriptor this function owns; no memory
     // is passed.
     if unsafe { libc::fallocate(memfd.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
         return Err(Error::HugePages {
             needed: size / HUGE_PAGE_SIZE,
-            free: free_huge_pages(Path::new("/proc/meminfo")).unwrap_or(0),
+            free,
             cause: std::io::Error::last_os_error(),
         });
     }
+    log::info!(
+        "guest RAM: {} reserved huge pages of 2 MiB (hugetlbfs), all taken",
+        size / HUGE_PAGE_SIZE
+    );
     from_file(seal_size(memfd, size)?, size)
 }
 
