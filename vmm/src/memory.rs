@@ -101,7 +101,7 @@ pub fn from_file(file: File, size: u64) -> Result<GuestMemory> {
 }
 
 /// The size of a transparent huge page (PMD) on x86_64.
-pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Advises every region of `memory` MADV_HUGEPAGE. Only advice: where the
 /// host has no THP for this memory (shmem THP off, a file on a disk file
@@ -131,7 +131,7 @@ fn advise_huge_pages(memory: &GuestMemory) {
 /// The guest address of the first region whose host mapping does not
 /// agree with its guest address modulo [`HUGE_PAGE_SIZE`] (KVM then maps
 /// it with 4 KiB pages only), or None when every region can be mapped huge.
-pub fn huge_page_misaligned(memory: &GuestMemory) -> Option<u64> {
+fn huge_page_misaligned(memory: &GuestMemory) -> Option<u64> {
     memory
         .iter()
         .find(|region| (region.as_ptr() as u64 ^ region.start_addr().0) % HUGE_PAGE_SIZE != 0)
