@@ -155,6 +155,46 @@ fn memory_larger_than_the_host() {
 }
 
 #[test]
+fn hugepages_need_whole_huge_pages_of_memory() {
+    let run = run_pvstack(&["run", "--hugepages", "--memory", "5M"]);
+    assert_one_line_error(
+        &run,
+        USAGE,
+        "--hugepages: --memory must be a multiple of 2M",
+    );
+}
+
+#[test]
+fn hugepages_beyond_the_hosts_free_ones_stop_before_the_guest_runs() {
+    // One page more than the host has free: taken when the VM is created,
+    // so the shortfall is one line, not a SIGBUS when the guest gets there.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let free: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("HugePages_Free in /proc/meminfo");
+    let pages = (free + 1).max(2);
+    assert!(
+        pages << 21 <= layout::MAX_MEMORY,
+        "host has too many huge pages for this test"
+    );
+    let size = format!("{}M", pages * 2);
+    let run = run_pvstack(&["run", "--hugepages", "--memory", &size]);
+    assert_one_line_error(
+        &run,
+        RUNTIME,
+        &format!("--hugepages: cannot take {pages} huge pages of 2 MiB for guest RAM"),
+    );
+    assert!(
+        run.stderr.contains(&format!("the host has {free} free"))
+            && run.stderr.contains("vm.nr_hugepages"),
+        "{run:#?}"
+    );
+    assert!(!run.stdout.contains("Hello"), "the guest ran: {run:#?}");
+}
+
+#[test]
 fn zero_or_too_many_cpus() {
     assert_one_line_error(&run_pvstack(&["run", "--cpus", "0"]), USAGE, "--cpus");
     let too_many = (layout::MAX_VCPUS + 1).to_string();

@@ -188,6 +188,46 @@ fn check_reports_pvm_and_passes() {
 }
 
 #[test]
+fn check_reports_the_hosts_shmem_huge_page_setting() {
+    // The setting in force for 2 MiB shmem pages, read here on its own: the
+    // per-size file (kernels from 6.11) unless it inherits the global one.
+    let bracketed = |path: &str| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.split_whitespace()
+            .find_map(|w| Some(w.strip_prefix('[')?.strip_suffix(']')?.to_string()))
+    };
+    let global = bracketed("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .expect("this host's kernel has shmem THP settings");
+    let setting =
+        match bracketed("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled") {
+            Some(own) if own != "inherit" => own,
+            _ => global,
+        };
+    let run = run_pvstack(&["check"]);
+    assert_eq!(run.code(), 0, "{run:#?}");
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("shmem huge pages"))
+        .unwrap_or_else(|| panic!("no shmem huge pages line: {run:#?}"));
+    assert!(line.contains(&format!(" {setting} (")), "{setting}: {line}");
+    if ["advise", "always", "within_size", "force"].contains(&setting.as_str()) {
+        assert!(
+            line.starts_with("ok") && line.ends_with("gets 2 MiB pages"),
+            "{line}"
+        );
+    } else {
+        assert!(line.starts_with("WARN"), "{line}");
+        assert!(
+            line.contains(
+                "set advise (echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled)"
+            ),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn check_fails_without_kvm() {
     let run = run_pvstack(&["check", "--kvm-device", "/nonexistent/kvm"]);
     assert_eq!(run.code(), 1, "{run:#?}");

@@ -38,6 +38,19 @@ fn guest_runs_at_cpl0_under_svm_and_its_disk_works() {
              --guest-args 'blk-verify queues=2 depth=32 seed=7'",
         )
         .step("disk-md5", "md5sum /tmp/disk.img")
+        // --hugepages with the L1's own reserved huge pages: a backend maps
+        // the hugetlbfs memfd and the guest's disk works; then one page
+        // more than are free is refused before the guest runs.
+        .step(
+            "hugepages",
+            "echo 40 >/proc/sys/vm/nr_hugepages && truncate -s 16M /tmp/huge.img && \
+             RUST_LOG=info pvstack run --hugepages --memory 64M --blk image=/tmp/huge.img \
+             --guest-args 'blk-verify depth=8 seed=3'",
+        )
+        .step(
+            "hugepages-short",
+            "RUST_LOG=warn pvstack run --hugepages --memory 82M --guest-args hello",
+        )
         .run();
 
     run.assert_status("check", 0);
@@ -77,6 +90,26 @@ fn guest_runs_at_cpl0_under_svm_and_its_disk_works() {
     assert_eq!(verify["bytes"], (64u64 << 20).to_string());
     assert_eq!(verify["mismatches"], "0");
     assert_eq!(verify["errors"], "0");
+
+    run.assert_status("hugepages", 0);
+    let huge = run.output("hugepages");
+    assert!(
+        huge.contains("guest RAM: 32 reserved huge pages of 2 MiB (hugetlbfs), all taken"),
+        "{huge}"
+    );
+    let verify = run.result("hugepages", "blk-verify");
+    assert_eq!(verify["bytes"], (16u64 << 20).to_string(), "{huge}");
+    assert_eq!(verify["mismatches"], "0", "{huge}");
+    assert_eq!(verify["errors"], "0", "{huge}");
+    run.assert_status("hugepages-short", 1);
+    let short = run.output("hugepages-short");
+    assert!(
+        short.contains(
+            "pvstack: error: --hugepages: cannot take 41 huge pages of 2 MiB for guest RAM"
+        ) && short.contains("the host has 40 free"),
+        "{short}"
+    );
+    assert!(!short.contains("Hello"), "{short}");
 
     // The image in the L1 holds the pattern the guest wrote.
     run.assert_status("disk-md5", 0);

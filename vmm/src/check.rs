@@ -83,6 +83,7 @@ pub fn check_host(kvm_device: &Path) -> Vec<Item> {
     }
     items.push(linux_guests(flavour));
     items.push(memfd());
+    items.push(shmem_huge_pages(Path::new(THP_DIR)));
     items.push(io_uring());
     items.push(tun());
     items.extend(protections());
@@ -239,6 +240,79 @@ fn memfd() -> Item {
     }
 }
 
+/// Where the kernel's transparent-huge-page settings are.
+const THP_DIR: &str = "/sys/kernel/mm/transparent_hugepage";
+
+/// Whether guest RAM (a memfd: shmem) can get 2 MiB transparent huge pages,
+/// from `shmem_enabled` under `thp_dir`, and, on kernels with per-size
+/// settings (6.11 and later), `hugepages-2048kB/shmem_enabled`, which
+/// decides for 2 MiB pages unless it says `inherit`.
+fn shmem_huge_pages(thp_dir: &Path) -> Item {
+    let what = "shmem huge pages";
+    let knob = thp_dir.join("shmem_enabled");
+    let Ok(text) = std::fs::read_to_string(&knob) else {
+        return item(
+            Verdict::Warn,
+            what,
+            format!(
+                "{} not found (kernel without transparent huge pages): guest RAM uses 4 KiB pages",
+                knob.display()
+            ),
+        );
+    };
+    let Some(global) = selected_setting(&text) else {
+        return item(
+            Verdict::Warn,
+            what,
+            format!(
+                "{} reads {:?}, no [setting] in it",
+                knob.display(),
+                text.trim()
+            ),
+        );
+    };
+    let per_size = thp_dir.join("hugepages-2048kB/shmem_enabled");
+    let per_size_text = std::fs::read_to_string(&per_size).unwrap_or_default();
+    match selected_setting(&per_size_text) {
+        Some("inherit") | None => shmem_verdict(global, &knob),
+        Some(own) => shmem_verdict(own, &per_size),
+    }
+}
+
+/// The item for the setting `setting` read from `source`.
+fn shmem_verdict(setting: &str, source: &Path) -> Item {
+    let what = "shmem huge pages";
+    let advice = format!(
+        "set advise (echo advise > {}/shmem_enabled) so that KVM takes far fewer page faults (EPT/NPT) as a guest first touches its RAM",
+        THP_DIR
+    );
+    match setting {
+        "advise" | "always" | "within_size" | "force" => item(
+            Verdict::Ok,
+            what,
+            format!(
+                "{setting} ({}): guest RAM, advised MADV_HUGEPAGE, gets 2 MiB pages",
+                source.display()
+            ),
+        ),
+        _ => item(
+            Verdict::Warn,
+            what,
+            format!(
+                "{setting} ({}): guest RAM uses 4 KiB pages; {advice}",
+                source.display()
+            ),
+        ),
+    }
+}
+
+/// The setting in brackets in a sysfs choice file, e.g. `advise` in
+/// "always within_size [advise] never deny force".
+fn selected_setting(text: &str) -> Option<&str> {
+    text.split_whitespace()
+        .find_map(|word| word.strip_prefix('[')?.strip_suffix(']'))
+}
+
 fn io_uring() -> Item {
     let knob = "/proc/sys/kernel/io_uring_disabled";
     match std::fs::read_to_string(knob).map(|s| s.trim().to_string()) {
@@ -283,6 +357,77 @@ mod tests {
         let pvm = linux_guests(Flavour::Pvm);
         assert_eq!(pvm.verdict, Verdict::Warn);
         assert!(pvm.detail.starts_with("no: "));
+    }
+
+    #[test]
+    fn the_bracketed_shmem_setting_is_the_one_in_force() {
+        let host = "always within_size advise [never] deny force\n";
+        assert_eq!(selected_setting(host), Some("never"));
+        assert_eq!(
+            selected_setting("always within_size [advise] never deny force"),
+            Some("advise")
+        );
+        assert_eq!(
+            selected_setting("always inherit within_size advise [inherit] never"),
+            Some("inherit")
+        );
+        assert_eq!(selected_setting("always advise never"), None);
+        assert_eq!(selected_setting(""), None);
+        assert_eq!(selected_setting("[] x"), Some(""));
+    }
+
+    #[test]
+    fn shmem_huge_pages_need_advise_always_or_within_size() {
+        let source = Path::new("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+        for setting in ["advise", "always", "within_size"] {
+            let got = shmem_verdict(setting, source);
+            assert_eq!(got.verdict, Verdict::Ok, "{got}");
+            assert!(got.detail.contains("2 MiB pages"), "{got}");
+        }
+        for setting in ["never", "deny"] {
+            let got = shmem_verdict(setting, source);
+            assert_eq!(got.verdict, Verdict::Warn, "{got}");
+            assert!(
+                got.detail.contains("4 KiB pages; set advise (echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled)"),
+                "{got}"
+            );
+        }
+    }
+
+    #[test]
+    fn shmem_huge_pages_reads_the_2mib_setting_and_its_inheritance() {
+        let dir = std::env::temp_dir().join(format!("pvstack-thp-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("hugepages-2048kB")).unwrap();
+        let write = |file: &str, text: &str| std::fs::write(dir.join(file), text).unwrap();
+        write(
+            "shmem_enabled",
+            "always within_size [advise] never deny force\n",
+        );
+        let got = shmem_huge_pages(&dir);
+        assert_eq!(got.verdict, Verdict::Ok, "{got}");
+        assert!(got.detail.starts_with("advise ("), "{got}");
+        write(
+            "hugepages-2048kB/shmem_enabled",
+            "always inherit within_size advise [never]\n",
+        );
+        let got = shmem_huge_pages(&dir);
+        assert_eq!(got.verdict, Verdict::Warn, "{got}");
+        assert!(
+            got.detail.contains("hugepages-2048kB/shmem_enabled"),
+            "{got}"
+        );
+        write(
+            "hugepages-2048kB/shmem_enabled",
+            "always [inherit] within_size advise never\n",
+        );
+        assert_eq!(shmem_huge_pages(&dir).verdict, Verdict::Ok);
+        write("shmem_enabled", "garbage\n");
+        let got = shmem_huge_pages(&dir);
+        assert_eq!(got.verdict, Verdict::Warn, "{got}");
+        assert!(got.detail.contains("no [setting]"), "{got}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let got = shmem_huge_pages(&dir);
+        assert!(got.detail.contains("not found"), "{got}");
     }
 
     #[test]

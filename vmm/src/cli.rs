@@ -45,6 +45,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory_size)]
     pub memory: u64,
 
+    /// Back guest RAM with the host's reserved 2 MiB huge pages (a
+    /// hugetlbfs memfd, MFD_HUGETLB) instead of ordinary shared memory,
+    /// all taken when the VM is created: --memory must be whole 2 MiB
+    /// pages and the host must have that many free (reserve them with
+    /// `sysctl vm.nr_hugepages=N`), or pvstack stops with one line. A
+    /// snapshot of such a VM restores into ordinary memory.
+    #[arg(long)]
+    pub hugepages: bool,
+
     /// Number of vCPUs. pvstack's own guest starts on vCPU 0 and starts
     /// the others with a hypercall; Linux brings them all up.
     #[arg(long, value_name = "N", default_value_t = 1,

@@ -46,6 +46,13 @@ pub enum Error {
     /// Creating or mapping guest memory failed.
     #[error("cannot create guest memory of {size} bytes: {cause}")]
     Memory { size: u64, cause: std::io::Error },
+    /// The host has too few free hugetlbfs pages for `--hugepages`.
+    #[error("--hugepages: cannot take {needed} huge pages of 2 MiB for guest RAM ({cause}); the host has {free} free (HugePages_Free in /proc/meminfo): reserve more with sysctl vm.nr_hugepages")]
+    HugePages {
+        needed: u64,
+        free: u64,
+        cause: std::io::Error,
+    },
     /// vm-memory refused the region layout.
     #[error("cannot map guest memory: {0}")]
     MemoryMap(vm_memory::mmap::FromRangesError),

@@ -23,6 +23,7 @@ use crate::console::{guest_stdout, Console};
 use crate::error::{Error, Result};
 use crate::kvm_flavour::{Flavour, Privilege};
 use crate::lifecycle::VmEnd;
+use crate::memory;
 use crate::snapshot::state::{DeviceKind, VmSpec};
 use crate::snapshot::{LiveDevice, LiveVm};
 use crate::vm::{Vm, VmConfig};
@@ -40,14 +41,19 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
         Some(path) => Console::file(path, args.console_log_max_bytes)?,
         None => Console::stdout(),
     };
-    let mut vm = Vm::new(&VmConfig {
+    let config = VmConfig {
         kvm_device: args.kvm_device.clone(),
         memory_size: args.memory,
         cpus: args.cpus,
         privilege: args.guest_privilege,
         cmdline: args.own_guest_args().to_string(),
         linux: guest.is_linux(),
-    })?;
+    };
+    let mut vm = if args.hugepages {
+        Vm::with_memory(&config, memory::create_huge(args.memory)?)?
+    } else {
+        Vm::new(&config)?
+    };
     let mut spec = VmSpec {
         kvm_device: args.kvm_device.clone(),
         memory_size: args.memory,

@@ -15,6 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -66,14 +67,18 @@ pub fn data_extents(file: &File, size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
-/// Copies `len` bytes at `offset` of `from` to the same offset of `to`,
-/// in the kernel.
-fn copy_extent(from: &File, to: &File, offset: u64, len: u64, target: &Path) -> Result<()> {
-    let io_error = |source| Error::File {
+fn copy_error(target: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |cause| Error::File {
         action: "copy guest memory to",
         path: target.to_path_buf(),
-        cause: source,
-    };
+        cause,
+    }
+}
+
+/// Copies `len` bytes at `offset` of `from` to the same offset of `to`,
+/// in the kernel; returns the bytes written.
+fn copy_extent(from: &File, to: &File, offset: u64, len: u64, target: &Path) -> Result<u64> {
+    let io_error = copy_error(target);
     let mut done = 0u64;
     while done < len {
         let at = (offset + done) as i64;
@@ -92,6 +97,9 @@ fn copy_extent(from: &File, to: &File, offset: u64, len: u64, target: &Path) -> 
             if err.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
+            if done == 0 && err.raw_os_error() == Some(libc::EINVAL) {
+                return copy_through_buffer(from, to, offset, len, target);
+            }
             return Err(io_error(err));
         }
         if sent == 0 {
@@ -99,7 +107,35 @@ fn copy_extent(from: &File, to: &File, offset: u64, len: u64, target: &Path) -> 
         }
         done += sent as u64;
     }
-    Ok(())
+    Ok(len)
+}
+
+/// Copies as [`copy_extent`] does, through a buffer, for a file the kernel
+/// cannot sendfile from (hugetlbfs, the guest RAM of `run --hugepages`,
+/// whose every byte SEEK_DATA calls data): chunks of zeros stay holes in
+/// `to`. Returns the bytes written.
+fn copy_through_buffer(
+    from: &File,
+    to: &File,
+    offset: u64,
+    len: u64,
+    target: &Path,
+) -> Result<u64> {
+    let io_error = copy_error(target);
+    let mut buf = vec![0u8; 2 << 20];
+    let mut written = 0u64;
+    let mut done = 0u64;
+    while done < len {
+        let chunk = &mut buf[..(len - done).min(2 << 20) as usize];
+        from.read_exact_at(chunk, offset + done)
+            .map_err(&io_error)?;
+        if chunk.iter().any(|&byte| byte != 0) {
+            to.write_all_at(chunk, offset + done).map_err(&io_error)?;
+            written += chunk.len() as u64;
+        }
+        done += chunk.len() as u64;
+    }
+    Ok(written)
 }
 
 /// What [`save`] wrote.
@@ -126,8 +162,7 @@ pub fn save(memfd: &File, size: u64, path: &Path) -> Result<SavedMemory> {
         .map_err(|e| file_error("size the memory file", e))?;
     let mut data_bytes = 0;
     for (offset, len) in data_extents(memfd, size)? {
-        copy_extent(memfd, &file, offset, len, path)?;
-        data_bytes += len;
+        data_bytes += copy_extent(memfd, &file, offset, len, path)?;
     }
     file.sync_data()
         .map_err(|e| file_error("write the memory file to disk", e))?;
@@ -208,6 +243,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("holds 67108864 bytes"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn guest_ram_in_huge_pages_saves_and_restores() {
+        // Where shmem THP is on, guest RAM's data comes in 2 MiB folios:
+        // SEEK_DATA finds whole huge pages, and both restores bring back
+        // the bytes (a map restore from a huge tmpfs gets huge pages again).
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+        let tmpfs = crate::memory::huge_tmpfs::HugeTmpfs::mount("memfile");
+        let size = 64 << 20;
+        let memory = crate::memory::from_file(tmpfs.file("ram", size), size).unwrap();
+        memory.write_slice(b"first page", GuestAddress(0)).unwrap();
+        memory
+            .write_slice(b"far away", GuestAddress(40 << 20))
+            .unwrap();
+        let pmd = crate::memory::huge_tmpfs::pmd_mapped_kib(memory.iter().next().unwrap().as_ptr());
+        assert_eq!(pmd, 2 * 2048, "both writes in huge pages");
+        let dir = std::env::temp_dir().join(format!("pvstack-memfile-huge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory.bin");
+        let _ = std::fs::remove_file(&path);
+        let memfd = crate::memory::backing_file(&memory).unwrap();
+        let saved = save(memfd, size, &path).unwrap();
+        assert_eq!(saved.data_bytes, 2 * (2 << 20), "the two huge pages, whole");
+        for mode in [MemoryMode::Copy, MemoryMode::Map] {
+            let restored =
+                crate::memory::from_file(load(&path, size, mode).unwrap(), size).unwrap();
+            let mut buf = [0u8; 10];
+            restored.read_slice(&mut buf, GuestAddress(0)).unwrap();
+            assert_eq!(&buf, b"first page", "{mode:?}");
+            restored
+                .read_slice(&mut buf[..8], GuestAddress(40 << 20))
+                .unwrap();
+            assert_eq!(&buf[..8], b"far away", "{mode:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hugetlbfs_guest_ram_is_saved_through_a_buffer_and_stays_sparse() {
+        // A hugetlbfs memfd (run --hugepages) cannot be sendfile'd from and
+        // calls all of itself data; unallocated huge pages read as zeros
+        // (this needs no reserved huge pages), so the copy writes nothing.
+        let size = 8 << 20;
+        let memfd = memfd::MemfdOptions::default()
+            .hugetlb(Some(memfd::HugetlbSize::Huge2MB))
+            .create("pvstack-test-hugetlb")
+            .unwrap()
+            .into_file();
+        memfd.set_len(size).unwrap();
+        assert_eq!(data_extents(&memfd, size).unwrap(), vec![(0, size)]);
+        let dir =
+            std::env::temp_dir().join(format!("pvstack-memfile-hugetlb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("memory.bin");
+        let _ = std::fs::remove_file(&path);
+        let saved = save(&memfd, size, &path).unwrap();
+        assert_eq!(saved.data_bytes, 0);
+        let file = File::open(&path).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), size);
+        assert!(data_extents(&file, size).unwrap().is_empty(), "all holes");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
