@@ -645,10 +645,12 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
 #[test]
 fn a_vm_with_device_state_in_the_vmm_is_neither_snapshotted_nor_handed_over() {
     let dir = ScratchDir::new("snapshot-unsupported");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let mut vm = Vm::new(&dir);
     vm.spawn(&[
         "run".into(),
-        "--serial".into(),
+        format!("--blk=image={},mode=emulated-virtio", utf8(&image)),
         "--api-socket".into(),
         utf8(&vm.api).into(),
         "--console-log".into(),
@@ -665,7 +667,10 @@ fn a_vm_with_device_state_in_the_vmm_is_neither_snapshotted_nor_handed_over() {
         assert_eq!(out.code(), 1, "{out:#?}");
         let response: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
         let error = response["error"].as_str().expect("error");
-        assert!(error.contains("the emulated UART (--serial)"), "{error}");
+        assert!(
+            error.contains("blk0 is served in the VMM (mode=emulated-virtio)"),
+            "{error}"
+        );
         assert_eq!(vm.ctl_ok(&["info"])["state"], "running");
     }
     assert!(!snapshot.exists(), "nothing written");
