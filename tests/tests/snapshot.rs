@@ -503,6 +503,10 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
         ),
         (copy("short", &state, Some(8 << 20)), "holds 8388608 bytes"),
         (
+            copy("stray-uart", &with_stray_uart(&state), None),
+            "its VM has no emulated UART, but it holds the UART state",
+        ),
+        (
             copy("flavour", &other_host(&state, "flavour"), None),
             "a VM moves only between hosts of one KVM flavour",
         ),
@@ -537,6 +541,18 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
 fn with_version(state: &str, version: u32) -> String {
     let mut state: Value = serde_json::from_str(state).expect("state JSON");
     state["version"] = version.into();
+    state.to_string()
+}
+
+/// `state` holding the state of a UART its VM (no `--serial`) lacks.
+fn with_stray_uart(state: &str) -> String {
+    let mut state: Value = serde_json::from_str(state).expect("state JSON");
+    assert_eq!(state["uart"], Value::Null, "a VM without --serial");
+    state["uart"] = serde_json::json!({
+        "divisor_low": 1, "divisor_high": 0, "interrupt_enable": 0,
+        "interrupt_identification": 1, "line_control": 3, "line_status": 0x60,
+        "modem_control": 0, "modem_status": 0, "scratch": 0, "receive_fifo": []
+    });
     state.to_string()
 }
 

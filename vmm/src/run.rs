@@ -100,7 +100,7 @@ impl Devices {
         let (consoles, console) = attach_consoles(
             vm,
             spec.console.as_ref(),
-            spec.serial,
+            spec.has_uart(),
             (disks.len() + nics.len()) as u32,
             spec.linux,
             inherited,
@@ -174,6 +174,8 @@ impl Devices {
     /// irqchip's state, so that the interrupt it raises again if one was
     /// pending reaches the guest.
     pub(crate) fn restore_uart(&self, saved: Option<&UartState>) -> Result<()> {
+        // VmState::from_json refused a state whose UART and configuration
+        // disagree, and the configuration made this VM's devices.
         match (self.consoles.uart(), saved) {
             (Some(uart), Some(saved)) => Ok(uart
                 .lock()
@@ -181,9 +183,17 @@ impl Devices {
                 .restore_state(saved)?),
             (None, None) => Ok(()),
             (ours, _) => Err(Error::Takeover(format!(
-                "the saved VM {} an emulated UART, this one {}",
-                if saved.is_some() { "has" } else { "has no" },
-                if ours.is_some() { "has" } else { "has none" }
+                "the saved VM {}, this one {}",
+                if saved.is_some() {
+                    "has an emulated UART"
+                } else {
+                    "has no emulated UART"
+                },
+                if ours.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                }
             ))),
         }
     }
@@ -420,7 +430,6 @@ fn attach_consoles(
         virtio = Some(device);
         slot += 1;
     }
-    let serial = serial || console == Some(&ConsoleSpec::Uart);
     let serial_error = |source| Error::Console {
         option: "serial",
         cause: source,

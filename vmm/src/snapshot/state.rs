@@ -163,6 +163,14 @@ pub struct VmSpec {
     pub api_socket_mode: u32,
 }
 
+impl VmSpec {
+    /// Whether the VM has the emulated UART (`--serial`, or `--console
+    /// uart` for pvstack's own guest).
+    pub fn has_uart(&self) -> bool {
+        self.serial || self.console == Some(ConsoleSpec::Uart)
+    }
+}
+
 /// A state written before `api_socket_mode` existed had 0600 sockets.
 fn default_socket_mode() -> u32 {
     pvstack_backend_common::DEFAULT_SOCKET_MODE
@@ -273,11 +281,19 @@ impl VmState {
                 header.version
             )));
         }
-        serde_json::from_slice(bytes).map_err(|e| {
+        let state: VmState = serde_json::from_slice(bytes).map_err(|e| {
             bad(format!(
                 "{STATE_FILE} is not a complete pvstack VM state ({e})"
             ))
-        })
+        })?;
+        if state.config.has_uart() != state.uart.is_some() {
+            return Err(bad(format!(
+                "{STATE_FILE} is inconsistent: its VM has {} emulated UART, but it holds {} UART state",
+                if state.config.has_uart() { "an" } else { "no" },
+                if state.uart.is_some() { "the" } else { "no" }
+            )));
+        }
+        Ok(state)
     }
 
     /// Refuses a state taken on a host unlike this one.
@@ -377,7 +393,7 @@ mod tests {
         };
         let json = state.to_json().unwrap();
         let back = VmState::from_json(&json, Path::new("/snap")).unwrap();
-        assert_eq!(back.uart, Some(uart));
+        assert_eq!(back.uart.as_ref(), Some(&uart));
         assert_eq!(back.platform.pit.unwrap().channels[0].count, 1193);
         assert!(back.config.linux && back.config.serial);
 
@@ -392,6 +408,17 @@ mod tests {
             err.contains("state version 2 was written by another pvstack"),
             "{err}"
         );
+
+        // A UART the configuration does not have, or the reverse.
+        for (serial, uart) in [(true, None), (false, Some(uart))] {
+            let mut inconsistent: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            inconsistent["config"]["serial"] = serial.into();
+            inconsistent["uart"] = serde_json::to_value(uart).unwrap();
+            let err = VmState::from_json(inconsistent.to_string().as_bytes(), Path::new("/snap"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("state.json is inconsistent"), "{err}");
+        }
     }
 
     #[test]
