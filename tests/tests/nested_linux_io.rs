@@ -4,9 +4,11 @@
 //! unix=`, where a typed command is answered; and its disk, written and
 //! read back without a pause while the backend is swapped (pvstack-blk
 //! to another pvstack-blk, to qemu-storage-daemon and back) and
-//! SIGKILLed. Each test is one L1 boot; the assertions are on checksums
-//! taken on both sides, what the L2 printed (its kernel log included)
-//! and the control API's counters.
+//! SIGKILLed; and that disk loop, with pings, going on across a
+//! snapshot, a restore and a live replacement of pvstack. Each test is
+//! one L1 boot; the assertions are on checksums taken on both sides,
+//! what the L2 printed (its kernel log included) and the control API's
+//! counters.
 
 use std::time::Duration;
 
@@ -247,26 +249,7 @@ RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L
     --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
     </dev/null >/tmp/linux.out 2>/tmp/linux.err &
 vm=$!
-# Ends the step after a failure (at once when pvstack has ended), with
-# what the L2, pvstack and the backends printed.
-give_up() {{
-    echo "GAVE-UP $* at $(date -u +%T)"
-    running $vm && echo "pvstack still runs" || echo "pvstack had ended"
-    kill $vm
-    wait $vm
-    cat /tmp/linux.out /tmp/linux.err
-    for log in /tmp/a.log /tmp/b.log /tmp/q.log; do echo "== $log"; cat $log; done
-    exit 1
-}}
-rounds_at_least() {{
-    [ $(grep -c '^ROUND ' /tmp/linux.out) -ge $1 ]
-}}
-# Waits until the L2 has finished two more rounds than it had.
-two_more_rounds() {{
-    done_before=$(grep -c '^ROUND ' /tmp/linux.out)
-    wait_until "two more rounds after $1" ended_or $vm rounds_at_least $((done_before + 2)) &&
-        running $vm || give_up "$1"
-}}
+{helpers}
 two_more_rounds "the start"
 for target in b q a; do
     pvstack ctl --api-socket /tmp/vm.sock device swap blk0 --socket /tmp/$target.sock >/tmp/swap.json
@@ -293,13 +276,51 @@ cat /tmp/linux.out
 grep pvstack /tmp/linux.err
 kill $a $b $q
 wait
-slot=1
+{image_slots}
+exit $status
+"#,
+        helpers = l1_disk_loop_helpers("/tmp/a.log /tmp/b.log /tmp/q.log"),
+        image_slots = image_slots_script(),
+    )
+}
+
+/// Shell functions of an L1 script whose L2 runs [`l2_disk_script`] with
+/// its console in /tmp/linux.out, pvstack's log in /tmp/linux.err and
+/// pvstack's pid in `$vm`: `give_up WHY` ends the step after a failure
+/// (at once when pvstack has ended) with what the L2, pvstack and the
+/// backends (their logs: `backend_logs`) printed; `two_more_rounds
+/// AFTER` waits until the L2 has finished two more rounds than it had.
+fn l1_disk_loop_helpers(backend_logs: &str) -> String {
+    format!(
+        r#"
+give_up() {{
+    echo "GAVE-UP $* at $(date -u +%T)"
+    running $vm && echo "pvstack still runs" || echo "pvstack had ended"
+    kill $vm
+    wait $vm
+    cat /tmp/linux.out /tmp/linux.err
+    for log in {backend_logs}; do echo "== $log"; cat $log; done
+    exit 1
+}}
+rounds_at_least() {{
+    [ $(grep -c '^ROUND ' /tmp/linux.out) -ge $1 ]
+}}
+two_more_rounds() {{
+    done_before=$(grep -c '^ROUND ' /tmp/linux.out)
+    wait_until "two more rounds after $1" ended_or $vm rounds_at_least $((done_before + 2)) &&
+        running $vm || give_up "$1"
+}}"#
+    )
+}
+
+/// Prints `IMAGE-SLOT n md5` for each slot of the image at `$img`.
+fn image_slots_script() -> String {
+    format!(
+        r#"slot=1
 while [ $slot -le $((2 * {SLOTS})) ]; do
     echo "IMAGE-SLOT $slot $(dd if=$img bs=1M skip=$slot count=1 2>/dev/null | md5sum)"
     slot=$((slot + 1))
-done
-exit $status
-"#
+done"#
     )
 }
 
@@ -329,22 +350,214 @@ fn linux_disk_survives_backend_swaps_and_sigkills_under_a_write_loop() {
     assert_eq!(disk["reconnects"]["count"], 2, "{disk}");
     assert_eq!(disk["socket"], "/tmp/a.sock", "{disk}");
 
-    // Every round read back what it wrote, and the image holds what the
-    // L2 last wrote in every slot.
+    // Two rounds after the start and after each of five events.
+    assert_disk_loop_checks_out(&run, "disk", 12);
+}
+
+/// Asserts that step `step`'s L2 ran [`l2_disk_script`] for at least
+/// `min_rounds` rounds, each of which read back what it wrote, that the
+/// image holds what the L2 last wrote in every slot, and that its kernel
+/// log shows no I/O error and no warning.
+fn assert_disk_loop_checks_out(run: &NestedRun, step: &str, min_rounds: u32) {
+    let out = run.output(step);
     let rounds: u32 = line_after(&out, "L2-ROUNDS ").parse().expect("a count");
-    assert!(
-        rounds >= 12,
-        "two rounds after the start and after each of five events: {out}"
-    );
+    assert!(rounds >= min_rounds, "{rounds} rounds: {out}");
     assert_eq!(line_after(&out, "L2-BAD-ROUNDS "), "0", "{out}");
     for slot in 1..=2 * SLOTS {
         let l2 = first_word(line_after(&out, &format!("L2-SLOT {slot} ")));
         let image = first_word(line_after(&out, &format!("IMAGE-SLOT {slot} ")));
         assert_eq!(l2, image, "slot {slot}: {out}");
     }
+    kernel_log(run, step).assert_clean_kernel_log("virtio_blk virtio0");
+}
 
-    // No I/O error, no warning in the L2's kernel log.
-    kernel_log(&run, "disk").assert_clean_kernel_log("virtio_blk virtio0");
+/// The L2's side of the snapshot test: eth0 at 10.0.2.2 for the L1's
+/// pings; in the background, every second, a burst of [`BURST_LINES`] lines
+/// on the console between `BURST-START` and `BURST-END`, during which
+/// Linux's 8250 driver keeps the UART's transmit interrupt enabled; then
+/// the disk loop of [`l2_disk_script`].
+fn l2_snapshot_script() -> String {
+    format!(
+        r#"ip addr add 10.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
+while :; do
+    echo BURST-START; i=0
+    while [ $i -lt {BURST_LINES} ]; do echo "BURST $i ................................................"; i=$((i+1)); done
+    echo BURST-END; sleep 1
+done &
+echo L2-NET-UP
+{disk_loop}"#,
+        disk_loop = l2_disk_script()
+    )
+}
+
+/// Lines of each console burst of the snapshot test's L2.
+const BURST_LINES: u32 = 300;
+
+/// The L1's side of the snapshot test: pvstack-blk and pvstack-net (on
+/// tap0) run on their own, outliving every pvstack process; pvstack runs
+/// the L2 with its console on --serial. After two rounds of the L2's
+/// disk loop and answered pings, each right after the L2 began a console
+/// burst: a snapshot (the VM stays paused), the original pvstack shut
+/// down, a restore from the snapshot (both backends see their frontend
+/// reconnect), then a live replacement by the same binary. After each
+/// step the L2 completes two more rounds, printed on its console, and
+/// answers pings. Then the stop marker and each slot's md5 as the image
+/// holds it.
+fn l1_snapshot_script() -> String {
+    format!(
+        r#"
+img=/tmp/vda.img
+truncate -s 64M $img
+pvstack-blk --socket /tmp/a.sock --image $img 2>/tmp/a.log &
+a=$!
+pvstack-net --socket /tmp/n.sock --tap tap0 2>/tmp/n.log &
+n=$!
+wait_until "the backends" test -S /tmp/a.sock -a -S /tmp/n.sock || exit 1
+ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up || exit 1
+# There before pvstack's redirection makes it: it is counted right away.
+: >/tmp/linux.out
+RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory {L2_MEMORY} --serial \
+    --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 --net socket=/tmp/n.sock,id=net0 \
+    --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
+    </dev/null >>/tmp/linux.out 2>>/tmp/linux.err &
+vm=$!
+{helpers}
+# in_burst: whether the L2 is printing a burst on its console. A UART
+# whose state a restore or replacement lost would stop its output there:
+# the driver, which enabled the transmit interrupt, waits for one.
+in_burst() {{
+    [ "$(grep '^BURST-' /tmp/linux.out | tail -n 1)" = BURST-START ]
+}}
+# before STEP: waits until the L2 is in a burst.
+before() {{
+    wait_until "a burst before the $1" ended_or $vm in_burst && running $vm ||
+        give_up "a burst before the $1"
+}}
+# ping_l2 STEP: three pings to the L2, answered or not.
+ping_l2() {{
+    ping -c 3 -W 5 10.0.2.2 >/tmp/ping.out 2>&1
+    echo "PING $1 $? $(grep 'packets transmitted' /tmp/ping.out)"
+}}
+wait_until "the L2's eth0" ended_or $vm grep -q L2-NET-UP /tmp/linux.out && running $vm ||
+    give_up "the L2's eth0"
+two_more_rounds "the start"
+ping_l2 start
+
+before snapshot
+pvstack ctl --api-socket /tmp/vm.sock snapshot --to /tmp/snap >/tmp/ctl.json
+echo "SNAPSHOT $? $(cat /tmp/ctl.json)"
+# The VM stays paused: its console is as the snapshot left it.
+in_burst && echo "SNAPSHOT-IN-BURST yes" || echo "SNAPSHOT-IN-BURST no"
+echo "ROUNDS-AT-SNAPSHOT $(grep -c '^ROUND ' /tmp/linux.out)"
+pvstack ctl --api-socket /tmp/vm.sock shutdown >/dev/null
+wait $vm
+echo "ORIGINAL-EXIT $?"
+RUST_LOG=info pvstack restore --from /tmp/snap </dev/null >>/tmp/linux.out 2>>/tmp/linux.err &
+vm=$!
+two_more_rounds "the restore"
+ping_l2 restore
+
+before upgrade
+pvstack ctl --api-socket /tmp/vm.sock upgrade --binary "$(command -v pvstack)" >/tmp/ctl.json
+echo "UPGRADE $? $(cat /tmp/ctl.json)"
+wait $vm
+echo "REPLACED-EXIT $?"
+# The new process is not this shell's child: it ends when the L2 does.
+vm=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' /tmp/ctl.json)
+[ -n "$vm" ] || give_up "the upgrade's answer has no pid"
+two_more_rounds "the upgrade"
+ping_l2 upgrade
+
+echo "INFO $(pvstack ctl --api-socket /tmp/vm.sock info)"
+printf {STOP_MARKER} | dd of=$img bs=4096 seek={STOP_BLOCK} conv=notrunc 2>/dev/null
+wait_until "the L2's end" ended_or $vm false
+cat /tmp/linux.out
+grep -E 'restore|take-over|rings' /tmp/linux.err
+kill $a $n
+wait
+{image_slots}
+"#,
+        helpers = l1_disk_loop_helpers("/tmp/a.log /tmp/n.log"),
+        image_slots = image_slots_script(),
+    )
+}
+
+/// RAM of the snapshot test's L2: what the snapshot writes and the
+/// restore copies, through two emulated levels, grows with what the L2
+/// touched, not with this.
+const L2_MEMORY: &str = "256M";
+
+#[test]
+fn linux_guest_io_survives_a_snapshot_restore_and_a_live_replacement() {
+    let run = Nested::new("linux-snapshot")
+        .timeout(HANG_TIMEOUT)
+        .with_linux_guest()
+        .step("script", &guest_script(&l2_snapshot_script()))
+        .step("snapshot", &l1_snapshot_script())
+        .run();
+    run.assert_status("script", 0);
+    run.assert_status("snapshot", 0);
+    let out = run.output("snapshot");
+    assert_eq!(line_after(&out, "PVTEST-EXIT "), "0", "{out}");
+
+    // The snapshot was written and left the VM paused; the original then
+    // ended cleanly, and the restored one handed over to a new process.
+    let snapshot = line_after(&out, "SNAPSHOT ");
+    assert!(
+        snapshot.starts_with("0 ") && snapshot.contains(r#""state":"paused""#),
+        "{out}"
+    );
+    assert_eq!(line_after(&out, "ORIGINAL-EXIT "), "0", "{out}");
+    let upgrade = line_after(&out, "UPGRADE ");
+    assert!(
+        upgrade.starts_with("0 ") && upgrade.contains(r#""pid":"#),
+        "{out}"
+    );
+    assert_eq!(line_after(&out, "REPLACED-EXIT "), "0", "{out}");
+    // The restore started the rings of the disk and the NIC where the
+    // snapshot stopped them, on the backends that kept running; the new
+    // process ran the VM.
+    assert_eq!(out.matches("rings restored on").count(), 2, "{out}");
+    assert!(out.contains("take-over: running the VM"), "{out}");
+
+    // Pings answered before and after each step.
+    for step in ["start", "restore", "upgrade"] {
+        let ping = line_after(&out, &format!("PING {step} "));
+        assert!(
+            ping.starts_with("0 ") && ping.contains("3 packets transmitted, 3 packets received"),
+            "pings after the {step}: {out}"
+        );
+    }
+
+    // The console went on after the restore: the rounds the L1 waited
+    // for after it came through the restored UART, and so did the rest.
+    // A UART state lost there shows only if the pause fell in the middle
+    // of a transmission (Linux's 8250 driver writes IER again at its next
+    // output; this kernel has no CONFIG_DEVPORT for the L2 to read the
+    // registers): the L1 snapshots and upgrades right after a burst
+    // began. With the UART's state left out of the take-over, the L2's
+    // console (and its disk loop, which writes there) stopped for good
+    // after the upgrade; a snapshot, whose request takes the L1 longer,
+    // has so far come after the burst's end, so whether it fell in one
+    // is reported, not asserted.
+    let at_snapshot: u32 = line_after(&out, "ROUNDS-AT-SNAPSHOT ")
+        .parse()
+        .expect("a count");
+    let info: serde_json::Value = serde_json::from_str(line_after(&out, "INFO "))
+        .unwrap_or_else(|e| panic!("info is not JSON ({e}):\n{out}"));
+    assert_eq!(
+        info["result"]["devices"][0]["socket"], "/tmp/a.sock",
+        "{info}"
+    );
+    // Two rounds before the snapshot and after each of the two steps,
+    // every one read back what it wrote; the image holds the L2's last
+    // writes; no I/O error in the L2's kernel log.
+    assert_disk_loop_checks_out(&run, "snapshot", at_snapshot + 4);
+    eprintln!(
+        "L2 rounds: {at_snapshot} before the snapshot, {} in all; snapshot in a console burst: {}; snapshot: {snapshot}; upgrade: {upgrade}",
+        line_after(&out, "L2-ROUNDS "),
+        line_after(&out, "SNAPSHOT-IN-BURST "),
+    );
 }
 
 /// The first word of `text` (an md5 of `md5sum`'s line).

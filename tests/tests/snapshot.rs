@@ -523,6 +523,10 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
         ),
         (copy("short", &state, Some(8 << 20)), "holds 8388608 bytes"),
         (
+            copy("stray-uart", &with_stray_uart(&state), None),
+            "its VM has no emulated UART, but it holds the UART state",
+        ),
+        (
             copy("flavour", &other_host(&state, "flavour"), None),
             "a VM moves only between hosts of one KVM flavour",
         ),
@@ -557,6 +561,18 @@ fn bad_snapshots_are_refused_with_one_line_and_harm_nothing() {
 fn with_version(state: &str, version: u32) -> String {
     let mut state: Value = serde_json::from_str(state).expect("state JSON");
     state["version"] = version.into();
+    state.to_string()
+}
+
+/// `state` holding the state of a UART its VM (no `--serial`) lacks.
+fn with_stray_uart(state: &str) -> String {
+    let mut state: Value = serde_json::from_str(state).expect("state JSON");
+    assert_eq!(state["uart"], Value::Null, "a VM without --serial");
+    state["uart"] = serde_json::json!({
+        "divisor_low": 1, "divisor_high": 0, "interrupt_enable": 0,
+        "interrupt_identification": 1, "line_control": 3, "line_status": 0x60,
+        "modem_control": 0, "modem_status": 0, "scratch": 0, "receive_fifo": []
+    });
     state.to_string()
 }
 
@@ -665,10 +681,12 @@ fn a_take_over_that_fails_leaves_the_guest_running_here() {
 #[test]
 fn a_vm_with_device_state_in_the_vmm_is_neither_snapshotted_nor_handed_over() {
     let dir = ScratchDir::new("snapshot-unsupported");
+    let image = dir.path("disk.img");
+    std::fs::write(&image, vec![0u8; IMAGE_LEN]).expect("image");
     let mut vm = Vm::new(&dir);
     vm.spawn(&[
         "run".into(),
-        "--serial".into(),
+        format!("--blk=image={},mode=emulated-virtio", utf8(&image)),
         "--api-socket".into(),
         utf8(&vm.api).into(),
         "--console-log".into(),
@@ -685,7 +703,10 @@ fn a_vm_with_device_state_in_the_vmm_is_neither_snapshotted_nor_handed_over() {
         assert_eq!(out.code(), 1, "{out:#?}");
         let response: Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
         let error = response["error"].as_str().expect("error");
-        assert!(error.contains("the emulated UART (--serial)"), "{error}");
+        assert!(
+            error.contains("blk0 is served in the VMM (mode=emulated-virtio)"),
+            "{error}"
+        );
         assert_eq!(vm.ctl_ok(&["info"])["state"], "running");
     }
     assert!(!snapshot.exists(), "nothing written");

@@ -5,7 +5,8 @@ use std::borrow::Cow;
 use pvstack_devices::blk::BlkMode;
 use pvstack_devices::{
     create_blk, create_console, create_net, create_serial_port, create_uart, BlkDevice, BlkSpec,
-    ConsoleDevice, ConsoleSpec, DeviceContext, NetDevice, NetSpec, SerialPort, UartDevice,
+    ConsoleDevice, ConsoleSpec, DeviceContext, NetDevice, NetSpec, SerialPort, SharedUart,
+    UartDevice, UartState,
 };
 
 use std::os::unix::net::UnixListener;
@@ -85,7 +86,7 @@ pub fn run(args: &RunArgs) -> Result<VmEnd> {
 pub(crate) struct Devices {
     disks: Vec<BlkDevice>,
     nics: Vec<NetDevice>,
-    _consoles: Consoles,
+    consoles: Consoles,
     /// The virtio-console over vhost-user, if any.
     console: Option<SharedVhostUserDevice>,
 }
@@ -108,7 +109,7 @@ impl Devices {
         let (consoles, console) = attach_consoles(
             vm,
             spec.console.as_ref(),
-            spec.serial,
+            spec.has_uart(),
             (disks.len() + nics.len()) as u32,
             spec.linux,
             inherited,
@@ -123,7 +124,7 @@ impl Devices {
         Ok(Devices {
             disks,
             nics,
-            _consoles: consoles,
+            consoles,
             console,
         })
     }
@@ -164,9 +165,8 @@ impl Devices {
     }
 
     /// The devices snapshots do not cover, named with why.
-    fn unsupported(&self, spec: &VmSpec) -> Vec<String> {
-        let mut unsupported: Vec<String> = self
-            .disks
+    fn unsupported(&self) -> Vec<String> {
+        self.disks
             .iter()
             .filter(|disk| disk.transport().is_none())
             .map(|disk| format!("{} is served in the VMM (mode={})", disk.id(), disk.mode()))
@@ -176,11 +176,35 @@ impl Devices {
                     .filter(|nic| nic.transport().is_none())
                     .map(|nic| format!("{} is served in the VMM (mode=emulated)", nic.id())),
             )
-            .collect();
-        if spec.serial || spec.console == Some(ConsoleSpec::Uart) {
-            unsupported.push("the emulated UART (--serial) keeps state in the VMM".into());
+            .collect()
+    }
+
+    /// Sets the saved UART state on this VM's UART; after the in-kernel
+    /// irqchip's state, so that the interrupt it raises again if one was
+    /// pending reaches the guest.
+    pub(crate) fn restore_uart(&self, saved: Option<&UartState>) -> Result<()> {
+        // VmState::from_json refused a state whose UART and configuration
+        // disagree, and the configuration made this VM's devices.
+        match (self.consoles.uart(), saved) {
+            (Some(uart), Some(saved)) => Ok(uart
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(saved)?),
+            (None, None) => Ok(()),
+            (ours, _) => Err(Error::Takeover(format!(
+                "the saved VM {}, this one {}",
+                if saved.is_some() {
+                    "has an emulated UART"
+                } else {
+                    "has no emulated UART"
+                },
+                if ours.is_some() {
+                    "has one"
+                } else {
+                    "has none"
+                }
+            ))),
         }
-        unsupported
     }
 
     /// Serves the control API if `spec` asks for it (on `listener` if one
@@ -207,11 +231,12 @@ impl Devices {
             };
             vm.serve_api(server);
         }
-        let unsupported = self.unsupported(&spec);
+        let unsupported = self.unsupported();
         vm.enable_snapshots(Arc::new(LiveVm::new(
             vm.vm_fd().clone(),
             spec,
             live,
+            self.consoles.uart(),
             unsupported,
         )));
         Ok(())
@@ -374,8 +399,16 @@ fn attach_nics(
 /// The console devices of a VM, kept alive while it runs.
 struct Consoles {
     _virtio: Option<ConsoleDevice>,
-    _uart: Option<UartDevice>,
-    _serial_port: Option<SerialPort>,
+    uart: Option<UartDevice>,
+    serial_port: Option<SerialPort>,
+}
+
+impl Consoles {
+    /// The `--serial` UART, wherever it is.
+    fn uart(&self) -> Option<SharedUart> {
+        let in_slot = self.uart.as_ref().map(UartDevice::uart);
+        in_slot.or_else(|| self.serial_port.as_ref().map(SerialPort::uart))
+    }
 }
 
 /// Creates the `--console` device in the slot `first_slot`, and the
@@ -406,7 +439,6 @@ fn attach_consoles(
         virtio = Some(device);
         slot += 1;
     }
-    let serial = serial || console == Some(&ConsoleSpec::Uart);
     let serial_error = |source| Error::Console {
         option: "serial",
         cause: source,
@@ -417,8 +449,8 @@ fn attach_consoles(
         vm.add_serial_port(&port)?;
         let consoles = Consoles {
             _virtio: virtio,
-            _uart: None,
-            _serial_port: Some(port),
+            uart: None,
+            serial_port: Some(port),
         };
         return Ok((consoles, transport));
     }
@@ -434,8 +466,8 @@ fn attach_consoles(
     }
     let consoles = Consoles {
         _virtio: virtio,
-        _uart: uart,
-        _serial_port: None,
+        uart,
+        serial_port: None,
     };
     Ok((consoles, transport))
 }

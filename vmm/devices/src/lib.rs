@@ -25,7 +25,7 @@ pub mod virtio;
 pub use blk::{create_blk, BlkDevice, BlkSpec};
 pub use console::{
     create_console, create_serial_port, create_uart, ConsoleDevice, ConsoleSpec, SerialPort,
-    UartDevice,
+    SharedUart, UartDevice, UartState,
 };
 pub use context::{DeviceContext, InheritedDevice};
 pub use error::{Error, Result};

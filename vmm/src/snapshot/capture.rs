@@ -10,6 +10,7 @@ use std::sync::{Arc, MutexGuard};
 use kvm_ioctls::VmFd;
 use pvstack_devices::vhost_user::{RingPosition, SharedVhostUserDevice, VhostUserDevice};
 use pvstack_devices::virtio::mmio::MmioTransport;
+use pvstack_devices::SharedUart;
 
 use super::state::{
     monotonic_ns, DeviceKind, DeviceState, HostIdentity, VcpuState, VmSpec, VmState, FORMAT,
@@ -42,6 +43,8 @@ pub struct LiveVm {
     pub vm_fd: Arc<VmFd>,
     pub spec: VmSpec,
     pub devices: Vec<LiveDevice>,
+    /// The `--serial` UART, if any.
+    pub uart: Option<SharedUart>,
     /// Devices that snapshots do not cover, by name and why: a snapshot
     /// or take-over of a VM with any is refused naming them.
     pub unsupported: Vec<String>,
@@ -79,12 +82,14 @@ impl LiveVm {
         vm_fd: Arc<VmFd>,
         spec: VmSpec,
         devices: Vec<LiveDevice>,
+        uart: Option<SharedUart>,
         unsupported: Vec<String>,
     ) -> LiveVm {
         LiveVm {
             vm_fd,
             spec,
             devices,
+            uart,
             unsupported,
             rings_stopped: AtomicBool::new(false),
         }
@@ -192,6 +197,11 @@ impl LiveVm {
                 }
             })
             .collect();
+        // The vCPUs are parked: only the input feeder may touch it.
+        let uart = self
+            .uart
+            .as_ref()
+            .map(|uart| uart.lock().unwrap_or_else(|p| p.into_inner()).save_state());
         Ok(VmState {
             format: FORMAT.into(),
             version: VERSION,
@@ -202,6 +212,7 @@ impl LiveVm {
             vcpus,
             platform,
             devices,
+            uart,
         })
     }
 

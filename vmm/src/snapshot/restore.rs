@@ -52,6 +52,7 @@ pub fn restore(args: &RestoreArgs) -> Result<VmEnd> {
     devices.serve(&mut vm, spec, None)?;
     let vcpus = vm.create_vcpus()?;
     let launches = restore_vcpus(&vm, &vcpus, &state, 0)?;
+    devices.restore_uart(state.uart.as_ref())?;
     crate::sandbox::confine_vmm()?;
     log::info!(
         "restore: {} ready to run {:.1} ms after the restore began (memory {:.1} ms as {:?}, devices {:.1} ms)",

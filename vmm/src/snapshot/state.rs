@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use pvstack_devices::vhost_user::{InflightShape, RingPosition};
 use pvstack_devices::virtio::mmio::TransportState;
-use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec};
+use pvstack_devices::{BlkSpec, ConsoleSpec, NetSpec, UartState};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -23,7 +23,9 @@ pub const FORMAT: &str = "pvstack-vm-state";
 /// 2: a `--console socket=` device records its `backend_uid` (the spec
 /// became a struct variant, which version 1 readers cannot parse), and a
 /// take-over hands the devices over before the pause.
-pub const VERSION: u32 = 2;
+/// 3: the emulated UART's registers and receive FIFO (`uart`): a VM with
+/// `--serial`, a Linux guest's console, is snapshotted and handed over.
+pub const VERSION: u32 = 3;
 /// The state in a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// Guest RAM in a snapshot directory: the memfd's bytes at their offsets,
@@ -46,6 +48,9 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub platform: PlatformState,
     pub devices: Vec<DeviceState>,
+    /// The `--serial` UART (a Linux guest's COM1, or pvstack's own
+    /// guest's UART in its slot), if the VM has one.
+    pub uart: Option<UartState>,
 }
 
 /// What must not differ between the host a state was taken on and the
@@ -158,6 +163,14 @@ pub struct VmSpec {
     pub api_socket_mode: u32,
 }
 
+impl VmSpec {
+    /// Whether the VM has the emulated UART (`--serial`, or `--console
+    /// uart` for pvstack's own guest).
+    pub fn has_uart(&self) -> bool {
+        self.serial || self.console == Some(ConsoleSpec::Uart)
+    }
+}
+
 /// A state written before `api_socket_mode` existed had 0600 sockets.
 fn default_socket_mode() -> u32 {
     pvstack_backend_common::DEFAULT_SOCKET_MODE
@@ -268,11 +281,19 @@ impl VmState {
                 header.version
             )));
         }
-        serde_json::from_slice(bytes).map_err(|e| {
+        let state: VmState = serde_json::from_slice(bytes).map_err(|e| {
             bad(format!(
                 "{STATE_FILE} is not a complete pvstack VM state ({e})"
             ))
-        })
+        })?;
+        if state.config.has_uart() != state.uart.is_some() {
+            return Err(bad(format!(
+                "{STATE_FILE} is inconsistent: its VM has {} emulated UART, but it holds {} UART state",
+                if state.config.has_uart() { "an" } else { "no" },
+                if state.uart.is_some() { "the" } else { "no" }
+            )));
+        }
+        Ok(state)
     }
 
     /// Refuses a state taken on a host unlike this one.
@@ -319,6 +340,85 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a complete"), "{err}");
+    }
+
+    #[test]
+    fn a_linux_guests_uart_and_pit_round_trip_through_json_and_version_2_is_refused() {
+        let uart = UartState {
+            divisor_low: 1,
+            divisor_high: 0,
+            interrupt_enable: 0x03,
+            interrupt_identification: 0xc2,
+            line_control: 0x03,
+            line_status: 0x60,
+            modem_control: 0x0b,
+            modem_status: 0xb0,
+            scratch: 0x5a,
+            receive_fifo: b"ls\n".to_vec(),
+        };
+        let mut pit = kvm_pit_state2::default();
+        pit.channels[0].count = 1193;
+        let state = VmState {
+            format: FORMAT.into(),
+            version: VERSION,
+            host: HostIdentity::here(),
+            config: VmSpec {
+                kvm_device: "/dev/kvm".into(),
+                memory_size: 512 << 20,
+                cpus: 1,
+                privilege: Privilege::Kernel,
+                linux: true,
+                kernel: Some("/l2/vmlinuz".into()),
+                cmdline: String::new(),
+                blk: Vec::new(),
+                net: Vec::new(),
+                console: None,
+                serial: true,
+                console_log: None,
+                api_socket: None,
+                api_socket_mode: default_socket_mode(),
+            },
+            guest_time_ns: 1,
+            taken_at_ns: 2,
+            vcpus: Vec::new(),
+            platform: PlatformState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Some(pit),
+                clock: Default::default(),
+            },
+            devices: Vec::new(),
+            uart: Some(uart.clone()),
+        };
+        let json = state.to_json().unwrap();
+        let back = VmState::from_json(&json, Path::new("/snap")).unwrap();
+        assert_eq!(back.uart.as_ref(), Some(&uart));
+        assert_eq!(back.platform.pit.unwrap().channels[0].count, 1193);
+        assert!(back.config.linux && back.config.serial);
+
+        // The same state as version 2 wrote it (no UART) is refused by name.
+        let mut older: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        older["version"] = 2.into();
+        older.as_object_mut().unwrap().remove("uart");
+        let err = VmState::from_json(older.to_string().as_bytes(), Path::new("/snap"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("state version 2 was written by another pvstack"),
+            "{err}"
+        );
+
+        // A UART the configuration does not have, or the reverse.
+        for (serial, uart) in [(true, None), (false, Some(uart))] {
+            let mut inconsistent: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            inconsistent["config"]["serial"] = serial.into();
+            inconsistent["uart"] = serde_json::to_value(uart).unwrap();
+            let err = VmState::from_json(inconsistent.to_string().as_bytes(), Path::new("/snap"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("state.json is inconsistent"), "{err}");
+        }
     }
 
     #[test]

@@ -686,6 +686,7 @@ fn take_over_on(channel: &Channel) -> Result<Box<dyn FnOnce() -> Result<VmEnd> +
     phases.mark("serve-api");
     let advance = monotonic_ns().saturating_sub(state.taken_at_ns);
     let launches = restore_vcpus(&vm, &vcpus, &state, advance)?;
+    devices.restore_uart(state.uart.as_ref())?;
     phases.mark("restore-vcpus");
     // After the irqchip's state is set, so that what the backends
     // signalled while no VM listened is injected into it.

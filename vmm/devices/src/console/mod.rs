@@ -7,7 +7,7 @@ mod spec;
 pub mod uart;
 
 pub use spec::ConsoleSpec;
-pub use uart::{create_serial_port, create_uart, SerialPort, UartDevice};
+pub use uart::{create_serial_port, create_uart, SerialPort, SharedUart, UartDevice, UartState};
 
 use std::ffi::OsString;
 use std::process::Stdio;
