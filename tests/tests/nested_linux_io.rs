@@ -372,37 +372,25 @@ fn assert_disk_loop_checks_out(run: &NestedRun, step: &str, min_rounds: u32) {
 }
 
 /// The L2's side of the snapshot test: eth0 at 10.0.2.2 for the L1's
-/// pings; in the background, every second, a burst of [`BURST_LINES`] lines
-/// on the console between `BURST-START` and `BURST-END`, during which
-/// Linux's 8250 driver keeps the UART's transmit interrupt enabled; then
-/// the disk loop of [`l2_disk_script`].
+/// pings, then the disk loop of [`l2_disk_script`].
 fn l2_snapshot_script() -> String {
     format!(
         r#"ip addr add 10.0.2.2/24 dev eth0 && ip link set eth0 up || exit 1
-while :; do
-    echo BURST-START; i=0
-    while [ $i -lt {BURST_LINES} ]; do echo "BURST $i ................................................"; i=$((i+1)); done
-    echo BURST-END; sleep 1
-done &
 echo L2-NET-UP
 {disk_loop}"#,
         disk_loop = l2_disk_script()
     )
 }
 
-/// Lines of each console burst of the snapshot test's L2.
-const BURST_LINES: u32 = 300;
-
 /// The L1's side of the snapshot test: pvstack-blk and pvstack-net (on
 /// tap0) run on their own, outliving every pvstack process; pvstack runs
 /// the L2 with its console on --serial. After two rounds of the L2's
-/// disk loop and answered pings, each right after the L2 began a console
-/// burst: a snapshot (the VM stays paused), the original pvstack shut
-/// down, a restore from the snapshot (both backends see their frontend
-/// reconnect), then a live replacement by the same binary. After each
-/// step the L2 completes two more rounds, printed on its console, and
-/// answers pings. Then the stop marker and each slot's md5 as the image
-/// holds it.
+/// disk loop and answered pings: a snapshot (the VM stays paused), the
+/// original pvstack shut down, a restore from the snapshot (both
+/// backends see their frontend reconnect), then a live replacement by
+/// the same binary. After each step the L2 completes two more rounds,
+/// printed on its console, and answers pings. Then the stop marker and
+/// each slot's md5 as the image holds it.
 fn l1_snapshot_script() -> String {
     format!(
         r#"
@@ -422,20 +410,6 @@ RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L
     </dev/null >>/tmp/linux.out 2>>/tmp/linux.err &
 vm=$!
 {helpers}
-# in_burst: whether the L2 is printing a burst on its console. A UART
-# whose state a restore or replacement lost would stop its output there:
-# the driver, which enabled the transmit interrupt, waits for one.
-in_burst() {{
-    [ "$(grep '^BURST-' /tmp/linux.out | tail -n 1)" = BURST-START ]
-}}
-# before STEP: waits up to 30 s for the L2 to be in a burst. Best
-# effort: the step is what matters, and a long wait here only makes the
-# test slower (one run waited ten minutes).
-before() {{
-    t=0
-    until in_burst || [ $t -ge 300 ]; do t=$((t + 1)); sleep 0.1; done
-    running $vm || give_up "the L2 before the $1"
-}}
 # ping_l2 STEP: three pings to the L2, answered or not.
 ping_l2() {{
     ping -c 3 -W 5 10.0.2.2 >/tmp/ping.out 2>&1
@@ -446,11 +420,8 @@ wait_until "the L2's eth0" ended_or $vm grep -q L2-NET-UP /tmp/linux.out && runn
 two_more_rounds "the start"
 ping_l2 start
 
-before snapshot
 pvstack ctl --api-socket /tmp/vm.sock snapshot --to /tmp/snap >/tmp/ctl.json
 echo "SNAPSHOT $? $(cat /tmp/ctl.json)"
-# The VM stays paused: its console is as the snapshot left it.
-in_burst && echo "SNAPSHOT-IN-BURST yes" || echo "SNAPSHOT-IN-BURST no"
 echo "ROUNDS-AT-SNAPSHOT $(grep -c '^ROUND ' /tmp/linux.out)"
 pvstack ctl --api-socket /tmp/vm.sock shutdown >/dev/null
 wait $vm
@@ -460,7 +431,6 @@ vm=$!
 two_more_rounds "the restore"
 ping_l2 restore
 
-before upgrade
 pvstack ctl --api-socket /tmp/vm.sock upgrade --binary "$(command -v pvstack)" >/tmp/ctl.json
 echo "UPGRADE $? $(cat /tmp/ctl.json)"
 wait $vm
@@ -534,15 +504,6 @@ fn linux_guest_io_survives_a_snapshot_restore_and_a_live_replacement() {
 
     // The console went on after the restore: the rounds the L1 waited
     // for after it came through the restored UART, and so did the rest.
-    // A UART state lost there shows only if the pause fell in the middle
-    // of a transmission (Linux's 8250 driver writes IER again at its next
-    // output; this kernel has no CONFIG_DEVPORT for the L2 to read the
-    // registers): the L1 snapshots and upgrades right after a burst
-    // began. With the UART's state left out of the take-over, the L2's
-    // console (and its disk loop, which writes there) stopped for good
-    // after the upgrade; a snapshot, whose request takes the L1 longer,
-    // has so far come after the burst's end, so whether it fell in one
-    // is reported, not asserted.
     let at_snapshot: u32 = line_after(&out, "ROUNDS-AT-SNAPSHOT ")
         .parse()
         .expect("a count");
@@ -557,9 +518,8 @@ fn linux_guest_io_survives_a_snapshot_restore_and_a_live_replacement() {
     // writes; no I/O error in the L2's kernel log.
     assert_disk_loop_checks_out(&run, "snapshot", at_snapshot + 4);
     eprintln!(
-        "L2 rounds: {at_snapshot} before the snapshot, {} in all; snapshot in a console burst: {}; snapshot: {snapshot}; upgrade: {upgrade}",
-        line_after(&out, "L2-ROUNDS "),
-        line_after(&out, "SNAPSHOT-IN-BURST "),
+        "L2 rounds: {at_snapshot} before the snapshot, {} in all; snapshot: {snapshot}; upgrade: {upgrade}",
+        line_after(&out, "L2-ROUNDS ")
     );
 }
 
