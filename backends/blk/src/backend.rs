@@ -227,6 +227,7 @@ impl BlkBackend {
             self.resubmit(vring, worker, log, &memory.memory().into_inner(), queue);
         }
         worker.engine.notify_completions(false);
+        worker.engine.consume_completion_signal();
         self.set_notification(vring, false, queue);
         loop {
             let took = self.take_available(vring, worker, log.as_ref(), &memory, queue);

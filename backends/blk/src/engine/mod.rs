@@ -77,8 +77,15 @@ pub trait Engine: Send {
     fn completion_fd(&self) -> Option<RawFd>;
 
     /// Turns the completion eventfd's signalling on (before the worker
-    /// sleeps) or off (while it polls).
+    /// sleeps) or off (while it polls). Makes no system call, so the
+    /// worker can flip it for every look at its ring.
     fn notify_completions(&mut self, on: bool);
+
+    /// Consumes what the completion eventfd has signalled, so a
+    /// level-triggered wait does not wake the worker for it again; once
+    /// per wake-up is enough (a signal left over causes one spurious
+    /// wake-up, which consumes it).
+    fn consume_completion_signal(&mut self);
 }
 
 /// Which engine `--engine` asks for.

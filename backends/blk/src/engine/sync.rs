@@ -61,4 +61,6 @@ impl Engine for SyncEngine {
     }
 
     fn notify_completions(&mut self, _on: bool) {}
+
+    fn consume_completion_signal(&mut self) {}
 }

@@ -606,8 +606,10 @@ impl Engine for UringEngine {
         } else {
             completion.disable_eventfd();
         }
-        // Consume what was signalled before (level-triggered epoll would
-        // wake the worker for it again).
+    }
+
+    fn consume_completion_signal(&mut self) {
+        // EAGAIN: nothing was signalled.
         let _ = self.completion_event.read();
     }
 }
