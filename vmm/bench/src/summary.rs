@@ -12,6 +12,7 @@ use super::child::Sample;
 use super::fio::FioConfig;
 use super::image::Storage;
 use super::load::LoadReport;
+use super::mode::DiskMode;
 use super::workload::Workload;
 
 /// Median, min and max of one metric over the repetitions.
@@ -233,7 +234,8 @@ impl Report {
 
     /// Fills `ratios` with every ratio of median IOPS the results allow:
     /// each disk row to the host row and to qsd of its workload,
-    /// vhost-user to the emulated modes, two queues to one at QD32 per
+    /// vhost-user to the emulated modes and to itself unconfined (the
+    /// sandbox's cost), two queues to one at QD32 per
     /// mode; and pvstack-net's median rate (MB/s for TCP, frames/s for
     /// UDP) to the emulated NIC's.
     pub fn compute_ratios(&mut self) {
@@ -256,6 +258,15 @@ impl Report {
                     );
                 }
             }
+            // Below 1: what the sandbox costs.
+            let unconfined = DiskMode::Unconfined.name();
+            self.push_ratio(
+                &mut ratios,
+                format!("vhost-user / {unconfined} IOPS, {workload}"),
+                "iops",
+                (BlkMode::VhostUser.name(), workload),
+                (unconfined, workload),
+            );
             for other in [BlkMode::EmulatedLegacy, BlkMode::EmulatedVirtio] {
                 self.push_ratio(
                     &mut ratios,
@@ -485,6 +496,28 @@ mod tests {
         let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Spread::of([4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
+    }
+
+    #[test]
+    fn the_sandbox_cost_is_vhost_user_over_unconfined() {
+        let w = Workload::RandRead4kQd1;
+        let row = |mode, iops| Summary::new(mode, w, Some(false), vec![sample(iops, None)]);
+        let mut report = report(vec![
+            row("vhost-user", 9600.0).unwrap(),
+            row("vhost-user-unconfined", 10000.0).unwrap(),
+        ]);
+        report.compute_ratios();
+        assert_eq!(report.ratios.len(), 1, "{:#?}", report.ratios);
+        assert_eq!(
+            report.ratios[0].name,
+            "vhost-user / vhost-user-unconfined IOPS, 4k-randread-qd1"
+        );
+        assert_eq!(report.ratios[0].value, 0.96);
+        let table = report.table();
+        assert!(
+            table.contains("vhost-user / vhost-user-unconfined IOPS, 4k-randread-qd1: 0.96x"),
+            "{table}"
+        );
     }
 
     #[test]
