@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 
 use super::device::{BackendState, Reconnected, VhostUserDevice};
 use super::supervisor::SharedVhostUserDevice;
@@ -50,14 +50,28 @@ fn try_swap(device: &SharedVhostUserDevice, socket: &Path) -> Result<Duration> {
     let new = attempt.connect()?;
     let progress = lock(device).device_mut().stop_for_swap(attempt, new)?;
     let began = progress.began();
+    let stopped = began.elapsed();
     let drained = progress
         .drain()
         .map_or(Ok(()), |rings| rings.drain(DRAIN_TIMEOUT));
-    let watch = lock(device).device_mut().finish_swap(progress, drained)?;
+    let drained_at = began.elapsed();
+    let (watch, retired) = lock(device).device_mut().finish_swap(progress, drained)?;
+    let resumed = began.elapsed();
     if let Some(rings) = watch {
         rings.wait_for_service(SERVICE_TIMEOUT);
     }
-    Ok(began.elapsed())
+    let stall = began.elapsed();
+    drop(retired);
+    debug!(
+        "{}: swap stall {} us: old backend stopped at {} us, drained at {} us, \
+         new backend resumed at {} us",
+        lock(device).device().name(),
+        stall.as_micros(),
+        stopped.as_micros(),
+        drained_at.as_micros(),
+        resumed.as_micros()
+    );
+    Ok(stall)
 }
 
 /// Ends the device's connection on request and reconnects at once (the
@@ -103,11 +117,13 @@ pub fn reconnect_once(device: &WeakVhostUserDevice, began: Instant) -> Result<()
     };
     let installed = lock(&shared).device_mut().finish_reconnect(connected)?;
     drop(turn);
-    if let Reconnected::Installed(watch) = installed {
+    if let Reconnected::Installed(watch, retired) = installed {
         if let Some(rings) = watch {
             rings.wait_for_service(SERVICE_TIMEOUT);
         }
-        lock(&shared).device_mut().record_reconnect(began.elapsed());
+        let stall = began.elapsed();
+        drop(retired);
+        lock(&shared).device_mut().record_reconnect(stall);
     }
     Ok(())
 }
