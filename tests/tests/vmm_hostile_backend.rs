@@ -7,7 +7,10 @@
 //! waiting, and pvstack still ends cleanly on SIGTERM. A backend that
 //! never answers holds neither the control API nor SIGTERM, not even when
 //! the guest resets its device and pvstack must wait for the backend to
-//! stop its rings.
+//! stop its rings. A backend that fails the ring setup of a swap, as
+//! vhost-user-backend fails a request (it ends the connection), has the
+//! swap refused and the rings given back to the old backend, which loses
+//! no write.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -20,20 +23,26 @@ use std::time::Duration;
 
 use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
-use pvstack_tests::blk_vm::{run_with_disks, socket_spec, utf8, zeroed_image};
-use pvstack_tests::ScratchDir;
+use pvstack_tests::blk_vm::{
+    assert_swap_verify_image, newest_write, read_image, run_with_disks, socket_spec,
+    stop_swap_verify, utf8, wait_for_write_after, zeroed_image,
+};
+use pvstack_tests::{parse_result, ScratchDir};
 use serde_json::Value;
 
 const IMAGE_BYTES: usize = 1 << 20;
 
-/// vhost-user header flags: protocol version 1, and "this is a reply".
+/// vhost-user header flags: protocol version 1, "this is a reply", and
+/// "acknowledge this request" (with REPLY_ACK).
 const VERSION: u32 = 1;
 const REPLY: u32 = 1 << 2;
+const NEED_REPLY: u32 = 1 << 3;
 const HEADER: usize = 12;
 
 /// Requests this backend answers or acts on.
 const GET_FEATURES: u32 = 1;
 const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_ADDR: u32 = 9;
 const GET_VRING_BASE: u32 = 11;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
@@ -43,6 +52,13 @@ const GET_CONFIG: u32 = 24;
 const FEATURES: u64 = 1 << 32 | 1 << 30;
 /// Protocol features MQ and CONFIG (no REPLY_ACK: nothing needs an ack).
 const PROTOCOL_FEATURES: u64 = 1 | 1 << 9;
+/// What [`Hostility::FailRingAddress`] offers besides [`FEATURES`]: the
+/// disk features of pvstack-blk's the driver takes (SEG_MAX, BLK_SIZE,
+/// FLUSH, MQ, DISCARD, WRITE_ZEROES, RING_EVENT_IDX), so a swap from
+/// pvstack-blk gets as far as the ring setup.
+const BLK_FEATURES: u64 = 1 << 2 | 1 << 6 | 1 << 9 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 29;
+/// REPLY_ACK, offered by [`Hostility::FailRingAddress`] only.
+const REPLY_ACK: u64 = 1 << 3;
 
 /// How the backend misbehaves.
 #[derive(Clone, Copy, Debug)]
@@ -62,11 +78,17 @@ enum Hostility {
     /// Serves until the rings are to stop (a reset), then never answers
     /// GET_VRING_BASE; holds the connection until the frontend closes it.
     StallStop,
+    /// Offers REPLY_ACK and acknowledges every request that asks, until
+    /// SET_VRING_ADDR, which it fails as vhost-user-backend fails a
+    /// request: it ends the connection (with an acknowledgement of 1
+    /// first if the request asked for one).
+    FailRingAddress,
 }
 
 /// One message from the frontend, with the file descriptors it carried.
 struct Message {
     request: u32,
+    flags: u32,
     payload: Vec<u8>,
     fds: Vec<OwnedFd>,
 }
@@ -119,6 +141,7 @@ fn receive(stream: &mut UnixStream) -> io::Result<Option<Message>> {
     stream.read_exact(&mut payload)?;
     Ok(Some(Message {
         request: word(0),
+        flags: word(4),
         payload,
         fds,
     }))
@@ -168,12 +191,28 @@ fn serve(mut stream: UnixStream, hostility: Hostility, report: &Mutex<Report>) -
                 report.lock().unwrap().stalled = None;
                 return Ok(());
             }
+            (GET_FEATURES, Hostility::FailRingAddress) => reply(
+                &mut stream,
+                GET_FEATURES,
+                &(FEATURES | BLK_FEATURES).to_le_bytes(),
+            )?,
             (GET_FEATURES, _) => reply(&mut stream, GET_FEATURES, &FEATURES.to_le_bytes())?,
+            (GET_PROTOCOL_FEATURES, Hostility::FailRingAddress) => reply(
+                &mut stream,
+                GET_PROTOCOL_FEATURES,
+                &(PROTOCOL_FEATURES | REPLY_ACK).to_le_bytes(),
+            )?,
             (GET_PROTOCOL_FEATURES, _) => reply(
                 &mut stream,
                 GET_PROTOCOL_FEATURES,
                 &PROTOCOL_FEATURES.to_le_bytes(),
             )?,
+            (SET_VRING_ADDR, Hostility::FailRingAddress) => {
+                if message.flags & NEED_REPLY != 0 {
+                    reply(&mut stream, SET_VRING_ADDR, &1u64.to_le_bytes())?;
+                }
+                return Ok(());
+            }
             (GET_QUEUE_NUM, _) => reply(&mut stream, GET_QUEUE_NUM, &1u64.to_le_bytes())?,
             (GET_CONFIG, _) => {
                 // offset, size, flags, then the space.
@@ -203,7 +242,11 @@ fn serve(mut stream: UnixStream, hostility: Hostility, report: &Mutex<Report>) -
                 }
                 return Ok(());
             }
-            // Everything else needs no answer without REPLY_ACK.
+            // Everything else is answered only when acknowledged requests
+            // were agreed on (REPLY_ACK) and this one asks.
+            (request, _) if message.flags & NEED_REPLY != 0 => {
+                reply(&mut stream, request, &0u64.to_le_bytes())?
+            }
             _ => {}
         }
     }
@@ -441,4 +484,46 @@ fn a_guest_reset_on_an_honest_backend_completes_and_the_device_starts_again() {
     assert_eq!(run.code(), 0, "{run:#?}");
     assert_eq!(run.result_u64("blk-reset", "starts"), 4, "{run:#?}");
     backend.terminate_cleanly();
+}
+
+#[test]
+fn a_backend_that_fails_a_swaps_ring_setup_is_refused_and_the_old_one_serves_on() {
+    const BLOCKS: usize = 128;
+    let dir = ScratchDir::new("hostile-backend-swap-ring-setup");
+    let image = dir.path("disk.img");
+    zeroed_image(&image, IMAGE_BYTES);
+    let socket = dir.path("blk.sock");
+    let _real = BlkProcess::start(&socket, &["--image", utf8(&image)]);
+    let hostile_socket = dir.path("hostile.sock");
+    let hostile = HostileBackend::listen(&hostile_socket, Hostility::FailRingAddress);
+    let spec = format!("{},id=blk0", socket_spec(&socket, &[]));
+    let mut vm = ApiVm::start(
+        &dir,
+        &[
+            "--blk",
+            &spec,
+            "--guest-args",
+            &format!("blk-swap-verify blocks={BLOCKS} stop=1 depth=8"),
+        ],
+        "blk-swap-verify: running",
+    );
+    // Some of the ring setup goes out unacknowledged: its failure must
+    // still be seen, at the acknowledged request after it at the latest.
+    let error = vm.ctl_refused(&["device", "swap", "blk0", "--socket", utf8(&hostile_socket)]);
+    assert!(error.contains("SET_VRING"), "{error}");
+    assert_eq!(hostile.connections(), 1);
+    let device = vm.first_device();
+    assert_eq!(device["refused_swaps"], 1, "{device:#}");
+    assert_eq!(device["socket"], utf8(&socket), "{device:#}");
+    assert_eq!(device["backend_state"], "connected", "{device:#}");
+    // The old backend took the rings back: the guest's writes go on, and
+    // the image holds exactly those it saw complete.
+    wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
+    stop_swap_verify(&image, BLOCKS);
+    let status = vm.wait();
+    let console = vm.console();
+    assert!(status.success(), "{status}\n{console}\n{}", vm.log());
+    let result = parse_result(&console, "blk-swap-verify")
+        .unwrap_or_else(|| panic!("no RESULT line:\n{console}"));
+    assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
