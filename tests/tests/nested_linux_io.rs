@@ -60,6 +60,28 @@ echo BEGIN dmesg; dmesg; echo END dmesg"#
     )
 }
 
+/// The shell function `start_l2 MEMORY DEVICE-ARGS...`: pvstack runs the
+/// L2 in the background (its pid in `$vm`) with `MEMORY` of RAM, its
+/// console on `--serial` appended to /tmp/linux.out (made empty first, so
+/// it is counted from the start), its log in /tmp/linux.err and its
+/// control API on /tmp/vm.sock. Appending lets a restored pvstack write
+/// to the same files.
+fn start_l2_function() -> String {
+    format!(
+        r#"
+start_l2() {{
+    memory=$1
+    shift
+    : >/tmp/linux.out
+    RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} \
+        --memory $memory --serial --api-socket /tmp/vm.sock "$@" \
+        --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
+        </dev/null >>/tmp/linux.out 2>>/tmp/linux.err &
+    vm=$!
+}}"#
+    )
+}
+
 /// The L1's side: pvstack runs the L2 with `--net tap=tap0` and
 /// `--console unix=`; the L1 gives tap0 10.0.2.1, pings the L2, sends its
 /// bytes, receives the L2's, then types a command on the L2's hvc0
@@ -73,11 +95,8 @@ mkfifo /tmp/hold
 nc -l -p 5002 <>/tmp/hold | md5sum >/tmp/from-l2.md5 &
 receiver=$!
 wait_until "the L1's listener" grep -qs ':138A [0-9A-F]*:0000 0A' /proc/net/tcp /proc/net/tcp6 || exit 1
-pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory 1G --serial \
-    --net tap=tap0 --console unix=/tmp/hvc.sock \
-    --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
-    </dev/null >/tmp/linux.out 2>/tmp/linux.err &
-vm=$!
+{start_l2}
+start_l2 1G --net tap=tap0 --console unix=/tmp/hvc.sock
 # Ends the step after a failure (at once when pvstack has ended), with
 # what the L2 and pvstack printed and both ends' view of the link: tap0's
 # counters here, and, asked on its hvc0 shell, the L2's interrupts, eth0's
@@ -126,7 +145,8 @@ cat /tmp/linux.out
 echo "HVC-SEEN $(tr -d '\r\n' </tmp/seen)"
 grep pvstack /tmp/linux.err
 exit $status
-"#
+"#,
+        start_l2 = start_l2_function(),
     )
 }
 
@@ -242,13 +262,8 @@ qemu-storage-daemon --blockdev driver=file,node-name=f,filename=$img \
     >/tmp/q.log 2>&1 &
 q=$!
 wait_until "the three backends" test -S /tmp/a.sock -a -S /tmp/b.sock -a -S /tmp/q.sock || exit 1
-# There before pvstack's redirection makes it: it is counted right away.
-: >/tmp/linux.out
-RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory 512M --serial \
-    --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 \
-    --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
-    </dev/null >/tmp/linux.out 2>/tmp/linux.err &
-vm=$!
+{start_l2}
+start_l2 512M --blk socket=/tmp/a.sock,id=blk0
 {helpers}
 two_more_rounds "the start"
 for target in b q a; do
@@ -279,6 +294,7 @@ wait
 {image_slots}
 exit $status
 "#,
+        start_l2 = start_l2_function(),
         helpers = l1_disk_loop_helpers("/tmp/a.log /tmp/b.log /tmp/q.log"),
         image_slots = image_slots_script(),
     )
@@ -402,13 +418,8 @@ pvstack-net --socket /tmp/n.sock --tap tap0 2>/tmp/n.log &
 n=$!
 wait_until "the backends" test -S /tmp/a.sock -a -S /tmp/n.sock || exit 1
 ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up || exit 1
-# There before pvstack's redirection makes it: it is counted right away.
-: >/tmp/linux.out
-RUST_LOG=info pvstack run --kernel {L2_KERNEL} --initrd {L2_INITRAMFS} --cpus {L2_CPUS} --memory {L2_MEMORY} --serial \
-    --api-socket /tmp/vm.sock --blk socket=/tmp/a.sock,id=blk0 --net socket=/tmp/n.sock,id=net0 \
-    --cmdline "console=ttyS0 quiet panic=-1 pvtest=$(cat /tmp/guest.b64)" \
-    </dev/null >>/tmp/linux.out 2>>/tmp/linux.err &
-vm=$!
+{start_l2}
+start_l2 {L2_MEMORY} --blk socket=/tmp/a.sock,id=blk0 --net socket=/tmp/n.sock,id=net0
 {helpers}
 # ping_l2 STEP: three pings to the L2, answered or not.
 ping_l2() {{
@@ -450,6 +461,7 @@ kill $a $n
 wait
 {image_slots}
 "#,
+        start_l2 = start_l2_function(),
         helpers = l1_disk_loop_helpers("/tmp/a.log /tmp/n.log"),
         image_slots = image_slots_script(),
     )
