@@ -498,6 +498,13 @@ mod tests {
         assert_eq!(Spread::of([4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
     }
 
+    /// `report` has one ratio, `name`, of `value`.
+    fn assert_only_ratio(report: &Report, name: &str, value: f64) {
+        assert_eq!(report.ratios.len(), 1, "{:#?}", report.ratios);
+        assert_eq!(report.ratios[0].name, name);
+        assert_eq!(report.ratios[0].value, value);
+    }
+
     #[test]
     fn the_sandbox_cost_is_vhost_user_over_unconfined() {
         let w = Workload::RandRead4kQd1;
@@ -507,12 +514,11 @@ mod tests {
             row("vhost-user-unconfined", 10000.0).unwrap(),
         ]);
         report.compute_ratios();
-        assert_eq!(report.ratios.len(), 1, "{:#?}", report.ratios);
-        assert_eq!(
-            report.ratios[0].name,
-            "vhost-user / vhost-user-unconfined IOPS, 4k-randread-qd1"
+        assert_only_ratio(
+            &report,
+            "vhost-user / vhost-user-unconfined IOPS, 4k-randread-qd1",
+            0.96,
         );
-        assert_eq!(report.ratios[0].value, 0.96);
         let table = report.table();
         assert!(
             table.contains("vhost-user / vhost-user-unconfined IOPS, 4k-randread-qd1: 0.96x"),
@@ -650,12 +656,7 @@ mod tests {
         report.image = None;
         report.net_tcp_bytes = Some(1 << 20);
         report.compute_ratios();
-        assert_eq!(report.ratios.len(), 1, "{:?}", report.ratios);
-        assert_eq!(
-            report.ratios[0].name,
-            "vhost-user / emulated frames/s, net-udp-64"
-        );
-        assert_eq!(report.ratios[0].value, 3.0);
+        assert_only_ratio(&report, "vhost-user / emulated frames/s, net-udp-64", 3.0);
         let table = report.table();
         assert!(table.contains("exits/req n/a"), "{table}");
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
