@@ -28,7 +28,7 @@ use super::control::{WeakVhostUserDevice, DRAIN_TIMEOUT};
 use super::handle::{check_rings, ActiveQueue, InflightLog, RingSetup, VhostUserHandle};
 use super::peer::AllowedBackend;
 use super::process::BackendProcess;
-use super::reset::{self, StandIn};
+use super::reset::{self, StandIn, Stopped};
 use super::stall::StallStats;
 use super::watch::{used_idx, RingWatch};
 use crate::error::{Error, Result};
@@ -709,18 +709,18 @@ impl VhostUserDevice {
         }
     }
 
-    /// Ends a driver's reset whose thread stopped the rings (`stopped`)
-    /// on `connection`, taken from the device when its connection number
-    /// was `number`: gives the connection back. (The driver cannot start
-    /// the device meanwhile: the transport ignores status writes until
-    /// the reset is done.) A backend that did not stop in time, or a
-    /// connection the device has moved on from, is dropped.
-    pub fn finish_reset(
-        &mut self,
-        connection: Box<dyn BackendConnection>,
-        number: u64,
-        stopped: Result<()>,
-    ) {
+    /// Ends a driver's reset whose thread is done with the connection
+    /// (`stopped`: it, and whether its rings stopped), taken from the
+    /// device when its connection number was `number`: gives the
+    /// connection back. (The driver cannot start the device meanwhile: the
+    /// transport ignores status writes until the reset is done.) A backend
+    /// that did not stop in time, or a connection the device has moved on
+    /// from, is dropped.
+    pub fn finish_reset(&mut self, stopped: Stopped, number: u64) {
+        let Stopped {
+            connection,
+            outcome,
+        } = stopped;
         if !self.resetting || self.connection != number {
             connection.shut_down();
             return;
@@ -728,7 +728,7 @@ impl VhostUserDevice {
         self.resetting = false;
         // The stand-in goes; it holds nothing of the backend.
         drop(std::mem::replace(&mut self.handle, connection));
-        if let Err(err) = stopped {
+        if let Err(err) = outcome {
             warn_limited!(
                 "{}: driver reset the device, and the backend did not stop in time ({err}); dropping its connection so it serves nothing more, and reconnecting",
                 self.name
@@ -1013,12 +1013,19 @@ impl VirtioDevice for VhostUserDevice {
         let stand_in: Box<dyn BackendConnection> = Box::new(StandIn::of(self.handle.as_ref()));
         let connection = std::mem::replace(&mut self.handle, stand_in);
         self.resetting = true;
-        if let Err(err) = reset::spawn_stop(&self.name, this, connection, rings, self.connection) {
-            warn_limited!(
-                "{}: cannot start the reset's thread ({err}); the backend's connection is closed, reconnecting",
-                self.name
-            );
-            self.lose_connection();
+        match reset::spawn_stop(&self.name, this, connection, rings, self.connection) {
+            Ok(handoff) => {
+                if let Some(stopped) = handoff.wait(reset::RESET_VCPU_WAIT) {
+                    self.finish_reset(stopped, self.connection);
+                }
+            }
+            Err(err) => {
+                warn_limited!(
+                    "{}: cannot start the reset's thread ({err}); the backend's connection is closed, reconnecting",
+                    self.name
+                );
+                self.lose_connection();
+            }
         }
     }
 
@@ -1666,6 +1673,36 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_on_a_prompt_backend_is_done_when_the_drivers_write_returns() {
+        let gate = Gate::default();
+        let prompt = Script {
+            stop_gate: Some(gate.clone()),
+            ..Script::default()
+        };
+        let rig = rig("promptreset", prompt);
+        rig.rings(2, 2);
+        // The backend stops its rings 20 ms after it is asked: well within
+        // what the vCPU waits.
+        let opener = std::thread::spawn(move || {
+            gate.wait_for_arrival();
+            std::thread::sleep(Duration::from_millis(20));
+            gate.open();
+        });
+        write_register(&rig.device, VIRTIO_MMIO_STATUS, 0);
+        // As Linux's virtio-mmio does: no wait for the status to read 0
+        // before setting the device up again.
+        assert_eq!(read_register(&rig.device, VIRTIO_MMIO_STATUS), 0);
+        write_register(&rig.device, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(
+            read_register(&rig.device, VIRTIO_MMIO_STATUS),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+        );
+        opener.join().unwrap();
+        assert_eq!(rig.steps(), ["promptreset-a stop"]);
+        assert_eq!(rig.status().state, BackendState::Connected);
+    }
+
+    #[test]
     fn a_reset_stops_the_backend_without_holding_the_device_lock() {
         let gate = Gate::default();
         let stalling = Script {
@@ -1674,6 +1711,7 @@ mod tests {
         };
         let rig = rig("stallreset", stalling);
         rig.rings(2, 0);
+        // The vCPU waits for the backend a short while only.
         write_register(&rig.device, VIRTIO_MMIO_STATUS, 0);
         gate.wait_for_arrival();
         // The vCPU's write returned; the registers and the API answer

@@ -10,12 +10,19 @@
 //! device keeps a [`StandIn`] that answers what the control API asks and
 //! refuses to talk to the backend. Until the thread is done, the status
 //! register does not read 0 (virtio asks drivers to wait for that before
-//! they set the device up again) and status writes are ignored. The
-//! thread gives the connection back under the lock
-//! (`VhostUserDevice::finish_reset`).
+//! they set the device up again) and status writes are ignored.
+//!
+//! Not every driver waits: Linux's virtio-mmio writes 0 and goes straight
+//! on (a driver unbound and bound again then has its next status writes
+//! ignored and its probe fails). So the vCPU waits for the thread a short
+//! while ([`RESET_VCPU_WAIT`]) and, if the rings stopped by then, gives
+//! the connection back itself: with a backend that answers promptly, the
+//! reset is done when the driver's write returns. Otherwise the thread
+//! gives it back under the lock (`VhostUserDevice::finish_reset`).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::connection::BackendConnection;
@@ -30,6 +37,74 @@ use crate::error::{Error, Result};
 /// rings the driver sets up next.
 pub const RESET_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long the vCPU that resets the device waits, holding the device's
+/// lock, for the backend to stop its rings. Long enough for a backend
+/// that answers at once (a reset takes about a millisecond here, tens of
+/// milliseconds under nested emulation), short enough that a slow one
+/// holds up the control API and SIGTERM only that long.
+pub const RESET_VCPU_WAIT: Duration = Duration::from_millis(200);
+
+/// The connection, and whether its rings stopped, once a reset's thread
+/// is done with it.
+pub struct Stopped {
+    pub connection: Box<dyn BackendConnection>,
+    pub outcome: Result<()>,
+}
+
+/// Who finishes a reset: the vCPU, if its thread is done while the vCPU
+/// still waits in [`Handoff::wait`]; the thread, under the device's lock,
+/// otherwise. The thread then never touches the device, so it keeps the
+/// device alive no longer than the vCPU's write.
+pub struct Handoff {
+    state: Mutex<HandoffState>,
+    ready: Condvar,
+}
+
+enum HandoffState {
+    VcpuWaiting,
+    Left(Stopped),
+    VcpuGone,
+}
+
+impl Handoff {
+    fn new() -> Self {
+        Handoff {
+            state: Mutex::new(HandoffState::VcpuWaiting),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// The thread is done: leaves `stopped` to the vCPU if it still
+    /// waits, else gives it back for the thread to finish with.
+    fn leave(&self, stopped: Stopped) -> Option<Stopped> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match *state {
+            HandoffState::VcpuWaiting => {
+                *state = HandoffState::Left(stopped);
+                self.ready.notify_all();
+                None
+            }
+            HandoffState::Left(_) | HandoffState::VcpuGone => Some(stopped),
+        }
+    }
+
+    /// Waits up to `timeout` for the thread to be done and takes what it
+    /// left; after this, the thread finishes the reset itself.
+    pub fn wait(&self, timeout: Duration) -> Option<Stopped> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut state, _) = self
+            .ready
+            .wait_timeout_while(state, timeout, |state| {
+                matches!(state, HandoffState::VcpuWaiting)
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *state, HandoffState::VcpuGone) {
+            HandoffState::Left(stopped) => Some(stopped),
+            HandoffState::VcpuWaiting | HandoffState::VcpuGone => None,
+        }
+    }
+}
+
 /// What a reset asks of the backend: stop taking requests, then complete
 /// those taken within [`RESET_DRAIN_TIMEOUT`].
 fn stop_and_drain(connection: &mut dyn BackendConnection, rings: &mut RingSetup) -> Result<()> {
@@ -38,29 +113,37 @@ fn stop_and_drain(connection: &mut dyn BackendConnection, rings: &mut RingSetup)
 }
 
 /// Stops `rings` on `connection` on a thread named after `device_name`,
-/// then hands the connection and the outcome back to the device
-/// (`VhostUserDevice::finish_reset`, with `number`, the device's
-/// connection number when the reset began). If the thread cannot start,
-/// the connection is dropped (closed) and the error returned.
+/// then leaves the connection and the outcome to the caller's
+/// [`Handoff::wait`]; once the caller has stopped waiting, the thread
+/// hands them back to the device itself (`VhostUserDevice::finish_reset`,
+/// with `number`, the device's connection number when the reset began).
+/// If the thread cannot start, the connection is dropped (closed) and the
+/// error returned.
 pub fn spawn_stop(
     device_name: &str,
     device: WeakVhostUserDevice,
     mut connection: Box<dyn BackendConnection>,
     mut rings: RingSetup,
     number: u64,
-) -> std::io::Result<()> {
+) -> std::io::Result<Arc<Handoff>> {
+    let handoff = Arc::new(Handoff::new());
+    let vcpu = handoff.clone();
     std::thread::Builder::new()
         .name(format!("{device_name}-reset"))
         .spawn(move || {
-            let stopped = stop_and_drain(connection.as_mut(), &mut rings);
+            let outcome = stop_and_drain(connection.as_mut(), &mut rings);
+            let Some(stopped) = handoff.leave(Stopped {
+                connection,
+                outcome,
+            }) else {
+                return;
+            };
             match device.upgrade() {
-                Some(device) => lock(&device)
-                    .device_mut()
-                    .finish_reset(connection, number, stopped),
-                None => connection.shut_down(),
+                Some(device) => lock(&device).device_mut().finish_reset(stopped, number),
+                None => stopped.connection.shut_down(),
             }
-        })
-        .map(drop)
+        })?;
+    Ok(vcpu)
 }
 
 /// Holds the place of a connection that a reset's thread is using: says
