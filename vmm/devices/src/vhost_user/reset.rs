@@ -13,12 +13,13 @@
 //! they set the device up again) and status writes are ignored.
 //!
 //! Not every driver waits: Linux's virtio-mmio writes 0 and goes straight
-//! on (a driver unbound and bound again then has its next status writes
-//! ignored and its probe fails). So the vCPU waits for the thread a short
-//! while ([`RESET_VCPU_WAIT`]) and, if the rings stopped by then, gives
-//! the connection back itself: with a backend that answers promptly, the
-//! reset is done when the driver's write returns. Otherwise the thread
-//! gives it back under the lock (`VhostUserDevice::finish_reset`).
+//! on (a driver unbound and bound again then reads the old status, ORs
+//! its own bit into it, and has that write ignored). So the vCPU waits
+//! for the thread a short while ([`RESET_VCPU_WAIT`]) and, if the rings
+//! stopped by then, gives the connection back itself: with a backend that
+//! answers promptly, the reset is done when the driver's write returns.
+//! Otherwise the thread gives it back under the lock
+//! (`VhostUserDevice::finish_reset`).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
