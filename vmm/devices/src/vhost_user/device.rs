@@ -1672,14 +1672,20 @@ mod tests {
         assert_eq!(transport.device().status().state, BackendState::Connected);
     }
 
-    #[test]
-    fn a_reset_on_a_prompt_backend_is_done_when_the_drivers_write_returns() {
+    /// A rig whose first backend stops its rings only once the returned
+    /// gate opens.
+    fn rig_with_gated_stop(test: &str) -> (Rig, Gate) {
         let gate = Gate::default();
-        let prompt = Script {
+        let gated = Script {
             stop_gate: Some(gate.clone()),
             ..Script::default()
         };
-        let rig = rig("promptreset", prompt);
+        (rig(test, gated), gate)
+    }
+
+    #[test]
+    fn a_reset_on_a_prompt_backend_is_done_when_the_drivers_write_returns() {
+        let (rig, gate) = rig_with_gated_stop("promptreset");
         rig.rings(2, 2);
         // The backend stops its rings 20 ms after it is asked: well within
         // what the vCPU waits.
@@ -1704,12 +1710,7 @@ mod tests {
 
     #[test]
     fn a_reset_stops_the_backend_without_holding_the_device_lock() {
-        let gate = Gate::default();
-        let stalling = Script {
-            stop_gate: Some(gate.clone()),
-            ..Script::default()
-        };
-        let rig = rig("stallreset", stalling);
+        let (rig, gate) = rig_with_gated_stop("stallreset");
         rig.rings(2, 0);
         // The vCPU waits for the backend a short while only.
         write_register(&rig.device, VIRTIO_MMIO_STATUS, 0);
