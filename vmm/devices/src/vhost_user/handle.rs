@@ -306,9 +306,8 @@ impl VhostUserHandle {
     /// answered one follows on this connection: a backend handles a
     /// connection's requests in order and ends the connection at one it
     /// fails (vhost-user-backend and libvhost-user both do), so that
-    /// answer vouches for this request too. The backend then handles the
-    /// whole run in one wake-up instead of one round trip each, which is
-    /// most of a swap's stall on a busy host.
+    /// answer vouches for this request too. The backend can then handle
+    /// the whole run in one wake-up instead of one round trip each.
     fn unanswered_step(
         &mut self,
         step: &'static str,
