@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use pvstack_guest::pattern;
 use pvstack_guest::seqblock::{self, BLOCK_SIZE};
 
-use crate::{run_pvstack, Finished, HANG_TIMEOUT};
+use crate::api_vm::ApiVm;
+use crate::{parse_result, run_pvstack, Finished, HANG_TIMEOUT};
 
 /// The disk sector size every image is a multiple of.
 pub const SECTOR: usize = 512;
@@ -113,6 +114,21 @@ pub fn wait_for_write_after(image: &Path, blocks: usize, seq: u64) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Stops the guest's `blk-swap-verify blocks=BLOCKS stop=1` on `image`
+/// and waits for pvstack (`vm`) to end; returns the RESULT values.
+pub fn finish_swap_verify(mut vm: ApiVm, image: &Path, blocks: usize) -> BTreeMap<String, String> {
+    stop_swap_verify(image, blocks);
+    let status = vm.wait();
+    let console = vm.console();
+    assert!(
+        status.success(),
+        "pvstack: {status}\nconsole:\n{console}\nlog:\n{}",
+        vm.log()
+    );
+    parse_result(&console, "blk-swap-verify")
+        .unwrap_or_else(|| panic!("no RESULT line:\n{console}"))
 }
 
 /// Ends a `blk-swap-verify stop=1` run over `blocks` blocks of `image`

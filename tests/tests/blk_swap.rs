@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use pvstack_tests::api_vm::{refusal, response, ApiVm};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{
-    assert_swap_verify_image, newest_write, read_image, stop_swap_verify, utf8,
+    assert_swap_verify_image, finish_swap_verify, newest_write, read_image, utf8,
     wait_for_write_after,
 };
 use pvstack_tests::qsd::QsdProcess;
-use pvstack_tests::{parse_result, wait_until, ScratchDir, HANG_TIMEOUT};
+use pvstack_tests::{wait_until, ScratchDir, HANG_TIMEOUT};
 use serde_json::Value;
 
 /// Blocks the workload cycles over (1 MiB).
@@ -72,17 +72,8 @@ fn blk0(vm: &ApiVm) -> Value {
 
 /// Stops the guest's `blk-swap-verify stop=1` on `image` and waits for
 /// pvstack to end; returns the RESULT values.
-fn finish(mut vm: ApiVm, image: &Path) -> std::collections::BTreeMap<String, String> {
-    stop_swap_verify(image, BLOCKS);
-    let status = vm.wait();
-    let console = vm.console();
-    assert!(
-        status.success(),
-        "pvstack: {status}\nconsole:\n{console}\nlog:\n{}",
-        vm.log()
-    );
-    parse_result(&console, "blk-swap-verify")
-        .unwrap_or_else(|| panic!("no RESULT line:\n{console}"))
+fn finish(vm: ApiVm, image: &Path) -> std::collections::BTreeMap<String, String> {
+    finish_swap_verify(vm, image, BLOCKS)
 }
 
 /// The `count` of the device's `swaps` or `reconnects` statistics.

@@ -24,10 +24,10 @@ use std::time::Duration;
 use pvstack_tests::api_vm::{ApiVm, LONG_COMPUTE};
 use pvstack_tests::blk_process::BlkProcess;
 use pvstack_tests::blk_vm::{
-    assert_swap_verify_image, newest_write, read_image, run_with_disks, socket_spec,
-    stop_swap_verify, utf8, wait_for_write_after, zeroed_image,
+    assert_swap_verify_image, finish_swap_verify, newest_write, read_image, run_with_disks,
+    socket_spec, utf8, wait_for_write_after, zeroed_image,
 };
-use pvstack_tests::{parse_result, ScratchDir};
+use pvstack_tests::ScratchDir;
 use serde_json::Value;
 
 const IMAGE_BYTES: usize = 1 << 20;
@@ -497,7 +497,7 @@ fn a_backend_that_fails_a_swaps_ring_setup_is_refused_and_the_old_one_serves_on(
     let hostile_socket = dir.path("hostile.sock");
     let hostile = HostileBackend::listen(&hostile_socket, Hostility::FailRingAddress);
     let spec = format!("{},id=blk0", socket_spec(&socket, &[]));
-    let mut vm = ApiVm::start(
+    let vm = ApiVm::start(
         &dir,
         &[
             "--blk",
@@ -519,11 +519,6 @@ fn a_backend_that_fails_a_swaps_ring_setup_is_refused_and_the_old_one_serves_on(
     // The old backend took the rings back: the guest's writes go on, and
     // the image holds exactly those it saw complete.
     wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
-    stop_swap_verify(&image, BLOCKS);
-    let status = vm.wait();
-    let console = vm.console();
-    assert!(status.success(), "{status}\n{console}\n{}", vm.log());
-    let result = parse_result(&console, "blk-swap-verify")
-        .unwrap_or_else(|| panic!("no RESULT line:\n{console}"));
+    let result = finish_swap_verify(vm, &image, BLOCKS);
     assert_swap_verify_image(&read_image(&image), BLOCKS, &result);
 }
