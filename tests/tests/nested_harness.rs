@@ -1,7 +1,8 @@
 //! scripts/nested-run itself: bad input refused in one line before anything
 //! boots, a hung L1 killed and reported, an L1 that resets or powers off
-//! by itself reported with QEMU's reason, and a command's exit status, its
-//! working directory and the files given with --file reaching the L1; and
+//! by itself reported with QEMU's reason, an L2's triple fault traced, and
+//! a command's exit status, its working directory and the files given with
+//! --file reaching the L1; and
 //! scripts/bench-linux-boot, which runs on it, refusing bad usage.
 
 use std::process::Command;
@@ -98,6 +99,26 @@ fn an_l1_that_stops_by_itself_is_reported_with_qemus_reason() {
 }
 
 #[test]
+fn an_l2_triple_fault_is_traced_with_where_it_happened() {
+    // The `fault` workload of pvstack's own guest ends in a triple fault.
+    // KVM resets the vCPU's registers on that exit; the trace keeps them.
+    let run = nested_run(&["pvstack", "run", "--guest-args", "fault"]);
+    assert_eq!(run.code(), 1, "{run:#?}");
+    assert!(run.stdout.contains("stopped: triple fault"), "{run:#?}");
+    let traced: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("NESTED-L2-SHUTDOWN "))
+        .collect();
+    assert_eq!(traced.len(), 1, "{run:#?}");
+    assert!(
+        traced[0].contains("kvm_exit: vcpu 0 reason shutdown rip 0x"),
+        "{run:#?}"
+    );
+    assert!(traced[0].contains(" intr_info 0x"), "{run:#?}");
+}
+
+#[test]
 fn status_directory_and_files_reach_the_l1() {
     let scratch = ScratchDir::new("nested-files");
     let data = scratch.path("data.bin");
@@ -121,6 +142,7 @@ fn status_directory_and_files_reach_the_l1() {
         "{run:#?}"
     );
     assert!(lines.contains(&"quoted  words"), "{run:#?}");
+    assert!(!run.stdout.contains("NESTED-L2-SHUTDOWN"), "{run:#?}");
     let host_md5 = Command::new("md5sum").arg(&data).output().unwrap();
     let host_md5 = String::from_utf8_lossy(&host_md5.stdout);
     let digest = host_md5.split_whitespace().next().unwrap();
