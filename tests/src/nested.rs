@@ -176,6 +176,15 @@ impl Nested {
             );
             finished = self.boot(&script);
         }
+        // The trace lines follow the steps' output, which is all a failed
+        // assertion shows.
+        for shutdown in finished
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with(L2_SHUTDOWN))
+        {
+            eprintln!("nested run {}: {}", self.name, shutdown.trim_end());
+        }
         let console = finished.stdout;
         let Some(status) = exit_marker(&console) else {
             panic!(
@@ -222,6 +231,9 @@ impl Nested {
 const L1_STOPPED_BY_ITSELF: &str =
     "the L1 stopped before the command finished (QEMU exit status 0: QEMU's shutdown reason: guest-";
 
+/// How scripts/nested-run starts the line of each triple fault of an L2.
+const L2_SHUTDOWN: &str = "NESTED-L2-SHUTDOWN ";
+
 /// How the emulated platform (QEMU's software SVM, or the L1's KVM on
 /// it), not the code under test, ended an L1 run, if it did:
 ///
@@ -255,7 +267,7 @@ fn platform_failure(finished: &Finished) -> Option<String> {
     finished
         .stdout
         .lines()
-        .find(|line| line.starts_with("NESTED-L2-SHUTDOWN ") && !delivering_a_breakpoint(line))
+        .find(|line| line.starts_with(L2_SHUTDOWN) && !delivering_a_breakpoint(line))
         .map(|line| format!("an L2 vCPU shut down: {}", line.trim_end()))
 }
 
