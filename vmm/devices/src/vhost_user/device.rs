@@ -558,6 +558,7 @@ impl VhostUserDevice {
                 }
                 return Err(err);
             }
+            interrupt_driver(&self.name, rings);
             watch = Some(RingWatch::of(rings));
         }
         let retired = self.replace_connection(new, None);
@@ -672,6 +673,7 @@ impl VhostUserDevice {
             }
             new.check_takeover(rings)?;
             new.start(rings)?;
+            interrupt_driver(&self.name, rings);
             self.rings_unserved = false;
             watch = Some(RingWatch::of(rings));
         }
@@ -923,6 +925,22 @@ impl VhostUserDevice {
     }
 }
 
+/// Interrupts the driver of device `name` once after its rings moved to
+/// another backend, so it looks at its used rings: the backend that had
+/// them may have completed requests without an interrupt.
+/// qemu-storage-daemon closes its interrupt eventfd when it answers
+/// GET_VRING_BASE, and a request that completes after that reaches the
+/// used ring with none ("vu_panic: Error writing eventfd: Bad file
+/// descriptor"); a backend that died may have completed one just before.
+/// The driver would wait for that interrupt for ever. A look that finds
+/// nothing new costs it one interrupt.
+fn interrupt_driver(name: &str, rings: &RingSetup) {
+    if let Err(err) = rings.call.write(1) {
+        // Only a counter at its maximum refuses: an interrupt is pending.
+        warn!("{name}: cannot raise the interrupt after the move: {err}");
+    }
+}
+
 /// Sets every queue to resume at its used ring's index: the requests the
 /// driver has not seen completed are served again.
 fn rewind_to_used(rings: &mut RingSetup) -> Result<()> {
@@ -1056,10 +1074,12 @@ mod tests {
     //! tests/ run the same paths against real pvstack-blk processes), and
     //! the device's lock staying free while a connection is being made.
 
+    use std::io;
     use std::os::unix::net::UnixStream;
     use std::path::PathBuf;
     use std::sync::mpsc;
     use std::sync::{Arc, Condvar, Mutex};
+    use vmm_sys_util::eventfd::EventFd;
 
     use virtio_bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -1299,6 +1319,8 @@ mod tests {
         memory: GuestMemoryMmap,
         /// Keeps the first backend's connection open.
         first_peer: Option<UnixStream>,
+        /// The device's interrupt, as the guest's irqfd would see it.
+        interrupt: EventFd,
     }
 
     /// A device on the scripted backend `<test>-a`, which the driver has
@@ -1328,6 +1350,7 @@ mod tests {
             Arc::new(connect_scripted),
         );
         let events = DeviceEvents::new(1).unwrap();
+        let interrupt = events.call.try_clone().unwrap();
         let device = supervisor::behind_transport(device, events);
         start_driver(&device);
         log.lock().unwrap().clear();
@@ -1336,6 +1359,7 @@ mod tests {
             log,
             memory,
             first_peer: Some(first_peer),
+            interrupt,
         }
     }
 
@@ -1423,6 +1447,16 @@ mod tests {
                 .write_obj(avail, GuestAddress(AVAIL_IDX))
                 .unwrap();
             self.memory.write_obj(used, GuestAddress(USED_IDX)).unwrap();
+        }
+
+        /// How many times the device's interrupt was raised since the
+        /// last look.
+        fn interrupts(&self) -> u64 {
+            match self.interrupt.read() {
+                Ok(count) => count,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(err) => panic!("reading the interrupt eventfd: {err}"),
+            }
         }
 
         fn steps(&self) -> Vec<String> {
@@ -1600,6 +1634,24 @@ mod tests {
                 "rewind-a shut down"
             ]
         );
+    }
+
+    #[test]
+    fn the_driver_is_interrupted_once_its_rings_moved_to_another_backend() {
+        // The old backend completed the last request as it stopped, with
+        // no interrupt: without one now the driver never sees it.
+        let rig = rig("interrupt", Script::default());
+        rig.rings(4, 3);
+        rig.interrupts();
+        let _b = listen("/scripted/interrupt-b", Script::default(), &rig.log);
+        rig.swap("/scripted/interrupt-b").unwrap();
+        assert_eq!(rig.interrupts(), 1, "after a swap");
+        // The same after a reconnect to a backend that replaced a dead one.
+        rig.mark_lost();
+        let _again = listen("/scripted/interrupt-b", Script::default(), &rig.log);
+        rig.reconnect_once().unwrap();
+        assert_eq!(rig.interrupts(), 1, "after a reconnect");
+        assert_eq!(rig.interrupts(), 0);
     }
 
     #[test]
