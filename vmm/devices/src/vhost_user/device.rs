@@ -840,6 +840,7 @@ impl VhostUserDevice {
         } else {
             self.handle.resume(rings)?;
         }
+        interrupt_driver(&self.name, rings);
         Ok(())
     }
 
@@ -925,8 +926,9 @@ impl VhostUserDevice {
     }
 }
 
-/// Interrupts the driver of device `name` once after its rings moved to
-/// another backend, so it looks at its used rings: the backend that had
+/// Interrupts the driver of device `name` once after its rings were
+/// stopped and started again (on another backend, or on the same one
+/// after a snapshot), so it looks at its used rings: the backend that had
 /// them may have completed requests without an interrupt.
 /// qemu-storage-daemon closes its interrupt eventfd when it answers
 /// GET_VRING_BASE, and a request that completes after that reaches the
@@ -1651,6 +1653,14 @@ mod tests {
         let _again = listen("/scripted/interrupt-b", Script::default(), &rig.log);
         rig.reconnect_once().unwrap();
         assert_eq!(rig.interrupts(), 1, "after a reconnect");
+        // And after the rings were stopped and drained for a snapshot and
+        // the VM goes on, on the same backend.
+        rig.rings(6, 5);
+        let mut device = lock(&rig.device);
+        device.device_mut().stop_rings().unwrap();
+        device.device_mut().resume_rings().unwrap();
+        drop(device);
+        assert_eq!(rig.interrupts(), 1, "after a snapshot's stop");
         assert_eq!(rig.interrupts(), 0);
     }
 
