@@ -555,6 +555,8 @@ impl VhostUserDevice {
                         self.name
                     );
                     self.lose_connection();
+                } else {
+                    interrupt_driver(&self.name, rings);
                 }
                 return Err(err);
             }
@@ -1596,7 +1598,10 @@ mod tests {
             ..Script::default()
         };
         let _peer = listen("/scripted/back-b", failing, &rig.log);
+        rig.interrupts();
         rig.swap("/scripted/back-b").unwrap_err();
+        // The old backend was stopped and drained like any other.
+        assert_eq!(rig.interrupts(), 1);
         assert_eq!(
             rig.steps(),
             [
