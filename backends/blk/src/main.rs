@@ -146,7 +146,7 @@ fn run(args: &Args) -> Result<(), Error> {
         poll_max: Duration::from_micros(u64::from(args.poll_us)),
     };
     log::info!(
-        "serving {} ({} sectors{}{}) with {} queue(s) of up to {} entries, seg_max {}, engine {engine}, polling up to {} us",
+        "serving {} ({} sectors{}{}{}) with {} queue(s) of up to {} entries, seg_max {}, engine {engine}, polling up to {} us",
         image.path().display(),
         image.capacity_sectors(),
         if image.is_readonly() {
@@ -155,6 +155,11 @@ fn run(args: &Args) -> Result<(), Error> {
             ""
         },
         if image.is_direct() { ", O_DIRECT" } else { "" },
+        if image.is_in_memory() {
+            ", in memory"
+        } else {
+            ""
+        },
         settings.num_queues,
         settings.queue_size,
         config::seg_max(settings.queue_size),

@@ -98,7 +98,9 @@ impl DiskImage {
             memory: DEFAULT_DIRECT_ALIGN,
             length: DEFAULT_DIRECT_ALIGN,
         });
-        let in_memory = in_memory(&file);
+        // A block device's node lives on devtmpfs, which reports tmpfs's
+        // magic: only a regular file's bytes can be in memory.
+        let in_memory = file_type.is_file() && in_memory(&file);
         Ok(DiskImage {
             file,
             path: path.to_owned(),
