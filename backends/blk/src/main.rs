@@ -135,7 +135,13 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> Result<(), Error> {
     let engine = engine::choose(args.engine)?;
-    let image = Arc::new(DiskImage::open(&args.image, args.readonly, args.direct)?);
+    let mut image = DiskImage::open(&args.image, args.readonly, args.direct)?;
+    if image.is_in_memory() {
+        if let Err(why) = image.map() {
+            log::info!("image in memory not mapped, served with system calls: {why}");
+        }
+    }
+    let image = Arc::new(image);
     let mut serial = [0u8; ID_BYTES];
     serial[..args.serial.len()].copy_from_slice(args.serial.as_bytes());
     let settings = BlkSettings {
@@ -155,10 +161,10 @@ fn run(args: &Args) -> Result<(), Error> {
             ""
         },
         if image.is_direct() { ", O_DIRECT" } else { "" },
-        if image.is_in_memory() {
-            ", in memory"
-        } else {
-            ""
+        match (image.is_in_memory(), image.mapping().is_some()) {
+            (true, true) => ", in memory, mapped",
+            (true, false) => ", in memory",
+            _ => "",
         },
         settings.num_queues,
         settings.queue_size,

@@ -20,6 +20,10 @@ pub fn execute(
     match operation {
         Operation::Read { sector, buffers } => {
             let offset = sector * SECTOR_SIZE;
+            if let Some(mapping) = image.mapping() {
+                mapping.read(offset, mem, buffers)?;
+                return Ok(buffers.iter().map(|b| b.len).sum());
+            }
             let mut iovecs = host_iovecs(mem, buffers)?;
             if image.takes_directly(&iovecs) {
                 // SAFETY: the iovecs point into mapped guest memory that
@@ -35,6 +39,10 @@ pub fn execute(
         }
         Operation::Write { sector, buffers } => {
             let offset = sector * SECTOR_SIZE;
+            if let Some(mapping) = image.mapping() {
+                mapping.write(offset, mem, buffers)?;
+                return Ok(0);
+            }
             let mut iovecs = host_iovecs(mem, buffers)?;
             if image.takes_directly(&iovecs) {
                 // SAFETY: as for Read; the kernel only reads the buffers.

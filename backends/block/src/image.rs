@@ -1,5 +1,6 @@
 //! The raw image file behind the disk: positioned reads and writes straight
-//! between the file and guest memory, flush, discard and write-zeroes.
+//! between the file and guest memory (or copies through a mapping of an
+//! image in memory, [`crate::mapped`]), flush, discard and write-zeroes.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bounce::AlignedBuffer;
 use crate::config::SECTOR_SIZE;
+use crate::mapped::MappedImage;
 use crate::Error;
 
 /// O_DIRECT alignment assumed where the kernel does not report it
@@ -30,6 +32,8 @@ pub struct DiskImage {
     alignment: DirectAlignment,
     /// On tmpfs or ramfs: its bytes live in memory.
     in_memory: bool,
+    /// The file mapped, once [`DiskImage::map`] has mapped it.
+    mapping: Option<MappedImage>,
 }
 
 /// What O_DIRECT asks of a transfer: buffer addresses aligned to
@@ -109,7 +113,28 @@ impl DiskImage {
             direct,
             alignment,
             in_memory,
+            mapping: None,
         })
+    }
+
+    /// Maps an image in memory opened without O_DIRECT, so reads and
+    /// writes become copies ([`crate::mapped`]); returns why it does not
+    /// map it, if it does not.
+    pub fn map(&mut self) -> Result<(), String> {
+        if !self.in_memory || self.direct {
+            return Err("it is not a file in memory opened without O_DIRECT".into());
+        }
+        MappedImage::worth_mapping(&self.file, self.size)?;
+        let mapping = MappedImage::new(&self.file, self.size, !self.readonly)
+            .map_err(|e| format!("cannot map it: {e}"))?;
+        self.mapping = Some(mapping);
+        Ok(())
+    }
+
+    /// The mapping reads and writes go through, while it can be used (not
+    /// after the file was found to have shrunk under it).
+    pub fn mapping(&self) -> Option<&MappedImage> {
+        self.mapping.as_ref().filter(|mapping| !mapping.shrunk())
     }
 
     pub fn path(&self) -> &Path {

@@ -14,7 +14,9 @@ pub mod config;
 pub mod error;
 pub mod execute;
 pub mod image;
+pub mod mapped;
 pub mod request;
+mod sigbus;
 #[cfg(test)]
 mod test_chains;
 
