@@ -32,8 +32,12 @@ struct Bench {
 fn bench() -> &'static Bench {
     static BENCH: OnceLock<Bench> = OnceLock::new();
     BENCH.get_or_init(|| Bench {
-        server: ApiServer::bind(&pvstack_fuzz::scratch_dir().join("api.sock"), 0o600, Vec::new())
-            .expect("bind the API socket"),
+        server: ApiServer::bind(
+            &pvstack_fuzz::scratch_dir().join("api.sock"),
+            0o600,
+            Vec::new(),
+        )
+        .expect("bind the API socket"),
         memory: pvstack::memory::create(MIN_MEMORY).expect("guest memory"),
     })
 }

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use pvstack_backend_common::message_filter::relay;
 use pvstack_backend_common::inflight::{InflightFilter, InflightSlot};
+use pvstack_backend_common::message_filter::relay;
 use pvstack_fuzz::input::Reader;
 use pvstack_fuzz::targets::filter::{code, messages, Fds, Input, Piece};
 use vhost::vhost_user::message::{FrontendReq, MAX_ATTACHED_FD_ENTRIES};

@@ -14,9 +14,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use pvstack::guest_structs::Abi;
 use pvstack::console::Console;
 use pvstack::counters::ExitCounters;
+use pvstack::guest_structs::Abi;
 use pvstack::hypercall::{handle_doorbell, Outcome};
 use pvstack::lifecycle::Lifecycle;
 use pvstack::machine::Machine;
