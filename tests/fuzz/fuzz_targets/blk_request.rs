@@ -2,9 +2,10 @@
 //! descriptor tables (direct and indirect) and rings the input puts in
 //! guest memory, and every chain is parsed, checked and carried out by
 //! `pvstack_block::chain` against a real image file, as pvstack-blk and
-//! the VMM's emulated disk do. Beyond not crashing: a request that passed
-//! the checks must not fail on a healthy image, and a chain without a
-//! status byte is returned with nothing written.
+//! the VMM's emulated disk do (the writable image in memory, through its
+//! mapping; the read-only one through the file). Beyond not crashing: a
+//! request that passed the checks must not fail on a healthy image, and a
+//! chain without a status byte is returned with nothing written.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -28,12 +29,18 @@ struct Bench {
 fn bench() -> &'static Bench {
     static BENCH: OnceLock<Bench> = OnceLock::new();
     BENCH.get_or_init(|| {
+        // The writable disk is in memory and served through its mapping,
+        // as pvstack-blk serves an image on tmpfs; the read-only one
+        // through the file.
+        let in_memory = pvstack_fuzz::memory_image("disk.img", SECTORS);
+        let mut writable = DiskImage::open(&in_memory, false, false).expect("open the image");
+        writable.map().expect("map the image in memory");
+        std::fs::remove_file(&in_memory).expect("remove the image in memory");
         let path = pvstack_fuzz::scratch_image("disk.img", SECTORS);
-        let open = |readonly| DiskImage::open(&path, readonly, false).expect("open the image");
         Bench {
             mem: memfd_memory(MEMORY),
-            writable: open(false),
-            readonly: open(true),
+            writable,
+            readonly: DiskImage::open(&path, true, false).expect("open the image"),
         }
     })
 }

@@ -2,7 +2,7 @@
 //! ([`input`] and one module per target, which also writes the seeds of
 //! corpus/), guest memory in a memfd as the VMM and the backends have it
 //! ([`memory`]), and a scratch directory for image files and sockets
-//! ([`scratch_dir`]).
+//! ([`scratch_dir`]; [`memory_image`] for an image on tmpfs).
 //!
 //! Every target runs pvstack's own code (the crates are dependencies); what
 //! lives here is only the harness: decoding bytes into what a guest, a
@@ -31,11 +31,26 @@ pub fn scratch_dir() -> &'static Path {
 /// filled with a pattern, for the targets that serve a disk.
 pub fn scratch_image(name: &str, sectors: u64) -> PathBuf {
     let path = scratch_dir().join(name);
+    fill_image(&path, sectors);
+    path
+}
+
+/// As [`scratch_image`], but in memory: in /dev/shm (tmpfs), under a name
+/// of this process's own. The caller removes it once it has it open.
+pub fn memory_image(name: &str, sectors: u64) -> PathBuf {
+    let path = PathBuf::from(format!(
+        "/dev/shm/pvstack-fuzz-{}-{name}",
+        std::process::id()
+    ));
+    fill_image(&path, sectors);
+    path
+}
+
+fn fill_image(path: &Path, sectors: u64) {
     let bytes: Vec<u8> = (0..sectors * 512)
         .map(|i| (i * 7 + i / 512) as u8)
         .collect();
-    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    path
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 /// Writes to a socket whose peer is gone fail with EPIPE instead of
