@@ -121,8 +121,11 @@ impl DiskImage {
     /// writes become copies ([`crate::mapped`]); returns why it does not
     /// map it, if it does not.
     pub fn map(&mut self) -> Result<(), String> {
-        if !self.in_memory || self.direct {
-            return Err("it is not a file in memory opened without O_DIRECT".into());
+        if !self.in_memory {
+            return Err("it is not a file in memory (tmpfs, ramfs)".into());
+        }
+        if self.direct {
+            return Err("it is opened with O_DIRECT".into());
         }
         MappedImage::worth_mapping(&self.file, self.size)?;
         let mapping = MappedImage::new(&self.file, self.size, !self.readonly)

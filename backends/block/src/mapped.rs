@@ -37,7 +37,9 @@ pub struct MappedImage {
     base: *mut u8,
     len: usize,
     writable: bool,
-    guard: sigbus::Guard,
+    /// Taken (released) before the mapping goes, so the SIGBUS handler
+    /// never holds an address range that is no longer this mapping.
+    guard: Option<sigbus::Guard>,
 }
 
 // SAFETY: `base` is a mapping this value owns until it is dropped; it is
@@ -100,7 +102,7 @@ impl MappedImage {
                 base,
                 len,
                 writable,
-                guard,
+                guard: Some(guard),
             }),
             Err(e) => {
                 // SAFETY: unmaps the mapping made above, which nothing uses.
@@ -113,7 +115,7 @@ impl MappedImage {
     /// Whether the file was found shorter than the mapping: the mapping
     /// must no longer be used.
     pub fn shrunk(&self) -> bool {
-        self.guard.shrunk()
+        self.guard.as_ref().is_none_or(sigbus::Guard::shrunk)
     }
 
     /// Copies the image bytes from `offset` into the guest's `buffers`.
@@ -137,15 +139,15 @@ impl MappedImage {
         buffers: &[Segment],
     ) -> io::Result<()> {
         let total: u64 = buffers.iter().map(|b| u64::from(b.len)).sum();
-        let end = offset
+        if offset
             .checked_add(total)
-            .filter(|&end| end <= self.len as u64);
-        let Some(_) = end else {
+            .is_none_or(|end| end > self.len as u64)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("{total} bytes at offset {offset} go past the image's end"),
             ));
-        };
+        }
         let mut at = offset as usize;
         for segment in buffers {
             for guest in mem.get_slices(segment.addr, segment.len as usize) {
@@ -173,6 +175,7 @@ impl MappedImage {
 
 impl Drop for MappedImage {
     fn drop(&mut self) {
+        drop(self.guard.take());
         // SAFETY: the mapping is ours and no copy can be running: they all
         // borrow `self`.
         unsafe { libc::munmap(self.base.cast(), self.len) };
