@@ -217,12 +217,55 @@ impl Nested {
         // The harness stops QEMU itself at the timeout; this only guards
         // against the harness hanging.
         let finished = run_to_end_within(&mut command, self.timeout + Duration::from_secs(60));
-        eprintln!(
-            "nested run {}: {:.1} s (L1 boot, script, power-off)",
+        let summary = format!(
+            "nested run {}: {:.1} s (L1 boot, script, power-off), {}",
             self.name,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            outcome(&finished)
         );
+        eprintln!("{summary}");
+        record_run(&summary, &finished);
         finished
+    }
+}
+
+/// Where every L1 boot of the tests leaves a line (and its L2 shutdown
+/// lines): libtest shows a passing test's output to no one, and a run the
+/// platform failed, then booted again, passes. scripts/test prints it
+/// after the tests, so CI's log tells how often the platform failed.
+const RUNS_LOG: &str = "nested-runs.log";
+
+/// Appends `summary` and `finished`'s L2 shutdown lines to [`RUNS_LOG`]
+/// in the target directory (best effort: the record must never fail a
+/// test).
+fn record_run(summary: &str, finished: &Finished) {
+    let mut lines = format!("{summary}\n");
+    for shutdown in finished
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with(L2_SHUTDOWN))
+    {
+        lines.push_str(&format!("  {}\n", shutdown.trim_end()));
+    }
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(target_profile_dir().join(RUNS_LOG))
+        .and_then(|mut log| std::io::Write::write_all(&mut log, lines.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("cannot record the nested run in {RUNS_LOG}: {e}");
+    }
+}
+
+/// One line on how an L1 boot ended.
+fn outcome(finished: &Finished) -> String {
+    match (exit_marker(&finished.stdout), platform_failure(finished)) {
+        (_, Some(failure)) => format!("platform failure: {failure}"),
+        (Some(status), None) => format!("script ran to its end (status {status})"),
+        (None, None) => format!(
+            "did not finish its script: {}",
+            finished.stderr.lines().last().unwrap_or("no message")
+        ),
     }
 }
 
@@ -405,6 +448,25 @@ mod tests {
         assert_eq!(
             platform_failure(&finished("NESTED-START\nNESTED-EXIT 1\n", "")),
             None
+        );
+    }
+
+    #[test]
+    fn each_boot_is_summed_up_in_one_line() {
+        assert_eq!(
+            outcome(&finished("NESTED-START\nNESTED-EXIT 0\n", "")),
+            "script ran to its end (status 0)"
+        );
+        let l1_reset = format!("nested-run: error: {L1_STOPPED_BY_ITSELF}reset)");
+        let failed = outcome(&finished("NESTED-START\n", &l1_reset));
+        assert!(
+            failed.starts_with("platform failure: the L1 stopped by itself"),
+            "{failed}"
+        );
+        let hung = "nested-run: error: the L1 did not finish within 5 s; QEMU killed";
+        assert_eq!(
+            outcome(&finished("NESTED-START\n", hung)),
+            format!("did not finish its script: {hung}")
         );
     }
 
