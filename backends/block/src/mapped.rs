@@ -11,10 +11,11 @@
 //! memcpy), and no Rust reference to either side is ever made.
 //!
 //! The file may shrink under the mapping (whoever may write the image may
-//! truncate it): a copy that touches a page past the new end survives
+//! truncate it), and a full tmpfs cannot supply a page for a write into a
+//! hole a DISCARD punched: a copy that touches such a page survives
 //! ([`crate::sigbus`]), the request it served fails with an I/O error, and
 //! the mapping is no longer used: later requests go through the file,
-//! where reads and writes past the end fail on their own.
+//! where they fail or succeed on their own.
 //!
 //! A read of a hole in a tmpfs file through a mapping allocates the page
 //! (preadv reads zeroes without one), so [`MappedImage::worth_mapping`]
@@ -166,7 +167,7 @@ impl MappedImage {
         if self.shrunk() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "the image file shrank under its mapping",
+                "the image file shrank under its mapping, or its file system could not supply a page of it",
             ));
         }
         Ok(())
@@ -307,6 +308,81 @@ mod tests {
             0x1000,
             "not grown back"
         );
+    }
+
+    /// Mounts a tmpfs of `size` in a new directory, in this thread's own
+    /// mount namespace (private, so nothing reaches the host's).
+    fn small_tmpfs(name: &str, size: &str) -> std::path::PathBuf {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let dir =
+            std::env::temp_dir().join(format!("pvstack-mapped-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = |text: &[u8]| CString::new(text).unwrap();
+        let (root, target, tmpfs) = (c(b"/"), c(dir.as_os_str().as_bytes()), c(b"tmpfs"));
+        let options = c(format!("size={size}").as_bytes());
+        // SAFETY: unshare and mount with valid C strings; they change only
+        // this thread's mount namespace, made private first.
+        unsafe {
+            assert_eq!(
+                libc::unshare(libc::CLONE_NEWNS),
+                0,
+                "unshare: {}",
+                io::Error::last_os_error()
+            );
+            let private = libc::MS_REC | libc::MS_PRIVATE;
+            let null = std::ptr::null();
+            assert_eq!(
+                libc::mount(null, root.as_ptr(), null, private, null.cast()),
+                0
+            );
+            let rc = libc::mount(
+                tmpfs.as_ptr(),
+                target.as_ptr(),
+                tmpfs.as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            );
+            assert_eq!(rc, 0, "mount a tmpfs: {}", io::Error::last_os_error());
+        }
+        dir
+    }
+
+    #[test]
+    fn a_page_a_full_file_system_cannot_supply_fails_the_copy_and_the_process_lives() {
+        let dir = small_tmpfs("full", "64k");
+        let path = dir.join("disk.img");
+        std::fs::write(&path, pattern(0x4000)).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let image = MappedImage::new(&file, 0x4000, true).expect("map");
+        // A DISCARD's hole, then the file system filled by another file.
+        // SAFETY: fallocate on our own descriptor; no memory is passed.
+        let punched = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                0x1000,
+            )
+        };
+        assert_eq!(punched, 0, "punch a hole: {}", io::Error::last_os_error());
+        let mut filler = std::fs::File::create(dir.join("filler")).unwrap();
+        while filler.write_all(&[1u8; 4096]).is_ok() {}
+        let mem = guest();
+        let err = image
+            .write(0, &mem, &[segment(0, 0x1000)])
+            .expect_err("a write into the hole of a full tmpfs");
+        assert!(err.to_string().contains("could not supply"), "{err}");
+        assert!(image.shrunk());
+        drop((image, file, filler));
+        let target = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+        // SAFETY: unmounts the tmpfs this test mounted, in its namespace.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Surviving a file that shrinks under a shared mapping of it.
 //!
 //! Touching a page of a file mapping past the file's end raises SIGBUS,
-//! which kills the process by default. Whoever may write an image may
-//! also truncate it, under a backend that serves it through a mapping
-//! ([`crate::mapped`]). A mapping [`guard`] registers its address range;
+//! which kills the process by default; so does a page the file system
+//! cannot supply (a full tmpfs, for a write into a hole). Whoever may
+//! write an image may also truncate it, under a backend that serves it
+//! through a mapping ([`crate::mapped`]). A mapping [`guard`] registers its address range;
 //! the SIGBUS handler (installed once, process-wide, on the first guard)
 //! puts a private zero page over the faulting page of a registered
 //! mapping, so the interrupted copy completes, and marks that mapping
@@ -53,8 +54,9 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Whether a page of the mapping was found past the file's end (and
-    /// replaced by a zero page): what was copied since may be wrong.
+    /// Whether a page of the mapping was found missing, past the file's
+    /// end or not to be had (and replaced by a zero page): what was
+    /// copied since may be wrong.
     pub fn shrunk(&self) -> bool {
         GUARDED[self.slot].shrunk.load(Ordering::Acquire)
     }
