@@ -178,12 +178,8 @@ impl Nested {
         }
         // The trace lines follow the steps' output, which is all a failed
         // assertion shows.
-        for shutdown in finished
-            .stdout
-            .lines()
-            .filter(|line| line.starts_with(L2_SHUTDOWN))
-        {
-            eprintln!("nested run {}: {}", self.name, shutdown.trim_end());
+        for shutdown in l2_shutdowns(&finished.stdout) {
+            eprintln!("nested run {}: {shutdown}", self.name);
         }
         let console = finished.stdout;
         let Some(status) = exit_marker(&console) else {
@@ -240,12 +236,8 @@ const RUNS_LOG: &str = "nested-runs.log";
 /// test).
 fn record_run(summary: &str, finished: &Finished) {
     let mut lines = format!("{summary}\n");
-    for shutdown in finished
-        .stdout
-        .lines()
-        .filter(|line| line.starts_with(L2_SHUTDOWN))
-    {
-        lines.push_str(&format!("  {}\n", shutdown.trim_end()));
+    for shutdown in l2_shutdowns(&finished.stdout) {
+        lines.push_str(&format!("  {shutdown}\n"));
     }
     let appended = std::fs::OpenOptions::new()
         .create(true)
@@ -277,6 +269,14 @@ const L1_STOPPED_BY_ITSELF: &str =
 /// How scripts/nested-run starts the line of each triple fault of an L2.
 const L2_SHUTDOWN: &str = "NESTED-L2-SHUTDOWN ";
 
+/// The console's `NESTED-L2-SHUTDOWN` lines, without line endings.
+fn l2_shutdowns(console: &str) -> impl Iterator<Item = &str> {
+    console
+        .lines()
+        .filter(|line| line.starts_with(L2_SHUTDOWN))
+        .map(str::trim_end)
+}
+
 /// How the emulated platform (QEMU's software SVM, or the L1's KVM on
 /// it), not the code under test, ended an L1 run, if it did:
 ///
@@ -307,11 +307,9 @@ fn platform_failure(finished: &Finished) -> Option<String> {
     if finished.stdout.contains("Kernel panic") {
         return None;
     }
-    finished
-        .stdout
-        .lines()
-        .find(|line| line.starts_with(L2_SHUTDOWN) && !delivering_a_breakpoint(line))
-        .map(|line| format!("an L2 vCPU shut down: {}", line.trim_end()))
+    l2_shutdowns(&finished.stdout)
+        .find(|line| !delivering_a_breakpoint(line))
+        .map(|line| format!("an L2 vCPU shut down: {line}"))
 }
 
 /// Whether a `NESTED-L2-SHUTDOWN` line (KVM's kvm_exit trace) shows the

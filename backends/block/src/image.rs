@@ -360,9 +360,12 @@ impl DiskImage {
     }
 }
 
+/// Which way bytes move between the image and memory.
 #[derive(Clone, Copy)]
-enum Direction {
+pub(crate) enum Direction {
+    /// Image to memory.
     Read,
+    /// Memory to image.
     Write,
 }
 

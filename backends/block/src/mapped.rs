@@ -29,6 +29,7 @@ use std::os::unix::fs::MetadataExt;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use crate::image::Direction;
 use crate::request::Segment;
 use crate::sigbus;
 
@@ -48,14 +49,6 @@ pub struct MappedImage {
 unsafe impl Send for MappedImage {}
 // SAFETY: as for Send: shared access is volatile copies only.
 unsafe impl Sync for MappedImage {}
-
-#[derive(Clone, Copy)]
-enum Direction {
-    /// Image to guest memory.
-    Read,
-    /// Guest memory to image.
-    Write,
-}
 
 impl MappedImage {
     /// Why `file` (`len` bytes) should not be mapped, if it should not:
