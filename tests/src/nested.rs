@@ -296,7 +296,10 @@ fn l2_shutdowns(console: &str) -> impl Iterator<Item = &str> {
 ///   own kernel text during boot (`__init_single_page+6`), then could not
 ///   deliver the double fault: its page tables had read as empty. With no
 ///   device nothing but the L2 writes its memory once pvstack has loaded
-///   the kernel, so that is the emulated nested paging's view.
+///   the kernel, so that is the emulated nested paging's view. QEMU/KVM in
+///   the L1 loses its L2s the same way: booting the same L2 alternately
+///   with pvstack under the same load, it lost one with the same trace
+///   (`intr_info 0x80000b0e error_code 0x00000010`).
 fn platform_failure(finished: &Finished) -> Option<String> {
     if finished.stderr.contains(L1_STOPPED_BY_ITSELF) {
         return Some(format!(
