@@ -107,17 +107,27 @@ fn assert_image_matches(image: &Path, result: &std::collections::BTreeMap<String
     assert_swap_verify_image(&read_image(image), BLOCKS, result);
 }
 
-#[test]
-fn swap_between_two_pvstack_blk_20_times() {
-    let (dir, image) = scratch_with_image("swap-two-blk");
+/// Two pvstack-blk on one image (sockets `a.sock` and `b.sock`) and the
+/// guest's workload on blk0, served by the first.
+fn two_backends_and_a_vm(
+    test: &str,
+) -> (ScratchDir, PathBuf, [PathBuf; 2], [BlkProcess; 2], ApiVm) {
+    let (dir, image) = scratch_with_image(test);
     let sockets = [dir.path("a.sock"), dir.path("b.sock")];
-    let _a = start_backend(&sockets[0], &image, &[]);
-    let _b = start_backend(&sockets[1], &image, &[]);
+    let backends = sockets
+        .clone()
+        .map(|socket| start_backend(&socket, &image, &[]));
     let vm = start_vm(
         &dir,
         &format!("socket={},id=blk0", sockets[0].display()),
         &guest_args(),
     );
+    (dir, image, sockets, backends, vm)
+}
+
+#[test]
+fn swap_between_two_pvstack_blk_20_times() {
+    let (_dir, image, sockets, _backends, vm) = two_backends_and_a_vm("swap-two-blk");
     for swap in 1..=20 {
         let target = &sockets[swap % 2];
         let out = vm.ctl_ok(&[
@@ -134,6 +144,40 @@ fn swap_between_two_pvstack_blk_20_times() {
     let blk0 = blk0(&vm);
     assert_eq!(count(&blk0, "swaps"), 20, "{blk0:#}");
     assert_eq!(blk0["socket"], utf8(&sockets[0]), "{blk0:#}");
+    let result = finish(vm, &image);
+    assert_image_matches(&image, &result);
+}
+
+/// `device swap --pause-vcpus` stops the vCPUs only for the swap: a
+/// running VM runs on (its writes go on past the swap), a VM the API had
+/// paused stays paused, and no write is lost.
+#[test]
+fn a_swap_that_pauses_the_vcpus_leaves_them_as_it_found_them() {
+    let (_dir, image, sockets, _backends, vm) = two_backends_and_a_vm("swap-pause-vcpus");
+    let swap = |to: &Path| {
+        let out = vm.ctl_ok(&[
+            "device",
+            "swap",
+            "blk0",
+            "--socket",
+            to.to_str().unwrap(),
+            "--pause-vcpus",
+        ]);
+        assert!(out["stall_us"].is_u64(), "{out:#}");
+    };
+    for round in 1..=6 {
+        swap(&sockets[round % 2]);
+        assert_eq!(vm.info()["state"], "running");
+        wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
+    }
+    vm.ctl_ok(&["pause"]);
+    swap(&sockets[1]);
+    assert_eq!(vm.info()["state"], "paused");
+    vm.ctl_ok(&["resume"]);
+    wait_for_write_after(&image, BLOCKS, newest_write(&image, BLOCKS));
+    let blk0 = blk0(&vm);
+    assert_eq!(count(&blk0, "swaps"), 7, "{blk0:#}");
+    assert_eq!(blk0["socket"], utf8(&sockets[1]), "{blk0:#}");
     let result = finish(vm, &image);
     assert_image_matches(&image, &result);
 }

@@ -214,6 +214,13 @@ pub enum DeviceCommand {
         /// The new backend's socket.
         #[arg(long, value_name = "PATH")]
         socket: PathBuf,
+        /// Stop the vCPUs from when the new backend is connected until it
+        /// serves: the guest's requests on the device wait through the
+        /// stall anyway, and a guest that polls would keep a CPU from the
+        /// backends that need it then (a shorter, steadier stall on a host
+        /// with few CPUs; the whole guest waits for it).
+        #[arg(long)]
+        pause_vcpus: bool,
     },
     /// Disconnect device ID from its backend and connect again.
     Reconnect {

@@ -98,9 +98,14 @@ fn ctl_command(args: CtlArgs) -> ExitCode {
         CtlCommand::Pause => Request::Pause {},
         CtlCommand::Resume => Request::Resume {},
         CtlCommand::Shutdown => Request::Shutdown {},
-        CtlCommand::Device(DeviceCommand::Swap { id, socket }) => Request::DeviceSwap {
+        CtlCommand::Device(DeviceCommand::Swap {
+            id,
+            socket,
+            pause_vcpus,
+        }) => Request::DeviceSwap {
             id,
             socket: socket.display().to_string(),
+            pause_vcpus,
         },
         CtlCommand::Device(DeviceCommand::Reconnect { id }) => Request::DeviceReconnect { id },
         CtlCommand::Snapshot { to, resume } => Request::Snapshot {

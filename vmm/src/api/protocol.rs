@@ -26,8 +26,14 @@ pub enum Request {
     Resume {},
     /// End the VM; `pvstack run` exits with status 0.
     Shutdown {},
-    /// Move device `id` to the backend listening on `socket`.
-    DeviceSwap { id: String, socket: String },
+    /// Move device `id` to the backend listening on `socket`; with
+    /// `pause_vcpus`, the vCPUs stop for the stall.
+    DeviceSwap {
+        id: String,
+        socket: String,
+        #[serde(default)]
+        pause_vcpus: bool,
+    },
     /// Disconnect device `id` from its backend and connect again.
     DeviceReconnect { id: String },
     /// Write the VM's state and RAM to the directory `to`, then resume
@@ -167,8 +173,21 @@ mod tests {
             parse(r#"{"command":"device-swap","id":"blk0","socket":"/s"}"#).unwrap(),
             Request::DeviceSwap {
                 id: "blk0".into(),
-                socket: "/s".into()
+                socket: "/s".into(),
+                pause_vcpus: false,
             }
+        );
+        assert_eq!(
+            parse(r#"{"command":"device-swap","id":"blk0","socket":"/s","pause_vcpus":true}"#)
+                .unwrap(),
+            Request::DeviceSwap {
+                id: "blk0".into(),
+                socket: "/s".into(),
+                pause_vcpus: true,
+            }
+        );
+        assert!(
+            parse(r#"{"command":"device-swap","id":"b","socket":"/s","pause_vcpus":1}"#).is_err()
         );
         assert!(parse(r#"{"command":"reboot"}"#).is_err());
         assert!(parse(r#"{"command":"device-swap","id":"blk0"}"#).is_err());

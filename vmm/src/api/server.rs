@@ -4,6 +4,7 @@
 //! response; an overlong line, or a line that is not complete within
 //! [`REQUEST_TIMEOUT`] (however it trickles in), loses the connection.
 
+use std::cell::Cell;
 use std::io::{BufReader, ErrorKind, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,7 +16,8 @@ use std::time::Duration;
 
 use log::{debug, info, warn};
 use pvstack_backend_common::listen_with_mode;
-use pvstack_devices::vhost_user::{control, BackendState, SharedVhostUserDevice, StallStats};
+use pvstack_devices::vhost_user::control::{self, ParkVcpus};
+use pvstack_devices::vhost_user::{BackendState, SharedVhostUserDevice, StallStats};
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET};
 
 use super::line::{read_line, DeadlineStream, Line, LineSource};
@@ -228,8 +230,17 @@ impl ApiServer {
                 (vm.kick_vcpus)();
                 state_reply(vm)
             }
-            Request::DeviceSwap { id, socket } => self.with_device(&id, |device| {
-                control::swap(device, Path::new(&socket)).map(|stall| stall_reply(&id, stall))
+            Request::DeviceSwap {
+                id,
+                socket,
+                pause_vcpus,
+            } => self.with_device(&id, |device| {
+                let park = SwapPause {
+                    vm,
+                    paused_here: Cell::new(false),
+                };
+                let park = pause_vcpus.then_some(&park as &dyn ParkVcpus);
+                control::swap(device, Path::new(&socket), park).map(|stall| stall_reply(&id, stall))
             }),
             Request::DeviceReconnect { id } => self.with_device(&id, |device| {
                 control::reconnect(device).map(|stall| stall_reply(&id, stall))
@@ -357,6 +368,29 @@ fn state_reply(vm: &VmControl) -> Response {
     Response::ok(Reply::State {
         state: vm_state(vm),
     })
+}
+
+/// Parks the vCPUs for a swap's stall (`pause_vcpus`); a VM the API has
+/// paused already stays paused.
+struct SwapPause<'a> {
+    vm: &'a VmControl,
+    paused_here: Cell<bool>,
+}
+
+impl ParkVcpus for SwapPause<'_> {
+    fn park(&self) {
+        let lifecycle = &self.vm.machine.lifecycle;
+        if !lifecycle.is_paused() {
+            lifecycle.pause_until_parked(&*self.vm.kick_vcpus);
+            self.paused_here.set(true);
+        }
+    }
+
+    fn unpark(&self) {
+        if self.paused_here.take() {
+            self.vm.machine.lifecycle.resume();
+        }
+    }
 }
 
 fn stall_reply(id: &str, stall: Duration) -> Reply {

@@ -1472,7 +1472,7 @@ mod tests {
         }
 
         fn swap(&self, socket: &str) -> Result<Duration> {
-            control::swap(&self.device, Path::new(socket))
+            control::swap(&self.device, Path::new(socket), None)
         }
 
         fn mark_lost(&self) {
@@ -1520,6 +1520,51 @@ mod tests {
             rig.steps()[..3],
             ["swap-b stop", "swap-b shut down", "swap-b connect"]
         );
+    }
+
+    /// Records parking in the rig's log, among the backends' steps.
+    struct LoggedPark(Log);
+
+    impl control::ParkVcpus for LoggedPark {
+        fn park(&self) {
+            self.0.lock().unwrap().push("park".into());
+        }
+        fn unpark(&self) {
+            self.0.lock().unwrap().push("unpark".into());
+        }
+    }
+
+    #[test]
+    fn a_swap_asked_to_park_the_vcpus_parks_them_after_connecting_and_lets_them_go_on_every_way_out(
+    ) {
+        let rig = rig("park", Script::default());
+        rig.rings(5, 3);
+        let park = LoggedPark(rig.log.clone());
+        let _peer = listen("/scripted/park-b", Script::default(), &rig.log);
+        control::swap(&rig.device, Path::new("/scripted/park-b"), Some(&park)).unwrap();
+        assert_eq!(
+            rig.steps(),
+            [
+                "park-b connect",
+                "park",
+                "park-b prepare",
+                "park-a stop",
+                "park-b resume at [5]",
+                "park-a shut down",
+                "unpark"
+            ]
+        );
+        // Refused after connecting (too few queues): let go all the same.
+        let no_queues = Script {
+            queues: 0,
+            ..Script::default()
+        };
+        let _refused = listen("/scripted/park-c", no_queues, &rig.log);
+        control::swap(&rig.device, Path::new("/scripted/park-c"), Some(&park)).unwrap_err();
+        assert_eq!(rig.steps(), ["park-c connect", "park", "unpark"]);
+        // Refused before connecting: never parked.
+        control::swap(&rig.device, Path::new("/scripted/park-d"), Some(&park)).unwrap_err();
+        assert!(rig.steps().is_empty());
     }
 
     #[test]
@@ -1920,7 +1965,7 @@ mod tests {
         let swapping = {
             let device = rig.device.clone();
             std::thread::spawn(move || {
-                control::swap(&device, Path::new("/scripted/gatedswap-b")).map(drop)
+                control::swap(&device, Path::new("/scripted/gatedswap-b"), None).map(drop)
             })
         };
         gate.wait_for_arrival();
@@ -1941,7 +1986,7 @@ mod tests {
         let _peer = listen("/scripted/drain-b", Script::default(), &rig.log);
         let swapping = {
             let device = rig.device.clone();
-            std::thread::spawn(move || control::swap(&device, Path::new("/scripted/drain-b")))
+            std::thread::spawn(move || control::swap(&device, Path::new("/scripted/drain-b"), None))
         };
         let deadline = Instant::now() + HANG;
         while !rig
