@@ -370,8 +370,8 @@ fn state_reply(vm: &VmControl) -> Response {
     })
 }
 
-/// Parks the vCPUs for a swap's stall (`pause_vcpus`); a VM the API has
-/// paused already stays paused.
+/// Parks the vCPUs during a swap (`pause_vcpus`); a VM the API has paused
+/// already stays paused.
 struct SwapPause<'a> {
     vm: &'a VmControl,
     paused_here: Cell<bool>,

@@ -24,8 +24,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// recorded is the one the guest sees.
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Takes the guest's vCPUs off their CPUs for a swap's stall, when the
-/// caller asks for it (see [`swap`]).
+/// Takes the guest's vCPUs off their CPUs during a swap, when the caller
+/// asks for it (see [`swap`]).
 pub trait ParkVcpus {
     /// Returns once no vCPU runs guest code.
     fn park(&self);
@@ -66,12 +66,13 @@ pub fn lock(device: &SharedVhostUserDevice) -> MutexGuard<'_, MmioTransport<Vhos
 /// rings.
 ///
 /// With `park`, the vCPUs are off their CPUs from when the new backend is
-/// connected (before it is prepared: parking takes no lock the vCPUs may
-/// wait on) until it has served: the guest's requests on this device wait
-/// through the stall anyway, and a guest that polls (pvstack's own on a
-/// PVM host, which cannot halt) otherwise keeps a CPU busy that the
-/// backends' and the VMM's threads need for the stall's round trips. On
-/// a 2-core host that is the whole tail of the stall: p99 0.6-1.4 ms with
+/// connected until it has served (they are parked before the device's
+/// lock is taken to prepare it: a vCPU may be waiting for that lock in an
+/// MMIO exit, and could never park): the guest's requests on this device
+/// wait through the stall anyway, and a guest that polls (pvstack's own
+/// on a PVM host, which cannot halt) otherwise keeps a CPU busy that the
+/// backends' and the VMM's threads need for the stall's round trips. On a
+/// 2-core host that is the whole tail of the stall: p99 0.6-1.4 ms with
 /// the vCPUs parked against 3.1-3.9 ms without (scripts/bench-swap).
 pub fn swap(
     device: &SharedVhostUserDevice,
