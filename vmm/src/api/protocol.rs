@@ -27,7 +27,8 @@ pub enum Request {
     /// End the VM; `pvstack run` exits with status 0.
     Shutdown {},
     /// Move device `id` to the backend listening on `socket`; with
-    /// `pause_vcpus`, the vCPUs stop for the stall.
+    /// `pause_vcpus`, the vCPUs stop from when the new backend is
+    /// connected until it has served.
     DeviceSwap {
         id: String,
         socket: String,
