@@ -145,7 +145,10 @@ impl VmRun<'_> {
                 .chain(console.iter().map(String::as_str))
                 .rfind(|l| l.contains("error") || l.contains("PANIC"))
                 .unwrap_or("no error message");
-            return Err(failed(format!("pvstack run ended with {status}: {last}")));
+            return Err(failed(format!(
+                "pvstack run ended with {status}: {last}\n{}",
+                log_tail(&log)
+            )));
         }
         let result =
             result.ok_or_else(|| failed("the guest printed no RESULT line".to_string()))?;
@@ -240,6 +243,23 @@ pub fn current_pvstack() -> Result<PathBuf> {
     })
 }
 
+/// Lines of a failed run's log shown with its error: the backends pvstack
+/// started log to the same stderr, and their reason for a closed
+/// connection comes before pvstack's own error line.
+const LOG_TAIL_LINES: usize = 10;
+
+/// The last [`LOG_TAIL_LINES`] lines of `log`, indented under a heading.
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+    let mut text = String::from("the end of its log:");
+    for line in tail {
+        text.push_str("\n    ");
+        text.push_str(line);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,5 +294,18 @@ mod tests {
                    unrelated line\n";
         assert_eq!(interrupts_per_request(log), Some(0.05));
         assert_eq!(interrupts_per_request("nothing here"), None);
+    }
+
+    #[test]
+    fn a_failed_runs_error_shows_the_end_of_its_log() {
+        let log: String = (1..=12).map(|n| format!("line {n}\n")).collect();
+        let tail = log_tail(&log);
+        assert!(tail.starts_with("the end of its log:"), "{tail}");
+        assert!(
+            tail.contains("\n    line 3\n") && tail.ends_with("    line 12"),
+            "{tail}"
+        );
+        assert!(!tail.contains("line 2\n"), "{tail}");
+        assert_eq!(log_tail("one\n"), "the end of its log:\n    one");
     }
 }
