@@ -29,9 +29,9 @@ const HANG_TIMEOUT: Duration = Duration::from_secs(3600);
 /// otherwise idle L1 all passed. Such triple faults also come with no
 /// device at all and with one vCPU, only rarer, and are taken for the
 /// emulated platform's (see `platform_failure` in pvstack_tests::nested,
-/// which boots the L1 once more after one). What these tests check, I/O through the
-/// backends, does not need a second vCPU; nested_linux.rs boots L2s with
-/// two and three.
+/// which boots the L1 again after one, up to three boots). What these
+/// tests check, I/O through the backends, does not need a second vCPU;
+/// nested_linux.rs boots L2s with two and three.
 const L2_CPUS: u32 = 1;
 
 /// The L2's side of the network test: eth0 at 10.0.2.2, a shell on hvc0,
