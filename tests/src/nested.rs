@@ -271,10 +271,16 @@ const L1_STOPPED_BY_ITSELF: &str =
     "the L1 stopped before the command finished (QEMU exit status 0: QEMU's shutdown reason: guest-";
 
 /// Boots of one nested run when the emulated platform ends them (see
-/// [`platform_failure`]). Two were not always enough: a clean-clone run
-/// lost the TAP test's L2 to a triple fault and then its second L1 to the
-/// L1 crash, both the platform's.
-const BOOTS: usize = 3;
+/// [`platform_failure`]). Three were not always enough: a clean-clone run
+/// lost all three boots of the TAP test (nested_linux_io.rs), one to the
+/// L1 crash and two to L2 triple faults. On one machine, 14 of 70 boots
+/// of that test (sending 8 MiB each way) ended so, with or without
+/// variations that did not clearly change the rate (pvstack-net not
+/// polling, the L1's KVM without virtual GIF, the L2's virtio_net without
+/// TX interrupts); at that rate six boots in a row fail once in some
+/// 15,000 runs. A failure that is not the platform's is never booted
+/// again.
+const BOOTS: usize = 6;
 
 /// How scripts/nested-run starts the line of each triple fault of an L2.
 const L2_SHUTDOWN: &str = "NESTED-L2-SHUTDOWN ";
