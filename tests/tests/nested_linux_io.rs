@@ -16,9 +16,10 @@ use pvstack_tests::nested::{guest_script, line_after, Nested, NestedRun, L2_INIT
 use pvstack_tests::qemu::GuestRun;
 
 /// MiB sent each way over TCP, checked by md5 at both ends. Not more:
-/// the emulated platform's failures (see `L2_CPUS`) came during the
-/// L2-to-L1 transfer, and ended 5 of 8 boots of this test in clean-clone
-/// runs with 64 MiB, against 6 of 19 on one machine with 8 MiB.
+/// the emulated platform's failures (see `L2_CPUS`) struck this test
+/// mostly during the L2-to-L1 transfer, and ended 5 of 8 of its boots in
+/// clean-clone runs with 64 MiB, against 6 of 19 on one machine with
+/// 8 MiB.
 const TCP_MIB: u32 = 8;
 /// When an L1 of these tests counts as hung: their I/O goes through an
 /// L2 and an L1 both emulated (QEMU's TCG under KVM under TCG); the TAP
