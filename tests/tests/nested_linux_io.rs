@@ -33,7 +33,7 @@ const HANG_TIMEOUT: Duration = Duration::from_secs(3600);
 /// otherwise idle L1 all passed. Such triple faults also come with no
 /// device at all and with one vCPU, only rarer, and are taken for the
 /// emulated platform's (see `platform_failure` in pvstack_tests::nested,
-/// which boots the L1 again after one, up to six boots). What these
+/// which boots the L1 again after one, up to ten boots). What these
 /// tests check, I/O through the backends, does not need a second vCPU;
 /// nested_linux.rs boots L2s with two and three.
 const L2_CPUS: u32 = 1;
