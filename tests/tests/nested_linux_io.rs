@@ -122,9 +122,11 @@ give_up() {{
     cat /tmp/linux.out /tmp/linux.err
     exit 1
 }}
-wait_until "pvstack-net's tap0" sh -c 'ip link show tap0 >/dev/null 2>&1' || give_up tap0
+wait_until "pvstack-net's tap0" ended_or $vm sh -c 'ip link show tap0 >/dev/null 2>&1' &&
+    running $vm || give_up tap0
 ip addr add 10.0.2.1/24 dev tap0 && ip link set tap0 up || give_up "configuring tap0"
-wait_until "the L2's listener" grep -q L2-LISTENING /tmp/linux.out || give_up "the L2's listener"
+wait_until "the L2's listener" ended_or $vm grep -q L2-LISTENING /tmp/linux.out && running $vm ||
+    give_up "the L2's listener"
 ping -c 5 10.0.2.2 >/tmp/ping.out 2>&1
 echo "PING-STATUS $?"
 cat /tmp/ping.out
@@ -142,7 +144,7 @@ mkfifo /tmp/typed
 socat -t 600 - UNIX-CONNECT:/tmp/hvc.sock </tmp/typed >/tmp/seen &
 exec 3>/tmp/typed
 echo 'echo HVC-ANSWER-$((6 * 7)); touch /tmp/hvc-done' >&3
-wait_until "the answer on hvc0" grep -q HVC-ANSWER-42 /tmp/seen || give_up "hvc0"
+wait_until "the answer on hvc0" ended_or $vm grep -q HVC-ANSWER-42 /tmp/seen || give_up "hvc0"
 wait $vm
 status=$?
 exec 3>&-
