@@ -125,18 +125,20 @@ fn two_backends_and_a_vm(
     (dir, image, sockets, backends, vm)
 }
 
+/// `pvstack ctl device swap blk0 --socket TO FLAGS...`, which must
+/// succeed; its result.
+fn swap_blk0(vm: &ApiVm, to: &Path, flags: &[&str]) -> Value {
+    let mut args = vec!["device", "swap", "blk0", "--socket", utf8(to)];
+    args.extend_from_slice(flags);
+    vm.ctl_ok(&args)
+}
+
 #[test]
 fn swap_between_two_pvstack_blk_20_times() {
     let (_dir, image, sockets, _backends, vm) = two_backends_and_a_vm("swap-two-blk");
     for swap in 1..=20 {
         let target = &sockets[swap % 2];
-        let out = vm.ctl_ok(&[
-            "device",
-            "swap",
-            "blk0",
-            "--socket",
-            target.to_str().unwrap(),
-        ]);
+        let out = swap_blk0(&vm, target, &[]);
         assert_eq!(out["device"], "blk0", "{out:#}");
         assert!(out["stall_us"].is_u64(), "{out:#}");
         std::thread::sleep(Duration::from_millis(100));
@@ -155,14 +157,7 @@ fn swap_between_two_pvstack_blk_20_times() {
 fn a_swap_that_pauses_the_vcpus_leaves_them_as_it_found_them() {
     let (_dir, image, sockets, _backends, vm) = two_backends_and_a_vm("swap-pause-vcpus");
     let swap = |to: &Path| {
-        let out = vm.ctl_ok(&[
-            "device",
-            "swap",
-            "blk0",
-            "--socket",
-            to.to_str().unwrap(),
-            "--pause-vcpus",
-        ]);
+        let out = swap_blk0(&vm, to, &["--pause-vcpus"]);
         assert!(out["stall_us"].is_u64(), "{out:#}");
     };
     for round in 1..=6 {
@@ -195,13 +190,7 @@ fn swap_alternating_pvstack_blk_and_qemu_storage_daemon() {
     );
     for swap in 1..=20 {
         let target = &sockets[swap % 2];
-        vm.ctl_ok(&[
-            "device",
-            "swap",
-            "blk0",
-            "--socket",
-            target.to_str().unwrap(),
-        ]);
+        swap_blk0(&vm, target, &[]);
         // pvstack-blk keeps an inflight log; qemu-storage-daemon 10 offers none.
         let on_pvstack_blk = swap % 2 == 0;
         let blk0 = blk0(&vm);
